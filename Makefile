@@ -1,0 +1,31 @@
+# Developer and CI entry points. Each target sets itself up from a fresh clone.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.fsc-installed
+
+.PHONY: setup demo test bench-compile clean
+
+$(PY):
+	$(PYTHON) -m venv $(VENV)
+
+# Torch first, pinned (an unpinned torch pulls a multi-GB CUDA build), then the package.
+$(STAMP): pyproject.toml | $(PY)
+	$(PY) -m pip install --quiet "$(TORCH_SPEC)"
+	$(PY) -m pip install --quiet -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/quickstart.py
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench-compile: $(STAMP)
+	$(PY) -m fsc.bench compile-overhead --json results/compile-overhead.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

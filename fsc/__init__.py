@@ -1,0 +1,34 @@
+"""fsc: the FreeScale compiler, a ``torch.compile`` backend for distributed training of
+sequential recommender models.
+
+    model = torch.compile(model, backend="freescale", options={"inner": "inductor"})
+    fsc.last_compile().summary()
+"""
+
+from fsc.backend import freescale
+from fsc.config import Config
+from fsc.errors import FscError, InvariantError, OptionError, PassFailedError, PipelineError, VerificationError
+from fsc.inspect import CompileRecord, compile_records, explain, last_compile
+from fsc.pass_manager import Pass, PassContext, PassManager, PassResult, parse_pipeline
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CompileRecord",
+    "Config",
+    "FscError",
+    "InvariantError",
+    "OptionError",
+    "Pass",
+    "PassContext",
+    "PassFailedError",
+    "PassManager",
+    "PassResult",
+    "PipelineError",
+    "VerificationError",
+    "compile_records",
+    "explain",
+    "freescale",
+    "last_compile",
+    "parse_pipeline",
+]

@@ -1,0 +1,235 @@
+"""Analytical cost model: FLOPs and bytes per node, roofline time on a device profile,
+alpha-beta time for collectives.
+
+Costs are sympy expressions when shapes are symbolic and are evaluated at the size
+hint. Nothing here reads a clock or a rank-local fact, so every rank agrees.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import operator
+from typing import Any
+
+import sympy
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten, tree_map
+
+from fsc.analysis.collectives import COLLECTIVE_KINDS, describe, is_wait
+from fsc.analysis.symbolic import as_expr, hint, tensor_nbytes
+
+GB = 1e9
+TB = 1e12
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class DeviceProfile:
+    """Throughputs and latencies of one device and its links."""
+
+    name: str
+    flops_fp32: float
+    """FLOP/s for fp32 matmuls."""
+    flops_half: float
+    """FLOP/s for bf16/fp16 matmuls (dense, no sparsity)."""
+    memory_bandwidth: float
+    """Bytes/s between memory and compute units."""
+    intra_node_bandwidth: float
+    """Bytes/s one rank can send to peers on its node (one direction)."""
+    intra_node_latency: float
+    inter_node_bandwidth: float
+    """Bytes/s one rank can send off its node (one direction)."""
+    inter_node_latency: float
+    ranks_per_node: int
+    op_overhead: float
+    """Seconds every non-view op costs regardless of size (launch or dispatch)."""
+    memory_bytes: float
+    default_group_size: int
+    """Group size assumed when the graph does not state it."""
+
+
+# H100/H200 SXM numbers are NVIDIA's datasheet figures (dense bf16 989 TFLOP/s, fp32 via
+# TF32 tensor cores 495 TFLOP/s, HBM3 3.35 TB/s vs HBM3e 4.8 TB/s, NVLink 4 at 450 GB/s per
+# direction, one 400 Gb/s NDR NIC per GPU). Latencies are typical NCCL small-message
+# figures. The cpu profile is the 2-core CI machine with gloo over loopback, measured
+# roughly once (single-thread sgemm ~40 GFLOP/s per core, memcpy ~8 GB/s, a loopback gloo
+# all-to-all ~1.5 GB/s and ~60 us); calibration replaces these where it matters.
+DEVICE_PROFILES: dict[str, DeviceProfile] = {
+    "cpu": DeviceProfile(
+        name="cpu",
+        flops_fp32=80e9,
+        flops_half=20e9,
+        memory_bandwidth=8 * GB,
+        intra_node_bandwidth=1.5 * GB,
+        intra_node_latency=60e-6,
+        inter_node_bandwidth=1.0 * GB,
+        inter_node_latency=100e-6,
+        ranks_per_node=8,
+        op_overhead=4e-6,
+        memory_bytes=24 * GB,
+        default_group_size=2,
+    ),
+    "h100": DeviceProfile(
+        name="h100",
+        flops_fp32=495 * TB,
+        flops_half=989 * TB,
+        memory_bandwidth=3.35 * TB,
+        intra_node_bandwidth=450 * GB,
+        intra_node_latency=10e-6,
+        inter_node_bandwidth=50 * GB,
+        inter_node_latency=20e-6,
+        ranks_per_node=8,
+        op_overhead=5e-6,
+        memory_bytes=80 * GB,
+        default_group_size=8,
+    ),
+    "h200": DeviceProfile(
+        name="h200",
+        flops_fp32=495 * TB,
+        flops_half=989 * TB,
+        memory_bandwidth=4.8 * TB,
+        intra_node_bandwidth=450 * GB,
+        intra_node_latency=10e-6,
+        inter_node_bandwidth=50 * GB,
+        inter_node_latency=20e-6,
+        ranks_per_node=8,
+        op_overhead=5e-6,
+        memory_bytes=141 * GB,
+        default_group_size=8,
+    ),
+}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class NodeCost:
+    """What one node costs. ``lane`` says where the time is spent: ``compute`` (the
+    compute stream), ``comm`` (the collective's group queue), ``wait`` or ``free``."""
+
+    lane: str
+    seconds: float
+    expr: sympy.Expr | None = None
+    """Seconds as a sympy expression when shapes are symbolic, else None."""
+    flops: float = 0.0
+    nbytes: float = 0.0
+
+
+_VIEW_LIKE = {operator.getitem}
+
+
+def is_view(node: fx.Node) -> bool:
+    """Nodes that allocate nothing and launch nothing: views, aliases, getitem."""
+    if node.op != "call_function":
+        return True
+    if node.target in _VIEW_LIKE:
+        return True
+    target = node.target
+    if isinstance(target, torch._ops.OpOverload):
+        if target is torch.ops.aten.detach.default:
+            return True
+        returns = target._schema.returns
+        return bool(returns) and all(
+            r.alias_info is not None and not r.alias_info.is_write for r in returns
+        )
+    return False
+
+
+def _val(arg: Any) -> Any:
+    return arg.meta.get("val") if isinstance(arg, fx.Node) else arg
+
+
+def _flop_formula(target: Any) -> Any:
+    from torch.utils.flop_counter import flop_registry
+
+    packet = getattr(target, "overloadpacket", None)
+    return flop_registry.get(packet) if packet is not None else None
+
+
+class CostModel:
+    """Per-node costs on a :class:`DeviceProfile`.
+
+    ``node_cost`` is memoised per node object and must only be asked about nodes whose
+    shapes do not change afterwards (passes move nodes; they do not change shapes).
+    """
+
+    def __init__(self, profile: DeviceProfile) -> None:
+        self.profile = profile
+        self._cache: dict[fx.Node, NodeCost] = {}
+
+    def node_cost(self, node: fx.Node) -> NodeCost:
+        cached = self._cache.get(node)
+        if cached is None:
+            cached = self._cache[node] = self._node_cost(node)
+        return cached
+
+    def _node_cost(self, node: fx.Node) -> NodeCost:
+        if node.op == "call_function" and node.target in COLLECTIVE_KINDS:
+            return self.collective_cost(node)
+        if node.op == "call_function" and is_wait(node):
+            return NodeCost(lane="wait", seconds=0.0)
+        if is_view(node):
+            return NodeCost(lane="free", seconds=0.0)
+        return self.compute_cost(node)
+
+    def compute_cost(self, node: fx.Node) -> NodeCost:
+        args = tree_map(_val, node.args)
+        kwargs = tree_map(_val, node.kwargs)
+        out = node.meta.get("val")
+        flat_in, _ = tree_flatten((args, kwargs))
+        flat_out, _ = tree_flatten(out)
+        in_tensors = [t for t in flat_in if isinstance(t, torch.Tensor)]
+        out_tensors = [t for t in flat_out if isinstance(t, torch.Tensor)]
+        nbytes: Any = sum((tensor_nbytes(t) for t in in_tensors + out_tensors), 0)
+        flops: Any = 0
+        formula = _flop_formula(node.target)
+        if formula is not None and out is not None:
+            try:
+                flops = formula(*args, out_val=out, **kwargs)
+            except Exception:  # a formula that cannot take these args counts as memory-bound
+                flops = 0
+        dtype = out_tensors[0].dtype if out_tensors else torch.float32
+        peak = self.profile.flops_half if dtype in (torch.bfloat16, torch.float16) else self.profile.flops_fp32
+        flops_e, bytes_e = as_expr(flops), as_expr(nbytes)
+        expr = sympy.Max(flops_e / peak, bytes_e / self.profile.memory_bandwidth) + self.profile.op_overhead
+        symbolic = not expr.is_number
+        seconds = max(hint(flops) / peak, hint(nbytes) / self.profile.memory_bandwidth) + self.profile.op_overhead
+        return NodeCost(
+            lane="compute",
+            seconds=seconds,
+            expr=expr if symbolic else None,
+            flops=hint(flops),
+            nbytes=hint(nbytes),
+        )
+
+    def collective_cost(self, node: fx.Node) -> NodeCost:
+        coll = describe(node)
+        ranks = coll.group_size or self.profile.default_group_size
+        if ranks > self.profile.ranks_per_node:
+            bandwidth, latency = self.profile.inter_node_bandwidth, self.profile.inter_node_latency
+        else:
+            bandwidth, latency = self.profile.intra_node_bandwidth, self.profile.intra_node_latency
+        share = (ranks - 1) / ranks
+        # Bytes each rank sends: an all-to-all keeps 1/R of its input, a ring all-gather
+        # or reduce-scatter moves (R-1)/R of the full tensor, a ring all-reduce does both.
+        moved, factor = {
+            "all_to_all_single": (coll.input_nbytes, share),
+            "all_gather_into_tensor": (coll.nbytes, share),
+            "reduce_scatter_tensor": (coll.input_nbytes, share),
+            "all_reduce": (coll.nbytes, 2 * share),
+        }[coll.kind]
+        steps = 1 if coll.kind == "all_to_all_single" else max(ranks - 1, 1)
+        if coll.kind == "all_reduce":
+            steps *= 2
+        expr = latency * steps + as_expr(moved) * factor / bandwidth
+        seconds = latency * steps + hint(moved) * factor / bandwidth
+        return NodeCost(
+            lane="comm",
+            seconds=seconds,
+            expr=None if expr.is_number else expr,
+            nbytes=hint(moved) * factor,
+        )
+
+
+@functools.cache
+def profile(name: str) -> DeviceProfile:
+    return DEVICE_PROFILES[name]

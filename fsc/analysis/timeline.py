@@ -1,0 +1,144 @@
+"""Estimated execution of a graph in its current order: one compute stream plus one FIFO
+queue per process group, and the liveness of every buffer.
+
+This is the estimate behind ``exposed_comm_ms_*`` and ``makespan_ms_*`` in the compile
+record and the memory check of the pass manager.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+from fsc.analysis.collectives import describe, is_collective, is_wait
+from fsc.analysis.cost_model import CostModel, is_view
+from fsc.analysis.symbolic import hint, tensor_nbytes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Event:
+    node: str
+    lane: str
+    """``compute``, ``comm:<group>`` or ``wait``."""
+    start: float
+    end: float
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Timeline:
+    """Seconds on the device profile; bytes for memory."""
+
+    makespan: float
+    compute: float
+    communication: float
+    exposed_communication: float
+    peak_memory: float
+    events: tuple[Event, ...]
+
+    def summary(self) -> dict[str, float]:
+        return {
+            "makespan_ms": self.makespan * 1e3,
+            "compute_ms": self.compute * 1e3,
+            "comm_ms": self.communication * 1e3,
+            "exposed_comm_ms": self.exposed_communication * 1e3,
+            "peak_memory_mb": self.peak_memory / 2**20,
+        }
+
+
+def estimate_timeline(graph: fx.Graph, cost_model: CostModel) -> Timeline:
+    """Simulate ``graph`` in program order.
+
+    A collective is issued on the compute stream at its position and runs on its group's
+    queue once every earlier collective of the group is done (per-group FIFO). A wait
+    blocks the compute stream until its collective ends; that blocked time is the exposed
+    communication.
+    """
+    now = 0.0
+    compute = comm = exposed = 0.0
+    queue_free: dict[str, float] = {}
+    done: dict[fx.Node, float] = {}
+    events: list[Event] = []
+    for node in graph.nodes:
+        cost = cost_model.node_cost(node)
+        if is_collective(node):
+            group = describe(node).group_name
+            start = max(now, queue_free.get(group, 0.0))
+            end = start + cost.seconds
+            queue_free[group] = end
+            done[node] = end
+            comm += cost.seconds
+            events.append(Event(node=node.name, lane=f"comm:{group}", start=start, end=end))
+        elif is_wait(node):
+            source = node.args[0]
+            end = done.get(source, now) if isinstance(source, fx.Node) else now
+            if end > now:
+                events.append(Event(node=node.name, lane="wait", start=now, end=end))
+                exposed += end - now
+                now = end
+        elif cost.lane == "compute":
+            events.append(Event(node=node.name, lane="compute", start=now, end=now + cost.seconds))
+            now += cost.seconds
+            compute += cost.seconds
+    makespan = max([now, *queue_free.values()])
+    return Timeline(
+        makespan=makespan,
+        compute=compute,
+        communication=comm,
+        exposed_communication=exposed,
+        peak_memory=peak_memory(graph),
+        events=tuple(events),
+    )
+
+
+def _aliases(node: fx.Node) -> bool:
+    """Views, getitem, and waits (a wait returns the collective's own buffer)."""
+    return node.op == "call_function" and (is_view(node) or is_wait(node))
+
+
+def output_nbytes(node: fx.Node) -> float:
+    """Bytes ``node`` allocates (0 for views and aliases)."""
+    if _aliases(node):
+        return 0.0
+    flat, _ = tree_flatten(node.meta.get("val"))
+    return sum(hint(tensor_nbytes(t)) for t in flat if isinstance(t, torch.Tensor))
+
+
+def _storage_root(node: fx.Node) -> fx.Node:
+    """The node that owns the buffer ``node`` views (follows views and getitem)."""
+    while _aliases(node) and node.all_input_nodes:
+        node = node.all_input_nodes[0]
+    return node
+
+
+def peak_memory(graph: fx.Graph) -> float:
+    """Peak bytes live when ``graph`` runs in its current order.
+
+    Inputs stay live throughout; every other buffer lives from its producer to its last
+    reader (a view extends the life of the buffer it views). A collective also holds its
+    input until its wait, since the transport reads it while the collective is in flight.
+    """
+    order = {node: i for i, node in enumerate(graph.nodes)}
+    last_use: dict[fx.Node, int] = {}
+    for node in graph.nodes:
+        readers = [node]
+        if is_wait(node) and isinstance(node.args[0], fx.Node):
+            readers.append(node.args[0])
+        for reader in readers:
+            for src in reader.all_input_nodes:
+                root = _storage_root(src)
+                last_use[root] = max(last_use.get(root, -1), order[node])
+    frees: dict[int, float] = {}
+    live = peak = 0.0
+    for node in graph.nodes:
+        size = output_nbytes(node) if _storage_root(node) is node else 0.0
+        if node.op == "placeholder" or node.op == "output":
+            live += size
+        else:
+            live += size
+            frees[last_use.get(node, order[node])] = frees.get(last_use.get(node, order[node]), 0.0) + size
+        peak = max(peak, live)
+        live -= frees.pop(order[node], 0.0)
+    return peak

@@ -1,0 +1,278 @@
+"""The ``freescale`` backend: ``torch.compile(model, backend="freescale", options={...})``.
+
+Dynamo hands us a graph; AOTAutograd makes the forward and backward aten graphs; our pass
+pipeline rewrites each; the inner compiler turns them into code:
+
+* ``inner="inductor"`` (default): the pipeline runs as Inductor's post-grad custom pass
+  (a ``CustomGraphPass`` with a stable ``uuid()``, so Inductor's FX graph cache keeps
+  working), and Inductor's own reordering passes (``reorder_for_peak_memory``,
+  ``reorder_for_compute_comm_overlap``, the aten overlap scheduler) are switched off for
+  the graphs we compile, so the order the passes chose is the order that runs.
+* ``inner="eager"``: AOTAutograd with our own forward/backward compilers that run the
+  rewritten graphs as plain PyTorch. Fast to compile; for tests and debugging.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import os
+import pathlib
+import pickle
+import time
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
+from fsc.analysis.symbolic import NoHintError
+from fsc.analysis.timeline import estimate_timeline
+from fsc.config import Config
+from fsc.errors import OptionError, PassFailedError, VerificationError
+from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
+from fsc.inspect import STORE, GraphRecord, SubgraphRecord
+from fsc.pass_manager import PassContext, PassManager
+from fsc.verify import Verifier
+
+log = logging.getLogger(__name__)
+
+_INDUCTOR_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def freescale(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> Any:
+    """Dynamo backend entry point.
+
+    ``kwargs`` are what ``torch.compile`` passes: ``options`` (validated into
+    :class:`fsc.Config`) and ``mode`` (forwarded to Inductor).
+    """
+    options = kwargs.pop("options", None)
+    mode = kwargs.pop("mode", None)
+    if kwargs:
+        raise OptionError(f"unexpected backend argument(s) {sorted(kwargs)}; pass settings as options={{...}}")
+    config = Config.from_options(options)
+    if mode is not None and mode not in _INDUCTOR_MODES:
+        raise OptionError(f"mode={mode!r} is not one of {', '.join(_INDUCTOR_MODES)}")
+    if mode not in (None, "default") and config.inner != "inductor":
+        raise OptionError(f"mode={mode!r} needs inner='inductor'; inner={config.inner!r} has no modes")
+    record = STORE.new_subgraph(config, readable(gm))
+    if config.inner == "eager":
+        return _compile_eager(gm, example_inputs, config, record)
+    return _compile_inductor(gm, example_inputs, config, record, mode)
+
+
+def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: SubgraphRecord) -> GraphRecord:
+    """Run the pipeline on one aten graph in place and record what happened.
+
+    A pass that fails (raises, or breaks an invariant) makes the graph compile unrewritten
+    with the reason logged and recorded, unless ``on_error="raise"``. A verification
+    failure always raises: the user asked for it.
+    """
+    start = time.perf_counter()
+    cost_model = CostModel(DEVICE_PROFILES[config.device_profile])
+    budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
+    ctx = PassContext(graph_kind=kind, cost_model=cost_model, memory_budget_bytes=budget)
+    graph_record = GraphRecord(kind=kind, graph_before=readable(gm))
+    record.add(graph_record)
+    graph_record.estimate_before, _ = _estimate(gm, cost_model, graph_record)
+    saved = clone_graph_module(gm)
+    verifier = Verifier(gm, kind) if config.verify else None
+    if verifier is not None:
+        graph_record.notes.extend(verifier.notes)
+    try:
+        PassManager(config.passes, verifier=verifier).run(gm, ctx, graph_record.passes)
+    except VerificationError:
+        raise
+    except PassFailedError as exc:
+        if config.on_error == "raise":
+            raise
+        log.warning("freescale: %s; compiling the %s graph unrewritten", exc, kind)
+        replace_graph_contents(gm.graph, saved.graph)
+        gm.recompile()
+        graph_record.fallback = str(exc)
+    graph_record.graph_after = readable(gm)
+    graph_record.estimate_after, graph_record.timeline_after = _estimate(gm, cost_model, graph_record)
+    graph_record.seconds = time.perf_counter() - start
+    if record.cache_path is not None:
+        _save_record(record)
+    if config.dump_dir is not None:
+        _dump(config.dump_dir, record, kind)
+    return graph_record
+
+
+def _estimate(gm: fx.GraphModule, cost_model: CostModel, graph_record: GraphRecord) -> tuple[Any, Any]:
+    try:
+        timeline = estimate_timeline(gm.graph, cost_model)
+    except NoHintError as exc:
+        graph_record.notes.append(f"no estimate: {exc}")
+        return None, None
+    return timeline.summary(), timeline
+
+
+def _dump(dump_dir: str, record: SubgraphRecord, kind: str) -> None:
+    from fsc.inspect import CompileRecord
+
+    root = pathlib.Path(dump_dir) / f"subgraph_{STORE.count:03d}"
+    CompileRecord(subgraphs=[record]).dump(root)
+    log.info("freescale: wrote the %s graph record to %s", kind, root)
+
+
+def _kind_of(gm: fx.GraphModule, default: str) -> str:
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    return "backward" if any(n.startswith("tangents") for n in names) else default
+
+
+# ---------------------------------------------------------------------------- eager
+
+
+def _compile_eager(gm: fx.GraphModule, example_inputs: list[Any], config: Config, record: SubgraphRecord) -> Any:
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    def compiler(kind: str) -> Any:
+        def compile_graph(graph_module: fx.GraphModule, _inputs: list[Any]) -> Any:
+            rewrite_graph(graph_module, kind, config, record)
+            return make_boxed_func(graph_module.forward)
+
+        return compile_graph
+
+    backend = aot_autograd(
+        fw_compiler=compiler("forward"),
+        bw_compiler=compiler("backward"),
+        inference_compiler=compiler("inference"),
+        keep_inference_input_mutations=True,
+    )
+    return backend(gm, example_inputs)
+
+
+# ------------------------------------------------------------------------- inductor
+
+
+@functools.cache
+def _source_digest() -> str:
+    """Hash of fsc's own source, so an edited pass invalidates Inductor's cache."""
+    digest = hashlib.sha256()
+    roots = {pathlib.Path(__file__).resolve().parent}
+    import fsc.passes
+
+    roots.add(pathlib.Path(fsc.passes.__file__).resolve().parent)
+    for root in sorted(roots):
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def _custom_pass_base() -> type:
+    from torch._inductor.custom_graph_pass import CustomGraphPass
+
+    return CustomGraphPass
+
+
+class InductorPass(_custom_pass_base()):  # type: ignore[misc]
+    """Our pipeline as Inductor's ``post_grad_custom_post_pass``.
+
+    ``uuid()`` depends only on the configuration and fsc's source, so Inductor's FX graph
+    cache keys stay stable across runs. On a cache hit the pass does not run; the record
+    then notes it.
+    """
+
+    def __init__(self, config: Config, record: SubgraphRecord, chained: Any = None) -> None:
+        self.config = config
+        self.record = record
+        self.chained = chained
+
+    def __call__(self, graph: fx.Graph) -> None:
+        gm = graph.owning_module
+        if gm is None:
+            raise RuntimeError("Inductor handed the freescale pass a graph without an owning module")
+        rewrite_graph(gm, _kind_of(gm, "forward"), self.config, self.record)
+        if self.chained is not None:
+            self.chained(graph)
+
+    def uuid(self) -> Any:
+        c = self.config
+        key = repr((c.pipeline, c.device_profile, c.memory_budget_gb, c.verify, c.on_error, _source_digest()))
+        chained = None
+        if self.chained is not None:
+            chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
+            if chained is None:
+                return None  # an uncacheable user pass makes the whole thing uncacheable
+        return hashlib.sha256((key + repr(chained)).encode()).hexdigest()
+
+
+def inductor_config_patches(config: Config, record: SubgraphRecord, mode: str | None) -> dict[str, Any]:
+    import torch._inductor as inductor
+    from torch._inductor import config as inductor_config
+
+    patches: dict[str, Any] = {}
+    if mode not in (None, "default"):
+        patches.update(inductor.list_mode_options(mode))
+    patches.update(
+        {
+            "post_grad_custom_post_pass": InductorPass(config, record, inductor_config.post_grad_custom_post_pass),
+            # Inductor's own reorderings would undo the schedule our passes chose.
+            "reorder_for_peak_memory": False,
+            "reorder_for_compute_comm_overlap": False,
+        }
+    )
+    if hasattr(inductor_config, "aten_distributed_optimizations"):
+        patches["aten_distributed_optimizations.enable_overlap_scheduling"] = False
+    if config.verify or config.dump_dir is not None or STORE.collecting.get() is not None:
+        # The pass must run to verify, dump or explain: a cache hit would skip it.
+        patches["fx_graph_cache"] = False
+    return patches
+
+
+def _compile_inductor(
+    gm: fx.GraphModule, example_inputs: list[Any], config: Config, record: SubgraphRecord, mode: str | None
+) -> Any:
+    from torch._inductor.compile_fx import compile_fx
+
+    patches = inductor_config_patches(config, record, mode)
+    record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid())
+    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if not record.graphs and record.cache_path is not None:
+        _load_record(record)
+    return compiled
+
+
+# Inductor's caches skip our pass on a hit, so the record written when the entry was made
+# is kept beside them (same cache directory, keyed by the Dynamo graph, input shapes and
+# our uuid) and read back on a hit.
+
+
+def _record_cache_path(gm: fx.GraphModule, example_inputs: list[Any], uuid: Any) -> pathlib.Path | None:
+    if uuid is None:
+        return None
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    shapes = [
+        (tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else type(x).__name__
+        for x in example_inputs
+    ]
+    key = hashlib.sha256(repr((uuid, gm.code, shapes, torch.__version__)).encode()).hexdigest()[:32]
+    return pathlib.Path(cache_dir()) / "fsc_records" / f"{key}.pkl"
+
+
+def _save_record(record: SubgraphRecord) -> None:
+    path = record.cache_path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(pickle.dumps(record.graphs))
+        os.replace(tmp, path)  # atomic: several ranks may write the same entry
+    except Exception as exc:  # the record is a convenience; never fail a compile on it
+        log.debug("freescale: could not save the compile record to %s: %s", path, exc)
+
+
+def _load_record(record: SubgraphRecord) -> None:
+    note = "served from Inductor's cache: the passes ran when the entry was written"
+    try:
+        graphs = pickle.loads(record.cache_path.read_bytes())
+    except Exception:
+        record.notes.append(note + "; that record is not available (fsc.explain recompiles to show it)")
+        return
+    for graph_record in graphs.values():
+        graph_record.notes.append(note)
+        record.add(graph_record)

@@ -1,0 +1,119 @@
+"""``fsc.Config``: the frozen, validated form of ``torch.compile(..., options={...})``."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fsc.errors import OptionError
+
+INNER_COMPILERS = ("inductor", "eager")
+ON_ERROR = ("fallback", "raise")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Config:
+    """Everything one ``freescale`` compile depends on.
+
+    Built by :meth:`from_options`; every field is validated there so that a bad value
+    fails at compile time, naming the option.
+    """
+
+    passes: tuple[Any, ...]
+    """The parsed pipeline: pass instances in run order."""
+    pipeline: str
+    """The pipeline as a canonical string (what :func:`fsc.pass_manager.format_pipeline` prints)."""
+    inner: str = "inductor"
+    device_profile: str = "cpu"
+    memory_budget_gb: float | None = None
+    verify: bool = False
+    dump_dir: str | None = None
+    on_error: str = "fallback"
+
+    @staticmethod
+    def option_names() -> tuple[str, ...]:
+        return ("passes", "inner", "device_profile", "memory_budget_gb", "verify", "dump_dir", "on_error")
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None = None) -> Config:
+        """Validate ``options`` (the dict given to ``torch.compile``) and build a Config.
+
+        Raises :class:`fsc.errors.OptionError` naming the first bad option and what is valid.
+        """
+        from fsc.analysis.cost_model import DEVICE_PROFILES
+        from fsc.pass_manager import default_pipeline, format_pipeline, parse_pipeline
+
+        options = dict(options or {})
+        valid = cls.option_names()
+        unknown = sorted(set(options) - set(valid))
+        if unknown:
+            raise OptionError(
+                f"unknown freescale option {unknown[0]!r}; valid options: {', '.join(valid)}"
+            )
+        inner = options.get("inner", "inductor")
+        if not isinstance(inner, str) or inner not in INNER_COMPILERS:
+            raise OptionError(f"option 'inner'={inner!r} is not one of {', '.join(INNER_COMPILERS)}")
+        profile = options.get("device_profile", "cpu")
+        if not isinstance(profile, str) or profile not in DEVICE_PROFILES:
+            raise OptionError(
+                f"option 'device_profile'={profile!r} is not one of {', '.join(DEVICE_PROFILES)}"
+            )
+        budget = check_memory_budget("option 'memory_budget_gb'", options.get("memory_budget_gb"))
+        verify = options.get("verify", False)
+        if not isinstance(verify, bool):
+            raise OptionError(f"option 'verify'={verify!r} must be True or False")
+        dump_dir = options.get("dump_dir")
+        if dump_dir is not None and not isinstance(dump_dir, str):
+            raise OptionError(f"option 'dump_dir'={dump_dir!r} must be a path string or None")
+        on_error = options.get("on_error", "fallback")
+        if not isinstance(on_error, str) or on_error not in ON_ERROR:
+            raise OptionError(f"option 'on_error'={on_error!r} is not one of {', '.join(ON_ERROR)}")
+        spec = options.get("passes")
+        if spec is None:
+            passes = default_pipeline()
+        elif isinstance(spec, str):
+            passes = parse_pipeline(spec)
+        elif isinstance(spec, Sequence):
+            passes = _passes_from_sequence(spec)
+        else:
+            raise OptionError(
+                f"option 'passes'={spec!r} must be a pipeline string such as "
+                "'overlap-schedule{memory_budget_gb=2}' or a list of pass names/instances"
+            )
+        return cls(
+            passes=passes,
+            pipeline=format_pipeline(passes),
+            inner=inner,
+            device_profile=profile,
+            memory_budget_gb=budget,
+            verify=verify,
+            dump_dir=dump_dir,
+            on_error=on_error,
+        )
+
+
+def check_memory_budget(what: str, budget: Any) -> float | None:
+    """A budget in GiB: None, or a finite positive number. Raises :class:`OptionError`."""
+    if budget is None:
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
+        raise OptionError(f"{what}={budget!r} must be a positive number or None (a budget in GiB)")
+    return float(budget)
+
+
+def _passes_from_sequence(spec: Sequence[Any]) -> tuple[Any, ...]:
+    from fsc.pass_manager import Pass, parse_pipeline
+
+    out: list[Any] = []
+    for item in spec:
+        if isinstance(item, str):
+            out.extend(parse_pipeline(item))
+        elif isinstance(item, Pass):
+            out.append(item)
+        else:
+            raise OptionError(
+                f"option 'passes' holds {item!r}; each item must be a pass name or an fsc.Pass instance"
+            )
+    return tuple(out)

@@ -1,0 +1,236 @@
+"""Compile records: what the backend did to every graph, reachable from Python.
+
+``fsc.last_compile()`` is the record of the latest Dynamo graph the backend compiled;
+``fsc.explain(model, *inputs, **options)`` compiles (one forward and, where outputs need
+grad, one backward on the example inputs, with gradients restored afterwards) and returns
+one record holding every subgraph. ``record.summary()`` is a plain dict;
+``record.dump(dir)`` writes it all to files for a bug report.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import contextvars
+import dataclasses
+import json
+import pathlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch.utils._pytree import tree_flatten
+
+from fsc.pass_manager import PassRecord
+
+_KEEP = 32
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class GraphRecord:
+    """One forward, backward or inference graph: before and after the pipeline."""
+
+    kind: str
+    graph_before: str
+    graph_after: str = ""
+    passes: list[PassRecord] = dataclasses.field(default_factory=list)
+    estimate_before: dict[str, float] | None = None
+    estimate_after: dict[str, float] | None = None
+    timeline_after: Any = None
+    """:class:`fsc.analysis.timeline.Timeline` of the rewritten graph (events per node)."""
+    fallback: str | None = None
+    """Why the graph was compiled unrewritten, when it was."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+    def pass_record(self, name: str) -> PassRecord:
+        for record in self.passes:
+            if record.name == name:
+                return record
+        raise KeyError(f"pass {name!r} did not run on the {self.kind} graph; ran: {[p.name for p in self.passes]}")
+
+    def summary(self) -> dict[str, Any]:
+        before = self.estimate_before or {}
+        after = self.estimate_after or {}
+        passes: dict[str, Any] = {}
+        declined: dict[str, list[str]] = {}
+        for record in self.passes:
+            key = record.name if record.name not in passes else f"{record.name}#{len(passes)}"
+            passes[key] = {"modified": record.modified, "stats": dict(record.stats), "seconds": record.seconds}
+            if record.reasons:
+                declined[key] = list(record.reasons)
+            if record.error:
+                passes[key]["error"] = record.error
+        return {
+            "exposed_comm_ms_before": before.get("exposed_comm_ms"),
+            "exposed_comm_ms_after": after.get("exposed_comm_ms"),
+            "makespan_ms_before": before.get("makespan_ms"),
+            "makespan_ms_after": after.get("makespan_ms"),
+            "peak_memory_mb_before": before.get("peak_memory_mb"),
+            "peak_memory_mb_after": after.get("peak_memory_mb"),
+            "passes": passes,
+            "declined": declined,
+            "fallback": self.fallback,
+            "notes": list(self.notes),
+        }
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class SubgraphRecord:
+    """One call of the backend: one Dynamo graph and the AOT graphs made from it."""
+
+    index: int
+    config: Any
+    dynamo_graph: str
+    graphs: dict[str, GraphRecord] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)
+    cache_path: Any = None
+    """Where the backend keeps this record for Inductor cache hits (None: not kept)."""
+
+    def add(self, record: GraphRecord) -> None:
+        key, n = record.kind, 1
+        while key in self.graphs:
+            n += 1
+            key = f"{record.kind}#{n}"
+        self.graphs[key] = record
+
+
+@dataclasses.dataclass(kw_only=True, slots=True)
+class CompileRecord:
+    subgraphs: list[SubgraphRecord] = dataclasses.field(default_factory=list)
+
+    def graphs(self) -> dict[str, GraphRecord]:
+        """Every graph by summary key: ``forward``/``backward``/``inference``, with
+        ``_<index>`` appended when the record holds several subgraphs."""
+        several = len(self.subgraphs) > 1
+        out: dict[str, GraphRecord] = {}
+        for sub in self.subgraphs:
+            for key, record in sub.graphs.items():
+                out[f"{key}_{sub.index}" if several else key] = record
+        return out
+
+    def graph(self, key: str) -> GraphRecord:
+        graphs = self.graphs()
+        if key not in graphs:
+            raise KeyError(
+                f"no {key!r} graph in this record; it has {sorted(graphs)} "
+                "(backward graphs are compiled at the first backward call)"
+            )
+        return graphs[key]
+
+    def summary(self) -> dict[str, Any]:
+        return {key: record.summary() for key, record in self.graphs().items()}
+
+    def __str__(self) -> str:
+        lines = [f"subgraph {sub.index}: {note}" for sub in self.subgraphs for note in sub.notes]
+        for key, record in self.graphs().items():
+            s = record.summary()
+            est = ""
+            if s["makespan_ms_before"] is not None and s["makespan_ms_after"] is not None:
+                est = (
+                    f"  est. makespan {s['makespan_ms_before']:.3f} -> {s['makespan_ms_after']:.3f} ms, "
+                    f"exposed comm {s['exposed_comm_ms_before']:.3f} -> {s['exposed_comm_ms_after']:.3f} ms"
+                )
+            lines.append(f"{key}:{est}")
+            if record.fallback:
+                lines.append(f"  FALLBACK (compiled unrewritten): {record.fallback}")
+            for p in record.passes:
+                stats = ", ".join(f"{k}={_short(v)}" for k, v in p.stats.items())
+                lines.append(f"  {p.spec}: {'modified' if p.modified else 'unchanged'} ({p.seconds * 1e3:.1f} ms) {stats}")
+                lines.extend(f"    declined: {r}" for r in p.reasons)
+            lines.extend(f"  note: {n}" for n in record.notes)
+        return "\n".join(lines) or "(no graphs compiled)"
+
+    def dump(self, directory: str | pathlib.Path) -> list[pathlib.Path]:
+        """Write the summary and every graph text under ``directory``; return the paths."""
+        root = pathlib.Path(directory)
+        root.mkdir(parents=True, exist_ok=True)
+        written = [root / "summary.json"]
+        written[0].write_text(json.dumps(self.summary(), indent=2, default=str))
+        for key, record in self.graphs().items():
+            written.append(_write(root / f"{key}.0_before.py", record.graph_before))
+            for i, p in enumerate(record.passes, start=1):
+                if p.graph_after is not None:
+                    written.append(_write(root / f"{key}.{i}_after_{p.name}.py", p.graph_after))
+            written.append(_write(root / f"{key}.final.py", record.graph_after))
+        return written
+
+
+def _write(path: pathlib.Path, text: str) -> pathlib.Path:
+    path.write_text(text)
+    return path
+
+
+def _short(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class _Store:
+    """The latest records (a bounded history) and the record an ``explain`` collects into."""
+
+    def __init__(self) -> None:
+        self.history: collections.deque[CompileRecord] = collections.deque(maxlen=_KEEP)
+        self.collecting: contextvars.ContextVar[CompileRecord | None] = contextvars.ContextVar(
+            "fsc_collecting", default=None
+        )
+        self.count = 0
+
+    def new_subgraph(self, config: Any, dynamo_graph: str) -> SubgraphRecord:
+        target = self.collecting.get()
+        if target is None:
+            target = CompileRecord()
+            self.history.append(target)
+        sub = SubgraphRecord(index=len(target.subgraphs), config=config, dynamo_graph=dynamo_graph)
+        target.subgraphs.append(sub)
+        self.count += 1
+        return sub
+
+    @contextlib.contextmanager
+    def collect(self) -> Iterator[CompileRecord]:
+        record = CompileRecord()
+        token = self.collecting.set(record)
+        try:
+            yield record
+        finally:
+            self.collecting.reset(token)
+            self.history.append(record)
+
+
+STORE = _Store()
+
+
+def last_compile() -> CompileRecord:
+    """The record of the latest graph compiled by the ``freescale`` backend."""
+    if not STORE.history:
+        raise LookupError("the freescale backend has compiled nothing in this process yet")
+    return STORE.history[-1]
+
+
+def compile_records() -> list[CompileRecord]:
+    """The latest records, oldest first (at most 32)."""
+    return list(STORE.history)
+
+
+def explain(model: Any, *example_inputs: Any, **options: Any) -> CompileRecord:
+    """Compile ``model`` with ``backend="freescale"`` and ``options``, run it once on
+    ``example_inputs`` (and one backward where an output needs grad, so the backward graph
+    is compiled too), restore every parameter's ``.grad``, and return the record of all
+    subgraphs. Nothing is trained. In a distributed job every rank must call it alike:
+    the compiled graphs run their collectives.
+    """
+    from fsc.backend import freescale
+
+    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
+    saved_grads = [p.grad for p in params]
+    compiled = torch.compile(model, backend=freescale, options=options or None)
+    with STORE.collect() as record:
+        try:
+            out = compiled(*example_inputs)
+            flat, _ = tree_flatten(out)
+            needs_grad = [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
+            if needs_grad:
+                torch.autograd.backward(needs_grad, [torch.ones_like(t) for t in needs_grad])
+        finally:
+            for p, g in zip(params, saved_grads):
+                p.grad = g
+    return record

@@ -1,0 +1,99 @@
+"""Static checks of DESIGN.md's invariants, run by the pass manager after every pass.
+
+Checked here: the graph is in a valid topological order; every wait follows its
+collective and every collective that had a wait still has one; on each process group
+the collectives keep their issue order unless the pass declares that it reorders them,
+in which case the new order must be a deterministic function of the graph (re-running
+the pass on the same input gives the same order: what every rank computes); collectives
+appear or vanish only in passes that declare it; the estimated peak memory does not rise
+above the configured budget.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import TYPE_CHECKING
+
+import torch.fx as fx
+
+from fsc.analysis.collectives import COLLECTIVE_ID, find_collectives, group_order, is_collective, is_wait
+from fsc.analysis.timeline import peak_memory
+from fsc.errors import InvariantError
+from fsc.graph_utils import clone_graph_module
+
+if TYPE_CHECKING:
+    from fsc.pass_manager import Pass, PassContext
+
+
+def stamp_collective_ids(graph: fx.Graph) -> None:
+    """Give each collective a stable identity (kept when a pass copies its meta)."""
+    for node in graph.nodes:
+        if is_collective(node):
+            node.meta.setdefault(COLLECTIVE_ID, node.name)
+
+
+def check_topological(graph: fx.Graph) -> None:
+    seen: set[fx.Node] = set()
+    for node in graph.nodes:
+        for src in node.all_input_nodes:
+            if src not in seen:
+                raise ValueError(f"node {node.name!r} uses {src.name!r} before it is defined")
+        seen.add(node)
+
+
+def check_waits(before: fx.Graph, after: fx.Graph) -> None:
+    waited_before = {c.identity for c in find_collectives(before) if c.waits}
+    for coll in find_collectives(after):
+        if coll.identity in waited_before and not coll.waits:
+            raise ValueError(f"collective {coll.node.name} lost its wait_tensor")
+    for node in after.nodes:
+        if is_wait(node) and not isinstance(node.args[0], fx.Node):
+            raise ValueError(f"wait {node.name} waits on a non-node argument {node.args[0]!r}")
+
+
+def check(before: fx.GraphModule, after: fx.GraphModule, p: Pass, ctx: PassContext) -> None:
+    """Raise :class:`InvariantError` naming ``p`` if ``after`` breaks an invariant."""
+    try:
+        check_topological(after.graph)
+        check_waits(before.graph, after.graph)
+    except ValueError as exc:
+        raise InvariantError(p.name, str(exc)) from exc
+    old, new = group_order(before.graph), group_order(after.graph)
+    if not p.rewrites_collectives:
+        old_ids = set(itertools.chain.from_iterable(old.values()))
+        new_ids = set(itertools.chain.from_iterable(new.values()))
+        if old_ids != new_ids:
+            raise InvariantError(
+                p.name,
+                f"added {sorted(new_ids - old_ids)} / removed {sorted(old_ids - new_ids)} collectives "
+                "without declaring rewrites_collectives",
+            )
+    for group in sorted(set(old) | set(new)):
+        kept = set(old.get(group, ())) & set(new.get(group, ()))
+        old_seq = [c for c in old.get(group, ()) if c in kept]
+        new_seq = [c for c in new.get(group, ()) if c in kept]
+        if old_seq == new_seq:
+            continue
+        if not p.reorders_collectives:
+            raise InvariantError(
+                p.name,
+                f"changed the issue order of collectives on group {group!r} from {old_seq} to {new_seq} "
+                "without declaring reorders_collectives",
+            )
+        again = clone_graph_module(before)
+        p.run(again, ctx)
+        if group_order(again.graph) != new:
+            raise InvariantError(
+                p.name,
+                f"collective order on group {group!r} is not a deterministic function of the graph "
+                "(a second run chose differently), so ranks could disagree and deadlock",
+            )
+    budget = ctx.memory_budget_bytes
+    if budget is not None:
+        peak_before, peak_after = peak_memory(before.graph), peak_memory(after.graph)
+        if peak_after > max(peak_before, budget):
+            raise InvariantError(
+                p.name,
+                f"raised estimated peak memory from {peak_before / 2**30:.3f} GB to "
+                f"{peak_after / 2**30:.3f} GB, above the budget of {budget / 2**30:.3f} GB",
+            )

@@ -1,0 +1,12 @@
+"""The built-in passes, one module each, named like the pass.
+
+``REGISTRY`` lists them in canonical pipeline order; it is built once here and never
+mutated (tests that need an extra pass hand instances to ``options={"passes": [...]}``).
+"""
+
+from fsc.pass_manager import PassRegistry
+from fsc.passes.overlap_schedule import OverlapSchedule
+
+REGISTRY = PassRegistry([OverlapSchedule])
+
+__all__ = ["REGISTRY", "OverlapSchedule"]

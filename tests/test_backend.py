@@ -1,0 +1,242 @@
+"""The backend on one process: options, parity with eager, records, verify, fallbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.fx as fx
+from models import MLP, check_parity
+from torch._dynamo.exc import BackendCompilerFailed
+
+import fsc
+from fsc.backend import InductorPass
+from fsc.bench.models import TinyRec
+from fsc.inspect import SubgraphRecord
+
+INNERS = ["eager", "inductor"]
+
+
+def tiny_rec():
+    return TinyRec(num_items=64, dim=16, max_length=16, exchange=False)
+
+
+def ids(batch=3, length=9):
+    return (torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(1)),)
+
+
+def test_entry_point_works_in_a_process_that_never_imported_fsc():
+    code = (
+        "import sys, torch\n"
+        "assert 'fsc' not in sys.modules\n"
+        "f = torch.compile(lambda x: torch.sin(x) * 2, backend='freescale', options={'inner': 'eager'})\n"
+        "x = torch.arange(4.0)\n"
+        "torch.testing.assert_close(f(x), torch.sin(x) * 2)\n"
+        "assert 'fsc' in sys.modules\n"
+        "print('ok')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, cwd="/")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
+
+
+@pytest.mark.parametrize(
+    "options, needle",
+    [
+        ({"bogus": 1}, "unknown freescale option 'bogus'; valid options: passes, inner"),
+        ({"inner": "tvm"}, "option 'inner'='tvm' is not one of inductor, eager"),
+        ({"device_profile": "a100"}, "option 'device_profile'='a100' is not one of cpu, h100, h200"),
+        ({"passes": "overlap-schedule,nope"}, "unknown pass 'nope'; registered passes: overlap-schedule"),
+        ({"passes": "overlap-schedule{frobnicate=1}"}, "pass 'overlap-schedule' has no option 'frobnicate'"),
+        ({"memory_budget_gb": -1}, "option 'memory_budget_gb'=-1 must be a positive number"),
+    ],
+)
+def test_bad_options_fail_at_compile_time_naming_the_option(options, needle):
+    f = torch.compile(lambda x: x + 1, backend="freescale", options=options)
+    with pytest.raises(BackendCompilerFailed) as info:
+        f(torch.ones(2))
+    assert isinstance(info.value.inner_exception, fsc.OptionError)
+    assert needle in str(info.value.inner_exception)
+
+
+def test_bad_mode_fails_naming_it():
+    f = torch.compile(lambda x: x + 1, backend="freescale", mode="fastest")
+    with pytest.raises(BackendCompilerFailed, match="mode='fastest' is not one of"):
+        f(torch.ones(2))
+
+
+def test_mode_needs_inductor():
+    # torch.compile refuses mode and options together; the backend is also callable directly
+    gm = fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(fsc.OptionError, match="needs inner='inductor'"):
+        fsc.freescale(gm, [torch.ones(2)], mode="max-autotune", options={"inner": "eager"})
+
+
+def test_unexpected_backend_argument_is_named():
+    gm = fx.symbolic_trace(lambda x: x + 1)
+    with pytest.raises(fsc.OptionError, match="unexpected backend argument"):
+        fsc.freescale(gm, [torch.ones(2)], dynamic=True)
+
+
+def test_inductor_mode_is_forwarded():
+    f = torch.compile(lambda x: x * 2 + 1, backend="freescale", mode="max-autotune-no-cudagraphs")
+    torch.testing.assert_close(f(torch.arange(3.0)), torch.arange(3.0) * 2 + 1)
+
+
+@pytest.mark.parametrize("inner", INNERS)
+@pytest.mark.parametrize("passes", ["", None])
+def test_mlp_matches_eager_forward_and_gradients(inner, passes):
+    options = {"inner": inner} | ({} if passes is None else {"passes": passes})
+    check_parity(MLP, (torch.randn(5, 16),), options)
+    record = fsc.last_compile()
+    assert set(record.summary()) == {"forward", "backward"}
+    expected = [] if passes == "" else ["overlap-schedule"]
+    assert [p.name for p in record.graph("forward").passes] == expected
+
+
+@pytest.mark.parametrize("inner", INNERS)
+@pytest.mark.parametrize("passes", ["", None])
+def test_embedding_attention_model_matches_eager(inner, passes):
+    options = {"inner": inner} | ({} if passes is None else {"passes": passes})
+    check_parity(tiny_rec, ids(), options, rtol=1e-4, atol=1e-5)
+
+
+def test_steady_state_does_not_recompile():
+    from torch._dynamo.utils import counters
+
+    compiled = torch.compile(MLP(), backend="freescale", options={"inner": "eager"})
+    counters.clear()
+    for seed in range(5):
+        compiled(torch.randn(5, 16, generator=torch.Generator().manual_seed(seed))).backward()
+    assert counters["stats"]["unique_graphs"] == 1
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_explain_returns_graphs_before_and_after_each_pass(inner):
+    model = tiny_rec()
+    grads_before = [p.grad for p in model.parameters()]
+    record = fsc.explain(model, *ids(), inner=inner)
+    summary = record.summary()
+    assert set(summary) == {"forward", "backward"}
+    for key in ("forward", "backward"):
+        entry = summary[key]
+        for field in ("exposed_comm_ms_before", "exposed_comm_ms_after", "makespan_ms_before", "makespan_ms_after"):
+            assert isinstance(entry[field], float)
+        assert entry["passes"]["overlap-schedule"]["modified"] is False
+        assert entry["declined"]["overlap-schedule"] == ["no collectives in the graph"]
+        graph = record.graph(key)
+        assert "def forward" in graph.graph_before and "def forward" in graph.graph_after
+    assert "mm" in record.graph("forward").graph_before
+    assert [p.grad for p in model.parameters()] == grads_before  # explain trains nothing
+    assert "forward:" in str(record) and "declined: no collectives in the graph" in str(record)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SwapAddForSub(fsc.Pass):
+    """Deliberately wrong: turns every aten.add.Tensor into aten.sub.Tensor."""
+
+    name = "swap-add-for-sub"
+
+    def run(self, gm: fx.GraphModule, ctx: fsc.PassContext) -> fsc.PassResult:
+        changed = 0
+        for node in gm.graph.nodes:
+            if node.target is torch.ops.aten.add.Tensor:
+                node.target = torch.ops.aten.sub.Tensor
+                changed += 1
+        return fsc.PassResult(modified=changed > 0, stats={"changed": changed})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Crash(fsc.Pass):
+    name = "crash"
+
+    def run(self, gm: fx.GraphModule, ctx: fsc.PassContext) -> fsc.PassResult:
+        raise ZeroDivisionError("boom")
+
+
+def add_model(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return (x + y).relu() * 3
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_verify_catches_a_wrong_pass_and_names_it(inner):
+    f = torch.compile(add_model, backend="freescale", options={"inner": inner, "verify": True, "passes": [SwapAddForSub()]})
+    with pytest.raises(BackendCompilerFailed) as info:
+        f(torch.randn(4), torch.randn(4))
+    inner_exc = info.value.inner_exception
+    assert isinstance(inner_exc, fsc.VerificationError)
+    assert inner_exc.pass_name == "swap-add-for-sub"
+    assert "changed the values of the" in str(inner_exc)
+
+
+def test_without_verify_the_wrong_pass_goes_unnoticed():
+    # the control for the test above: the pass really changes values
+    f = torch.compile(add_model, backend="freescale", options={"inner": "eager", "passes": [SwapAddForSub()]})
+    x, y = torch.ones(4), torch.ones(4)
+    assert not torch.equal(f(x, y), add_model(x, y))
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_verify_accepts_the_real_pipeline(inner):
+    check_parity(tiny_rec, ids(), {"inner": inner, "verify": True}, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_failing_pass_falls_back_to_unrewritten_graph_with_reason(inner, caplog):
+    f = torch.compile(add_model, backend="freescale", options={"inner": inner, "passes": [Crash()]})
+    x, y = torch.randn(4), torch.randn(4)
+    torch.testing.assert_close(f(x, y), add_model(x, y))
+    graph = fsc.last_compile().graph("inference" if inner == "eager" else "forward")
+    assert graph.fallback is not None and "pass 'crash' failed" in graph.fallback
+    assert "ZeroDivisionError: boom" in graph.fallback
+    assert graph.graph_after == graph.graph_before
+    assert any("compiling the" in r.getMessage() and "unrewritten" in r.getMessage() for r in caplog.records)
+
+
+def test_failing_pass_raises_with_cause_when_asked():
+    f = torch.compile(add_model, backend="freescale", options={"inner": "eager", "passes": [Crash()], "on_error": "raise"})
+    with pytest.raises(BackendCompilerFailed) as info:
+        f(torch.randn(4), torch.randn(4))
+    exc = info.value.inner_exception
+    assert isinstance(exc, fsc.PassFailedError) and exc.pass_name == "crash"
+    assert isinstance(exc.__cause__, ZeroDivisionError)
+
+
+def test_dump_dir_writes_record_files(tmp_path):
+    f = torch.compile(MLP(), backend="freescale", options={"inner": "eager", "dump_dir": str(tmp_path)})
+    f(torch.randn(2, 16)).backward()
+    summaries = sorted(tmp_path.rglob("summary.json"))
+    assert summaries, list(tmp_path.rglob("*"))
+    kinds = set()
+    for path in summaries:
+        kinds |= set(json.loads(path.read_text()))
+    assert {"forward", "backward"} <= kinds
+    assert list(tmp_path.rglob("forward.0_before.py")) and list(tmp_path.rglob("backward.final.py"))
+
+
+def test_inductor_pass_uuid_is_stable_and_tracks_the_configuration():
+    record = SubgraphRecord(index=0, config=None, dynamo_graph="")
+    a = InductorPass(fsc.Config.from_options({}), record)
+    b = InductorPass(fsc.Config.from_options({}), record)
+    c = InductorPass(fsc.Config.from_options({"passes": ""}), record)
+    d = InductorPass(fsc.Config.from_options({"device_profile": "h100"}), record)
+    assert a.uuid() == b.uuid()
+    assert len({a.uuid(), c.uuid(), d.uuid()}) == 3
+
+
+def test_inductor_cache_hit_still_has_a_record(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=True):
+        for _ in range(2):
+            torch._dynamo.reset()
+            torch.compile(MLP(), backend="freescale")(torch.randn(2, 16)).backward()
+    record = fsc.last_compile()
+    assert "overlap-schedule" in record.summary()["forward"]["passes"]
+    assert os.listdir(tmp_path / "fsc_records")
