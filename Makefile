@@ -25,7 +25,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench-compile: $(STAMP)
-	$(PY) -m fsc.bench compile-overhead --json results/compile-overhead.json
+	$(PY) -m fsc.bench compile-overhead --json results/compile-overhead.json --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -240,3 +241,21 @@ def test_inductor_cache_hit_still_has_a_record(tmp_path, monkeypatch):
     record = fsc.last_compile()
     assert "overlap-schedule" in record.summary()["forward"]["passes"]
     assert os.listdir(tmp_path / "fsc_records")
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_dynamic_lengths_compile_once_with_estimates_at_the_hint(inner):
+    from torch._dynamo.utils import counters
+
+    model = tiny_rec()
+    compiled = torch.compile(model, backend="freescale", options={"inner": inner}, dynamic=True)
+    counters.clear()
+    for length in (5, 9, 14):
+        batch = torch.randint(0, 64, (3, length), generator=torch.Generator().manual_seed(length))
+        out = compiled(batch)
+        out.backward()
+        torch.testing.assert_close(out, model(batch), rtol=1e-4, atol=1e-5)
+    assert counters["stats"]["unique_graphs"] == 1
+    summary = fsc.last_compile().summary()
+    assert summary["forward"]["makespan_ms_before"] > 0
+    assert re.search(r"Sym\(s\d+\)", fsc.last_compile().graph("forward").graph_before)  # really symbolic

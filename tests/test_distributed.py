@@ -147,3 +147,35 @@ def test_generated_code_keeps_the_chosen_collective_order():
         a2a = _index(scheduled_bwd, r"all_to_all_single\.default")
         wait = _index(scheduled_bwd, r"wait_tensor\.default")
         assert wait > a2a + 1, "\n".join(scheduled_bwd)
+
+
+def _dynamic_worker(rank: int, world: int) -> list[tuple[str, float, int]]:
+    from torch._dynamo.utils import counters
+
+    import fsc
+    from fsc.bench.models import TinyRec
+
+    out = []
+    for inner in ("eager", "inductor"):
+        torch._dynamo.reset()
+        counters.clear()
+        torch.manual_seed(0)
+        eager = TinyRec(num_items=128, dim=16, max_length=32)
+        model = TinyRec(num_items=128, dim=16, max_length=32)
+        model.load_state_dict(eager.state_dict())
+        compiled = torch.compile(model, backend="freescale", options={"inner": inner}, dynamic=True, fullgraph=True)
+        worst = 0.0
+        for length in (6, 10, 15):  # every step a different length: one symbolic graph
+            ids = torch.randint(0, 128, (4, length), generator=torch.Generator().manual_seed(length + rank))
+            worst = max(worst, (compiled(ids) - eager(ids)).abs().item())
+        stats = fsc.last_compile().summary()["forward"]["passes"]["overlap-schedule"]["stats"]
+        out.append((inner, worst, counters["stats"]["unique_graphs"], stats["collectives"]))
+    return out
+
+
+def test_dynamic_lengths_with_all_to_all_compile_once_and_match_eager():
+    for rank_results in run_ranks(_dynamic_worker, 2):
+        for inner, worst, graphs, collectives in rank_results:
+            assert worst <= 1e-5, inner
+            assert graphs == 1, inner
+            assert collectives == 1, inner

@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fsc.analysis.collectives import COLLECTIVE_KINDS, describe, is_wait
-from fsc.analysis.symbolic import as_expr, hint, tensor_nbytes
+from fsc.analysis.symbolic import as_expr, hint, is_symbolic, tensor_nbytes
 
 GB = 1e9
 TB = 1e12
@@ -189,14 +189,15 @@ class CostModel:
                 flops = 0
         dtype = out_tensors[0].dtype if out_tensors else torch.float32
         peak = self.profile.flops_half if dtype in (torch.bfloat16, torch.float16) else self.profile.flops_fp32
-        flops_e, bytes_e = as_expr(flops), as_expr(nbytes)
-        expr = sympy.Max(flops_e / peak, bytes_e / self.profile.memory_bandwidth) + self.profile.op_overhead
-        symbolic = not expr.is_number
         seconds = max(hint(flops) / peak, hint(nbytes) / self.profile.memory_bandwidth) + self.profile.op_overhead
+        expr = None
+        if is_symbolic(flops) or is_symbolic(nbytes):  # sympy only where shapes are symbolic
+            expr = sympy.Max(as_expr(flops) / peak, as_expr(nbytes) / self.profile.memory_bandwidth)
+            expr = expr + self.profile.op_overhead
         return NodeCost(
             lane="compute",
             seconds=seconds,
-            expr=expr if symbolic else None,
+            expr=expr,
             flops=hint(flops),
             nbytes=hint(nbytes),
         )
@@ -220,12 +221,12 @@ class CostModel:
         steps = 1 if coll.kind == "all_to_all_single" else max(ranks - 1, 1)
         if coll.kind == "all_reduce":
             steps *= 2
-        expr = latency * steps + as_expr(moved) * factor / bandwidth
         seconds = latency * steps + hint(moved) * factor / bandwidth
+        expr = latency * steps + as_expr(moved) * factor / bandwidth if is_symbolic(moved) else None
         return NodeCost(
             lane="comm",
             seconds=seconds,
-            expr=None if expr.is_number else expr,
+            expr=expr,
             nbytes=hint(moved) * factor,
         )
 

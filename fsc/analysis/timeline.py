@@ -121,6 +121,13 @@ def peak_memory(graph: fx.Graph) -> float:
     input until its wait, since the transport reads it while the collective is in flight.
     """
     order = {node: i for i, node in enumerate(graph.nodes)}
+    roots: dict[fx.Node, fx.Node] = {}
+
+    def root(node: fx.Node) -> fx.Node:
+        if node not in roots:
+            roots[node] = _storage_root(node)
+        return roots[node]
+
     last_use: dict[fx.Node, int] = {}
     for node in graph.nodes:
         readers = [node]
@@ -128,12 +135,12 @@ def peak_memory(graph: fx.Graph) -> float:
             readers.append(node.args[0])
         for reader in readers:
             for src in reader.all_input_nodes:
-                root = _storage_root(src)
-                last_use[root] = max(last_use.get(root, -1), order[node])
+                owner = root(src)
+                last_use[owner] = max(last_use.get(owner, -1), order[node])
     frees: dict[int, float] = {}
     live = peak = 0.0
     for node in graph.nodes:
-        size = output_nbytes(node) if _storage_root(node) is node else 0.0
+        size = output_nbytes(node) if root(node) is node else 0.0
         if node.op == "placeholder" or node.op == "output":
             live += size
         else:

@@ -1,0 +1,20 @@
+"""Results tables that benchmarks write into the README, between markers."""
+
+from __future__ import annotations
+
+import pathlib
+import re
+
+
+def replace_section(readme: str | pathlib.Path, name: str, body: str) -> None:
+    """Replace the text between ``<!-- bench:NAME -->`` and ``<!-- /bench:NAME -->``.
+
+    Raises ``ValueError`` if the markers are missing, so a renamed section is noticed.
+    """
+    path = pathlib.Path(readme)
+    text = path.read_text()
+    start, end = f"<!-- bench:{name} -->", f"<!-- /bench:{name} -->"
+    pattern = re.compile(re.escape(start) + r".*?" + re.escape(end), re.DOTALL)
+    if not pattern.search(text):
+        raise ValueError(f"{path} has no {start} ... {end} section to update")
+    path.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))

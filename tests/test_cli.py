@@ -1,0 +1,56 @@
+"""The command lines: python -m fsc and python -m fsc.bench."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from fsc.__main__ import main
+from fsc.bench.report import replace_section
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=120)
+
+
+def test_fsc_help_lists_commands_and_benchmark_entry():
+    out = run("-m", "fsc", "--help")
+    assert out.returncode == 0, out.stderr
+    for word in ("passes", "options", "bench", "python -m fsc.bench NAME"):
+        assert word in out.stdout
+
+
+def test_fsc_passes_lists_every_registered_pass_with_options(capsys):
+    assert main(["passes"]) == 0
+    text = capsys.readouterr().out
+    assert text.startswith("overlap-schedule: ")
+    assert "memory_budget_gb" in text and "sink_waits" in text
+
+
+def test_fsc_options_lists_valid_values(capsys):
+    assert main(["options"]) == 0
+    text = capsys.readouterr().out
+    assert "inductor, eager" in text and "cpu, h100, h200" in text
+
+
+def test_bench_help_names_benchmarks():
+    out = run("-m", "fsc.bench", "--help")
+    assert out.returncode == 0, out.stderr
+    assert "compile-overhead" in out.stdout
+
+
+def test_bench_rejects_unknown_name():
+    out = run("-m", "fsc.bench", "nope")
+    assert out.returncode != 0
+    assert "invalid choice: 'nope'" in out.stderr
+
+
+def test_readme_section_is_replaced_between_markers(tmp_path):
+    readme = tmp_path / "README.md"
+    readme.write_text("head\n<!-- bench:x -->\nold\n<!-- /bench:x -->\ntail\n")
+    replace_section(readme, "x", "| new |")
+    assert readme.read_text() == "head\n<!-- bench:x -->\n| new |\n<!-- /bench:x -->\ntail\n"
+    with pytest.raises(ValueError, match="no <!-- bench:y -->"):
+        replace_section(readme, "y", "z")
