@@ -49,24 +49,25 @@ class DeviceProfile:
     """Group size assumed when the graph does not state it."""
 
 
-# H100/H200 SXM numbers are NVIDIA's datasheet figures (dense bf16 989 TFLOP/s, fp32 via
-# TF32 tensor cores 495 TFLOP/s, HBM3 3.35 TB/s vs HBM3e 4.8 TB/s, NVLink 4 at 450 GB/s per
-# direction, one 400 Gb/s NDR NIC per GPU). Latencies are typical NCCL small-message
-# figures. The cpu profile is the 2-core CI machine with gloo over loopback, measured
-# roughly once (single-thread sgemm ~40 GFLOP/s per core, memcpy ~8 GB/s, a loopback gloo
-# all-to-all ~1.5 GB/s and ~60 us); calibration replaces these where it matters.
+# H100 SXM numbers are NVIDIA's datasheet figures (dense bf16 989 TFLOP/s, fp32 via TF32
+# tensor cores 495 TFLOP/s, HBM3 3.35 TB/s, NVLink 4 at 450 GB/s per direction, one 400 Gb/s
+# NDR NIC per GPU); latencies are typical NCCL small-message figures. The cpu profile is
+# the 2-core CI machine with one thread per rank and gloo over loopback, measured with
+# `python -m fsc.bench cpu-profile` (2026-11-22: fp32 mm 75-90 GFLOP/s, bf16 mm 190-210,
+# copy 19-20 GB/s, 4-5 us per op, 2-rank all-to-all 220-450 us + 0.92-0.95 GB/s); its
+# inter-node figures are assumptions (no multi-host CPU run has been made).
 DEVICE_PROFILES: dict[str, DeviceProfile] = {
     "cpu": DeviceProfile(
         name="cpu",
         flops_fp32=80e9,
-        flops_half=20e9,
-        memory_bandwidth=8 * GB,
-        intra_node_bandwidth=1.5 * GB,
-        intra_node_latency=60e-6,
+        flops_half=190e9,
+        memory_bandwidth=19 * GB,
+        intra_node_bandwidth=0.93 * GB,
+        intra_node_latency=300e-6,
         inter_node_bandwidth=1.0 * GB,
         inter_node_latency=100e-6,
         ranks_per_node=8,
-        op_overhead=4e-6,
+        op_overhead=4.5e-6,
         memory_bytes=24 * GB,
         default_group_size=2,
     ),
@@ -84,21 +85,13 @@ DEVICE_PROFILES: dict[str, DeviceProfile] = {
         memory_bytes=80 * GB,
         default_group_size=8,
     ),
-    "h200": DeviceProfile(
-        name="h200",
-        flops_fp32=495 * TB,
-        flops_half=989 * TB,
-        memory_bandwidth=4.8 * TB,
-        intra_node_bandwidth=450 * GB,
-        intra_node_latency=10e-6,
-        inter_node_bandwidth=50 * GB,
-        inter_node_latency=20e-6,
-        ranks_per_node=8,
-        op_overhead=5e-6,
-        memory_bytes=141 * GB,
-        default_group_size=8,
-    ),
 }
+
+
+# H200: the H100's compute and links with HBM3e (4.8 TB/s, 141 GB).
+DEVICE_PROFILES["h200"] = dataclasses.replace(
+    DEVICE_PROFILES["h100"], name="h200", memory_bandwidth=4.8 * TB, memory_bytes=141 * GB
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

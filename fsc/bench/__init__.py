@@ -1,8 +1,26 @@
 """Benchmarks: ``python -m fsc.bench NAME [--json PATH] ...``. Each prints a table and
 writes JSON; none is a unit test."""
 
-from fsc.bench.compile_overhead import BENCH as _compile_overhead
+import dataclasses
+from collections.abc import Callable
 
-BENCHMARKS = {_compile_overhead.name: _compile_overhead}
 
-__all__ = ["BENCHMARKS"]
+@dataclasses.dataclass(frozen=True)
+class Benchmark:
+    name: str
+    help: str
+    main: Callable[[list[str], str], int]
+
+
+def _benchmarks() -> dict[str, Benchmark]:
+    from fsc.bench import compile_overhead, cpu_profile
+
+    return {
+        "compile-overhead": Benchmark("compile-overhead", "compile time of freescale vs inductor", compile_overhead.run),
+        "cpu-profile": Benchmark("cpu-profile", "measure the cpu device profile's numbers", cpu_profile.run),
+    }
+
+
+BENCHMARKS = _benchmarks()
+
+__all__ = ["BENCHMARKS", "Benchmark"]

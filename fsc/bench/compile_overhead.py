@@ -7,7 +7,6 @@ medians and the median of per-round ratios."""
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import pathlib
@@ -15,19 +14,11 @@ import platform
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fsc.bench.report import replace_section
-
-
-@dataclasses.dataclass(frozen=True)
-class Benchmark:
-    name: str
-    help: str
-    main: Callable[[list[str], str], int]
 
 
 def _compile_once(backend: Any, options: dict | None, batch: int, length: int) -> tuple[float, float, float]:
@@ -132,5 +123,3 @@ def table(result: dict[str, Any], json_path: str) -> str:
         ]
     )
 
-
-BENCH = Benchmark(name="compile-overhead", help="compile time of freescale vs inductor", main=run)

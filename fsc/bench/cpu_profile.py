@@ -1,0 +1,82 @@
+"""``cpu-profile``: measure the numbers behind the ``cpu`` device profile on this machine:
+single-thread fp32/bf16 matmul throughput, copy bandwidth, per-op overhead, and a 2-rank
+gloo all-to-all's latency and bandwidth over loopback. Prints them next to the profile's
+values and writes JSON."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+import torch.multiprocessing as mp
+
+
+def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _all_to_all_rank(rank: int, world: int, store: str, out: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        result = {}
+        for nbytes in (1024, 16 * 2**20):
+            x = torch.randn(nbytes // 4)
+            y = torch.empty_like(x)
+            result[nbytes] = _median_seconds(lambda: dist.all_to_all_single(y, x), 10)
+        if rank == 0:
+            pathlib.Path(out).write_text(json.dumps(result))
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def run(argv: list[str], json_path: str) -> int:
+    from fsc.analysis.cost_model import DEVICE_PROFILES
+
+    argparse.ArgumentParser(prog="python -m fsc.bench cpu-profile").parse_args(argv)
+    torch.set_num_threads(1)
+    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
+    ah, bh = a.bfloat16(), b.bfloat16()
+    src = torch.randn(16 * 2**20)
+    dst = torch.empty_like(src)
+    tiny = torch.ones(4)
+    measured = {
+        "flops_fp32": 2 * 1024**3 / _median_seconds(lambda: a @ b, 5),
+        "flops_half": 2 * 1024**3 / _median_seconds(lambda: ah @ bh, 5),
+        # a copy reads and writes every byte
+        "memory_bandwidth": 2 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), 5),
+        "op_overhead": _median_seconds(lambda: torch.add(tiny, 1), 200),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "a2a.json")
+        mp.spawn(_all_to_all_rank, args=(2, os.path.join(tmp, "store"), out), nprocs=2)
+        a2a = {int(k): v for k, v in json.loads(pathlib.Path(out).read_text()).items()}
+    small, large = a2a[1024], a2a[16 * 2**20]
+    measured["intra_node_latency"] = small
+    # each of 2 ranks sends half of its 16 MiB to the other
+    measured["intra_node_bandwidth"] = 8 * 2**20 / (large - small)
+    profile = DEVICE_PROFILES["cpu"]
+    print(f"{'quantity':<22}{'measured':>14}{'cpu profile':>14}")
+    for key, value in measured.items():
+        print(f"{key:<22}{value:>14.4g}{getattr(profile, key):>14.4g}")
+    path = pathlib.Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"benchmark": "cpu-profile", "measured": measured}, indent=2))
+    print(f"wrote {path}")
+    return 0
