@@ -206,3 +206,61 @@ def test_dynamic_lengths_with_all_to_all_compile_once_and_match_eager():
             assert worst <= 1e-5, inner
             assert graphs == 1, inner
             assert collectives == 1, inner
+
+
+def _data_dependent_worker(rank: int, world: int) -> list[tuple]:
+    """A row-wise sharded embedding lookup: ids travel to their owners with split sizes
+    computed from the batch (data-dependent, unbacked in the graph), rows come back."""
+    import torch.distributed as dist
+    import torch.distributed._functional_collectives as funcol
+
+    import fsc
+
+    torch._dynamo.config.capture_scalar_outputs = True
+    rows_per_rank = 50
+    table = torch.nn.Embedding(rows_per_rank, 8)  # this rank's shard
+    torch.nn.init.normal_(table.weight, generator=torch.Generator().manual_seed(rank))
+    dense = torch.nn.Linear(8, 8)
+
+    def lookup(ids: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        owner = ids // rows_per_rank
+        order = torch.argsort(owner, stable=True)
+        send_counts = (owner.unsqueeze(1) == torch.arange(world)).sum(0)
+        recv_counts = funcol.all_to_all_single(send_counts, None, None, dist.group.WORLD)
+        send, recv = send_counts.tolist(), recv_counts.tolist()
+        wanted = funcol.all_to_all_single(ids[order], recv, send, dist.group.WORLD)
+        rows = table(wanted - rank * rows_per_rank)
+        back = funcol.all_to_all_single_autograd(rows, send, recv, dist.group.WORLD)
+        embedded = torch.zeros_like(back).index_copy(0, order, back)
+        return (embedded * dense(features)).square().mean()
+
+    out = []
+    for inner in ("eager", "inductor"):
+        torch._dynamo.reset()
+        compiled = torch.compile(lookup, backend="freescale", options={"inner": inner}, fullgraph=True)
+        worst = 0.0
+        for step in range(4):
+            g = torch.Generator().manual_seed(100 * step + rank)
+            n = int(torch.randint(3, 30, (1,), generator=g))  # a different batch size every step
+            ids = torch.randint(0, rows_per_rank * world, (n,), generator=g)
+            features = torch.randn(n, 8, generator=g)
+            ref = lookup(ids, features)
+            ref.backward()
+            ref_grads = [table.weight.grad.clone(), dense.weight.grad.clone()]
+            table.weight.grad = dense.weight.grad = None
+            got = compiled(ids, features)
+            got.backward()
+            worst = max(worst, (got - ref).abs().item())
+            worst = max(worst, *((a - b).abs().max().item() for a, b in zip([table.weight.grad, dense.weight.grad], ref_grads)))
+            table.weight.grad = dense.weight.grad = None
+        graphs = fsc.last_compile().graphs()
+        out.append((inner, worst, {k: g.fallback for k, g in graphs.items()}, sorted(graphs)))
+    return out
+
+
+def test_data_dependent_split_sizes_compile_and_match_eager():
+    for rank_results in run_ranks(_data_dependent_worker, 2):
+        for inner, worst, fallbacks, kinds in rank_results:
+            assert worst <= 1e-5, inner
+            assert kinds == ["backward", "forward"], inner
+            assert all(f is None for f in fallbacks.values()), (inner, fallbacks)  # passes ran, no fallback

@@ -19,18 +19,32 @@ def as_expr(value: Any) -> sympy.Expr:
     return sympy.sympify(value)
 
 
+#: Size assumed for a data-dependent (unbacked) symbol, e.g. a split size read from a
+#: tensor, when estimating costs. The same on every rank; Inductor's
+#: ``unbacked_symint_fallback`` uses the same value for the same purpose.
+UNBACKED_FALLBACK = 8192
+
+
 def hint(value: Any) -> float:
-    """The concrete value of ``value`` at its size hint; raises :class:`NoHintError`."""
+    """The concrete value of ``value`` at its size hint.
+
+    Backed symbols take their hint; data-dependent (unbacked) symbols, which have none,
+    take :data:`UNBACKED_FALLBACK`. Raises :class:`NoHintError` only for a symbol with no
+    shape environment to ask.
+    """
     if isinstance(value, (torch.SymInt, torch.SymFloat)):
         node = value.node
         if node.has_hint():
             return float(node.hint)
         shape_env = getattr(node, "shape_env", None)
-        if shape_env is not None:
-            got = shape_env.size_hint(node.expr, allow_none=True)
-            if got is not None:
-                return float(got)
-        raise NoHintError(f"symbolic size {node.expr} has no hint")
+        if shape_env is None:
+            raise NoHintError(f"symbolic size {node.expr} has no hint")
+        got = shape_env.size_hint(node.expr, allow_none=True)
+        if got is not None:
+            return float(got)
+        expr = sympy.sympify(node.expr)
+        values = {sym: shape_env.var_to_val.get(sym, UNBACKED_FALLBACK) for sym in expr.free_symbols}
+        return float(expr.xreplace(values))
     return float(value)
 
 
