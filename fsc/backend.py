@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import inspect
 import logging
 import os
 import pathlib
@@ -78,8 +79,6 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     graph_record.estimate_before, _ = _estimate(gm, cost_model, graph_record)
     saved = clone_graph_module(gm)
     verifier = Verifier(gm, kind) if config.verify else None
-    if verifier is not None:
-        graph_record.notes.extend(verifier.notes)
     try:
         PassManager(config.passes, verifier=verifier).run(gm, ctx, graph_record.passes)
     except VerificationError:
@@ -89,8 +88,11 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
             raise
         log.warning("freescale: %s; compiling the %s graph unrewritten", exc, kind)
         replace_graph_contents(gm.graph, saved.graph)
-        gm.recompile()
         graph_record.fallback = str(exc)
+    finally:
+        if verifier is not None:
+            graph_record.notes.extend(verifier.notes)
+    gm.recompile()
     graph_record.graph_after = readable(gm)
     graph_record.estimate_after, graph_record.timeline_after = _estimate(gm, cost_model, graph_record)
     graph_record.seconds = time.perf_counter() - start
@@ -113,14 +115,9 @@ def _estimate(gm: fx.GraphModule, cost_model: CostModel, graph_record: GraphReco
 def _dump(dump_dir: str, record: SubgraphRecord, kind: str) -> None:
     from fsc.inspect import CompileRecord
 
-    root = pathlib.Path(dump_dir) / f"subgraph_{STORE.count:03d}"
+    root = pathlib.Path(dump_dir) / f"subgraph_{record.serial:03d}"
     CompileRecord(subgraphs=[record]).dump(root)
     log.info("freescale: wrote the %s graph record to %s", kind, root)
-
-
-def _kind_of(gm: fx.GraphModule, default: str) -> str:
-    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
-    return "backward" if any(n.startswith("tangents") for n in names) else default
 
 
 # ---------------------------------------------------------------------------- eager
@@ -164,41 +161,85 @@ def _source_digest() -> str:
 
 
 def _custom_pass_base() -> type:
-    from torch._inductor.custom_graph_pass import CustomGraphPass
+    from torch._inductor import custom_graph_pass
 
-    return CustomGraphPass
+    # Inference-aware passes are told whether a graph is an inference graph (torch 2.13);
+    # older versions call a plain CustomGraphPass with the graph alone.
+    return getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", custom_graph_pass.CustomGraphPass)
+
+
+def _kind_from_inputs(gm: fx.GraphModule) -> str:
+    names = [n.name for n in gm.graph.find_nodes(op="placeholder")]
+    if any(n.startswith("tangents") for n in names):
+        return "backward"
+    return "forward" if any(n.startswith("primals") for n in names) else "inference"
+
+
+def _as_list(passes: Any) -> list[Any]:
+    if passes is None:
+        return []
+    return list(passes) if isinstance(passes, (list, tuple)) else [passes]
+
+
+def _pass_identity(p: Any) -> str | None:
+    """What a pass's code is, for cache keys: built-in passes are covered by fsc's source
+    digest; anything else by its own source (None when that cannot be read)."""
+    cls = type(p)
+    if cls.__module__.startswith("fsc."):
+        return f"{cls.__module__}.{cls.__qualname__}"
+    try:
+        source = inspect.getsource(cls)
+    except (OSError, TypeError):
+        return None
+    return f"{cls.__module__}.{cls.__qualname__}:{hashlib.sha256(source.encode()).hexdigest()}"
 
 
 class InductorPass(_custom_pass_base()):  # type: ignore[misc]
-    """Our pipeline as Inductor's ``post_grad_custom_post_pass``.
+    """Our pipeline as Inductor's ``post_grad_custom_post_pass``, followed by whatever
+    custom post pass the user had configured.
 
-    ``uuid()`` depends only on the configuration and fsc's source, so Inductor's FX graph
-    cache keys stay stable across runs. On a cache hit the pass does not run; the record
-    then notes it.
+    ``uuid()`` depends only on the configuration, fsc's source and the source of any
+    pass that is not fsc's, so Inductor's FX graph cache keys stay stable across runs and
+    change when a pass does. On a cache hit the pass does not run; the backend then reads
+    back the record written when the entry was made.
     """
 
     def __init__(self, config: Config, record: SubgraphRecord, chained: Any = None) -> None:
         self.config = config
         self.record = record
-        self.chained = chained
+        self.chained = _as_list(chained)
 
-    def __call__(self, graph: fx.Graph) -> None:
+    def __call__(self, graph: fx.Graph, is_inference: bool | None = None) -> None:
         gm = graph.owning_module
         if gm is None:
             raise RuntimeError("Inductor handed the freescale pass a graph without an owning module")
-        rewrite_graph(gm, _kind_of(gm, "forward"), self.config, self.record)
-        if self.chained is not None:
-            self.chained(graph)
+        kind = _kind_from_inputs(gm)
+        if is_inference is not None:
+            kind = "inference" if is_inference else ("backward" if kind == "backward" else "forward")
+        rewrite_graph(gm, kind, self.config, self.record)
+        for user_pass in self.chained:
+            if _takes_inference_flag(user_pass):
+                user_pass(graph, is_inference=bool(is_inference))
+            else:
+                user_pass(graph)
 
     def uuid(self) -> Any:
         c = self.config
-        key = repr((c.pipeline, c.device_profile, c.memory_budget_gb, c.verify, c.on_error, _source_digest()))
-        chained = None
-        if self.chained is not None:
-            chained = self.chained.uuid() if hasattr(self.chained, "uuid") else None
-            if chained is None:
-                return None  # an uncacheable user pass makes the whole thing uncacheable
+        passes = [_pass_identity(p) for p in c.passes]
+        if None in passes:
+            return None  # a pass whose code we cannot identify: never serve it from cache
+        key = repr((c.pipeline, passes, c.device_profile, c.memory_budget_gb, c.verify, c.on_error, _source_digest()))
+        chained = [p.uuid() if hasattr(p, "uuid") else None for p in self.chained]
+        if None in chained:
+            return None  # an uncacheable user pass makes the whole thing uncacheable
         return hashlib.sha256((key + repr(chained)).encode()).hexdigest()
+
+
+def _takes_inference_flag(p: Any) -> bool:
+    from torch._inductor import custom_graph_pass
+
+    base = getattr(custom_graph_pass, "CustomInferenceAwareGraphPass", None)
+    return base is not None and isinstance(p, base)
 
 
 def inductor_config_patches(config: Config, record: SubgraphRecord, mode: str | None) -> dict[str, Any]:
@@ -230,7 +271,7 @@ def _compile_inductor(
     from torch._inductor.compile_fx import compile_fx
 
     patches = inductor_config_patches(config, record, mode)
-    record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid())
+    record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid(), mode)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
     if not record.graphs and record.cache_path is not None:
         _load_record(record)
@@ -242,16 +283,21 @@ def _compile_inductor(
 # our uuid) and read back on a hit.
 
 
-def _record_cache_path(gm: fx.GraphModule, example_inputs: list[Any], uuid: Any) -> pathlib.Path | None:
+def _record_cache_path(
+    gm: fx.GraphModule, example_inputs: list[Any], uuid: Any, mode: str | None
+) -> pathlib.Path | None:
     if uuid is None:
         return None
     from torch._inductor.runtime.cache_dir_utils import cache_dir
 
-    shapes = [
-        (tuple(x.shape), x.dtype, x.device.type) if isinstance(x, torch.Tensor) else type(x).__name__
+    inputs = [
+        (tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type, x.requires_grad)
+        if isinstance(x, torch.Tensor)
+        else type(x).__name__
         for x in example_inputs
     ]
-    key = hashlib.sha256(repr((uuid, gm.code, shapes, torch.__version__)).encode()).hexdigest()[:32]
+    facts = (uuid, mode, gm.code, inputs, torch.is_grad_enabled(), torch.__version__)
+    key = hashlib.sha256(repr(facts).encode()).hexdigest()[:32]
     return pathlib.Path(cache_dir()) / "fsc_records" / f"{key}.pkl"
 
 

@@ -16,7 +16,11 @@ def clone_graph_module(gm: fx.GraphModule) -> fx.GraphModule:
 
 def replace_graph_contents(dst: fx.Graph, src: fx.Graph) -> None:
     """Make ``dst`` a copy of ``src`` in place (for callers that hold ``dst``)."""
-    for node in reversed(list(dst.nodes)):
+    nodes = list(dst.nodes)
+    # Cut every use first: a failed pass may have left users before their producers.
+    for node in nodes:
+        node.args, node.kwargs = (), {}
+    for node in reversed(nodes):
         dst.erase_node(node)
     # A fresh namespace lets the copies keep their original names (the old one still
     # holds the erased nodes' names and would suffix them).

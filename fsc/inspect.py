@@ -82,6 +82,8 @@ class SubgraphRecord:
     index: int
     config: Any
     dynamo_graph: str
+    serial: int = 0
+    """Process-wide number of this backend call (names its ``dump_dir`` folder)."""
     graphs: dict[str, GraphRecord] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     cache_path: Any = None
@@ -180,9 +182,9 @@ class _Store:
         if target is None:
             target = CompileRecord()
             self.history.append(target)
-        sub = SubgraphRecord(index=len(target.subgraphs), config=config, dynamo_graph=dynamo_graph)
-        target.subgraphs.append(sub)
         self.count += 1
+        sub = SubgraphRecord(index=len(target.subgraphs), config=config, dynamo_graph=dynamo_graph, serial=self.count)
+        target.subgraphs.append(sub)
         return sub
 
     @contextlib.contextmanager
@@ -214,16 +216,27 @@ def compile_records() -> list[CompileRecord]:
 def explain(model: Any, *example_inputs: Any, **options: Any) -> CompileRecord:
     """Compile ``model`` with ``backend="freescale"`` and ``options``, run it once on
     ``example_inputs`` (and one backward where an output needs grad, so the backward graph
-    is compiled too), restore every parameter's ``.grad``, and return the record of all
-    subgraphs. Nothing is trained. In a distributed job every rank must call it alike:
-    the compiled graphs run their collectives.
+    is compiled too), and return the record of every subgraph.
+
+    Nothing is trained and nothing is left changed: parameter and input ``.grad``, module
+    buffers (e.g. BatchNorm statistics) and the random-number state are restored. In a
+    distributed job every rank must call it alike: the compiled graphs run their
+    collectives. Each call compiles afresh (a new backend object, so Dynamo cannot reuse
+    an earlier compile); Dynamo's recompile limit still applies per model.
     """
     from fsc.backend import freescale
 
-    params = list(model.parameters()) if isinstance(model, torch.nn.Module) else []
-    saved_grads = [p.grad for p in params]
-    compiled = torch.compile(model, backend=freescale, options=options or None)
-    with STORE.collect() as record:
+    def backend(gm: Any, inputs: Any, **kwargs: Any) -> Any:  # a new identity per call
+        return freescale(gm, inputs, **kwargs)
+
+    module = model if isinstance(model, torch.nn.Module) else None
+    leaves = list(module.parameters()) if module is not None else []
+    leaves += [x for x in tree_flatten(example_inputs)[0] if isinstance(x, torch.Tensor) and x.requires_grad]
+    saved_grads = [t.grad for t in leaves]
+    saved_buffers = [(b, b.detach().clone()) for b in module.buffers()] if module is not None else []
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
+    compiled = torch.compile(model, backend=backend, options=options or None)
+    with STORE.collect() as record, torch.random.fork_rng(devices=devices):
         try:
             out = compiled(*example_inputs)
             flat, _ = tree_flatten(out)
@@ -231,6 +244,14 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> CompileRecord:
             if needs_grad:
                 torch.autograd.backward(needs_grad, [torch.ones_like(t) for t in needs_grad])
         finally:
-            for p, g in zip(params, saved_grads):
-                p.grad = g
+            for t, g in zip(leaves, saved_grads):
+                t.grad = g
+            with torch.no_grad():
+                for buffer, value in saved_buffers:
+                    buffer.copy_(value)
+    if not record.subgraphs:
+        raise RuntimeError(
+            "explain compiled nothing: Dynamo ran the model without calling the backend "
+            "(recompile limit reached, or the model disabled compilation); see TORCH_LOGS=recompiles"
+        )
     return record

@@ -6,7 +6,8 @@ the collectives keep their issue order unless the pass declares that it reorders
 in which case the new order must be a deterministic function of the graph (re-running
 the pass on the same input gives the same order: what every rank computes); collectives
 appear or vanish only in passes that declare it; the estimated peak memory does not rise
-above the configured budget.
+above the configured budget (symbolic sizes evaluated rank-invariantly, so every rank
+reaches the same verdict).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from typing import TYPE_CHECKING
 import torch.fx as fx
 
 from fsc.analysis.collectives import COLLECTIVE_ID, find_collectives, group_order, is_collective, is_wait
+from fsc.analysis.symbolic import invariant_value
 from fsc.analysis.timeline import peak_memory
 from fsc.errors import InvariantError
 from fsc.graph_utils import clone_graph_module
@@ -90,7 +92,8 @@ def check(before: fx.GraphModule, after: fx.GraphModule, p: Pass, ctx: PassConte
             )
     budget = ctx.memory_budget_bytes
     if budget is not None:
-        peak_before, peak_after = peak_memory(before.graph), peak_memory(after.graph)
+        peak_before = peak_memory(before.graph, invariant_value)
+        peak_after = peak_memory(after.graph, invariant_value)
         if peak_after > max(peak_before, budget):
             raise InvariantError(
                 p.name,

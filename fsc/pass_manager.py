@@ -167,6 +167,8 @@ def _instantiate(cls: type[Pass], body: str) -> Pass:
         key = key.strip()
         if not sep:
             raise PipelineError(f"pass {cls.name!r}: option {item!r} needs a value (write {item}=...)")
+        if key in kwargs:
+            raise PipelineError(f"pass {cls.name!r}: option {key!r} is given twice")
         if key not in fields:
             raise PipelineError(
                 f"pass {cls.name!r} has no option {key!r}; its options: {', '.join(fields) or '(none)'}"

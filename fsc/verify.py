@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_flatten
 
-from fsc.analysis.symbolic import hint
+from fsc.analysis.symbolic import NoHintError, hint
 from fsc.errors import VerificationError
 
 log = logging.getLogger(__name__)
@@ -27,17 +27,29 @@ class MissingExampleError(ValueError):
     pass
 
 
-def materialize(value: Any, generator: torch.Generator) -> Any:
+def _concrete(size: Any, what: str) -> int:
+    if isinstance(size, torch.SymInt) and not size.node.has_hint():
+        shape_env = size.node.shape_env
+        if shape_env is None or shape_env.size_hint(size.node.expr, allow_none=True) is None:
+            raise MissingExampleError(f"{what} has a data-dependent size {size.node.expr}; verify needs concrete sizes")
+    return int(hint(size))
+
+
+def materialize(value: Any, generator: torch.Generator, what: str = "input") -> Any:
     if isinstance(value, torch.Tensor):
-        shape = [int(hint(s)) for s in value.shape]
+        shape = [_concrete(s, what) for s in value.shape]
         device = value.device if value.device.type != "meta" else torch.device("cpu")
         if value.dtype.is_floating_point or value.dtype.is_complex:
             out = torch.randn(shape, generator=generator, dtype=torch.float32).to(value.dtype)
         else:
             out = torch.zeros(shape, dtype=value.dtype)
         return out.to(device).requires_grad_(False)
-    if isinstance(value, (torch.SymInt, torch.SymFloat, torch.SymBool)):
-        return type(hint(value))(hint(value)) if not isinstance(value, torch.SymInt) else int(hint(value))
+    if isinstance(value, torch.SymInt):
+        return _concrete(value, what)
+    if isinstance(value, torch.SymFloat):
+        return float(hint(value))
+    if isinstance(value, torch.SymBool):
+        return bool(value.node.hint)
     return value
 
 
@@ -48,17 +60,25 @@ def example_inputs(gm: fx.GraphModule) -> list[Any]:
         for node in gm.graph.find_nodes(op="placeholder"):
             if "val" not in node.meta:
                 raise MissingExampleError(f"input {node.name} has no example value (meta['val'])")
-            inputs.append(materialize(node.meta["val"], generator))
+            inputs.append(materialize(node.meta["val"], generator, f"input {node.name}"))
     return inputs
 
 
+def _rng_devices() -> list[int]:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return list(range(torch.cuda.device_count()))
+    return []
+
+
 def _run(gm: fx.GraphModule, inputs: list[Any]) -> list[Any]:
+    """Outputs of ``gm`` on copies of ``inputs``, then those copies (a graph may write
+    into its inputs, and those writes are results too)."""
     cloned = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
+    with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
         torch.manual_seed(1234)
         out = gm(*cloned)
     flat, _ = tree_flatten(out)
-    return flat
+    return flat + [x for x in cloned if isinstance(x, torch.Tensor)]
 
 
 def compare(before: list[Any], after: list[Any], rtol: float, atol: float) -> str | None:
@@ -92,7 +112,7 @@ class Verifier:
         self.notes: list[str] = []
         try:
             self.inputs: list[Any] | None = example_inputs(gm)
-        except MissingExampleError as exc:
+        except (MissingExampleError, NoHintError) as exc:
             self.inputs = None
             self.notes.append(f"verify could not run on the {graph_kind} graph: {exc}")
             log.warning("freescale: %s", self.notes[-1])
@@ -102,6 +122,16 @@ class Verifier:
             return
         # Inductor calls passes under its fake mode; verification needs real tensors.
         with unset_fake_temporarily():
-            problem = compare(_run(before, self.inputs), _run(after, self.inputs), *tolerance)
+            try:
+                expected = _run(before, self.inputs)
+            except Exception as exc:  # made-up inputs the graph cannot take: say so, don't guess
+                self.inputs = None
+                self.notes.append(
+                    f"verify could not run the {self.graph_kind} graph on made-up inputs "
+                    f"({type(exc).__name__}: {exc}); {pass_name} and later passes unverified"
+                )
+                log.warning("freescale: %s", self.notes[-1])
+                return
+            problem = compare(expected, _run(after, self.inputs), *tolerance)
         if problem is not None:
             raise VerificationError(pass_name, f"changed the values of the {self.graph_kind} graph: {problem}")

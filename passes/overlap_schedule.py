@@ -3,8 +3,8 @@ as its consumers allow.
 
 **Matches** every functional collective (``_c10d_functional.*``) and its ``wait_tensor``.
 
-**Changes** the position of those nodes only: a collective (with the views it reads
-through) moves up to just after the last producer of its inputs (and never above the previous collective of its process
+**Changes** the position of those nodes only: a collective (with the views and size
+arithmetic it reads through) moves up to just after the last producer of its inputs (and never above the previous collective of its process
 group); each wait moves down to just before the first node that reads its data (views of the
 result move with it: they read nothing). Compute in between
 now overlaps the transfer.
@@ -13,7 +13,8 @@ now overlaps the transfer.
 and before everything that reads it, and the issue order on each process group is kept
 (per-group FIFO, the same on every rank: the decision reads only graph structure). A
 raise that would lift the estimated peak memory (buffers held longer) above the budget
-is not made, and is recorded as a reason.
+is not made, and is recorded as a reason; with symbolic shapes that check evaluates every
+size symbol at the same fixed value on every rank, so ranks cannot decide differently.
 
 **Limits.** It does not move compute: a collective whose inputs are produced late stays
 where they put it. Graphs with in-place ops or collectives fsc does not understand are
@@ -30,6 +31,7 @@ import torch.fx as fx
 from fsc.analysis.collectives import WAIT_TENSOR, find_collectives, opaque_collectives
 from fsc.analysis.cost_model import is_view
 from fsc.analysis.graph import positions
+from fsc.analysis.symbolic import invariant_value
 from fsc.analysis.timeline import estimate_timeline, peak_memory
 from fsc.config import check_memory_budget
 from fsc.pass_manager import Pass, PassContext, PassResult
@@ -47,17 +49,37 @@ def mutating_nodes(graph: fx.Graph) -> list[fx.Node]:
     return out
 
 
+_SIZE_OPS = {
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_stride.int,
+    torch.ops.aten.sym_storage_offset.default,
+}
+
+
+def is_free(node: fx.Node) -> bool:
+    """Views, and arithmetic on sizes (``x.shape[0] // 2`` feeding split sizes): nodes
+    that launch no work, so moving them costs nothing."""
+    if node.op != "call_function":
+        return False
+    if is_view(node) or node.target in _SIZE_OPS:
+        return True
+    return getattr(node.target, "__module__", None) == "_operator" and isinstance(
+        node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    )
+
+
 def view_inputs(node: fx.Node) -> list[fx.Node]:
-    """``node`` preceded by the views it reads through (transitively), in program order.
-    Only views used by nothing but this chain are taken, so moving them up moves nothing
-    else."""
+    """``node`` preceded by the free nodes (views, size arithmetic) it reads through,
+    transitively, in program order. Only nodes used by nothing but this chain are taken,
+    so moving them up moves nothing else."""
     order = positions(node.graph)
     chain = {node}
     frontier = [node]
     while frontier:
         current = frontier.pop()
         for src in current.all_input_nodes:
-            if src.op == "call_function" and is_view(src) and src not in chain and set(src.users) <= chain:
+            if is_free(src) and src not in chain and set(src.users) <= chain:
                 chain.add(src)
                 frontier.append(src)
     return sorted(chain, key=order.__getitem__)
@@ -129,7 +151,7 @@ class OverlapSchedule(Pass):
         exposed_before = estimate_timeline(graph, ctx.cost_model).exposed_communication
         if self.raise_collectives:
             budget = ctx.memory_budget_bytes if self.memory_budget_gb is None else self.memory_budget_gb * 2**30
-            baseline_peak = peak_memory(graph)
+            baseline_peak = peak_memory(graph, invariant_value)
             previous_in_group: dict[str, fx.Node] = {}
             # Placeholders stay first: Inductor and AOTAutograd expect inputs at the top.
             last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1:]
@@ -145,9 +167,12 @@ class OverlapSchedule(Pass):
                     anchors.append(prev)
                 previous_in_group[coll.group_name] = node
                 anchor = max(anchors, key=order.__getitem__, default=None)
-                if anchor is None or order[anchor] + 1 >= order[chain[0]] and all(
-                    a.next is b for a, b in zip(chain, chain[1:])
-                ):
+                if anchor is None:
+                    continue
+                # Issued earlier only if fewer other nodes would precede the collective.
+                preceding_now = order[node] - (len(chain) - 1)
+                preceding_then = order[anchor] + 1 - sum(order[n] <= order[anchor] for n in chain)
+                if preceding_then >= preceding_now:
                     continue
                 if budget is None:
                     rewriter.move_chain_after(chain, anchor)
@@ -156,7 +181,7 @@ class OverlapSchedule(Pass):
 
                     def within_budget() -> bool:
                         nonlocal peak
-                        peak = peak_memory(graph)
+                        peak = peak_memory(graph, invariant_value)
                         return peak <= max(baseline_peak, budget)
 
                     if not rewriter.try_move_chain_after(chain, anchor, within_budget):

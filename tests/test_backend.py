@@ -192,7 +192,7 @@ def test_failing_pass_falls_back_to_unrewritten_graph_with_reason(inner, caplog)
     f = torch.compile(add_model, backend="freescale", options={"inner": inner, "passes": [Crash()]})
     x, y = torch.randn(4), torch.randn(4)
     torch.testing.assert_close(f(x, y), add_model(x, y))
-    graph = fsc.last_compile().graph("inference" if inner == "eager" else "forward")
+    graph = fsc.last_compile().graph("inference")
     assert graph.fallback is not None and "pass 'crash' failed" in graph.fallback
     assert "ZeroDivisionError: boom" in graph.fallback
     assert graph.graph_after == graph.graph_before
@@ -259,3 +259,131 @@ def test_dynamic_lengths_compile_once_with_estimates_at_the_hint(inner):
     summary = fsc.last_compile().summary()
     assert summary["forward"]["makespan_ms_before"] > 0
     assert re.search(r"Sym\(s\d+\)", fsc.last_compile().graph("forward").graph_before)  # really symbolic
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class BreakTopologicalOrder(fsc.Pass):
+    """Deliberately wrong: moves the first compute node after its first user."""
+
+    name = "break-topological-order"
+
+    def run(self, gm: fx.GraphModule, ctx: fsc.PassContext) -> fsc.PassResult:
+        first = next(n for n in gm.graph.nodes if n.op == "call_function")
+        user = next(iter(first.users))
+        user.append(first)
+        return fsc.PassResult(modified=True)
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_pass_that_breaks_topological_order_falls_back(inner):
+    f = torch.compile(add_model, backend="freescale", options={"inner": inner, "passes": [BreakTopologicalOrder()]})
+    x, y = torch.randn(4), torch.randn(4)
+    torch.testing.assert_close(f(x, y), add_model(x, y))
+    graph = fsc.last_compile().graph("inference")
+    assert "uses" in graph.fallback and "before it is defined" in graph.fallback
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_inference_graphs_are_recorded_as_inference_by_both_inner_compilers(inner):
+    f = torch.compile(MLP(), backend="freescale", options={"inner": inner})
+    with torch.no_grad():
+        f(torch.randn(2, 16))
+    assert list(fsc.last_compile().summary()) == ["inference"]
+
+
+class EMA(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("ema", torch.zeros(4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            self.ema.mul_(0.9).add_(x * 0.1)
+        return x * 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SwapAddForSubEverywhere(SwapAddForSub):
+    name = "swap-add-for-sub-everywhere"
+
+    def run(self, gm: fx.GraphModule, ctx: fsc.PassContext) -> fsc.PassResult:
+        changed = 0
+        for node in gm.graph.nodes:
+            if node.target in (torch.ops.aten.add.Tensor, torch.ops.aten.add_.Tensor):
+                node.target = torch.ops.aten.sub.Tensor if node.target is torch.ops.aten.add.Tensor else torch.ops.aten.sub_.Tensor
+                changed += 1
+        return fsc.PassResult(modified=changed > 0)
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_verify_compares_what_a_graph_writes_into_its_inputs(inner):
+    f = torch.compile(EMA(), backend="freescale", options={"inner": inner, "verify": True, "passes": [SwapAddForSubEverywhere()]})
+    with pytest.raises(BackendCompilerFailed) as info:
+        f(torch.ones(4))
+    assert isinstance(info.value.inner_exception, fsc.VerificationError)
+
+
+def test_verify_skips_data_dependent_inputs_with_a_note():
+    torch._dynamo.config.capture_dynamic_output_shape_ops = True
+    try:
+        w = torch.randn(1, 4, requires_grad=True)
+
+        def f(x):
+            return (x[x > 0].unsqueeze(1) * w).sin().sum()
+
+        compiled = torch.compile(f, backend="freescale", options={"inner": "eager", "verify": True})
+        x = torch.randn(20)
+        compiled(x).backward()
+        notes = fsc.last_compile().graph("backward").notes
+        assert any("data-dependent size" in n for n in notes), notes
+    finally:
+        torch._dynamo.config.capture_dynamic_output_shape_ops = False
+
+
+def test_explain_twice_compiles_twice_and_leaves_model_and_inputs_untouched():
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.BatchNorm1d(4))
+    x = torch.randn(8, 4, requires_grad=True)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    for _ in range(2):
+        record = fsc.explain(model, x, inner="eager")
+        assert set(record.summary()) == {"forward", "backward"}
+    assert x.grad is None
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
+    assert torch.equal(rng, torch.get_rng_state())
+
+
+def test_dump_dir_keeps_every_subgraph_apart(tmp_path):
+    def two_graphs(x):
+        y = torch.relu(x) * 2
+        torch._dynamo.graph_break()
+        return (y.sin() + 1).sum()
+
+    f = torch.compile(two_graphs, backend="freescale", options={"inner": "eager", "dump_dir": str(tmp_path)})
+    f(torch.randn(4, requires_grad=True)).backward()
+    folders = sorted(p for p in tmp_path.iterdir() if p.is_dir())
+    assert len(folders) == 2
+    for folder in folders:
+        assert {"forward.final.py", "backward.final.py"} <= {p.name for p in folder.iterdir()}, folder
+    texts = [(folder / "forward.0_before.py").read_text() for folder in folders]
+    assert ("relu" in texts[0]) != ("relu" in texts[1])
+
+
+def test_user_pass_source_is_part_of_the_cache_key():
+    from fsc.backend import _pass_identity
+
+    namespace: dict = {}
+    source = (
+        "import dataclasses, fsc\n"
+        "@dataclasses.dataclass(frozen=True, kw_only=True)\n"
+        "class Mine(fsc.Pass):\n"
+        "    name = 'mine'\n"
+        "    def run(self, gm, ctx):\n"
+        "        return fsc.PassResult(modified=False)\n"
+    )
+    exec(compile(source, "<no file>", "exec"), namespace)
+    assert _pass_identity(namespace["Mine"]()) is None  # no source to hash: uncacheable
+    config = fsc.Config.from_options({"passes": [namespace["Mine"]()]})
+    assert InductorPass(config, SubgraphRecord(index=0, config=None, dynamo_graph="")).uuid() is None
+    assert _pass_identity(SwapAddForSub()) != _pass_identity(Crash())
+    assert _pass_identity(SwapAddForSub()) == _pass_identity(SwapAddForSub())

@@ -48,6 +48,16 @@ def hint(value: Any) -> float:
     return float(value)
 
 
+def invariant_value(value: Any) -> float:
+    """``value`` with every symbol set to :data:`UNBACKED_FALLBACK`: the same number on
+    every rank. Size hints are the first batch *this* rank saw, so a decision that moves
+    collectives must use this instead (DESIGN.md invariant 2); reports may use :func:`hint`."""
+    if isinstance(value, (torch.SymInt, torch.SymFloat)):
+        expr = sympy.sympify(value.node.expr)
+        return float(expr.xreplace({sym: UNBACKED_FALLBACK for sym in expr.free_symbols}))
+    return float(value)
+
+
 def is_symbolic(value: Any) -> bool:
     if isinstance(value, (torch.SymInt, torch.SymFloat)):
         return not sympy.sympify(value.node.expr).is_number

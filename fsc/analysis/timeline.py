@@ -8,6 +8,8 @@ record and the memory check of the pass manager.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.fx as fx
@@ -98,12 +100,13 @@ def _aliases(node: fx.Node) -> bool:
     return node.op == "call_function" and (is_view(node) or is_wait(node))
 
 
-def output_nbytes(node: fx.Node) -> float:
-    """Bytes ``node`` allocates (0 for views and aliases)."""
+def output_nbytes(node: fx.Node, size: Callable[[Any], float] = hint) -> float:
+    """Bytes ``node`` allocates (0 for views and aliases); ``size`` turns a possibly
+    symbolic byte count into a number."""
     if _aliases(node):
         return 0.0
     flat, _ = tree_flatten(node.meta.get("val"))
-    return sum(hint(tensor_nbytes(t)) for t in flat if isinstance(t, torch.Tensor))
+    return sum(size(tensor_nbytes(t)) for t in flat if isinstance(t, torch.Tensor))
 
 
 def _storage_root(node: fx.Node) -> fx.Node:
@@ -113,8 +116,11 @@ def _storage_root(node: fx.Node) -> fx.Node:
     return node
 
 
-def peak_memory(graph: fx.Graph) -> float:
+def peak_memory(graph: fx.Graph, size: Callable[[Any], float] = hint) -> float:
     """Peak bytes live when ``graph`` runs in its current order.
+
+    Symbolic sizes are evaluated by ``size``: at their hints by default (for reports);
+    decisions pass :func:`fsc.analysis.symbolic.invariant_value` so every rank agrees.
 
     Inputs stay live throughout; every other buffer lives from its producer to its last
     reader (a view extends the life of the buffer it views). A collective also holds its
@@ -140,12 +146,12 @@ def peak_memory(graph: fx.Graph) -> float:
     frees: dict[int, float] = {}
     live = peak = 0.0
     for node in graph.nodes:
-        size = output_nbytes(node) if root(node) is node else 0.0
-        if node.op == "placeholder" or node.op == "output":
-            live += size
-        else:
-            live += size
-            frees[last_use.get(node, order[node])] = frees.get(last_use.get(node, order[node]), 0.0) + size
+        # The output node allocates nothing: what it returns was counted where it was made.
+        nbytes = output_nbytes(node, size) if root(node) is node and node.op != "output" else 0.0
+        live += nbytes
+        if node.op != "placeholder":
+            free_at = last_use.get(node, order[node])
+            frees[free_at] = frees.get(free_at, 0.0) + nbytes
         peak = max(peak, live)
         live -= frees.pop(order[node], 0.0)
     return peak

@@ -416,3 +416,14 @@ def test_peak_memory_counts_wait_tensor_as_alias_of_its_collective():
     buf = 4 * 4 * F32
     # at the wait: x, a (held until the wait) and the collective's output, nothing more
     assert peak_memory(gm.graph) == 3 * buf
+
+
+def test_peak_memory_does_not_count_graph_outputs_twice():
+    from fsc.analysis.timeline import peak_memory as peak
+
+    gm = make_fx(lambda x: torch.relu(x), tracing_mode="fake")(torch.randn(256, 256))
+    one = 256 * 256 * 4
+    for node in gm.graph.nodes:  # Inductor's graphs carry a value on the output node too
+        if node.op == "output":
+            node.meta["val"] = (next(n for n in gm.graph.nodes if n.name == "relu").meta["val"],)
+    assert peak(gm.graph) == 2 * one  # input + relu's buffer

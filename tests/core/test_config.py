@@ -229,3 +229,8 @@ def test_passes_list_mixes_names_and_instances_in_order():
     config = Config.from_options({"passes": spec})
     assert config.passes == (OverlapSchedule(sink_waits=False), OverlapSchedule(raise_collectives=False))
     assert config.pipeline == "overlap-schedule{sink_waits=false},overlap-schedule{raise_collectives=false}"
+
+
+def test_pipeline_rejects_an_option_given_twice():
+    with pytest.raises(fsc.PipelineError, match="option 'sink_waits' is given twice"):
+        fsc.parse_pipeline("overlap-schedule{sink_waits=false,sink_waits=true}")

@@ -193,3 +193,35 @@ def test_overlap_schedule_raises_collective_through_its_input_views():
     result = OverlapSchedule().run(gm, ctx())
     assert result.stats["collectives_raised"] == 1
     assert order(gm)[:4] == ["relu", "view", "all_to_all_single", "mm"]
+
+
+def test_overlap_schedule_does_not_count_a_collective_already_issued_at_its_inputs():
+    def f(x, w):
+        z = torch.mm(w, w)
+        h = torch.relu(x)  # produced right before the collective
+        y = c10d.wait_tensor(c10d.all_to_all_single(h.view(8, 4), [4, 4], [4, 4], "g0"))
+        return y.sum() + z.sum()
+
+    gm = trace(f, (4, 8), (64, 64))
+    result = OverlapSchedule(sink_waits=False).run(gm, ctx())
+    assert result.stats["collectives_raised"] == 0
+    assert result.modified is False
+
+
+def test_overlap_schedule_budget_decision_is_the_same_whatever_the_size_hints():
+    # Two "ranks" trace the same program with different first batches (hints): under a
+    # memory budget they must still choose the same order.
+    def f(x, x2, w):
+        big = torch.relu(x)
+        h = torch.mm(x2, w)  # temporaries as long as the batch: raising costs memory
+        h = torch.mm(h, w)
+        half = big.shape[0] // 2
+        y = c10d.wait_tensor(c10d.all_to_all_single(big, [half, half], [half, half], "g0"))
+        return y.sum() + h.sum()
+
+    orders = []
+    for rows in (16, 2048):  # with the hints, 16 rows would fit 1 MiB and 2048 would not
+        gm = make_fx(f, tracing_mode="symbolic")(torch.randn(rows, 64), torch.randn(rows, 64), torch.randn(64, 64))
+        OverlapSchedule(sink_waits=False).run(gm, ctx(budget=2**20))
+        orders.append(order(gm))
+    assert orders[0] == orders[1]
