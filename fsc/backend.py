@@ -33,7 +33,7 @@ from fsc.analysis.timeline import estimate_timeline
 from fsc.config import Config
 from fsc.errors import OptionError, PassFailedError, VerificationError
 from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
-from fsc.inspect import STORE, GraphRecord, SubgraphRecord
+from fsc.inspect import CACHE_NOTE, STORE, GraphRecord, SubgraphRecord
 from fsc.pass_manager import PassContext, PassManager
 from fsc.verify import Verifier
 
@@ -313,12 +313,7 @@ def _save_record(record: SubgraphRecord) -> None:
 
 
 def _load_record(record: SubgraphRecord) -> None:
-    note = "served from Inductor's cache: the passes ran when the entry was written"
-    try:
-        graphs = pickle.loads(record.cache_path.read_bytes())
-    except Exception:
-        record.notes.append(note + "; that record is not available (fsc.explain recompiles to show it)")
-        return
-    for graph_record in graphs.values():
-        graph_record.notes.append(note)
-        record.add(graph_record)
+    record.from_cache = True
+    record.refresh()
+    if not record.graphs:
+        record.notes.append(CACHE_NOTE + "; that record is not available (fsc.explain recompiles to show it)")

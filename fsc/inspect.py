@@ -15,6 +15,7 @@ import contextvars
 import dataclasses
 import json
 import pathlib
+import pickle
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,6 +25,7 @@ from torch.utils._pytree import tree_flatten
 from fsc.pass_manager import PassRecord
 
 _KEEP = 32
+CACHE_NOTE = "served from Inductor's cache: the passes ran when the entry was written"
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
@@ -88,6 +90,21 @@ class SubgraphRecord:
     notes: list[str] = dataclasses.field(default_factory=list)
     cache_path: Any = None
     """Where the backend keeps this record for Inductor cache hits (None: not kept)."""
+    from_cache: bool = False
+    """True when Inductor served this subgraph from its cache and the graphs were read
+    back from ``cache_path`` (re-read on access: the writer may add its backward later)."""
+
+    def refresh(self) -> None:
+        if not self.from_cache or self.cache_path is None:
+            return
+        try:
+            graphs = pickle.loads(self.cache_path.read_bytes())
+        except Exception:  # the record is a convenience; a missing file leaves what we had
+            return
+        for key, graph_record in graphs.items():
+            if key not in self.graphs:
+                graph_record.notes.append(CACHE_NOTE)
+                self.graphs[key] = graph_record
 
     def add(self, record: GraphRecord) -> None:
         key, n = record.kind, 1
@@ -107,6 +124,7 @@ class CompileRecord:
         several = len(self.subgraphs) > 1
         out: dict[str, GraphRecord] = {}
         for sub in self.subgraphs:
+            sub.refresh()
             for key, record in sub.graphs.items():
                 out[f"{key}_{sub.index}" if several else key] = record
         return out

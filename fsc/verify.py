@@ -17,7 +17,7 @@ import torch.fx as fx
 from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_flatten
 
-from fsc.analysis.symbolic import NoHintError, hint
+from fsc.analysis.symbolic import NoHintError, has_hint, hint
 from fsc.errors import VerificationError
 
 log = logging.getLogger(__name__)
@@ -28,10 +28,8 @@ class MissingExampleError(ValueError):
 
 
 def _concrete(size: Any, what: str) -> int:
-    if isinstance(size, torch.SymInt) and not size.node.has_hint():
-        shape_env = size.node.shape_env
-        if shape_env is None or shape_env.size_hint(size.node.expr, allow_none=True) is None:
-            raise MissingExampleError(f"{what} has a data-dependent size {size.node.expr}; verify needs concrete sizes")
+    if not has_hint(size):
+        raise MissingExampleError(f"{what} has a data-dependent size {size.node.expr}; verify needs concrete sizes")
     return int(hint(size))
 
 

@@ -25,6 +25,26 @@ def as_expr(value: Any) -> sympy.Expr:
 UNBACKED_FALLBACK = 8192
 
 
+def _backed_values(shape_env: Any) -> dict:
+    # torch 2.13 renamed var_to_val (now deprecated) to backed_var_to_val
+    values = getattr(shape_env, "backed_var_to_val", None)
+    return values if values is not None else shape_env.var_to_val
+
+
+def has_hint(value: Any) -> bool:
+    """False for a size that depends on data (an unbacked symbol) or has no shape env."""
+    if not isinstance(value, (torch.SymInt, torch.SymFloat)):
+        return True
+    node = value.node
+    if node.has_hint():
+        return True
+    shape_env = getattr(node, "shape_env", None)
+    if shape_env is None:
+        return False
+    backed = _backed_values(shape_env)
+    return all(sym in backed for sym in sympy.sympify(node.expr).free_symbols)
+
+
 def hint(value: Any) -> float:
     """The concrete value of ``value`` at its size hint.
 
@@ -39,11 +59,9 @@ def hint(value: Any) -> float:
         shape_env = getattr(node, "shape_env", None)
         if shape_env is None:
             raise NoHintError(f"symbolic size {node.expr} has no hint")
-        got = shape_env.size_hint(node.expr, allow_none=True)
-        if got is not None:
-            return float(got)
         expr = sympy.sympify(node.expr)
-        values = {sym: shape_env.var_to_val.get(sym, UNBACKED_FALLBACK) for sym in expr.free_symbols}
+        backed = _backed_values(shape_env)
+        values = {sym: backed.get(sym, UNBACKED_FALLBACK) for sym in expr.free_symbols}
         return float(expr.xreplace(values))
     return float(value)
 
