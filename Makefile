@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml | $(PY)
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(PY) examples/quickstart.py
+	$(PY) examples/hstu/demo.py
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
@@ -28,4 +28,4 @@ bench-compile: $(STAMP)
 	$(PY) -m fsc.bench compile-overhead --json results/compile-overhead.json --readme README.md
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info freescale_out

@@ -315,5 +315,9 @@ def _save_record(record: SubgraphRecord) -> None:
 def _load_record(record: SubgraphRecord) -> None:
     record.from_cache = True
     record.refresh()
+    for graph_record in record.graphs.values():
+        if graph_record.fallback:  # the cached code is the unrewritten graph: say so again
+            log.warning("freescale: %s (recorded when Inductor cached it); compiling the %s graph unrewritten",
+                        graph_record.fallback, graph_record.kind)
     if not record.graphs:
         record.notes.append(CACHE_NOTE + "; that record is not available (fsc.explain recompiles to show it)")

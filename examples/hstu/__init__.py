@@ -1,0 +1,1 @@
+"""HSTU (generative recommender) training example: data loading, model and training loop."""

@@ -1,0 +1,229 @@
+"""Train the HSTU example: ``torchrun --nproc_per_node=N examples/hstu/train.py ...``.
+
+    --backend {eager,inductor,freescale}  --steps S  --batch-size B (global, sequences)
+    --seed K  [--data RATINGS_FILE]  [--out DIR]  [--eval]
+
+CPU ranks use gloo, GPU ranks NCCL. Without torchrun it runs as a single process. Rank 0
+writes ``DIR/summary.json`` (final_loss, losses, median_step_ms, recompiles, world_size,
+backend, and hr@10/ndcg@10 with --eval) and, for freescale, the compile record under
+``DIR/compile_record/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import statistics
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from hstu.data import Histories, leave_one_out, load_movielens, synthetic_histories  # noqa: E402
+from hstu.model import (  # noqa: E402
+    HSTU,
+    HSTUConfig,
+    collate,
+    global_batch_users,
+    rank_metrics,
+    sample_negatives,
+    scale_tensor,
+)
+from hstu.sharded import GradientBuckets  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description="Train the HSTU example.")
+    p.add_argument("--backend", choices=("eager", "inductor", "freescale"), default="freescale")
+    p.add_argument("--inner", choices=("inductor", "eager"), default="inductor", help="freescale's inner compiler")
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--batch-size", type=int, default=32, help="global batch: sequences per step over all ranks")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data", default=None, help="MovieLens ratings file (ratings.csv, ratings.dat, u.data); default synthetic")
+    p.add_argument("--synthetic-users", type=int, default=2000)
+    p.add_argument("--synthetic-items", type=int, default=5000)
+    p.add_argument("--lengths", choices=("lognormal", "zipf"), default="lognormal")
+    p.add_argument("--out", default=None)
+    p.add_argument("--max-len", type=int, default=50)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--negatives", type=int, default=128)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--eval", action="store_true", help="HR@10 / NDCG@10, leave-one-out, after training")
+    p.add_argument("--eval-batch", type=int, default=64)
+    p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
+    return p.parse_args(argv)
+
+
+def init_distributed() -> tuple[int, int, torch.device]:
+    """torchrun's environment when present; else one process."""
+    cuda = torch.cuda.is_available()
+    if "RANK" in os.environ:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    else:
+        store = tempfile.mktemp(prefix="hstu_store_")
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+    return rank, world, device
+
+
+def load(args: argparse.Namespace) -> Histories:
+    if args.data:
+        return load_movielens(args.data)
+    return synthetic_histories(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=args.seed,
+                               lengths=args.lengths)
+
+
+def compile_model(model: torch.nn.Module, args: argparse.Namespace):
+    if args.backend == "eager":
+        return model
+    # the embedding exchange reads its split sizes from a tensor (.tolist())
+    torch._dynamo.config.capture_scalar_outputs = True
+    if args.backend == "inductor":
+        return torch.compile(model, backend="inductor", fullgraph=True)
+    options = {"inner": args.inner}
+    return torch.compile(model, backend="freescale", options=options, fullgraph=True)
+
+
+class Progress:
+    """A one-line progress bar on stderr (rank 0 only)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.start = total, enabled, time.perf_counter()
+
+    def update(self, done: int, text: str) -> None:
+        if not self.enabled:
+            return
+        width = 30
+        filled = width * done // max(self.total, 1)
+        elapsed = time.perf_counter() - self.start
+        sys.stderr.write(f"\r[{'#' * filled}{'.' * (width - filled)}] {done}/{self.total} {elapsed:5.1f}s {text}")
+        if done == self.total:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
+
+
+def train(args: argparse.Namespace) -> dict:
+    from torch._dynamo.utils import counters
+
+    rank, world, device = init_distributed()
+    if args.batch_size % world:
+        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
+    histories = load(args)
+    train_h, held_out = leave_one_out(histories)
+    cfg = HSTUConfig(num_items=histories.num_items, num_ratings=histories.num_ratings, dim=args.dim,
+                     heads=args.heads, layers=args.layers, max_len=args.max_len, num_negatives=args.negatives,
+                     seed=args.seed)
+    model = HSTU(cfg).to(device)
+    step_fn = compile_model(model, args)
+    buckets = GradientBuckets(model.dense_parameters())
+    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+    per_rank = args.batch_size // world
+    losses: list[float] = []
+    step_ms: list[float] = []
+    graphs_after_first = 0
+    progress = Progress(args.steps, rank == 0 and not args.quiet)
+    for step in range(args.steps):
+        start = time.perf_counter()
+        users = global_batch_users(len(train_h), args.batch_size, args.seed, step)[rank * per_rank : (rank + 1) * per_rank]
+        batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
+                        [train_h.timestamps[u] for u in users], cfg.max_len)
+        trained = torch.tensor([float((batch.targets > 0).sum())])
+        dist.all_reduce(trained)
+        tensors = [t.to(device) for t in batch.tensors()]
+        if step == 0:
+            for t in tensors:  # the token count changes every step: compile for any
+                torch._dynamo.mark_dynamic(t, 0)
+        negatives = sample_negatives(cfg.num_items, cfg.num_negatives, args.seed, step, rank).to(device)
+        loss = step_fn(*tensors, negatives, scale_tensor(trained.item()).to(device))
+        loss.backward()
+        buckets.wait()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item())
+        step_ms.append((time.perf_counter() - start) * 1e3)
+        if step == 0:
+            graphs_after_first = counters["stats"]["unique_graphs"]
+        if rank == 0 and not args.quiet:
+            progress.update(step + 1, f"loss {losses[-1]:.4f} step {step_ms[-1]:.0f} ms")
+    summary = {
+        "backend": args.backend,
+        "world_size": world,
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "median_step_ms": statistics.median(step_ms[1:] or step_ms) if step_ms else None,
+        "recompiles": counters["stats"]["unique_graphs"] - graphs_after_first,
+        "graphs": counters["stats"]["unique_graphs"],
+    }
+    if args.eval:
+        summary.update(evaluate(model, train_h, held_out, cfg, args.eval_batch, rank, world, device))
+    if rank == 0 and args.out:
+        out = pathlib.Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        if args.backend == "freescale":
+            import fsc
+
+            fsc.last_compile().dump(out / "compile_record")
+    buckets.remove()
+    dist.barrier()
+    dist.destroy_process_group()
+    return summary
+
+
+@torch.no_grad()
+def evaluate(model: HSTU, train_h: Histories, held_out: np.ndarray, cfg: HSTUConfig, batch_size: int,
+             rank: int, world: int, device: torch.device) -> dict:
+    """Leave-one-out HR@10 / NDCG@10: each user's history without its last item predicts
+    that item, ranked against all items. Users are split over the ranks; every rank runs
+    the same number of batches (the exchange is collective)."""
+    model.eval()
+    table = torch.nn.functional.normalize(model.item.full_weight(), dim=-1)
+    mine = np.array_split(np.arange(len(train_h)), world)[rank]
+    batches = int(np.ceil(max(len(part) for part in np.array_split(np.arange(len(train_h)), world)) / batch_size))
+    sums = torch.zeros(3, dtype=torch.float64)
+    for b in range(batches):
+        users = mine[b * batch_size : (b + 1) * batch_size]
+        real = len(users)
+        if real == 0:
+            users = np.array([0])  # a rank with nothing left still joins the exchange
+        batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
+                        [train_h.timestamps[u] for u in users], cfg.max_len, with_targets=False)
+        emb = model.item(batch.items.to(device))
+        hidden = model.encode(emb, batch.ratings.to(device), batch.timestamps.to(device),
+                              batch.positions.to(device), batch.seq_ids.to(device))
+        last = hidden[(batch.offsets[1:] - 1).to(device)]
+        if real:
+            hit, ndcg = rank_metrics(last @ table.t(), torch.from_numpy(held_out[users]).to(device))
+            sums += torch.stack([hit.sum().cpu(), ndcg.sum().cpu(), torch.tensor(float(real), dtype=torch.float64)])
+    dist.all_reduce(sums)
+    model.train()
+    return {"hr@10": (sums[0] / sums[2]).item(), "ndcg@10": (sums[1] / sums[2]).item(), "eval_users": int(sums[2])}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    summary = train(args)
+    if int(os.environ.get("RANK", 0)) == 0:
+        brief = {k: v for k, v in summary.items() if k != "losses"}
+        print(json.dumps(brief))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
