@@ -57,6 +57,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--negatives", type=int, default=128)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--dropout", type=float, default=0.0,
+                   help="HSTU uses 0.2 on MovieLens; compiled code draws different random numbers than eager")
     p.add_argument("--eval", action="store_true", help="HR@10 / NDCG@10, leave-one-out, after training")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
@@ -124,7 +126,7 @@ def train(args: argparse.Namespace) -> dict:
     train_h, held_out = leave_one_out(histories)
     cfg = HSTUConfig(num_items=histories.num_items, num_ratings=histories.num_ratings, dim=args.dim,
                      heads=args.heads, layers=args.layers, max_len=args.max_len, num_negatives=args.negatives,
-                     seed=args.seed)
+                     dropout=args.dropout, seed=args.seed)
     model = HSTU(cfg).to(device)
     step_fn = compile_model(model, args)
     buckets = GradientBuckets(model.dense_parameters())
