@@ -1,24 +1,32 @@
-"""``overlap-schedule``: issue each collective as early as its inputs allow, wait as late
-as its consumers allow.
+"""``overlap-schedule``: issue each collective as soon as its inputs can be ready, fill
+the time it is in flight with independent compute, wait as late as possible.
 
-**Matches** every functional collective (``_c10d_functional.*``) and its ``wait_tensor``.
+**Matches** every functional collective (``_c10d_functional.*``) and its ``wait_tensor``,
+and the compute around them.
 
-**Changes** the position of those nodes only: a collective (with the views and size
-arithmetic it reads through) moves up to just after the last producer of its inputs (and never above the previous collective of its process
-group); each wait moves down to just before the first node that reads its data (views of the
-result move with it: they read nothing). Compute in between
-now overlaps the transfer.
+**Changes** the program order. Two candidate orders are built and the one with the
+smaller estimated makespan (then exposed communication) on the device profile is kept:
 
-**Safe because** only collectives and waits move, each stays after everything it reads
-and before everything that reads it, and the issue order on each process group is kept
-(per-group FIFO, the same on every rank: the decision reads only graph structure). A
-raise that would lift the estimated peak memory (buffers held longer) above the budget
-is not made, and is recorded as a reason; with symbolic shapes that check evaluates every
-size symbol at the same fixed value on every rank, so ranks cannot decide differently.
+* *moves*: a collective (with the views and size arithmetic it reads through) moves up
+  to just after the last producer of its inputs; each wait moves down to just before the
+  first node that reads its data. Compute stays where it is.
+* *list schedule* (``reorder_compute=True``): a list scheduler over the compute stream
+  and one FIFO queue per process group. Among ready nodes it issues collectives first,
+  then runs the producers of not-yet-issued collectives (moving them earlier: what
+  PyTorch's own overlap scheduler never does), then takes a wait whose collective has
+  (by the estimate) finished, then any other compute in program order, and only when
+  nothing else is ready, blocks on the wait that finishes first.
 
-**Limits.** It does not move compute: a collective whose inputs are produced late stays
-where they put it. Graphs with in-place ops or collectives fsc does not understand are
-left alone, with the reason.
+**Safe because** every node stays after everything it reads; the issue order on each
+process group is kept (per-group FIFO), random-number ops and other side-effecting ops
+keep their relative order; and every decision reads only graph structure, shapes and
+analytical costs with symbolic sizes set to one fixed value on every rank, so every
+rank builds the same order. An order whose estimated peak memory exceeds the budget (and
+the original peak) is not used, and the reason is recorded.
+
+**Limits.** Graphs with in-place ops or collectives fsc does not understand are left
+alone, with the reason. It never reorders collectives of one group (that is
+``prioritize-collectives``'s job) and never splits them.
 """
 
 from __future__ import annotations
@@ -31,9 +39,11 @@ import torch.fx as fx
 from fsc.analysis.collectives import WAIT_TENSOR, find_collectives, opaque_collectives
 from fsc.analysis.cost_model import is_view
 from fsc.analysis.graph import positions
+from fsc.analysis.list_schedule import list_schedule
 from fsc.analysis.symbolic import invariant_value
 from fsc.analysis.timeline import estimate_timeline, peak_memory
 from fsc.config import check_memory_budget
+from fsc.graph_utils import clone_graph_module
 from fsc.pass_manager import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 
@@ -117,9 +127,11 @@ class OverlapSchedule(Pass):
     name = "overlap-schedule"
 
     raise_collectives: bool = True
-    """Move collectives up to their inputs."""
+    """Move collectives up to their inputs (the *moves* candidate)."""
     sink_waits: bool = True
-    """Move waits down to their first consumer."""
+    """Move waits down to their first consumer (the *moves* candidate)."""
+    reorder_compute: bool = True
+    """Also build the *list schedule* candidate, which moves compute."""
     memory_budget_gb: float | None = None
     """GiB; overrides the compile option ``memory_budget_gb`` for this pass."""
 
@@ -145,20 +157,58 @@ class OverlapSchedule(Pass):
                 reasons=(f"not scheduled: in-place op {mutations[0].target} ({mutations[0].name}) may alias "
                          "what a collective reads or writes",),
             )
-        rewriter = GraphRewriter(graph)
-        reasons: list[str] = []
-        raised = sunk = 0
+        budget = ctx.memory_budget_bytes if self.memory_budget_gb is None else self.memory_budget_gb * 2**30
+        baseline_peak = peak_memory(graph, invariant_value)
         exposed_before = estimate_timeline(graph, ctx.cost_model).exposed_communication
+        reasons: list[str] = []
+
+        moves = clone_graph_module(gm)
+        raised, sunk = self._moves(moves.graph, budget, baseline_peak, reasons)
+        candidates = [("moves", moves)]
+        if self.reorder_compute:
+            listed = clone_graph_module(gm)
+            apply_order(GraphRewriter(listed.graph), [n.name for n in list_schedule(listed.graph, ctx.cost_model)])
+            peak = peak_memory(listed.graph, invariant_value)
+            if budget is not None and peak > max(baseline_peak, budget):
+                reasons.append(
+                    f"list schedule not used: estimated peak memory {peak / 2**30:.3f} GiB, over the budget of "
+                    f"{budget / 2**30:.3f} GiB"
+                )
+            else:
+                candidates.append(("list", listed))
+
+        def score(candidate: tuple[str, fx.GraphModule]) -> tuple[float, float]:
+            timeline = estimate_timeline(candidate[1].graph, ctx.cost_model, invariant=True)
+            return (round(timeline.makespan, 12), round(timeline.exposed_communication, 12))
+
+        strategy, chosen = min(candidates, key=score)  # ties keep the earlier (fewer moves)
+        rewriter = GraphRewriter(graph)
+        apply_order(rewriter, [n.name for n in chosen.graph.nodes])
+        exposed_after = estimate_timeline(graph, ctx.cost_model).exposed_communication
+        stats = {
+            **rewriter.stats(),
+            "strategy": strategy,
+            "collectives": len(collectives),
+            "collectives_raised": raised if strategy == "moves" else None,
+            "waits_sunk": sunk if strategy == "moves" else None,
+            "exposed_comm_ms_before": exposed_before * 1e3,
+            "exposed_comm_ms_after": exposed_after * 1e3,
+        }
+        return PassResult(modified=rewriter.modified, stats=stats, reasons=tuple(reasons))
+
+    def _moves(self, graph: fx.Graph, budget: float | None, baseline_peak: float, reasons: list[str]) -> tuple[int, int]:
+        """The *moves* candidate, in place: (collectives raised, waits sunk)."""
+        collectives = find_collectives(graph)
+        rewriter = GraphRewriter(graph)
+        raised = sunk = 0
         if self.raise_collectives:
-            budget = ctx.memory_budget_bytes if self.memory_budget_gb is None else self.memory_budget_gb * 2**30
-            baseline_peak = peak_memory(graph, invariant_value)
             previous_in_group: dict[str, fx.Node] = {}
             # Placeholders stay first: Inductor and AOTAutograd expect inputs at the top.
             last_placeholder = [n for n in graph.nodes if n.op == "placeholder"][-1:]
             for coll in collectives:
                 node = coll.node
                 order = positions(graph)
-                # Views feeding the collective cost nothing: they move up with it.
+                # Views and size arithmetic feeding the collective cost nothing: they move with it.
                 chain = view_inputs(node)
                 members = set(chain)
                 anchors = [*last_placeholder, *(src for n in chain for src in n.all_input_nodes if src not in members)]
@@ -196,14 +246,16 @@ class OverlapSchedule(Pass):
                 for wait in coll.waits:
                     if sink_wait(rewriter, wait):
                         sunk += 1
-        exposed_after = estimate_timeline(graph, ctx.cost_model).exposed_communication
-        stats = {
-            **rewriter.stats(),
-            "collectives": len(collectives),
-            "collectives_raised": raised,
-            "waits_sunk": sunk,
-            "exposed_comm_ms_before": exposed_before * 1e3,
-            "exposed_comm_ms_after": exposed_after * 1e3,
-        }
-        return PassResult(modified=rewriter.modified, stats=stats, reasons=tuple(reasons))
+        return raised, sunk
 
+
+def apply_order(rewriter: GraphRewriter, names: list[str]) -> None:
+    """Reorder ``rewriter.graph`` to the node order ``names`` (moves counted)."""
+    by_name = {n.name: n for n in rewriter.graph.nodes}
+    nodes = [by_name[name] for name in names]
+    anchor = next(n for n in rewriter.graph.nodes if n.op == "output")
+    for node in reversed(nodes):
+        if node.op in ("placeholder", "output"):
+            continue
+        rewriter.move_before(node, anchor)
+        anchor = node

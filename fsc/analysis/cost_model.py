@@ -18,7 +18,7 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
 from fsc.analysis.collectives import COLLECTIVE_KINDS, describe, is_wait
-from fsc.analysis.symbolic import as_expr, hint, is_symbolic, tensor_nbytes
+from fsc.analysis.symbolic import UNBACKED_FALLBACK, as_expr, hint, is_symbolic, tensor_nbytes
 
 GB = 1e9
 TB = 1e12
@@ -105,6 +105,16 @@ class NodeCost:
     """Seconds as a sympy expression when shapes are symbolic, else None."""
     flops: float = 0.0
     nbytes: float = 0.0
+
+
+def invariant_seconds(cost: NodeCost) -> float:
+    """``cost`` with every size symbol at the same fixed value on every rank: what
+    scheduling decisions must use (hints are rank-local; see
+    :func:`fsc.analysis.symbolic.invariant_value`)."""
+    if cost.expr is None:
+        return cost.seconds
+    expr = cost.expr
+    return float(expr.xreplace({sym: UNBACKED_FALLBACK for sym in expr.free_symbols}))
 
 
 _VIEW_LIKE = {operator.getitem}

@@ -16,8 +16,8 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 from fsc.analysis.collectives import describe, is_collective, is_wait
-from fsc.analysis.cost_model import CostModel, is_view
-from fsc.analysis.symbolic import hint, tensor_nbytes
+from fsc.analysis.cost_model import CostModel, invariant_seconds, is_view
+from fsc.analysis.symbolic import hint, invariant_value, tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,13 +50,14 @@ class Timeline:
         }
 
 
-def estimate_timeline(graph: fx.Graph, cost_model: CostModel) -> Timeline:
+def estimate_timeline(graph: fx.Graph, cost_model: CostModel, *, invariant: bool = False) -> Timeline:
     """Simulate ``graph`` in program order.
 
     A collective is issued on the compute stream at its position and runs on its group's
     queue once every earlier collective of the group is done (per-group FIFO). A wait
     blocks the compute stream until its collective ends; that blocked time is the exposed
-    communication.
+    communication. ``invariant=True`` evaluates symbolic sizes rank-invariantly (for
+    decisions); the default uses the size hints (for reports).
     """
     now = 0.0
     compute = comm = exposed = 0.0
@@ -65,6 +66,8 @@ def estimate_timeline(graph: fx.Graph, cost_model: CostModel) -> Timeline:
     events: list[Event] = []
     for node in graph.nodes:
         cost = cost_model.node_cost(node)
+        if invariant:
+            cost = dataclasses.replace(cost, seconds=invariant_seconds(cost))
         if is_collective(node):
             group = describe(node).group_name
             start = max(now, queue_free.get(group, 0.0))
@@ -90,7 +93,7 @@ def estimate_timeline(graph: fx.Graph, cost_model: CostModel) -> Timeline:
         compute=compute,
         communication=comm,
         exposed_communication=exposed,
-        peak_memory=peak_memory(graph),
+        peak_memory=peak_memory(graph, invariant_value if invariant else hint),
         events=tuple(events),
     )
 

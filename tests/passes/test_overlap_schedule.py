@@ -15,6 +15,11 @@ from fsc.passes import OverlapSchedule
 c10d = torch.ops._c10d_functional
 
 
+def moves(**options) -> OverlapSchedule:
+    """The pass limited to its *moves* candidate (collectives up, waits down, compute fixed)."""
+    return OverlapSchedule(reorder_compute=False, **options)
+
+
 def ctx(budget: float | None = None) -> fsc.PassContext:
     return fsc.PassContext(
         graph_kind="forward", cost_model=CostModel(DEVICE_PROFILES["cpu"]), memory_budget_bytes=budget
@@ -37,7 +42,7 @@ def exchange_then_dense(x, w, v):
 
 def test_overlap_schedule_moves_wait_past_independent_matmul():
     gm = trace(exchange_then_dense, (4, 8), (64, 64), (64, 64))
-    result = OverlapSchedule().run(gm, ctx())
+    result = moves().run(gm, ctx())
     gm.graph.lint()
     assert result.modified is True
     assert result.stats["waits_sunk"] == 1
@@ -55,7 +60,7 @@ def dense_then_exchange(x, w, v):
 
 def test_overlap_schedule_issues_all_to_all_before_independent_matmul():
     gm = trace(dense_then_exchange, (4, 8), (64, 64), (64, 64))
-    result = OverlapSchedule().run(gm, ctx())
+    result = moves().run(gm, ctx())
     assert result.stats["collectives_raised"] == 1
     names = order(gm)
     assert names.index("relu") < names.index("all_to_all_single") < names.index("mm") < names.index("wait_tensor")
@@ -140,14 +145,14 @@ def big_buffers(x, w):
 
 def test_overlap_schedule_respects_memory_budget_with_reason():
     unlimited = trace(big_buffers, (1024, 1024), (1024, 1024))
-    OverlapSchedule(sink_waits=False).run(unlimited, ctx())
+    moves(sink_waits=False).run(unlimited, ctx())
     raised_peak = peak_memory(unlimited.graph)
     baseline = trace(big_buffers, (1024, 1024), (1024, 1024))
     base_peak = peak_memory(baseline.graph)
     assert raised_peak > base_peak  # issuing early holds the output buffer longer
 
     gm = trace(big_buffers, (1024, 1024), (1024, 1024))
-    result = OverlapSchedule(sink_waits=False).run(gm, ctx(budget=base_peak))
+    result = moves(sink_waits=False).run(gm, ctx(budget=base_peak))
     assert result.stats["collectives_raised"] == 0
     assert "over the budget" in result.reasons[0]
     assert peak_memory(gm.graph) <= base_peak
@@ -156,7 +161,7 @@ def test_overlap_schedule_respects_memory_budget_with_reason():
 
 def test_overlap_schedule_pass_option_overrides_compile_budget():
     gm = trace(big_buffers, (1024, 1024), (1024, 1024))
-    result = OverlapSchedule(memory_budget_gb=1e-9, sink_waits=False).run(gm, ctx(budget=None))
+    result = moves(memory_budget_gb=1e-9, sink_waits=False).run(gm, ctx(budget=None))
     assert result.stats["collectives_raised"] == 0
     assert result.reasons
 
@@ -190,7 +195,7 @@ def test_overlap_schedule_raises_collective_through_its_input_views():
         return y.sum() + z.sum()
 
     gm = trace(f, (4, 8), (64, 64))
-    result = OverlapSchedule().run(gm, ctx())
+    result = moves().run(gm, ctx())
     assert result.stats["collectives_raised"] == 1
     assert order(gm)[:4] == ["relu", "view", "all_to_all_single", "mm"]
 
@@ -203,7 +208,7 @@ def test_overlap_schedule_does_not_count_a_collective_already_issued_at_its_inpu
         return y.sum() + z.sum()
 
     gm = trace(f, (4, 8), (64, 64))
-    result = OverlapSchedule(sink_waits=False).run(gm, ctx())
+    result = moves(sink_waits=False).run(gm, ctx())
     assert result.stats["collectives_raised"] == 0
     assert result.modified is False
 
@@ -222,6 +227,48 @@ def test_overlap_schedule_budget_decision_is_the_same_whatever_the_size_hints():
     orders = []
     for rows in (16, 2048):  # with the hints, 16 rows would fit 1 MiB and 2048 would not
         gm = make_fx(f, tracing_mode="symbolic")(torch.randn(rows, 64), torch.randn(rows, 64), torch.randn(64, 64))
-        OverlapSchedule(sink_waits=False).run(gm, ctx(budget=2**20))
+        moves(sink_waits=False).run(gm, ctx(budget=2**20))
         orders.append(order(gm))
     assert orders[0] == orders[1]
+
+
+def dense_then_producer(x, w, v):
+    z = torch.mm(w, v)  # independent dense work, traced first ("dense first")
+    z = torch.mm(z, v)
+    h = torch.relu(x)  # the collective's producer comes after it in program order
+    y = c10d.wait_tensor(c10d.all_to_all_single(h, [2, 2], [2, 2], "g0"))
+    return y.sum() + z.sum()
+
+
+def test_list_schedule_moves_producers_earlier_to_overlap_dense_first_programs():
+    gm = trace(dense_then_producer, (4, 8), (64, 64), (64, 64))
+    fixed = trace(dense_then_producer, (4, 8), (64, 64), (64, 64))
+    moves().run(fixed, ctx())
+    result = OverlapSchedule().run(gm, ctx())
+    assert result.stats["strategy"] == "list"
+    names = order(gm)
+    assert names.index("relu") < names.index("all_to_all_single") < names.index("mm") < names.index("wait_tensor")
+    model = ctx().cost_model
+    assert estimate_timeline(gm.graph, model).exposed_communication < estimate_timeline(fixed.graph, model).exposed_communication
+
+
+def test_list_schedule_keeps_random_ops_in_program_order():
+    def f(x, w):
+        d1 = torch.rand_like(w)  # first draw: not needed by the collective
+        h = x * torch.rand_like(x)  # second draw feeds the collective
+        y = c10d.wait_tensor(c10d.all_to_all_single(h, [2, 2], [2, 2], "g0"))
+        return y.sum() + torch.mm(d1, w).sum()
+
+    gm = trace(f, (4, 8), (64, 64))
+    OverlapSchedule().run(gm, ctx())
+    names = order(gm)
+    assert names.index("rand_like") < names.index("rand_like_1")
+    assert names.index("all_to_all_single") < names.index("mm")
+
+
+def test_list_schedule_is_declined_over_budget_with_reason():
+    gm = trace(big_buffers, (1024, 1024), (1024, 1024))
+    base_peak = peak_memory(gm.graph)
+    result = OverlapSchedule().run(gm, ctx(budget=base_peak))
+    assert peak_memory(gm.graph) <= base_peak
+    assert any("over the budget" in r for r in result.reasons)
