@@ -187,11 +187,12 @@ class HSTU(nn.Module):
 
 def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-user hit@k and NDCG@k of ``targets`` under ``scores [users, items+1]`` (column 0,
-    padding, never ranks). Rank = number of items scored strictly higher."""
+    padding, never ranks). Rank = number of other items not scored strictly lower, so ties
+    count against the target and a NaN score is a miss."""
     scores = scores.clone()
     scores[:, 0] = float("-inf")
     target_score = scores.gather(1, targets.unsqueeze(1))
-    rank = (scores > target_score).sum(1)
+    rank = (~(scores < target_score)).sum(1) - 1
     hit = (rank < k).to(torch.float64)
     ndcg = hit / torch.log2(rank.to(torch.float64) + 2.0)
     return hit, ndcg

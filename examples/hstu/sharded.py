@@ -9,7 +9,10 @@ rows. All collectives are functional collectives, so they appear in compiled gra
 ``GradientBuckets``: dense parameters are data parallel; their gradients are flattened
 into buckets and all-reduced as soon as a bucket's last gradient is accumulated, so the
 reduction of late layers overlaps the backward of early ones (what DDP does), and
-``wait()`` writes the sums back before the optimizer step.
+``wait()`` writes the sums back before the optimizer step. Limits: one backward per
+``wait()``; under ``torch.compile`` the whole backward is one node, so the hooks fire
+when it ends and the reductions overlap only the rest of the step, not the backward; and
+these all-reduces are issued from hooks, outside the compiled graphs.
 """
 
 from __future__ import annotations
@@ -106,7 +109,13 @@ class GradientBuckets:
                 self._hooks.append(p.register_post_accumulate_grad_hook(self._on_grad))
 
     def _on_grad(self, p: nn.Parameter) -> None:
-        self._ready[self._bucket_of[p]].add(p)
+        index = self._bucket_of[p]
+        if index < self._next or index in self._pending:
+            raise RuntimeError(
+                "GradientBuckets: a second backward reached a bucket already being reduced; "
+                "call wait() after every backward (gradient accumulation is not supported)"
+            )
+        self._ready[index].add(p)
         while self._next < len(self.buckets) and len(self._ready[self._next]) == len(self.buckets[self._next]):
             self._launch(self._next)
             self._next += 1

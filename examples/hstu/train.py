@@ -68,11 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def init_distributed() -> tuple[int, int, torch.device]:
     """torchrun's environment when present; else one process."""
     cuda = torch.cuda.is_available()
+    # NCCL for the model's CUDA tensors, gloo for the small host-side counters
+    backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
     if "RANK" in os.environ:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group(backend)
     else:
         store = tempfile.mktemp(prefix="hstu_store_")
-        dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -161,6 +163,9 @@ def train(args: argparse.Namespace) -> dict:
             graphs_after_first = counters["stats"]["unique_graphs"]
         if rank == 0 and not args.quiet:
             progress.update(step + 1, f"loss {losses[-1]:.4f} step {step_ms[-1]:.0f} ms")
+    # every rank compiles for itself: report the worst
+    recompiles = torch.tensor([counters["stats"]["unique_graphs"] - graphs_after_first])
+    dist.all_reduce(recompiles, op=dist.ReduceOp.MAX)
     summary = {
         "backend": args.backend,
         "world_size": world,
@@ -169,7 +174,7 @@ def train(args: argparse.Namespace) -> dict:
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "median_step_ms": statistics.median(step_ms[1:] or step_ms) if step_ms else None,
-        "recompiles": counters["stats"]["unique_graphs"] - graphs_after_first,
+        "recompiles": int(recompiles.item()),
         "graphs": counters["stats"]["unique_graphs"],
     }
     if args.eval:

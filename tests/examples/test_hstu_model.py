@@ -60,26 +60,35 @@ def _sharded_vs_single(rank: int, world: int, steps: int):
 
     cfg = config()
     sharded = HSTU(cfg)
-    buckets = GradientBuckets(sharded.dense_parameters())
-    opt = torch.optim.Adam(sharded.parameters(), lr=1e-2)
+    # tiny buckets: several buckets, launched in order while gradients arrive
+    buckets = GradientBuckets(sharded.dense_parameters(), bucket_mb=0.002)
+    assert len(buckets.buckets) > 2
+    # SGD, not Adam: Adam's update is blind to a constant factor on the gradients
+    opt = torch.optim.SGD(sharded.parameters(), lr=0.5)
     reference = HSTU(dataclasses.replace(cfg, sharded=False))
-    ref_opt = torch.optim.Adam(reference.parameters(), lr=1e-2)
-    worst_loss = 0.0
+    ref_opt = torch.optim.SGD(reference.parameters(), lr=0.5)
+    ref_params = dict(reference.named_parameters())
+    worst_loss = worst_grad = 0.0
     for step in range(steps):
         (tensors, negatives), everyone, count = step_inputs(step, rank, world, cfg)
         loss = sharded(*tensors, negatives, scale_tensor(count))
         loss.backward()
         buckets.wait()
-        opt.step()
-        opt.zero_grad()
         total = loss.detach().clone()
         dist.all_reduce(total)
         ref_total = sum(reference(*t, n, scale_tensor(count)) for t, n in everyone)
         ref_total.backward()
+        for name, p in sharded.named_parameters():
+            ref_grad = ref_params[name].grad
+            if name == "item.weight":
+                start = rank * sharded.item.rows_per_rank
+                ref_grad = ref_grad[start : start + p.shape[0]]
+            worst_grad = max(worst_grad, (p.grad[: ref_grad.shape[0]] - ref_grad).abs().max().item())
+        opt.step()
+        opt.zero_grad()
         ref_opt.step()
         ref_opt.zero_grad()
         worst_loss = max(worst_loss, abs(total.item() - ref_total.item()))
-    ref_params = dict(reference.named_parameters())
     worst_param = 0.0
     for name, p in sharded.named_parameters():
         ref = ref_params[name]
@@ -88,17 +97,18 @@ def _sharded_vs_single(rank: int, world: int, steps: int):
             ref = ref[start : start + p.shape[0]]
             p = p[: ref.shape[0]]
         worst_param = max(worst_param, (p - ref).abs().max().item())
-    return worst_loss, worst_param
+    return worst_loss, worst_grad, worst_param
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_sharded_training_equals_single_process_training_on_the_global_batch(world):
-    for worst_loss, worst_param in run_ranks(_sharded_vs_single, world, 3):
+    for worst_loss, worst_grad, worst_param in run_ranks(_sharded_vs_single, world, 3):
         assert worst_loss <= 1e-5
+        assert worst_grad <= 1e-5
         assert worst_param <= 1e-5
 
 
-def _compiled_vs_eager(rank: int, world: int, steps: int, inner: str):
+def _compiled_vs_eager(rank: int, world: int, steps: int, backend: str, inner: str | None):
     import torch.distributed as dist
 
     import fsc
@@ -108,7 +118,9 @@ def _compiled_vs_eager(rank: int, world: int, steps: int, inner: str):
     eager = HSTU(cfg)
     model = HSTU(cfg)
     model.load_state_dict(eager.state_dict())
-    compiled = torch.compile(model, backend="freescale", options={"inner": inner}, fullgraph=True)
+    options = {"inner": inner} if backend == "freescale" else None
+    compiled = torch.compile(model, backend=backend, options=options, fullgraph=True)
+    opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, eager)]
     worst_loss = worst_grad = 0.0
     for step in range(steps):
         (tensors, negatives), _, count = step_inputs(step, rank, world, cfg)
@@ -122,19 +134,29 @@ def _compiled_vs_eager(rank: int, world: int, steps: int, inner: str):
         worst_loss = max(worst_loss, abs(got.item() - ref.item()))
         for p, q in zip(model.parameters(), eager.parameters()):
             worst_grad = max(worst_grad, (p.grad - q.grad).abs().max().item())
-            p.grad = q.grad = None
-    summary = fsc.last_compile().summary()
+        for opt in opts:  # training: the next step runs on updated parameters
+            opt.step()
+            opt.zero_grad()
     dist.barrier()
+    if backend != "freescale":
+        return worst_loss, worst_grad, {}, {}
+    summary = fsc.last_compile().summary()
     return worst_loss, worst_grad, {k: v["fallback"] for k, v in summary.items()}, summary["forward"]["passes"]
 
 
 @pytest.mark.parametrize("world", [2, 4])
 def test_freescale_compiled_training_equals_eager(world):
-    for worst_loss, worst_grad, fallbacks, passes in run_ranks(_compiled_vs_eager, world, 5, "eager"):
+    for worst_loss, worst_grad, fallbacks, passes in run_ranks(_compiled_vs_eager, world, 5, "freescale", "eager"):
         assert worst_loss <= 1e-5
         assert worst_grad <= 1e-5
         assert all(f is None for f in fallbacks.values()), fallbacks
         assert passes["overlap-schedule"]["stats"]["collectives"] >= 3
+
+
+def test_model_compiles_fullgraph_under_inductor_and_matches_eager():
+    for worst_loss, worst_grad, _, _ in run_ranks(_compiled_vs_eager, 2, 2, "inductor", None):
+        assert worst_loss <= 1e-4
+        assert worst_grad <= 1e-4
 
 
 def _recompiles(rank: int, world: int, steps: int) -> tuple[int, int]:
@@ -173,6 +195,35 @@ def test_rank_metrics_match_brute_force():
         rank = ranking.index(int(targets[u]))
         assert hit[u].item() == float(rank < 10)
         assert ndcg[u].item() == pytest.approx(1 / np.log2(rank + 2) if rank < 10 else 0.0)
+
+
+def test_rank_metrics_count_ties_and_nan_against_the_target():
+    tied = torch.zeros(2, 20)
+    hit, ndcg = rank_metrics(tied, torch.tensor([3, 4]), k=10)
+    assert hit.tolist() == [0.0, 0.0] and ndcg.tolist() == [0.0, 0.0]
+    nan = torch.full((1, 20), float("nan"))
+    assert rank_metrics(nan, torch.tensor([5]))[0].tolist() == [0.0]
+
+
+def _accumulate_twice(rank: int, world: int) -> str:
+    from hstu.sharded import GradientBuckets
+
+    layer = torch.nn.Linear(4, 4)
+    buckets = GradientBuckets(list(layer.parameters()))
+    layer(torch.ones(1, 4)).sum().backward()
+    try:
+        layer(torch.ones(1, 4)).sum().backward()
+    except RuntimeError as exc:
+        message = str(exc)
+    else:
+        message = ""
+    buckets.wait()
+    return message
+
+
+def test_gradient_buckets_refuse_a_second_backward_before_wait():
+    for message in run_ranks(_accumulate_twice, 2):
+        assert "call wait() after every backward" in message
 
 
 def test_collate_builds_next_item_targets_and_positions():
