@@ -23,8 +23,9 @@ def main(argv: list[str] | None = None) -> int:
         from fsc.passes import REGISTRY
 
         for name, cls in REGISTRY.items():
-            doc = (cls.__module__ and sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
-            print(f"{name}: {doc[0] if doc else ''}")
+            doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()
+            summary = doc[0].removeprefix(f"``{name}``:").strip() if doc else ""
+            print(f"{name}: {summary}")
             for f in dataclasses.fields(cls):
                 print(f"    {f.name}: {f.type} = {f.default!r}")
         return 0

@@ -6,7 +6,8 @@ mutated (tests that need an extra pass hand instances to ``options={"passes": [.
 
 from fsc.pass_manager import PassRegistry
 from fsc.passes.overlap_schedule import OverlapSchedule
+from fsc.passes.prioritize_collectives import PrioritizeCollectives
 
-REGISTRY = PassRegistry([OverlapSchedule])
+REGISTRY = PassRegistry([PrioritizeCollectives, OverlapSchedule])
 
-__all__ = ["REGISTRY", "OverlapSchedule"]
+__all__ = ["REGISTRY", "OverlapSchedule", "PrioritizeCollectives"]

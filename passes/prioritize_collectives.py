@@ -1,0 +1,111 @@
+"""``prioritize-collectives``: on each process group, issue the collective whose result
+is needed soonest first.
+
+**Matches** process groups with two or more functional collectives.
+
+**Changes** the issue order of collectives within a group. Each collective's urgency is
+the latest start time of its wait on the graph's critical path (an ALAP schedule of the
+schedule graph with analytical costs): the smaller, the sooner its result is needed.
+Collectives on one group complete in issue order (per-group FIFO), so a more urgent
+collective is moved, with the views and size arithmetic it reads through, to just before
+a less urgent one issued earlier, whenever its inputs are ready there. Ties keep program
+order.
+
+**Safe because** a collective only moves to a place where everything it reads is already
+computed, and the values a collective moves do not depend on when it is issued. The new
+order is a function of graph structure, shapes and rank-invariant costs only (symbolic
+sizes at one fixed value), so every rank chooses the same order; the pass manager checks
+that by running the pass twice.
+
+**Limits.** It does not move compute to make a collective's inputs ready sooner
+(``overlap-schedule`` does), and does not reorder collectives that depend on each other
+(e.g. the steps of an embedding exchange).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch.fx as fx
+
+from fsc.analysis.collectives import find_collectives, is_collective, is_wait, opaque_collectives
+from fsc.analysis.cost_model import CostModel, invariant_seconds
+from fsc.analysis.graph import positions
+from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.passes.overlap_schedule import view_inputs
+from fsc.rewriter import GraphRewriter
+
+
+def latest_starts(graph: fx.Graph, cost_model: CostModel) -> dict[fx.Node, float]:
+    """ALAP latest start time of every node, relative to the end of the graph (<= 0)."""
+    latest: dict[fx.Node, float] = {}
+    for node in reversed(graph.nodes):
+        end = min((latest[user] for user in node.users), default=0.0)
+        duration = 0.0 if is_wait(node) or node.op in ("placeholder", "output") else invariant_seconds(
+            cost_model.node_cost(node)
+        )
+        latest[node] = end - duration
+    return latest
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PrioritizeCollectives(Pass):
+    name = "prioritize-collectives"
+    reorders_collectives = True
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        collectives = find_collectives(graph)
+        if not collectives:
+            return PassResult(modified=False, reasons=("no collectives in the graph",))
+        opaque = opaque_collectives(graph)
+        if opaque:
+            return PassResult(
+                modified=False,
+                reasons=(f"not prioritized: communication op {opaque[0].target} is not a functional collective "
+                         "fsc understands",),
+            )
+        groups: dict[str, list[fx.Node]] = {}
+        for coll in collectives:
+            groups.setdefault(coll.group_name, []).append(coll.node)
+        if all(len(nodes) < 2 for nodes in groups.values()):
+            return PassResult(modified=False, reasons=("no process group has two collectives to order",))
+        latest = latest_starts(graph, ctx.cost_model)
+        urgency = {
+            c.node: min((latest[w] for w in c.waits), default=0.0) for c in collectives
+        }
+        rewriter = GraphRewriter(graph)
+        reordered = 0
+        for nodes in groups.values():
+            reordered += self._order_group(rewriter, nodes, urgency)
+        return PassResult(
+            modified=rewriter.modified,
+            stats={**rewriter.stats(), "collectives": len(collectives), "reordered": reordered},
+        )
+
+    @staticmethod
+    def _order_group(rewriter: GraphRewriter, nodes: list[fx.Node], urgency: dict[fx.Node, float]) -> int:
+        """Move urgent collectives ahead of less urgent earlier ones, one step at a time,
+        until no move is possible (each move strictly improves the order, so it ends)."""
+        moved = 0
+        changed = True
+        while changed:
+            changed = False
+            order = positions(rewriter.graph)
+            sequence = sorted(nodes, key=order.__getitem__)
+            for earlier, later in zip(sequence, sequence[1:]):
+                if round(urgency[later], 12) >= round(urgency[earlier], 12):
+                    continue
+                chain = view_inputs(later)
+                members = set(chain)
+                inputs = [src for n in chain for src in n.all_input_nodes if src not in members]
+                if any(order[src] >= order[earlier] for src in inputs):
+                    continue  # not ready there (it may depend on ``earlier``'s result)
+                if any(is_collective(n) for n in chain[:-1]):
+                    continue
+                anchor = earlier.prev
+                rewriter.move_chain_after(chain, anchor)
+                moved += 1
+                changed = True
+                break
+        return moved
