@@ -36,27 +36,17 @@ import dataclasses
 import torch
 import torch.fx as fx
 
-from fsc.analysis.collectives import WAIT_TENSOR, find_collectives, opaque_collectives
+from fsc.analysis.collectives import WAIT_TENSOR, find_collectives
 from fsc.analysis.cost_model import is_view
 from fsc.analysis.graph import positions
 from fsc.analysis.list_schedule import list_schedule
+from fsc.analysis.safety import reorder_blocker
 from fsc.analysis.symbolic import invariant_value
 from fsc.analysis.timeline import estimate_timeline, peak_memory
 from fsc.config import check_memory_budget
 from fsc.graph_utils import clone_graph_module
 from fsc.pass_manager import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
-
-
-def mutating_nodes(graph: fx.Graph) -> list[fx.Node]:
-    """Call nodes whose schema writes one of its arguments."""
-    out = []
-    for node in graph.nodes:
-        target = node.target
-        if node.op == "call_function" and isinstance(target, torch._ops.OpOverload):
-            if any(a.alias_info is not None and a.alias_info.is_write for a in target._schema.arguments):
-                out.append(node)
-    return out
 
 
 _SIZE_OPS = {
@@ -140,23 +130,10 @@ class OverlapSchedule(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
+        blocker = reorder_blocker(graph, "not scheduled")
+        if blocker is not None:
+            return PassResult(modified=False, reasons=(blocker,))
         collectives = find_collectives(graph)
-        if not collectives:
-            return PassResult(modified=False, reasons=("no collectives in the graph",))
-        opaque = opaque_collectives(graph)
-        if opaque:
-            return PassResult(
-                modified=False,
-                reasons=(f"not scheduled: communication op {opaque[0].target} is not a functional collective "
-                         "fsc understands; use torch.distributed._functional_collectives",),
-            )
-        mutations = mutating_nodes(graph)
-        if mutations:
-            return PassResult(
-                modified=False,
-                reasons=(f"not scheduled: in-place op {mutations[0].target} ({mutations[0].name}) may alias "
-                         "what a collective reads or writes",),
-            )
         budget = ctx.memory_budget_bytes if self.memory_budget_gb is None else self.memory_budget_gb * 2**30
         baseline_peak = peak_memory(graph, invariant_value)
         exposed_before = estimate_timeline(graph, ctx.cost_model).exposed_communication

@@ -17,7 +17,8 @@ order is a function of graph structure, shapes and rank-invariant costs only (sy
 sizes at one fixed value), so every rank chooses the same order; the pass manager checks
 that by running the pass twice.
 
-**Limits.** It does not move compute to make a collective's inputs ready sooner
+**Limits.** Graphs with in-place ops or collectives fsc does not understand are left
+alone, with the reason. It does not move compute to make a collective's inputs ready sooner
 (``overlap-schedule`` does), and does not reorder collectives that depend on each other
 (e.g. the steps of an embedding exchange).
 """
@@ -28,9 +29,10 @@ import dataclasses
 
 import torch.fx as fx
 
-from fsc.analysis.collectives import find_collectives, is_collective, is_wait, opaque_collectives
+from fsc.analysis.collectives import find_collectives, is_collective, is_wait
 from fsc.analysis.cost_model import CostModel, invariant_seconds
 from fsc.analysis.graph import positions
+from fsc.analysis.safety import reorder_blocker
 from fsc.pass_manager import Pass, PassContext, PassResult
 from fsc.passes.overlap_schedule import view_inputs
 from fsc.rewriter import GraphRewriter
@@ -55,16 +57,10 @@ class PrioritizeCollectives(Pass):
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
+        blocker = reorder_blocker(graph, "not prioritized")
+        if blocker is not None:
+            return PassResult(modified=False, reasons=(blocker,))
         collectives = find_collectives(graph)
-        if not collectives:
-            return PassResult(modified=False, reasons=("no collectives in the graph",))
-        opaque = opaque_collectives(graph)
-        if opaque:
-            return PassResult(
-                modified=False,
-                reasons=(f"not prioritized: communication op {opaque[0].target} is not a functional collective "
-                         "fsc understands",),
-            )
         groups: dict[str, list[fx.Node]] = {}
         for coll in collectives:
             groups.setdefault(coll.group_name, []).append(coll.node)

@@ -92,3 +92,20 @@ def test_prioritize_collectives_declines_graph_without_collectives():
     gm = trace(lambda a: a.relu(), (4, 4))
     result = PrioritizeCollectives().run(gm, ctx())
     assert result.modified is False and result.reasons == ("no collectives in the graph",)
+
+
+def test_prioritize_collectives_declines_in_place_ops_with_reason():
+    def mutating(x, y, w):
+        a, b = torch.relu(x), torch.relu(y)
+        late = exchange(a)
+        b.add_(1)  # moving the urgent exchange above this would send the old values
+        urgent = exchange(b)
+        h = urgent @ w
+        for _ in range(4):
+            h = h @ w
+        return h.sum() + late.sum()
+
+    gm = trace(mutating, (64, 64), (64, 64), (64, 64))
+    result = PrioritizeCollectives().run(gm, ctx())
+    assert result.modified is False
+    assert result.reasons[0].startswith("not prioritized: in-place op aten.add_.Tensor")
