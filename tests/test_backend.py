@@ -387,3 +387,20 @@ def test_user_pass_source_is_part_of_the_cache_key():
     assert InductorPass(config, SubgraphRecord(index=0, config=None, dynamo_graph="")).uuid() is None
     assert _pass_identity(SwapAddForSub()) != _pass_identity(Crash())
     assert _pass_identity(SwapAddForSub()) == _pass_identity(SwapAddForSub())
+
+
+def test_last_compile_before_any_compile_says_so():
+    code = "import fsc\ntry:\n    fsc.last_compile()\nexcept LookupError as e:\n    print(e)\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "the freescale backend has compiled nothing in this process yet"
+
+
+def test_record_lookup_of_a_missing_graph_lists_what_exists():
+    record = fsc.explain(MLP(), torch.randn(2, 16), inner="eager")
+    with pytest.raises(KeyError, match=r"no 'inference' graph in this record; it has \['backward', 'forward'\]"):
+        record.graph("inference")
+
+
+def test_explain_raises_clearly_when_dynamo_never_calls_the_backend():
+    with torch._dynamo.config.patch(disable=True), pytest.raises(RuntimeError, match="explain compiled nothing"):
+        fsc.explain(lambda x: x * 2, torch.randn(3))
