@@ -236,3 +236,37 @@ def test_collate_builds_next_item_targets_and_positions():
     assert batch.offsets.tolist() == [0, 2, 3]
     truncated = collate([np.arange(1, 21)], [np.zeros(20, dtype=np.int64)], [np.arange(20)], max_len=4)
     assert truncated.items.tolist() == [16, 17, 18, 19] and truncated.targets.tolist() == [17, 18, 19, 20]
+
+
+def test_train_script_under_torchrun_writes_the_summary(tmp_path):
+    import json
+    import subprocess
+
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(pathlib.Path(EXAMPLES) / "hstu" / "train.py"), "--backend", "eager", "--steps", "3",
+        "--batch-size", "8", "--seed", "1", "--synthetic-users", "40", "--synthetic-items", "300",
+        "--dim", "16", "--max-len", "12", "--negatives", "8", "--eval", "--quiet", "--out", str(out),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["backend"] == "eager" and summary["world_size"] == 2
+    assert len(summary["losses"]) == 3 and summary["final_loss"] == summary["losses"][-1]
+    assert summary["median_step_ms"] > 0 and summary["recompiles"] == 0
+    assert 0.0 <= summary["hr@10"] <= 1.0 and 0.0 <= summary["ndcg@10"] <= summary["hr@10"]
+    assert summary["eval_users"] == 40
+
+
+def test_train_script_rejects_a_batch_that_does_not_split_over_ranks(tmp_path):
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        str(pathlib.Path(EXAMPLES) / "hstu" / "train.py"), "--backend", "eager", "--steps", "1",
+        "--batch-size", "7", "--synthetic-users", "20", "--synthetic-items", "50", "--quiet",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    assert "--batch-size 7 must be divisible by the world size 2" in done.stderr + done.stdout
