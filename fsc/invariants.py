@@ -12,6 +12,7 @@ reaches the same verdict).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import TYPE_CHECKING
 
@@ -43,8 +44,29 @@ def check_topological(graph: fx.Graph) -> None:
         seen.add(node)
 
 
-def check_waits(before: fx.Graph, after: fx.Graph) -> None:
-    waited_before = {c.identity for c in find_collectives(before) if c.waits}
+@dataclasses.dataclass(frozen=True, slots=True)
+class Snapshot:
+    """What the checks need from a graph before a pass: its per-group collective order,
+    the collectives that had waits, its rank-invariant peak memory (only under a budget),
+    and a copy of the graph only when something must run it again (a determinism re-run of
+    a reordering pass, or verification)."""
+
+    order: dict[str, list[str]]
+    waited: frozenset[str]
+    peak: float | None
+    gm: fx.GraphModule | None
+
+
+def snapshot(gm: fx.GraphModule, ctx: PassContext, *, keep_graph: bool) -> Snapshot:
+    return Snapshot(
+        order=group_order(gm.graph),
+        waited=frozenset(c.identity for c in find_collectives(gm.graph) if c.waits),
+        peak=None if ctx.memory_budget_bytes is None else peak_memory(gm.graph, invariant_value),
+        gm=clone_graph_module(gm) if keep_graph else None,
+    )
+
+
+def check_waits(waited_before: frozenset[str], after: fx.Graph) -> None:
     for coll in find_collectives(after):
         if coll.identity in waited_before and not coll.waits:
             raise ValueError(f"collective {coll.node.name} lost its wait_tensor")
@@ -53,14 +75,14 @@ def check_waits(before: fx.Graph, after: fx.Graph) -> None:
             raise ValueError(f"wait {node.name} waits on a non-node argument {node.args[0]!r}")
 
 
-def check(before: fx.GraphModule, after: fx.GraphModule, p: Pass, ctx: PassContext) -> None:
+def check(before: Snapshot, after: fx.GraphModule, p: Pass, ctx: PassContext) -> None:
     """Raise :class:`InvariantError` naming ``p`` if ``after`` breaks an invariant."""
     try:
         check_topological(after.graph)
-        check_waits(before.graph, after.graph)
+        check_waits(before.waited, after.graph)
     except ValueError as exc:
         raise InvariantError(p.name, str(exc)) from exc
-    old, new = group_order(before.graph), group_order(after.graph)
+    old, new = before.order, group_order(after.graph)
     if not p.rewrites_collectives:
         old_ids = set(itertools.chain.from_iterable(old.values()))
         new_ids = set(itertools.chain.from_iterable(new.values()))
@@ -82,7 +104,9 @@ def check(before: fx.GraphModule, after: fx.GraphModule, p: Pass, ctx: PassConte
                 f"changed the issue order of collectives on group {group!r} from {old_seq} to {new_seq} "
                 "without declaring reorders_collectives",
             )
-        again = clone_graph_module(before)
+        if before.gm is None:
+            raise InvariantError(p.name, "reordered collectives but no copy of the graph was kept to re-run it")
+        again = clone_graph_module(before.gm)
         p.run(again, ctx)
         if group_order(again.graph) != new:
             raise InvariantError(
@@ -91,12 +115,11 @@ def check(before: fx.GraphModule, after: fx.GraphModule, p: Pass, ctx: PassConte
                 "(a second run chose differently), so ranks could disagree and deadlock",
             )
     budget = ctx.memory_budget_bytes
-    if budget is not None:
-        peak_before = peak_memory(before.graph, invariant_value)
+    if budget is not None and before.peak is not None:
         peak_after = peak_memory(after.graph, invariant_value)
-        if peak_after > max(peak_before, budget):
+        if peak_after > max(before.peak, budget):
             raise InvariantError(
                 p.name,
-                f"raised estimated peak memory from {peak_before / 2**30:.3f} GB to "
+                f"raised estimated peak memory from {before.peak / 2**30:.3f} GB to "
                 f"{peak_after / 2**30:.3f} GB, above the budget of {budget / 2**30:.3f} GB",
             )

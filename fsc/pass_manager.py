@@ -17,7 +17,7 @@ import torch.fx as fx
 
 from fsc.analysis.cost_model import CostModel
 from fsc.errors import FscError, PassFailedError, PipelineError
-from fsc.graph_utils import clone_graph_module, readable
+from fsc.graph_utils import readable
 
 log = logging.getLogger(__name__)
 
@@ -244,7 +244,9 @@ class PassManager:
         for p in self.passes:
             record = PassRecord(name=p.name, spec=p.spec())
             records.append(record)
-            before = clone_graph_module(gm)
+            # A copy only when something will run the old graph again: cloning is the
+            # manager's main cost on large graphs.
+            before = invariants.snapshot(gm, ctx, keep_graph=self.verifier is not None or p.reorders_collectives)
             start = time.perf_counter()
             try:
                 result = p.run(gm, ctx)
@@ -275,6 +277,6 @@ class PassManager:
             if result.modified:
                 gm.recompile()
                 record.graph_after = readable(gm)
-                if self.verifier is not None:
-                    self.verifier(before, gm, p.name, p.tolerance)
+                if self.verifier is not None and before.gm is not None:
+                    self.verifier(before.gm, gm, p.name, p.tolerance)
         return records
