@@ -243,6 +243,7 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> CompileRecord:
     an earlier compile); Dynamo's recompile limit still applies per model.
     """
     from fsc.backend import freescale
+    from fsc.verify import rng_devices
 
     def backend(gm: Any, inputs: Any, **kwargs: Any) -> Any:  # a new identity per call
         return freescale(gm, inputs, **kwargs)
@@ -252,9 +253,8 @@ def explain(model: Any, *example_inputs: Any, **options: Any) -> CompileRecord:
     leaves += [x for x in tree_flatten(example_inputs)[0] if isinstance(x, torch.Tensor) and x.requires_grad]
     saved_grads = [t.grad for t in leaves]
     saved_buffers = [(b, b.detach().clone()) for b in module.buffers()] if module is not None else []
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_available() and torch.cuda.is_initialized() else []
     compiled = torch.compile(model, backend=backend, options=options or None)
-    with STORE.collect() as record, torch.random.fork_rng(devices=devices):
+    with STORE.collect() as record, torch.random.fork_rng(devices=rng_devices()):
         try:
             out = compiled(*example_inputs)
             flat, _ = tree_flatten(out)

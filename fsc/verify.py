@@ -62,7 +62,8 @@ def example_inputs(gm: fx.GraphModule) -> list[Any]:
     return inputs
 
 
-def _rng_devices() -> list[int]:
+def rng_devices() -> list[int]:
+    """CUDA devices whose random state must be saved with the CPU's (none before CUDA is used)."""
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         return list(range(torch.cuda.device_count()))
     return []
@@ -72,7 +73,7 @@ def _run(gm: fx.GraphModule, inputs: list[Any]) -> list[Any]:
     """Outputs of ``gm`` on copies of ``inputs``, then those copies (a graph may write
     into its inputs, and those writes are results too)."""
     cloned = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
-    with torch.random.fork_rng(devices=_rng_devices()), torch.no_grad():
+    with torch.random.fork_rng(devices=rng_devices()), torch.no_grad():
         torch.manual_seed(1234)
         out = gm(*cloned)
     flat, _ = tree_flatten(out)
