@@ -55,3 +55,20 @@ def test_readme_section_is_replaced_between_markers(tmp_path):
     assert readme.read_text() == "head\n<!-- bench:x -->\n| new |\n<!-- /bench:x -->\ntail\n"
     with pytest.raises(ValueError, match="no <!-- bench:y -->"):
         replace_section(readme, "y", "z")
+
+
+def test_schedule_bench_rows_and_freescale_never_worse_than_program_order(tmp_path):
+    import json
+
+    out = tmp_path / "schedule.json"
+    done = run("-m", "fsc.bench", "schedule", "--profile", "h100", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(out.read_text())
+    assert {r["scheduler"] for r in rows} == {"none", "freescale-moves", "freescale"}
+    by = {(r["graph"], r["scheduler"]): r for r in rows}
+    for graph in {r["graph"] for r in rows}:
+        assert by[graph, "freescale"]["makespan_ms"] <= by[graph, "none"]["makespan_ms"]
+        assert by[graph, "freescale"]["exposed_comm_ms"] <= by[graph, "none"]["exposed_comm_ms"]
+    # dense first: only moving the producer earlier (the list schedule) hides the exchange
+    assert by["dense-first", "freescale-moves"]["exposed_comm_ms"] > 0
+    assert by["dense-first", "freescale"]["exposed_comm_ms"] < by["dense-first", "freescale-moves"]["exposed_comm_ms"]

@@ -13,11 +13,12 @@ class Benchmark:
 
 
 def _benchmarks() -> dict[str, Benchmark]:
-    from fsc.bench import compile_overhead, cpu_profile
+    from fsc.bench import compile_overhead, cpu_profile, schedule
 
     return {
         "compile-overhead": Benchmark("compile-overhead", "compile time of freescale vs inductor", compile_overhead.run),
         "cpu-profile": Benchmark("cpu-profile", "measure the cpu device profile's numbers", cpu_profile.run),
+        "schedule": Benchmark("schedule", "graph zoo: estimated exposed comm and makespan per scheduler", schedule.run),
     }
 
 
