@@ -33,7 +33,7 @@ from fsc.analysis.timeline import estimate_timeline
 from fsc.config import Config
 from fsc.errors import OptionError, PassFailedError, VerificationError
 from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
-from fsc.inspect import CACHE_NOTE, STORE, GraphRecord, SubgraphRecord
+from fsc.inspect import CACHE_NOTE, STORE, CompileRecord, GraphRecord, SubgraphRecord
 from fsc.pass_manager import PassContext, PassManager
 from fsc.verify import Verifier
 
@@ -113,8 +113,6 @@ def _estimate(gm: fx.GraphModule, cost_model: CostModel, graph_record: GraphReco
 
 
 def _dump(dump_dir: str, record: SubgraphRecord, kind: str) -> None:
-    from fsc.inspect import CompileRecord
-
     root = pathlib.Path(dump_dir) / f"subgraph_{record.serial:03d}"
     CompileRecord(subgraphs=[record]).dump(root)
     log.info("freescale: wrote the %s graph record to %s", kind, root)

@@ -94,13 +94,20 @@ class SubgraphRecord:
     """True when Inductor served this subgraph from its cache and the graphs were read
     back from ``cache_path`` (re-read on access: the writer may add its backward later)."""
 
+    cache_mtime: float | None = None
+    """Modification time of ``cache_path`` when last read: unchanged files are not re-read."""
+
     def refresh(self) -> None:
         if not self.from_cache or self.cache_path is None:
             return
         try:
+            mtime = self.cache_path.stat().st_mtime
+            if mtime == self.cache_mtime:
+                return
             graphs = pickle.loads(self.cache_path.read_bytes())
         except Exception:  # the record is a convenience; a missing file leaves what we had
             return
+        self.cache_mtime = mtime
         for key, graph_record in graphs.items():
             if key not in self.graphs:
                 graph_record.notes.append(CACHE_NOTE)

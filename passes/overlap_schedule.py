@@ -33,12 +33,11 @@ from __future__ import annotations
 
 import dataclasses
 
-import torch
 import torch.fx as fx
 
-from fsc.analysis.collectives import WAIT_TENSOR, find_collectives
+from fsc.analysis.collectives import find_collectives
 from fsc.analysis.cost_model import is_view
-from fsc.analysis.graph import positions
+from fsc.analysis.graph import free_input_chain, positions
 from fsc.analysis.list_schedule import list_schedule
 from fsc.analysis.safety import reorder_blocker
 from fsc.analysis.symbolic import invariant_value
@@ -47,42 +46,6 @@ from fsc.config import check_memory_budget
 from fsc.graph_utils import clone_graph_module
 from fsc.pass_manager import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
-
-
-_SIZE_OPS = {
-    torch.ops.aten.sym_size.int,
-    torch.ops.aten.sym_numel.default,
-    torch.ops.aten.sym_stride.int,
-    torch.ops.aten.sym_storage_offset.default,
-}
-
-
-def is_free(node: fx.Node) -> bool:
-    """Views, and arithmetic on sizes (``x.shape[0] // 2`` feeding split sizes): nodes
-    that launch no work, so moving them costs nothing."""
-    if node.op != "call_function":
-        return False
-    if is_view(node) or node.target in _SIZE_OPS:
-        return True
-    return getattr(node.target, "__module__", None) == "_operator" and isinstance(
-        node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
-    )
-
-
-def view_inputs(node: fx.Node) -> list[fx.Node]:
-    """``node`` preceded by the free nodes (views, size arithmetic) it reads through,
-    transitively, in program order. Only nodes used by nothing but this chain are taken,
-    so moving them up moves nothing else."""
-    order = positions(node.graph)
-    chain = {node}
-    frontier = [node]
-    while frontier:
-        current = frontier.pop()
-        for src in current.all_input_nodes:
-            if is_free(src) and src not in chain and set(src.users) <= chain:
-                chain.add(src)
-                frontier.append(src)
-    return sorted(chain, key=order.__getitem__)
 
 
 def sink_wait(rewriter: GraphRewriter, wait: fx.Node) -> bool:
@@ -94,7 +57,7 @@ def sink_wait(rewriter: GraphRewriter, wait: fx.Node) -> bool:
     while frontier:
         node = frontier.pop()
         for user in node.users:
-            if user not in group and user.op == "call_function" and is_view(user) and user.target is not WAIT_TENSOR:
+            if user not in group and user.op == "call_function" and is_view(user):
                 group.append(user)
                 frontier.append(user)
     members = set(group)
@@ -186,7 +149,7 @@ class OverlapSchedule(Pass):
                 node = coll.node
                 order = positions(graph)
                 # Views and size arithmetic feeding the collective cost nothing: they move with it.
-                chain = view_inputs(node)
+                chain = free_input_chain(node)
                 members = set(chain)
                 anchors = [*last_placeholder, *(src for n in chain for src in n.all_input_nodes if src not in members)]
                 prev = previous_in_group.get(coll.group_name)

@@ -31,10 +31,9 @@ import torch.fx as fx
 
 from fsc.analysis.collectives import find_collectives, is_collective, is_wait
 from fsc.analysis.cost_model import CostModel, invariant_seconds
-from fsc.analysis.graph import positions
+from fsc.analysis.graph import free_input_chain, positions
 from fsc.analysis.safety import reorder_blocker
 from fsc.pass_manager import Pass, PassContext, PassResult
-from fsc.passes.overlap_schedule import view_inputs
 from fsc.rewriter import GraphRewriter
 
 
@@ -92,7 +91,7 @@ class PrioritizeCollectives(Pass):
             for earlier, later in zip(sequence, sequence[1:]):
                 if round(urgency[later], 12) >= round(urgency[earlier], 12):
                     continue
-                chain = view_inputs(later)
+                chain = free_input_chain(later)
                 members = set(chain)
                 inputs = [src for n in chain for src in n.all_input_nodes if src not in members]
                 if any(order[src] >= order[earlier] for src in inputs):

@@ -8,7 +8,6 @@ hint. Nothing here reads a clock or a rank-local fact, so every rank agrees.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import operator
 from typing import Any
 
@@ -233,7 +232,3 @@ class CostModel:
             nbytes=hint(moved) * factor,
         )
 
-
-@functools.cache
-def profile(name: str) -> DeviceProfile:
-    return DEVICE_PROFILES[name]
