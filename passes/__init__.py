@@ -7,7 +7,8 @@ mutated (tests that need an extra pass hand instances to ``options={"passes": [.
 from fsc.pass_manager import PassRegistry
 from fsc.passes.overlap_schedule import OverlapSchedule
 from fsc.passes.prioritize_collectives import PrioritizeCollectives
+from fsc.passes.split_collectives import SplitCollectives
 
-REGISTRY = PassRegistry([PrioritizeCollectives, OverlapSchedule])
+REGISTRY = PassRegistry([PrioritizeCollectives, SplitCollectives, OverlapSchedule])
 
-__all__ = ["REGISTRY", "OverlapSchedule", "PrioritizeCollectives"]
+__all__ = ["REGISTRY", "OverlapSchedule", "PrioritizeCollectives", "SplitCollectives"]
