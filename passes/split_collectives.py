@@ -176,7 +176,7 @@ class SplitCollectives(Pass):
                 and in_splits):
             return "split sizes unknown (no split-size lists in the graph)"
         waits = [u for u in a2a.users if is_wait(u)]
-        if len(waits) != 1 or len(a2a.users) != 1:
+        if len(waits) != 1 or not _only_sizes_besides(a2a, waits[0]):
             return "its result is used other than through one wait_tensor"
         wait = waits[0]
         rows = _val(wait).shape[0] if isinstance(_val(wait), torch.Tensor) and _val(wait).dim() else None
@@ -240,7 +240,8 @@ class SplitCollectives(Pass):
             if not _same_splits(call_arg(node, "input_split_sizes"), out_splits):
                 return None, None
             waits = [u for u in node.users if is_wait(u)]
-            if len(waits) != 1 or len(node.users) != 1 or not isinstance(call_arg(node, "output_split_sizes"), (list, tuple)):
+            if (len(waits) != 1 or not _only_sizes_besides(node, waits[0])
+                    or not isinstance(call_arg(node, "output_split_sizes"), (list, tuple))):
                 return None, None
             return "reverse", waits[0]
         if target is aten.embedding_dense_backward.default:
@@ -296,6 +297,12 @@ class SplitCollectives(Pass):
             return True
         val = _val(arg)
         return isinstance(val, torch.Tensor) and val.dim() >= 1 and _same(val.shape[0], rows) and not statically_known_true(rows == 1)
+
+
+def _only_sizes_besides(collective: fx.Node, wait: fx.Node) -> bool:
+    """The collective's users are its wait and ``sym_size`` reads (AOTAutograd saves the
+    received row count for the backward)."""
+    return all(u is wait or u.target is aten.sym_size.int for u in collective.users)
 
 
 def _broadcast_only(arg: Any, out: torch.Tensor) -> bool:
@@ -374,6 +381,27 @@ class _Splitter:
 
     # -- the rewrite ----------------------------------------------------------------
 
+    def _replace_size_reads(self, a2a: fx.Node, chunks: list[fx.Node]) -> None:
+        """``sym_size(a2a, d)`` readers: dim 0 becomes the sum of the output splits, other
+        dims read chunk 0 (every chunk has the same trailing dims)."""
+        for user in [u for u in a2a.users if u.target is aten.sym_size.int]:
+            dim = user.args[1]
+            if dim % _val(a2a).dim() == 0:
+                sizes = list(call_arg(a2a, "output_split_sizes"))
+                total: Any = sizes[0]
+                for size in sizes[1:]:
+                    total = (self._call(user, operator.add, (total, size))
+                             if isinstance(total, fx.Node) or isinstance(size, fx.Node) else total + size)
+                if isinstance(total, fx.Node):
+                    user.replace_all_uses_with(total)
+                else:  # a static size: put the int where the size was read
+                    for reader in list(user.users):
+                        reader.args, reader.kwargs = fx.node.map_arg(
+                            (reader.args, reader.kwargs), lambda a: total if a is user else a)
+            else:
+                user.replace_all_uses_with(self._call(user, aten.sym_size.int, (chunks[0], dim)))
+            self.rw.erase(user)
+
     def _exchange(self, a2a: fx.Node, inputs: list[fx.Node], anchor: fx.Node) -> list[fx.Node]:
         out_splits = list(call_arg(a2a, "output_split_sizes"))
         in_splits = list(call_arg(a2a, "input_split_sizes"))
@@ -394,6 +422,7 @@ class _Splitter:
         env: list[dict[fx.Node, fx.Node]] = [{} for _ in range(k)]
         inputs = self._cut(call_arg(a2a, "input"), list(call_arg(a2a, "input_split_sizes")), a2a)
         issued = self._exchange(a2a, inputs, a2a)
+        self._replace_size_reads(a2a, issued)
         for c in range(k):
             env[c][wait] = self._call(wait, _C10D.wait_tensor.default, (issued[c],), meta_from=wait)
         side_chunks: dict[fx.Node, list[fx.Node]] = {}
@@ -405,6 +434,7 @@ class _Splitter:
             if node in plan.reverses:
                 back_wait = plan.reverses[node]
                 back = self._exchange(node, [env[c][node.args[0]] for c in range(k)], node)
+                self._replace_size_reads(node, back)
                 waited = [self._call(back_wait, _C10D.wait_tensor.default, (b,), meta_from=back_wait) for b in back]
                 joined = self._join(waited, list(call_arg(node, "output_split_sizes")), back_wait)
                 joined.meta["val"] = back_wait.meta["val"]
