@@ -5,6 +5,8 @@ sequential recommender models.
     fsc.last_compile().summary()
 """
 
+from fsc.analysis.calibration import calibrate
+from fsc.analysis.cost_model import DEVICE_PROFILES, DeviceProfile
 from fsc.backend import freescale
 from fsc.config import Config
 from fsc.errors import FscError, InvariantError, OptionError, PassFailedError, PipelineError, VerificationError
@@ -16,6 +18,8 @@ __version__ = "0.1.0"
 __all__ = [
     "CompileRecord",
     "Config",
+    "DEVICE_PROFILES",
+    "DeviceProfile",
     "FscError",
     "InvariantError",
     "OptionError",
@@ -26,6 +30,7 @@ __all__ = [
     "PassResult",
     "PipelineError",
     "VerificationError",
+    "calibrate",
     "compile_records",
     "explain",
     "freescale",

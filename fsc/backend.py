@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
+from fsc.analysis.cost_model import CostModel
 from fsc.analysis.symbolic import NoHintError
 from fsc.analysis.timeline import estimate_timeline
 from fsc.config import Config
@@ -71,7 +71,7 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     failure always raises: the user asked for it.
     """
     start = time.perf_counter()
-    cost_model = CostModel(DEVICE_PROFILES[config.device_profile])
+    cost_model = CostModel(config.profile)
     budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
     ctx = PassContext(graph_kind=kind, cost_model=cost_model, memory_budget_bytes=budget)
     graph_record = GraphRecord(kind=kind, graph_before=readable(gm))

@@ -26,11 +26,20 @@ class Config:
     pipeline: str
     """The pipeline as a canonical string (what :func:`fsc.pass_manager.format_pipeline` prints)."""
     inner: str = "inductor"
-    device_profile: str = "cpu"
+    device_profile: Any = "cpu"
+    """A profile name, or a :class:`fsc.analysis.cost_model.DeviceProfile` (e.g. from
+    :func:`fsc.calibrate`)."""
     memory_budget_gb: float | None = None
     verify: bool = False
     dump_dir: str | None = None
     on_error: str = "fallback"
+
+    @property
+    def profile(self) -> Any:
+        """The :class:`DeviceProfile` that costs are computed on."""
+        from fsc.analysis.cost_model import DEVICE_PROFILES
+
+        return DEVICE_PROFILES[self.device_profile] if isinstance(self.device_profile, str) else self.device_profile
 
     @staticmethod
     def option_names() -> tuple[str, ...]:
@@ -55,10 +64,13 @@ class Config:
         inner = options.get("inner", "inductor")
         if not isinstance(inner, str) or inner not in INNER_COMPILERS:
             raise OptionError(f"option 'inner'={inner!r} is not one of {', '.join(INNER_COMPILERS)}")
+        from fsc.analysis.cost_model import DeviceProfile
+
         profile = options.get("device_profile", "cpu")
-        if not isinstance(profile, str) or profile not in DEVICE_PROFILES:
+        if not isinstance(profile, DeviceProfile) and (not isinstance(profile, str) or profile not in DEVICE_PROFILES):
             raise OptionError(
-                f"option 'device_profile'={profile!r} is not one of {', '.join(DEVICE_PROFILES)}"
+                f"option 'device_profile'={profile!r} is not one of {', '.join(DEVICE_PROFILES)} "
+                "or a DeviceProfile (see fsc.calibrate)"
             )
         budget = check_memory_budget("option 'memory_budget_gb'", options.get("memory_budget_gb"))
         verify = options.get("verify", False)

@@ -52,7 +52,7 @@ def test_entry_point_works_in_a_process_that_never_imported_fsc():
         ({"bogus": 1}, "unknown freescale option 'bogus'; valid options: passes, inner"),
         ({"inner": "tvm"}, "option 'inner'='tvm' is not one of inductor, eager"),
         ({"device_profile": "a100"}, "option 'device_profile'='a100' is not one of cpu, h100, h200"),
-        ({"passes": "overlap-schedule,nope"}, "unknown pass 'nope'; registered passes: prioritize-collectives, overlap-schedule"),
+        ({"passes": "overlap-schedule,nope"}, "unknown pass 'nope'; registered passes: prioritize-collectives, split-collectives, overlap-schedule"),
         ({"passes": "overlap-schedule{frobnicate=1}"}, "pass 'overlap-schedule' has no option 'frobnicate'"),
         ({"memory_budget_gb": -1}, "option 'memory_budget_gb'=-1 must be a positive number"),
     ],
@@ -96,7 +96,7 @@ def test_mlp_matches_eager_forward_and_gradients(inner, passes):
     check_parity(MLP, (torch.randn(5, 16),), options)
     record = fsc.last_compile()
     assert set(record.summary()) == {"forward", "backward"}
-    expected = [] if passes == "" else ["prioritize-collectives", "overlap-schedule"]
+    expected = [] if passes == "" else ["prioritize-collectives", "split-collectives", "overlap-schedule"]
     assert [p.name for p in record.graph("forward").passes] == expected
 
 

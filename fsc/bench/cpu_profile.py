@@ -9,23 +9,12 @@ import argparse
 import json
 import os
 import pathlib
-import statistics
 import tempfile
-import time
-from collections.abc import Callable
 
 import torch
 import torch.multiprocessing as mp
 
-
-def _median_seconds(fn: Callable[[], object], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from fsc.analysis.calibration import measure_compute, median_seconds
 
 
 def _all_to_all_rank(rank: int, world: int, store: str, out: str) -> None:
@@ -38,7 +27,7 @@ def _all_to_all_rank(rank: int, world: int, store: str, out: str) -> None:
         for nbytes in (1024, 16 * 2**20):
             x = torch.randn(nbytes // 4)
             y = torch.empty_like(x)
-            result[nbytes] = _median_seconds(lambda: dist.all_to_all_single(y, x), 10)
+            result[nbytes] = median_seconds(lambda: dist.all_to_all_single(y, x), 10)
         if rank == 0:
             pathlib.Path(out).write_text(json.dumps(result))
         dist.barrier()
@@ -51,18 +40,7 @@ def run(argv: list[str], json_path: str) -> int:
 
     argparse.ArgumentParser(prog="python -m fsc.bench cpu-profile").parse_args(argv)
     torch.set_num_threads(1)
-    a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    ah, bh = a.bfloat16(), b.bfloat16()
-    src = torch.randn(16 * 2**20)
-    dst = torch.empty_like(src)
-    tiny = torch.ones(4)
-    measured = {
-        "flops_fp32": 2 * 1024**3 / _median_seconds(lambda: a @ b, 5),
-        "flops_half": 2 * 1024**3 / _median_seconds(lambda: ah @ bh, 5),
-        # a copy reads and writes every byte
-        "memory_bandwidth": 2 * src.numel() * 4 / _median_seconds(lambda: dst.copy_(src), 5),
-        "op_overhead": _median_seconds(lambda: torch.add(tiny, 1), 200),
-    }
+    measured = measure_compute("cpu", repeats=5, copy_bytes=64 * 2**20)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "a2a.json")
         mp.spawn(_all_to_all_rank, args=(2, os.path.join(tmp, "store"), out), nprocs=2)
