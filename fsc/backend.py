@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fsc.analysis.cost_model import CostModel
+from fsc.analysis.cost_model import CostModel, graph_cost
 from fsc.analysis.symbolic import NoHintError
 from fsc.analysis.timeline import estimate_timeline
 from fsc.config import Config
@@ -95,6 +95,7 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     gm.recompile()
     graph_record.graph_after = readable(gm)
     graph_record.estimate_after, graph_record.timeline_after = _estimate(gm, cost_model, graph_record)
+    graph_record.cost = graph_cost(gm.graph, cost_model)
     graph_record.seconds = time.perf_counter() - start
     if record.cache_path is not None:
         _save_record(record)

@@ -42,6 +42,8 @@ class GraphRecord:
     """:class:`fsc.analysis.timeline.Timeline` of the rewritten graph (events per node)."""
     fallback: str | None = None
     """Why the graph was compiled unrewritten, when it was."""
+    cost: Any = None
+    """:class:`fsc.analysis.cost_model.GraphCost` of the rewritten graph (sympy in its size symbols)."""
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
@@ -147,6 +149,14 @@ class CompileRecord:
 
     def summary(self) -> dict[str, Any]:
         return {key: record.summary() for key, record in self.graphs().items()}
+
+    def sample_cost(self, symbol: str | None = None) -> Any:
+        """The compiled work (every forward and backward graph here) as a
+        :class:`fsc.analysis.sample_cost.SampleCost` in the length symbol ``L``: compile on
+        one sample with its length dynamic to get a per-sample training cost."""
+        from fsc.analysis.sample_cost import sample_cost
+
+        return sample_cost([g.cost for g in self.graphs().values() if g.cost is not None], symbol)
 
     def __str__(self) -> str:
         lines = [f"subgraph {sub.index}: {note}" for sub in self.subgraphs for note in sub.notes]

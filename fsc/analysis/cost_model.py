@@ -104,6 +104,36 @@ class NodeCost:
     """Seconds as a sympy expression when shapes are symbolic, else None."""
     flops: float = 0.0
     nbytes: float = 0.0
+    flops_expr: Any = 0
+    """FLOPs as an int or sympy expression in the graph's size symbols."""
+    nbytes_expr: Any = 0
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class GraphCost:
+    """Compute work of a whole graph as expressions in its size symbols: what one run of
+    it costs as a function of, say, the sequence length."""
+
+    flops: sympy.Expr
+    nbytes: sympy.Expr
+    seconds: sympy.Expr
+    """Sum over compute nodes of the roofline time max(flops/peak, bytes/bandwidth) plus
+    the per-op overhead."""
+    ops: int
+
+
+def graph_cost(graph: fx.Graph, cost_model: CostModel) -> GraphCost:
+    """Sum of the compute costs of ``graph`` (collectives, waits and views excluded)."""
+    flops, nbytes, seconds, ops = sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), 0
+    for node in graph.nodes:
+        cost = cost_model.node_cost(node)
+        if cost.lane != "compute":
+            continue
+        ops += 1
+        flops += as_expr(cost.flops_expr)
+        nbytes += as_expr(cost.nbytes_expr)
+        seconds += cost.expr if cost.expr is not None else sympy.Float(cost.seconds)
+    return GraphCost(flops=flops, nbytes=nbytes, seconds=seconds, ops=ops)
 
 
 def invariant_seconds(cost: NodeCost) -> float:
@@ -202,6 +232,8 @@ class CostModel:
             expr=expr,
             flops=hint(flops),
             nbytes=hint(nbytes),
+            flops_expr=flops,
+            nbytes_expr=nbytes,
         )
 
     def collective_cost(self, node: fx.Node) -> NodeCost:
