@@ -39,6 +39,21 @@ from hstu.model import (  # noqa: E402
 from hstu.sharded import GradientBuckets  # noqa: E402
 
 
+def token_lengths(histories: Histories, users: np.ndarray, max_len: int) -> np.ndarray:
+    """Tokens each user's sample has after :func:`collate` (with targets): min(n, max_len+1) - 1."""
+    return np.array([max(min(len(histories.items[u]), max_len + 1) - 1, 0) for u in users], dtype=np.int64)
+
+
+def make_router(args: argparse.Namespace, world: int):
+    if args.balance == "none":
+        return None
+    from fsc.runtime.balancer import HSTU_EXAMPLE_COST, Balancer
+    from hstu.routing import Router
+
+    cost = (lambda lengths: np.asarray(lengths, dtype=np.float64)) if args.balance_cost == "tokens" else HSTU_EXAMPLE_COST
+    return Router(Balancer(ranks=world, method=args.balance, cost=cost))
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description="Train the HSTU example.")
     p.add_argument("--backend", choices=("eager", "inductor", "freescale"), default="freescale")
@@ -62,6 +77,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--eval", action="store_true", help="HR@10 / NDCG@10, leave-one-out, after training")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--quiet", action="store_true", help="no progress bar or per-step lines")
+    p.add_argument("--balance", choices=("none", "freescale", "kk-equal", "lpt", "round-robin", "random"), default="none",
+                   help="assign the global batch's samples to ranks by cost (fsc.runtime.balancer); none: each "
+                        "rank trains the samples it read")
+    p.add_argument("--balance-cost", choices=("tokens", "quadratic"), default="tokens",
+                   help="per-sample cost: tokens (this model's attention is dense over a rank's tokens, so its "
+                        "cost grows with the rank's token count) or a*L^2+b*L (jagged attention)")
     return p.parse_args(argv)
 
 
@@ -134,15 +155,29 @@ def train(args: argparse.Namespace) -> dict:
     buckets = GradientBuckets(model.dense_parameters())
     opt = torch.optim.Adam(model.parameters(), lr=args.lr)
     per_rank = args.batch_size // world
+    router = make_router(args, world)
+
+    def my_users(step: int) -> np.ndarray:
+        return global_batch_users(len(train_h), args.batch_size, args.seed, step)[rank * per_rank : (rank + 1) * per_rank]
+
+    pending = router.plan_async(token_lengths(train_h, my_users(0), cfg.max_len)) if router else None
     losses: list[float] = []
     step_ms: list[float] = []
+    wait_ms: list[float] = []
+    balance_stats: list[tuple[float, int]] = []
     graphs_after_first = 0
     progress = Progress(args.steps, rank == 0 and not args.quiet)
     for step in range(args.steps):
         start = time.perf_counter()
-        users = global_batch_users(len(train_h), args.batch_size, args.seed, step)[rank * per_rank : (rank + 1) * per_rank]
+        users = my_users(step)
         batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
                         [train_h.timestamps[u] for u in users], cfg.max_len)
+        if router is not None:
+            plan = pending.result()
+            if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
+                pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
+            batch = router.route(batch, plan)
+            balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers))
         trained = torch.tensor([float((batch.targets > 0).sum())])
         dist.all_reduce(trained)
         tensors = [t.to(device) for t in batch.tensors()]
@@ -152,7 +187,9 @@ def train(args: argparse.Namespace) -> dict:
         negatives = sample_negatives(cfg.num_items, cfg.num_negatives, args.seed, step, rank).to(device)
         loss = step_fn(*tensors, negatives, scale_tensor(trained.item()).to(device))
         loss.backward()
-        buckets.wait()
+        waited = time.perf_counter()
+        buckets.wait()  # ranks that finished their backward early wait here for the slowest
+        wait_ms.append((time.perf_counter() - waited) * 1e3)
         opt.step()
         opt.zero_grad(set_to_none=True)
         total = loss.detach().clone()
@@ -166,6 +203,9 @@ def train(args: argparse.Namespace) -> dict:
     # every rank compiles for itself: report the worst
     recompiles = torch.tensor([counters["stats"]["unique_graphs"] - graphs_after_first])
     dist.all_reduce(recompiles, op=dist.ReduceOp.MAX)
+    my_wait = torch.tensor([statistics.median(wait_ms[1:] or wait_ms) if wait_ms else 0.0], dtype=torch.float64)
+    waits = [torch.zeros_like(my_wait) for _ in range(world)]
+    dist.all_gather(waits, my_wait)
     summary = {
         "backend": args.backend,
         "world_size": world,
@@ -174,6 +214,11 @@ def train(args: argparse.Namespace) -> dict:
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "median_step_ms": statistics.median(step_ms[1:] or step_ms) if step_ms else None,
+        # per rank: time in the gradient all-reduce's wait, mostly waiting for the slowest rank
+        "median_allreduce_wait_ms": [float(w) for w in waits],
+        "balance": args.balance,
+        "median_max_over_lb": statistics.median(b[0] for b in balance_stats) if balance_stats else None,
+        "stragglers": sum(b[1] for b in balance_stats),
         "recompiles": int(recompiles.item()),
         "graphs": counters["stats"]["unique_graphs"],
     }
@@ -188,6 +233,8 @@ def train(args: argparse.Namespace) -> dict:
 
             fsc.last_compile().dump(out / "compile_record")
     buckets.remove()
+    if router is not None:
+        router.close()
     dist.barrier()
     dist.destroy_process_group()
     return summary
