@@ -15,12 +15,21 @@ import argparse
 import json
 import pathlib
 import statistics
+import sys
 import time
 
 import numpy as np
 import torch
 
-from fsc.bench.hstu_graphs import import_examples
+EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
+
+
+def import_examples() -> None:
+    """``import hstu`` from the checkout's examples/ (not an installed package)."""
+    if not (EXAMPLES / "hstu" / "model.py").exists():
+        raise RuntimeError(f"the HSTU example is not at {EXAMPLES}; run from a source checkout of fsc")
+    if str(EXAMPLES) not in sys.path:
+        sys.path.insert(0, str(EXAMPLES))
 
 LENGTHS = (8, 16, 32, 64, 128, 256, 384, 512)
 
