@@ -34,7 +34,8 @@ except the per-chunk sum of ``embedding_dense_backward``, which reorders float a
 **Limits.** It declines, with the reason: all-to-alls without split-size lists ("split
 sizes unknown"), results whose first consumer mixes rows (``index_select``, reductions,
 matmuls with the rows on the right, attention) so nothing could start on the first chunk,
-messages below ``min_bytes`` (per-chunk latency would cost more than the overlap gains),
+messages below ``min_bytes``, exchanges where the cost model estimates that the overlap
+gained is smaller than the chunks' extra latency and copies (``force=true`` skips that),
 and graphs with in-place ops or collectives fsc does not understand. It splits along rows
 (dim 0) only, and does not split all-gather, reduce-scatter or all-reduce.
 """
@@ -53,6 +54,7 @@ from torch.fx.experimental.symbolic_shapes import statically_known_true
 
 from fsc.analysis.collectives import COLLECTIVE_ID, call_arg, describe, find_collectives, is_collective, is_wait
 from fsc.analysis.graph import positions
+from fsc.analysis.cost_model import CostModel, invariant_seconds
 from fsc.analysis.symbolic import invariant_value
 from fsc.errors import OptionError
 from fsc.pass_manager import Pass, PassContext, PassResult
@@ -131,6 +133,9 @@ class SplitCollectives(Pass):
     min_bytes: int = 1 << 20
     """Bytes moved (the exchange plus its reverse, rank-invariant estimate) below which an
     exchange is not split: each chunk pays the collective's latency again."""
+    force: bool = False
+    """Split every eligible exchange above ``min_bytes`` even when the cost model estimates
+    that it does not pay (for measuring, and for tests)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.chunks, int) or isinstance(self.chunks, bool) or self.chunks < 2:
@@ -155,7 +160,7 @@ class SplitCollectives(Pass):
         for node in candidates:
             if node in taken:
                 continue
-            plan = self._plan(node)
+            plan = self._plan(node, ctx.cost_model)
             if isinstance(plan, str):
                 reasons.append(f"{node.name} not split: {plan}")
                 continue
@@ -170,7 +175,7 @@ class SplitCollectives(Pass):
 
     # -- analysis ---------------------------------------------------------------------
 
-    def _plan(self, a2a: fx.Node) -> _Plan | str:
+    def _plan(self, a2a: fx.Node, cost_model: CostModel) -> _Plan | str:
         out_splits, in_splits = call_arg(a2a, "output_split_sizes"), call_arg(a2a, "input_split_sizes")
         if not (isinstance(out_splits, (list, tuple)) and out_splits and isinstance(in_splits, (list, tuple))
                 and in_splits):
@@ -223,8 +228,38 @@ class SplitCollectives(Pass):
         if nbytes < self.min_bytes:
             return f"moves about {int(nbytes)} bytes, below min_bytes={self.min_bytes}"
         region.sort(key=order.__getitem__)
+        verdict = None if self.force else self._worth_it(a2a, region, reverses, cost_model)
+        if verdict is not None:
+            return verdict
         return _Plan(a2a=a2a, wait=wait, region=region, side=side, reverses=reverses, reductions=reductions,
                      exits=exits, nbytes=nbytes)
+
+    def _worth_it(self, a2a: fx.Node, region: list[fx.Node], reverses: dict[fx.Node, fx.Node],
+                  cost_model: CostModel) -> str | None:
+        """None if splitting is estimated to pay, else why not. Gain: the row-wise compute
+        that can overlap the transfer, (k-1)/k of the smaller of the two. Cost: a latency
+        per extra chunk and exchange, the per-op overhead of the copied region, and cutting
+        and reassembling the rows (read + write of the bytes moved). Rank-invariant sizes."""
+        k, profile = self.chunks, cost_model.profile
+        exchanges = [a2a, *reverses]
+        transfer = sum(invariant_seconds(cost_model.node_cost(n)) for n in exchanges)
+        compute_nodes = [n for n in region if cost_model.node_cost(n).lane == "compute"]
+        compute = sum(invariant_seconds(cost_model.node_cost(n)) for n in compute_nodes)
+        moved = sum(invariant_value(describe(n).input_nbytes) + invariant_value(describe(n).nbytes) for n in exchanges)
+        latency = (transfer - sum(invariant_value(describe(n).input_nbytes) for n in exchanges)
+                   / profile.intra_node_bandwidth) / len(exchanges)
+        independent = sum(invariant_seconds(cost_model.node_cost(n)) for n in _unrelated(a2a)
+                          if cost_model.node_cost(n).lane == "compute")
+        if independent >= transfer:
+            return (f"not needed on {profile.name}: {independent * 1e6:.1f} us of independent compute can hide "
+                    f"the {transfer * 1e6:.1f} us transfer (overlap-schedule places it)")
+        gain = min(compute, transfer - independent) * (k - 1) / k
+        cost = ((k - 1) * (max(latency, 0.0) * len(exchanges) + len(compute_nodes) * profile.op_overhead)
+                + 2 * moved / profile.memory_bandwidth)
+        if gain <= cost:
+            return (f"estimated not to pay on {profile.name}: overlaps {gain * 1e6:.1f} us of row-wise compute, "
+                    f"costs {cost * 1e6:.1f} us (chunk latency, copied ops, cutting and reassembling rows)")
+        return None
 
     def _classify(self, node: fx.Node, members: set[fx.Node], rows: Any, out_splits: Any,
                   group: str) -> tuple[str | None, Any]:
@@ -297,6 +332,20 @@ class SplitCollectives(Pass):
             return True
         val = _val(arg)
         return isinstance(val, torch.Tensor) and val.dim() >= 1 and _same(val.shape[0], rows) and not statically_known_true(rows == 1)
+
+
+def _unrelated(node: fx.Node) -> list[fx.Node]:
+    """Nodes that are neither ancestors nor descendants of ``node``: work a scheduler may
+    run while ``node``'s transfer is in flight."""
+    related = {node}
+    for walk in (lambda n: n.all_input_nodes, lambda n: n.users):
+        frontier = [node]
+        while frontier:
+            for nxt in walk(frontier.pop()):
+                if nxt not in related:
+                    related.add(nxt)
+                    frontier.append(nxt)
+    return [n for n in node.graph.nodes if n not in related]
 
 
 def _only_sizes_besides(collective: fx.Node, wait: fx.Node) -> bool:

@@ -108,7 +108,7 @@ def test_sharded_training_equals_single_process_training_on_the_global_batch(wor
         assert worst_param <= 1e-5
 
 
-SCHEDULING = "prioritize-collectives,split-collectives{min_bytes=0},overlap-schedule"
+SCHEDULING = "prioritize-collectives,split-collectives{min_bytes=0,force=true},overlap-schedule"
 
 
 def _compiled_vs_eager(rank: int, world: int, steps: int, backend: str, inner: str | None):

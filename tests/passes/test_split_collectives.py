@@ -37,7 +37,7 @@ def ctx() -> fsc.PassContext:
 
 
 def split(gm, **options) -> fsc.PassResult:
-    result = SplitCollectives(min_bytes=0, **options).run(gm, ctx())
+    result = SplitCollectives(min_bytes=0, force=True, **options).run(gm, ctx())
     gm.graph.lint()
     gm.recompile()
     return result
@@ -192,6 +192,16 @@ def test_split_collectives_leaves_plain_index_put_alone(group):
 def test_split_collectives_rejects_bad_options(option, value):
     with pytest.raises(fsc.OptionError, match=option):
         SplitCollectives(**{option: value})
+
+
+def test_split_collectives_declines_when_the_estimate_says_it_does_not_pay(group):
+    def f(x, w):  # little row-wise work behind a large exchange: chunking only adds latency
+        return c10d.wait_tensor(c10d.all_to_all_single(x, [4096], [4096], group)).relu().sum()
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(4096, 256), torch.randn(4))
+    result = SplitCollectives(min_bytes=0).run(gm, ctx())
+    assert result.modified is False
+    assert "estimated not to pay on cpu" in result.reasons[0]
 
 
 def test_split_collectives_parses_from_a_pipeline_string():
