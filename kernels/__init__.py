@@ -1,5 +1,16 @@
 """fsc.kernels: Triton kernels with their launchers, registration and PyTorch references.
 
-Planned (DESIGN.md): jagged generalized dot-product attention (HSTU SiLU and softmax).
-Nothing is implemented here yet; no pass lowers to this package until it is.
+- :func:`jagged_attention`: jagged generalized dot-product attention (HSTU's SiLU attention
+  and softmax attention; causal, target, contextual-prefix and window masks; in-kernel
+  relative position and time bias), forward and backward, registered as the
+  ``torch.ops.fsc.jagged_attention_fwd`` / ``jagged_attention_bwd`` triton ops.
+  :func:`jagged_attention_reference` is its plain PyTorch reference.
+
+The function shadows its module's name on this package: reach the module itself with
+``importlib.import_module("fsc.kernels.jagged_attention")`` or ``from
+fsc.kernels.jagged_attention import ...``. No pass lowers to these kernels yet.
 """
+
+from fsc.kernels.jagged_attention import jagged_attention, jagged_attention_reference
+
+__all__ = ["jagged_attention", "jagged_attention_reference"]

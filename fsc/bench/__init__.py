@@ -13,13 +13,15 @@ class Benchmark:
 
 
 def _benchmarks() -> dict[str, Benchmark]:
-    from fsc.bench import balance, balance_runs, compile_overhead, cpu_profile, sample_cost, schedule
+    from fsc.bench import attention, balance, balance_runs, compile_overhead, cpu_profile, sample_cost, schedule
 
     return {
         "compile-overhead": Benchmark("compile-overhead", "compile time of freescale vs inductor", compile_overhead.run),
         "cpu-profile": Benchmark("cpu-profile", "measure the cpu device profile's numbers", cpu_profile.run),
         "schedule": Benchmark("schedule", "graph zoo: estimated exposed comm and makespan per scheduler", schedule.run),
         "sample-cost": Benchmark("sample-cost", "graph-derived per-sample cost vs measured step times", sample_cost.run),
+        "attention": Benchmark("attention", "jagged attention kernels vs PyTorch reference, FlexAttention, "
+                               "generative-recommenders (GPU only)", attention.run),
         "balance": Benchmark("balance", "balancer quality (max/LB) and speed per length distribution", balance.run),
         "balance-runs": Benchmark("balance-runs", "HSTU on 2 and 4 gloo ranks with and without balancing",
                                   balance_runs.run),

@@ -1,0 +1,165 @@
+"""Attention test cases, run in the interpreter worker (see conftest.py). Everything here is
+picklable plain data in and out; the assertions live in test_jagged_attention.py."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Optional
+
+import torch
+
+ja = importlib.import_module("fsc.kernels.jagged_attention")  # the package's attribute is the function
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Case:
+    mode: str
+    lengths: tuple[int, ...]
+    heads: int = 2
+    d: int = 16
+    dv: int = 16
+    dtype: str = "float32"
+    causal: bool = True
+    targets: Optional[tuple[int, ...]] = None
+    contextual_len: int = 0
+    max_attn_len: int = 0
+    pos_p: int = 0
+    """0: no position table; P: a [H, 2P-1] table."""
+    time_buckets: int = 0
+    """0: no time table; NB: a [H, NB] table with timestamps."""
+    max_seq_len: Optional[int] = None
+    blocks: Optional[tuple[int, int]] = None
+    """None: the public entry point; (BLOCK_M, BLOCK_N): the launchers with these blocks."""
+    seed: int = 0
+
+    def __str__(self) -> str:
+        parts = [self.mode, "L" + "-".join(map(str, self.lengths)), f"H{self.heads}D{self.d}V{self.dv}", self.dtype]
+        for flag, text in ((not self.causal, "noncausal"), (self.targets, f"targets{self.targets}"),
+                           (self.contextual_len, f"ctx{self.contextual_len}"), (self.max_attn_len, f"win{self.max_attn_len}"),
+                           (self.pos_p, f"pos{self.pos_p}"), (self.time_buckets, f"time{self.time_buckets}"),
+                           (self.blocks, f"blocks{self.blocks}")):
+            if flag:
+                parts.append(text)
+        return "_".join(parts)
+
+
+TENSORS = ("out", "dq", "dk", "dv", "d_position_bias", "d_time_bias")
+
+
+def make_inputs(case: Case) -> dict:
+    """float64 leaves and integer side inputs, the same for every dtype of one case."""
+    g = torch.Generator().manual_seed(case.seed)
+    lengths = torch.tensor(case.lengths, dtype=torch.int64)
+    offsets = torch.zeros(len(case.lengths) + 1, dtype=torch.int64)
+    offsets[1:] = lengths.cumsum(0)
+    t = int(offsets[-1])
+    x: dict = {
+        "q": torch.randn(t, case.heads, case.d, generator=g, dtype=torch.float64),
+        "k": torch.randn(t, case.heads, case.d, generator=g, dtype=torch.float64),
+        "v": torch.randn(t, case.heads, case.dv, generator=g, dtype=torch.float64),
+        "offsets": offsets,
+        "max_seq_len": case.max_seq_len or max(max(case.lengths, default=1), 1),
+        "dout": torch.randn(t, case.heads, case.dv, generator=g, dtype=torch.float64),
+    }
+    options: dict = {"mode": case.mode, "causal": case.causal, "contextual_len": case.contextual_len,
+                     "max_attn_len": case.max_attn_len}
+    if case.targets is not None:
+        options["num_targets"] = torch.tensor(case.targets, dtype=torch.int32)
+    if case.pos_p:
+        options["position_bias"] = torch.randn(case.heads, 2 * case.pos_p - 1, generator=g, dtype=torch.float64)
+    if case.time_buckets:
+        options["time_bias"] = torch.randn(case.heads, case.time_buckets, generator=g, dtype=torch.float64)
+        # gaps of 0..40 time units: differences span several log2 buckets, and 0 occurs
+        gaps = torch.randint(0, 41, (t,), generator=g)
+        options["timestamps"] = gaps.cumsum(0)
+    x["options"] = options
+    return x
+
+
+def _leaves(x: dict, dtype: torch.dtype) -> tuple[list[torch.Tensor], dict]:
+    """Differentiable copies in ``dtype``: [q, k, v, tables...] and the options using them."""
+    leaves = [x[n].to(dtype).requires_grad_() for n in ("q", "k", "v")]
+    options = dict(x["options"])
+    for name in ("position_bias", "time_bias"):
+        if name in options:
+            options[name] = options[name].to(dtype).requires_grad_()
+            leaves.append(options[name])
+    return leaves, options
+
+
+def _grads(out: torch.Tensor, leaves: list[torch.Tensor], dout: torch.Tensor) -> list[torch.Tensor]:
+    # also with T = 0: the backward still runs, on empty tensors
+    return list(torch.autograd.grad(out, leaves, dout.to(out.dtype)))
+
+
+def reference_results(x: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    leaves, options = _leaves(x, dtype)
+    out = ja.jagged_attention_reference(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
+    return [out.detach(), *_grads(out, leaves, x["dout"])]
+
+
+def kernel_results(case: Case, x: dict, dtype: torch.dtype) -> list[torch.Tensor]:
+    leaves, options = _leaves(x, dtype)
+    if case.blocks is None:
+        out = ja.jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], impl="triton", **options)
+        return [out.detach(), *_grads(out, leaves, x["dout"])]
+    # the launchers directly, with non-default blocks
+    q, k, v = (t.detach() for t in leaves[:3])
+    softmax = case.mode == "softmax"
+    scale = 1.0 / case.d ** 0.5
+    args = (x["offsets"], options.get("num_targets"), options.get("timestamps"),
+            _detach(options.get("position_bias")), _detach(options.get("time_bias")), x["max_seq_len"], softmax,
+            scale, case.causal, case.contextual_len, case.max_attn_len)
+    out, lse = ja._launch_forward(q, k, v, *args, blocks=case.blocks)
+    grads = ja._launch_backward(x["dout"].to(dtype), q, k, v, out, lse, *args, blocks=case.blocks)
+    return [out, *grads[:3], *(g for g in grads[3:] if g.numel())]
+
+
+def _detach(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return t.detach() if t is not None else None
+
+
+def _max_abs(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).abs().max()) if a.numel() else 0.0
+
+
+def errors(case: Case) -> dict[str, tuple[float, Optional[float], float]]:
+    """Per output: (kernel's max abs error vs the float64 reference, the same for the
+    PyTorch reference run in the case's dtype (None for float32), max |float64 value|)."""
+    dtype = getattr(torch, case.dtype)
+    x = make_inputs(case)
+    truth = reference_results(x, torch.float64)
+    ours = kernel_results(case, x, dtype)
+    baseline = reference_results(x, dtype) if dtype != torch.float32 else [None] * len(truth)
+    names = [n for n in TENSORS if n[:2] != "d_" or n[2:] in x["options"]]
+    result = {}
+    for name, t, o, r in zip(names, truth, ours, baseline):
+        assert o.shape == t.shape and o.dtype == dtype, (name, o.shape, t.shape, o.dtype)
+        scale = float(t.abs().max()) if t.numel() else 0.0
+        result[name] = (_max_abs(o, t), _max_abs(r, t) if r is not None else None, scale)
+    return result
+
+
+def opcheck(case: Case) -> None:
+    """torch.library.opcheck on both ops with impl='triton' (the interpreter). The AOT-dispatch
+    check is left out: it traces the op, and the interpreter cannot be traced (the parent
+    process runs the full opcheck on the reference path)."""
+    x = make_inputs(case)
+    o = x["options"]
+    q, k, v = (x[n].float().requires_grad_() for n in ("q", "k", "v"))
+    tables = [o[n].float().requires_grad_() if n in o else None for n in ("position_bias", "time_bias")]
+    params = (x["max_seq_len"], case.mode == "softmax", 0.25, case.causal, case.contextual_len, case.max_attn_len,
+              "triton")
+    fwd_args = (q, k, v, x["offsets"], o.get("num_targets"), o.get("timestamps"), *tables, *params)
+    utils = ("test_schema", "test_autograd_registration", "test_faketensor")
+    torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, fwd_args, test_utils=utils)
+    with torch.no_grad():
+        out, lse = torch.ops.fsc.jagged_attention_fwd(*fwd_args)
+    bwd_args = (x["dout"].float(), q.detach(), k.detach(), v.detach(), out, lse, x["offsets"], o.get("num_targets"),
+                o.get("timestamps"), *(t.detach() if t is not None else None for t in tables), *params)
+    torch.library.opcheck(torch.ops.fsc.jagged_attention_bwd.default, bwd_args, test_utils=utils)
+
+
+def interpreted() -> bool:
+    return ja._is_interpreted(ja._fwd_kernel)

@@ -1,0 +1,331 @@
+"""fsc.kernels.jagged_attention: the Triton kernels (under the interpreter, in a worker: see
+conftest.py) against the float64 reference, the reference against the stated semantics,
+registration (opcheck, torch.compile), and every argument check."""
+
+from __future__ import annotations
+
+import importlib
+import math
+
+import pytest
+import torch
+from torch.nn import functional as F
+
+import _attention_cases as cases
+from _attention_cases import Case
+from fsc.kernels import jagged_attention, jagged_attention_reference
+
+# the function shadows its module's name on fsc.kernels
+ja = importlib.import_module("fsc.kernels.jagged_attention")
+
+ODD = (1, 7, 0, 129)  # odd lengths and an empty sequence
+MASKS = dict(targets=(1, 2, 0, 3), contextual_len=3, max_attn_len=5)
+BIAS = dict(pos_p=6, time_buckets=8)
+
+FP32_CASES = [
+    Case(mode="hstu", lengths=ODD),
+    Case(mode="softmax", lengths=ODD),
+    Case(mode="hstu", lengths=(1, 7, 0, 40), **MASKS, **BIAS),
+    Case(mode="softmax", lengths=(1, 7, 0, 40), **MASKS, **BIAS),
+    Case(mode="hstu", lengths=(5, 0, 33), targets=(2, 0, 4)),
+    Case(mode="softmax", lengths=(5, 0, 33), targets=(5, 0, 1)),
+    # a prefix longer than some sequences
+    Case(mode="hstu", lengths=(2, 9, 30), contextual_len=4, pos_p=4),
+    Case(mode="softmax", lengths=(2, 9, 30), contextual_len=4, time_buckets=3),
+    Case(mode="hstu", lengths=(1, 7, 40), max_attn_len=3),
+    Case(mode="softmax", lengths=(1, 7, 40), max_attn_len=3, targets=(0, 2, 5)),
+    # windows wider than a block reach across block boundaries with a long prefix
+    Case(mode="hstu", lengths=(3, 70), contextual_len=20, max_attn_len=17, targets=(1, 6), **BIAS),
+    Case(mode="hstu", lengths=(1, 7, 0, 40), causal=False, **MASKS, pos_p=6),
+    Case(mode="softmax", lengths=(1, 7, 0, 40), causal=False, **MASKS, time_buckets=8),
+    # head dims: not a power of two, q/k and v differ, larger
+    Case(mode="hstu", lengths=(1, 7, 129), heads=1, d=48, dv=64),
+    Case(mode="softmax", lengths=(7, 65), heads=1, d=64, dv=32, targets=(1, 3)),
+    # a max_seq_len larger than every length: HSTU divides by it, not by the length
+    Case(mode="hstu", lengths=(3, 9), max_seq_len=50),
+    # empty: all sequences empty (T = 0), and no sequences at all (B = 0)
+    Case(mode="hstu", lengths=(0, 0, 0), **BIAS),
+    Case(mode="softmax", lengths=(), targets=()),
+    # non-square blocks, through the launchers
+    Case(mode="hstu", lengths=(1, 7, 0, 40), **MASKS, **BIAS, blocks=(32, 16)),
+    Case(mode="softmax", lengths=(1, 7, 0, 40), **MASKS, **BIAS, blocks=(16, 32)),
+]
+
+LOW_PRECISION_CASES = [
+    Case(mode="hstu", lengths=(1, 7, 0, 50), dtype="bfloat16", **MASKS, **BIAS),
+    Case(mode="softmax", lengths=(1, 7, 0, 50), dtype="bfloat16", **MASKS, **BIAS),
+    Case(mode="hstu", lengths=(1, 7, 33), dtype="float16", d=32, dv=32, targets=(0, 1, 2)),
+    Case(mode="softmax", lengths=(1, 7, 33), dtype="float16", d=32, dv=32, max_attn_len=4),
+]
+
+
+def test_worker_runs_triton_in_interpreter_mode(interpreter):
+    assert interpreter.submit(cases.interpreted).result() is True
+
+
+@pytest.mark.parametrize("case", FP32_CASES, ids=str)
+def test_kernels_match_float64_reference_in_float32(interpreter, case):
+    for name, (err, _, scale) in interpreter.submit(cases.errors, case).result().items():
+        assert err <= 1e-5 * max(scale, 1e-30), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+@pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
+def test_kernels_in_16_bit_err_at_most_twice_the_16_bit_reference(interpreter, case):
+    for name, (err, ref_err, scale) in interpreter.submit(cases.errors, case).result().items():
+        assert err <= 2 * ref_err, f"{name}: kernel error {err:.3g} > 2 x reference error {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
+def test_opcheck_with_triton_impl(interpreter, mode):
+    interpreter.submit(cases.opcheck, Case(mode=mode, lengths=(1, 7, 0, 20), **MASKS, **BIAS)).result()
+
+
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
+def test_opcheck_with_reference_impl(mode):
+    x = cases.make_inputs(Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS))
+    o = x["options"]
+    q, k, v = (x[n].float().requires_grad_() for n in ("q", "k", "v"))
+    tables = [o[n].float().requires_grad_() for n in ("position_bias", "time_bias")]
+    args = (q, k, v, x["offsets"], o["num_targets"], o["timestamps"], *tables, x["max_seq_len"], mode == "softmax",
+            0.25, True, 3, 5, "auto")
+    torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, args)
+
+
+# --- the reference against the semantics as stated -------------------------------------
+
+def _mask(length, *, targets=None, contextual_len=0, max_attn_len=0, causal=True) -> torch.Tensor:
+    offsets = torch.tensor([0, length])
+    parts = ja._reference_scores(
+        torch.zeros(length, 1, 16), torch.zeros(length, 1, 16), torch.zeros(length, 1, 16), offsets, length,
+        scale=1.0, causal=causal, num_targets=torch.tensor([targets]) if targets is not None else None,
+        contextual_len=contextual_len, max_attn_len=max_attn_len, position_bias=None, timestamps=None, time_bias=None)
+    return parts["visible"][0, 0].int()
+
+
+def test_reference_mask_prefix_and_targets_golden():
+    # positions 0-1 prefix, 2-3 history, 4-5 targets
+    assert _mask(6, targets=2, contextual_len=2).tolist() == [
+        [1, 1, 1, 1, 0, 0],  # prefix rows see every non-target, also later ones
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0],  # history: causal, sees the prefix
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 1, 0],  # targets: prefix, history and themselves, not each other
+        [1, 1, 1, 1, 0, 1],
+    ]
+    # a window of 1 id: history keeps the previous id only; prefix rows are exempt
+    assert _mask(6, targets=2, contextual_len=2, max_attn_len=1).tolist() == [
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 1, 0, 0],
+        [1, 1, 1, 0, 0, 0],
+        [0, 0, 1, 1, 0, 0],
+        [0, 0, 0, 1, 1, 0],
+        [0, 0, 0, 1, 0, 1],
+    ]
+
+
+def _rules(length, targets, c, window, causal) -> list[list[int]]:
+    """The module docstring's rules, one pair at a time."""
+    cap = length - targets + (1 - c if c > 0 else 0)
+
+    def ident(p):
+        return min(max(p - c + 1, 0) if c > 0 else p, cap)
+
+    rows = []
+    for i in range(length):
+        row = []
+        for j in range(length):
+            d = ident(i) - ident(j)
+            d = d if causal else abs(d)
+            row.append(int(i == j or (d > 0 and (window == 0 or d <= window))
+                           or (c > 0 and ident(i) == 0 and ident(j) < cap)))
+        rows.append(row)
+    return rows
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_mask_follows_the_stated_rules(causal):
+    for length in (1, 2, 5, 9):
+        for targets in range(0, min(length, 3) + 1):
+            for c in (0, 1, 3, 12):
+                for window in (0, 1, 3):
+                    got = _mask(length, targets=targets, contextual_len=c, max_attn_len=window, causal=causal)
+                    assert got.tolist() == _rules(length, targets, c, window, causal), (length, targets, c, window)
+
+
+def test_reference_hstu_is_silu_over_max_seq_len_with_alpha_inside():
+    torch.manual_seed(0)
+    q, k, v = torch.randn(5, 1, 16, dtype=torch.float64), torch.randn(5, 1, 16, dtype=torch.float64), \
+        torch.randn(5, 1, 16, dtype=torch.float64)
+    offsets, n, alpha = torch.tensor([0, 2, 5]), 8, 0.3
+    out = jagged_attention_reference(q, k, v, offsets, n, alpha=alpha)
+    expected = torch.zeros_like(out)
+    for start, end in ((0, 2), (2, 5)):
+        for i in range(start, end):
+            for j in range(start, i + 1):
+                expected[i] += F.silu(alpha * (q[i] * k[j]).sum(-1, keepdim=True)) / n * v[j]
+    torch.testing.assert_close(out, expected)
+
+
+def test_reference_softmax_matches_sdpa_per_sequence():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(9, 2, 16, dtype=torch.float64) for _ in range(3))
+    offsets = torch.tensor([0, 4, 4, 9])
+    out = jagged_attention_reference(q, k, v, offsets, 5, mode="softmax", scale=0.5)
+    for start, end in ((0, 4), (4, 9)):
+        sl = slice(start, end)
+        expected = F.scaled_dot_product_attention(q[sl].transpose(0, 1), k[sl].transpose(0, 1), v[sl].transpose(0, 1),
+                                                  is_causal=True, scale=0.5).transpose(0, 1)
+        torch.testing.assert_close(out[sl], expected)
+
+
+def test_reference_bias_tables_index_by_clipped_id_distance_and_log2_time():
+    h, length = 1, 4
+    offsets = torch.tensor([0, length])
+    position_bias = torch.tensor([[10.0, 20.0, 30.0]])  # columns: distance key - query = -1, 0, +1
+    time_bias = torch.tensor([[100.0, 200.0, 300.0]])
+    timestamps = torch.tensor([0, 1, 3, 100])
+    parts = ja._reference_scores(
+        torch.zeros(length, h, 16), torch.zeros(length, h, 16), torch.zeros(length, h, 16), offsets, length,
+        scale=1.0, causal=True, num_targets=None, contextual_len=0, max_attn_len=0, position_bias=position_bias,
+        timestamps=timestamps, time_bias=time_bias)
+    s = parts["s"][0, 0]
+    # query 3, key 0: distance -3 clips to -(P-1) = -1; |dt| = 100: floor(log2 101) = 6 caps at NB-1 = 2
+    assert s[3, 0] == 10.0 + 300.0
+    # query 2, key 1: distance -1; |dt| = 2: floor(log2 3) = 1
+    assert s[2, 1] == 10.0 + 200.0
+    # query 1, key 1: distance 0; dt = 0: bucket 0
+    assert s[1, 1] == 20.0 + 100.0
+
+
+def test_time_bucket_is_exact_next_to_powers_of_two():
+    dt = torch.tensor([d for k in range(1, 45) for d in (2 ** k - 2, 2 ** k - 1, 2 ** k)], dtype=torch.int64)
+    expected = torch.tensor([(int(d) + 1).bit_length() - 1 for d in dt])
+    assert torch.equal(ja._reference_time_bucket(dt, 64), expected)
+    assert torch.equal(ja._reference_time_bucket(-dt, 64), expected)
+
+
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
+def test_reference_backward_maths_matches_autograd(mode):
+    x = cases.make_inputs(Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS))
+    leaves, options = cases._leaves(x, torch.float64)
+    out = jagged_attention_reference(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
+    expected = torch.autograd.grad(out, leaves, x["dout"])
+    options.pop("mode")
+    got = ja._reference_backward(x["dout"], *(t.detach() for t in leaves[:3]), x["offsets"], x["max_seq_len"],
+                                 softmax=mode == "softmax", scale=1 / math.sqrt(16),
+                                 **{n: (t.detach() if isinstance(t, torch.Tensor) and t.is_floating_point() else t)
+                                    for n, t in options.items()})
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
+def test_cpu_op_runs_the_reference_with_gradients(mode):
+    x = cases.make_inputs(Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS))
+    truth = cases.reference_results(x, torch.float64)
+    leaves, options = cases._leaves(x, torch.float32)
+    out = jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
+    got = [out, *torch.autograd.grad(out, leaves, x["dout"].float())]
+    for g, t in zip(got, truth):
+        torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5 * float(t.abs().max()))
+
+
+def test_cpu_op_upcasts_bfloat16_to_float32():
+    x = cases.make_inputs(Case(mode="hstu", lengths=(3, 9), pos_p=3))
+    leaves, options = cases._leaves(x, torch.bfloat16)
+    out = jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
+    out.sum().backward()
+    assert out.dtype == torch.bfloat16 and all(t.grad.dtype == torch.bfloat16 for t in leaves)
+    expected = jagged_attention_reference(*(t.detach().float() for t in leaves[:3]), x["offsets"], x["max_seq_len"],
+                                          position_bias=options["position_bias"].detach().float())
+    torch.testing.assert_close(out, expected.bfloat16())
+
+
+def test_compiled_matches_eager_on_cpu():
+    x = cases.make_inputs(Case(mode="softmax", lengths=(1, 7, 0, 12), **MASKS, **BIAS))
+
+    def run(fn):
+        leaves, options = cases._leaves(x, torch.float32)
+        out = fn(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
+        return [out, *torch.autograd.grad(out, leaves, x["dout"].float())]
+
+    compiled = torch.compile(jagged_attention, backend="aot_eager", fullgraph=True)
+    for c, e in zip(run(compiled), run(jagged_attention)):
+        torch.testing.assert_close(c, e)
+
+
+# --- errors -----------------------------------------------------------------------------
+
+def test_triton_impl_on_cpu_without_interpreter_raises(monkeypatch):
+    # as in any process where triton was imported without TRITON_INTERPRET=1
+    monkeypatch.setattr(ja, "_is_interpreted", lambda kernel: False)
+    q = torch.randn(3, 1, 16)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        jagged_attention(q, q, q, torch.tensor([0, 3]), 3, impl="triton")
+
+
+def test_triton_impl_on_cpu_cannot_be_traced():
+    q = torch.randn(3, 1, 16)
+    fn = torch.compile(lambda q: jagged_attention(q, q, q, torch.tensor([0, 3]), 3, impl="triton"),
+                       backend="aot_eager", fullgraph=True)
+    with pytest.raises(Exception, match="cannot be traced"):
+        fn(q)
+
+
+def _good() -> dict:
+    t = 5
+    return dict(q=torch.randn(t, 2, 16), k=torch.randn(t, 2, 16), v=torch.randn(t, 2, 16),
+                offsets=torch.tensor([0, 2, 5]), max_seq_len=4)
+
+
+BAD = [
+    ({"mode": "relu"}, ValueError, "mode must be one of"),
+    ({"impl": "cuda"}, ValueError, "impl must be one of"),
+    ({"q": torch.randn(5, 32)}, ValueError, "q must be a 3-D tensor"),
+    ({"k": "k"}, ValueError, "k must be a 3-D tensor"),
+    ({"v": torch.randn(5, 2, 16, dtype=torch.float64)}, TypeError, "v must have a dtype in"),
+    ({"q": torch.randn(5, 0, 16), "k": torch.randn(5, 0, 16), "v": torch.randn(5, 0, 16)}, ValueError,
+     "q must have at least one head"),
+    ({"k": torch.randn(5, 2, 32)}, ValueError, "k must have q's shape"),
+    ({"v": torch.randn(5, 3, 16)}, ValueError, "v must be \\[T, H, Dv\\]"),
+    ({"k": torch.randn(5, 2, 16, dtype=torch.bfloat16)}, TypeError, "q, k and v must share a dtype"),
+    ({"q": torch.randn(5, 2, 8), "k": torch.randn(5, 2, 8)}, ValueError, "q's head dim must be in"),
+    ({"v": torch.randn(5, 2, 512)}, ValueError, "v's head dim must be in"),
+    ({"offsets": torch.tensor([[0, 5]])}, ValueError, "offsets must be a 1-D tensor"),
+    ({"offsets": torch.tensor([0.0, 5.0])}, TypeError, "offsets must be int32 or int64"),
+    ({"offsets": torch.tensor([], dtype=torch.int64)}, ValueError, "offsets must have B\\+1 >= 1 entries"),
+    ({"max_seq_len": 0}, ValueError, "max_seq_len must be a positive int"),
+    ({"max_seq_len": 4.0}, ValueError, "max_seq_len must be a positive int"),
+    ({"contextual_len": -1}, ValueError, "contextual_len must be a non-negative int"),
+    ({"max_attn_len": True}, ValueError, "max_attn_len must be a non-negative int"),
+    ({"num_targets": torch.tensor([1])}, ValueError, "num_targets must have 2 entries"),
+    ({"num_targets": torch.tensor([1, 1], device="meta")}, ValueError, "num_targets must be on q's device"),
+    ({"position_bias": torch.randn(3, 5)}, ValueError, "position_bias must be a 2-D tensor \\[H=2"),
+    ({"position_bias": torch.ones(2, 5, dtype=torch.int64)}, TypeError, "position_bias must be floating point"),
+    ({"position_bias": torch.randn(2, 5, device="meta")}, ValueError, "position_bias must be on q's device"),
+    ({"position_bias": torch.randn(2, 4)}, ValueError, "an odd number of columns"),
+    ({"time_bias": torch.randn(2, 4)}, ValueError, "time_bias and timestamps go together"),
+    ({"timestamps": torch.arange(5)}, ValueError, "time_bias and timestamps go together"),
+    ({"time_bias": torch.randn(2, 4), "timestamps": torch.arange(4)}, ValueError, "timestamps must have 5 entries"),
+    ({"scale": 0.5}, ValueError, "scale is the softmax-mode factor"),
+    ({"mode": "softmax", "alpha": 0.5}, ValueError, "alpha is the hstu-mode factor"),
+    ({"alpha": "0.5"}, TypeError, "alpha must be a float"),
+    ({"offsets": torch.tensor([1, 2, 5])}, ValueError, "offsets must rise from 0 to T=5"),
+    ({"offsets": torch.tensor([0, 3, 2, 5])}, ValueError, "offsets must rise from 0 to T=5"),
+    ({"offsets": torch.tensor([0, 5])}, ValueError, "length 5 > max_seq_len=4"),
+    ({"num_targets": torch.tensor([1, 4])}, ValueError, "num_targets must lie in"),
+]
+
+
+@pytest.mark.parametrize(("change", "error", "match"), BAD, ids=[b[2] for b in BAD])
+def test_bad_argument_raises_naming_it(change, error, match):
+    args = _good() | change
+    positional = [args.pop(n) for n in ("q", "k", "v", "offsets", "max_seq_len")]
+    with pytest.raises(error, match=match):
+        jagged_attention(*positional, **args)
+
+
+def test_reference_rejects_bad_arguments_too():
+    args = _good()
+    with pytest.raises(ValueError, match="k must have q's shape"):
+        jagged_attention_reference(args["q"], args["q"][:, :, :8], args["v"], args["offsets"], 4)
