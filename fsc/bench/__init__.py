@@ -13,7 +13,16 @@ class Benchmark:
 
 
 def _benchmarks() -> dict[str, Benchmark]:
-    from fsc.bench import attention, balance, balance_runs, compile_overhead, cpu_profile, sample_cost, schedule
+    from fsc.bench import (
+        attention,
+        balance,
+        balance_runs,
+        compile_overhead,
+        cpu_profile,
+        sample_cost,
+        schedule,
+        transport,
+    )
 
     return {
         "compile-overhead": Benchmark("compile-overhead", "compile time of freescale vs inductor", compile_overhead.run),
@@ -22,6 +31,8 @@ def _benchmarks() -> dict[str, Benchmark]:
         "sample-cost": Benchmark("sample-cost", "graph-derived per-sample cost vs measured step times", sample_cost.run),
         "attention": Benchmark("attention", "jagged attention kernels vs PyTorch reference, FlexAttention, "
                                "generative-recommenders (GPU only)", attention.run),
+        "transport": Benchmark("transport", "shared-memory all-to-all vs gloo over message sizes (and CUDA paths "
+                               "on a GPU)", transport.run),
         "balance": Benchmark("balance", "balancer quality (max/LB) and speed per length distribution", balance.run),
         "balance-runs": Benchmark("balance-runs", "HSTU on 2 and 4 gloo ranks with and without balancing",
                                   balance_runs.run),

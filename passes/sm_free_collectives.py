@@ -1,0 +1,145 @@
+"""``sm-free-collectives``: swap eligible all-to-alls for the copy-engine ops of
+:mod:`fsc.runtime.ops`, so communication that overlaps compute takes no SMs (GPU) or no
+gloo threads (CPU ranks on one host).
+
+**Matches** ``_c10d_functional.all_to_all_single`` nodes whose every user is a
+``_c10d_functional.wait_tensor``, on a device the transport serves (CPU on Linux x86-64;
+CUDA with symmetric memory and ``cuStreamWaitValue32``), and, unless ``swap_all=true``,
+with compute between the collective and its first wait (something for the transfer to
+overlap; without it NCCL/gloo is as good and needs no second transport).
+
+**Changes** each match into ``freescale::all_to_all_single`` with the same arguments, and
+each of its waits into ``freescale::wait_tensor(handle, <the same arguments>)`` (see
+:mod:`fsc.runtime.ops` for why the wait restates them: among others, the input stays live
+and unwritten until the wait). Positions do not change; the collective keeps
+its identity (``fsc_collective_id``).
+
+**Safe because** the freescale ops compute the same values as the ones they replace
+(same schema, same per-group issue order; the transport is FIFO per group), and the
+decision reads only the graph, the device type and this torch build, which are the same
+on every rank, so every rank swaps the same collectives (a rank that swapped while another
+did not would pair different collectives and hang). Whether the copy-engine path is used
+is settled at run time, once per group, by all ranks together: a group that spans hosts
+runs the group's own collective inside the freescale op.
+
+**Limits.** All-gather and reduce-scatter are not swapped: the transports implement
+all-to-all only (each is declined with that reason). Run it last: the analyses of the
+other passes know ``_c10d_functional`` collectives only. Opt-in: not part of the default
+pipeline (``in_default_pipeline = False``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.fx as fx
+
+import fsc.runtime.ops  # noqa: F401  (registers torch.ops.freescale for the rewritten graphs)
+from fsc.analysis.collectives import COLLECTIVE_ID, Collective, call_arg, find_collectives, is_collective, is_wait
+from fsc.analysis.cost_model import is_view
+from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.rewriter import GraphRewriter
+
+FREESCALE_ALL_TO_ALL = torch.ops.freescale.all_to_all_single.default
+FREESCALE_WAIT = torch.ops.freescale.wait_tensor.default
+
+
+def transport_unavailable(device: torch.device) -> str | None:
+    """Why no copy-engine transport can serve ``device`` in this build and platform, or
+    None. Local facts only, alike on every rank of a job."""
+    if device.type == "cpu":
+        from fsc.runtime import futex
+
+        if not futex.supported():
+            return "the shared-memory transport needs Linux"
+        import platform
+
+        if platform.machine() != "x86_64":
+            return f"the shared-memory transport needs x86-64, not {platform.machine()}"
+        return None
+    if device.type == "cuda":
+        from fsc.runtime.cuda_transport import unavailable_reason
+
+        return unavailable_reason(device)
+    return f"no copy-engine transport for device type {device.type!r}"
+
+
+def _carried(meta: dict) -> dict:
+    """The meta a replacement node inherits: not ``eager_input_vals``, which describes the
+    old op's arguments (Inductor would constrain the new op's inputs to them)."""
+    return {k: v for k, v in meta.items() if k != "eager_input_vals"}
+
+
+def _is_compute(node: fx.Node) -> bool:
+    if node.op != "call_function" or is_collective(node) or is_wait(node) or is_view(node):
+        return False
+    if node.target in (FREESCALE_ALL_TO_ALL, FREESCALE_WAIT):
+        return False
+    val = node.meta.get("val")
+    values = val if isinstance(val, (list, tuple)) else [val]
+    return any(isinstance(v, torch.Tensor) for v in values)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class SmFreeCollectives(Pass):
+    name = "sm-free-collectives"
+    rewrites_collectives = True
+    in_default_pipeline: ClassVar[bool] = False
+
+    swap_all: bool = False
+    """Swap eligible all-to-alls even when no compute overlaps them."""
+
+    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        collectives = find_collectives(gm.graph)
+        if not collectives:
+            return PassResult(modified=False, reasons=("no functional collectives",))
+        order = {node: i for i, node in enumerate(gm.graph.nodes)}
+        nodes = list(gm.graph.nodes)
+        rewriter = GraphRewriter(gm.graph)
+        reasons: list[str] = []
+        swapped = 0
+        for coll in collectives:
+            reason = self._decline(coll, order, nodes)
+            if reason is not None:
+                reasons.append(f"{coll.kind} {coll.node.name!r} not swapped: {reason}")
+                continue
+            self._swap(rewriter, coll.node, coll.waits)
+            swapped += 1
+        return PassResult(
+            modified=rewriter.modified,
+            stats={**rewriter.stats(), "collectives": len(collectives), "swapped": swapped},
+            reasons=tuple(reasons),
+        )
+
+    def _decline(self, coll: Collective, order: dict[fx.Node, int], nodes: list[fx.Node]) -> str | None:
+        if coll.kind != "all_to_all_single":
+            return "the copy-engine transports implement all_to_all_single only"
+        if not coll.waits or len(coll.waits) != len(coll.node.users):
+            return "its result is read by something other than wait_tensor"
+        val = coll.node.meta.get("val")
+        if not isinstance(val, torch.Tensor):
+            return "it has no tensor metadata (was the graph traced with fake tensors?)"
+        unavailable = transport_unavailable(val.device)
+        if unavailable is not None:
+            return unavailable
+        if not self.swap_all:
+            first_wait = min(order[w] for w in coll.waits)
+            if not any(_is_compute(n) for n in nodes[order[coll.node] + 1:first_wait]):
+                return ("nothing computes while it is in flight (its wait follows at once); schedule it with "
+                        "overlap-schedule first, or set swap_all=true")
+        return None
+
+    @staticmethod
+    def _swap(rewriter: GraphRewriter, node: fx.Node, waits: tuple[fx.Node, ...]) -> None:
+        args = tuple(call_arg(node, name) for name in ("input", "output_split_sizes", "input_split_sizes",
+                                                          "group_name"))
+        handle = node.meta["val"].new_empty((1,), dtype=torch.int64, device="cpu")  # the fake handle
+        new = rewriter.insert_before(node, FREESCALE_ALL_TO_ALL, args, meta={
+            **_carried(node.meta), "val": handle, COLLECTIVE_ID: node.meta.get(COLLECTIVE_ID, node.name)})
+        for wait in waits:
+            # The wait restates the all-to-all: its input stays live (and unwritten) until here.
+            new_wait = rewriter.insert_before(wait, FREESCALE_WAIT, (new, *args), meta=_carried(wait.meta))
+            rewriter.replace(wait, new_wait)
+        rewriter.erase(node)

@@ -1,0 +1,119 @@
+"""sm-free-collectives on hand-traced graphs (no process group needed)."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+import fsc
+from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
+from fsc.pass_manager import PassRegistry, parse_pipeline
+from fsc.passes.sm_free_collectives import FREESCALE_ALL_TO_ALL, FREESCALE_WAIT, SmFreeCollectives
+
+c10d = torch.ops._c10d_functional
+
+
+def ctx() -> fsc.PassContext:
+    return fsc.PassContext(graph_kind="forward", cost_model=CostModel(DEVICE_PROFILES["cpu"]), memory_budget_bytes=None)
+
+
+def overlapped(x, w):
+    pending = c10d.all_to_all_single(torch.relu(x), [48, 16], [32, 32], "g0")
+    h = x @ w  # computes while the exchange is in flight
+    return c10d.wait_tensor(pending).sum() + h.sum()
+
+
+def back_to_back(x, w):
+    rows = c10d.wait_tensor(c10d.all_to_all_single(torch.relu(x), [32, 32], [32, 32], "g0"))
+    return (rows @ w).sum()
+
+
+def trace(f, *shapes, device="cpu"):
+    return make_fx(f, tracing_mode="fake")(*(torch.randn(*s, device=device) for s in shapes))
+
+
+def targets(gm) -> list:
+    return [n.target for n in gm.graph.nodes if n.op == "call_function"]
+
+
+def run(gm, **options):
+    return fsc.PassManager([SmFreeCollectives(**options)]).run(gm, ctx())[0]
+
+
+def test_sm_free_collectives_swaps_an_all_to_all_that_overlaps_compute():
+    gm = trace(overlapped, (64, 64), (64, 64))
+    record = run(gm)
+    assert record.modified is True
+    assert record.stats["swapped"] == 1 and record.stats["collectives"] == 1
+    assert c10d.all_to_all_single.default not in targets(gm) and c10d.wait_tensor.default not in targets(gm)
+    swapped = next(n for n in gm.graph.nodes if n.target is FREESCALE_ALL_TO_ALL)
+    assert swapped.args[1:] == ([48, 16], [32, 32], "g0")
+    handle = swapped.meta["val"]
+    assert (handle.shape, handle.dtype, handle.device.type) == ((1,), torch.int64, "cpu")
+    assert swapped.meta["fsc_collective_id"] == "all_to_all_single"
+    wait = next(n for n in gm.graph.nodes if n.target is FREESCALE_WAIT)
+    assert wait.args == (swapped, *swapped.args)  # the wait restates the all-to-all
+    assert wait.meta["val"].shape == (64, 64)
+    gm.graph.lint()
+    code = gm.code
+    assert "freescale.all_to_all_single.default(relu, [48, 16], [32, 32], 'g0')" in code
+    assert "freescale.wait_tensor.default(all_to_all_single_default, relu, [48, 16], [32, 32], 'g0')" in code
+    assert code.index("freescale.all_to_all_single") < code.index("aten.mm") < code.index("freescale.wait_tensor")
+
+
+def test_sm_free_collectives_declines_a_wait_that_follows_at_once_unless_swap_all():
+    gm = trace(back_to_back, (64, 64), (64, 64))
+    record = run(gm)
+    assert record.modified is False
+    assert record.reasons == (
+        "all_to_all_single 'all_to_all_single' not swapped: nothing computes while it is in flight (its wait "
+        "follows at once); schedule it with overlap-schedule first, or set swap_all=true",
+    )
+    record = run(gm, swap_all=True)
+    assert record.modified is True and record.stats["swapped"] == 1
+
+
+def test_sm_free_collectives_declines_all_gather_and_reduce_scatter():
+    def gather_scatter(x, w):
+        g = c10d.all_gather_into_tensor(x, 2, "g0")
+        s = c10d.reduce_scatter_tensor(x, "sum", 2, "g0")
+        h = x @ w
+        return c10d.wait_tensor(g).sum() + c10d.wait_tensor(s).sum() + h.sum()
+
+    gm = trace(gather_scatter, (64, 64), (64, 64))
+    record = run(gm, swap_all=True)
+    assert record.modified is False
+    assert [r.split(" not swapped: ")[1] for r in record.reasons] == [
+        "the copy-engine transports implement all_to_all_single only"] * 2
+
+
+def test_sm_free_collectives_declines_a_result_read_without_a_wait():
+    def unwaited(x, w):
+        out = c10d.all_to_all_single(x, [32, 32], [32, 32], "g0")
+        return (out @ w).sum() + c10d.wait_tensor(out).sum()
+
+    gm = trace(unwaited, (64, 64), (64, 64))
+    record = run(gm, swap_all=True)
+    assert record.modified is False
+    assert record.reasons[0].endswith("its result is read by something other than wait_tensor")
+
+
+def test_sm_free_collectives_declines_devices_without_a_transport():
+    gm = trace(overlapped, (64, 64), (64, 64), device="meta")
+    record = run(gm)
+    assert record.modified is False
+    assert record.reasons[0].endswith("no copy-engine transport for device type 'meta'")
+
+
+def test_sm_free_collectives_leaves_graphs_without_collectives_alone():
+    gm = trace(lambda x, w: (x @ w).relu(), (8, 8), (8, 8))
+    record = run(gm)
+    assert record.modified is False and record.reasons == ("no functional collectives",)
+
+
+def test_sm_free_collectives_parses_from_a_pipeline_string_and_is_opt_in():
+    registry = PassRegistry([SmFreeCollectives])
+    (p,) = parse_pipeline("sm-free-collectives{swap_all=true}", registry)
+    assert p == SmFreeCollectives(swap_all=True)
+    assert p.spec() == "sm-free-collectives{swap_all=true}"
+    assert SmFreeCollectives.in_default_pipeline is False
