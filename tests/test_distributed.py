@@ -253,6 +253,9 @@ def _data_dependent_worker(rank: int, world: int) -> list[tuple]:
             worst = max(worst, (got - ref).abs().item())
             worst = max(worst, *((a - b).abs().max().item() for a, b in zip([table.weight.grad, dense.weight.grad], ref_grads)))
             table.weight.grad = dense.weight.grad = None
+        # Ranks share Inductor's cache: a rank served from it reads the record the other rank
+        # wrote, which may still be adding its backward; wait until every rank is done.
+        dist.barrier()
         graphs = fsc.last_compile().graphs()
         out.append((inner, worst, {k: g.fallback for k, g in graphs.items()}, sorted(graphs)))
     return out
