@@ -61,10 +61,11 @@ def test_schedule_bench_rows_and_freescale_never_worse_than_program_order(tmp_pa
     import json
 
     out = tmp_path / "schedule.json"
-    done = run("-m", "fsc.bench", "schedule", "--profile", "h100", "--json", str(out))
+    done = run("-m", "fsc.bench", "schedule", "--profile", "h100", "--graphs", "comm-first,dense-first,dlrm-like",
+               "--json", str(out))
     assert done.returncode == 0, done.stderr
     rows = json.loads(out.read_text())
-    assert {r["scheduler"] for r in rows} == {"none", "freescale-moves", "freescale"}
+    assert {r["scheduler"] for r in rows} == {"none", "freescale-moves", "freescale", "inductor-overlap", "inductor-legacy"}
     by = {(r["graph"], r["scheduler"]): r for r in rows}
     for graph in {r["graph"] for r in rows}:
         assert by[graph, "freescale"]["makespan_ms"] <= by[graph, "none"]["makespan_ms"]

@@ -22,12 +22,16 @@ def _benchmarks() -> dict[str, Benchmark]:
         sample_cost,
         schedule,
         transport,
+        waits,
     )
 
     return {
         "compile-overhead": Benchmark("compile-overhead", "compile time of freescale vs inductor", compile_overhead.run),
         "cpu-profile": Benchmark("cpu-profile", "measure the cpu device profile's numbers", cpu_profile.run),
-        "schedule": Benchmark("schedule", "graph zoo: estimated exposed comm and makespan per scheduler", schedule.run),
+        "schedule": Benchmark("schedule", "graph zoo + HSTU graphs: estimated exposed comm and makespan, freescale vs "
+                              "Inductor's schedulers", schedule.run),
+        "waits": Benchmark("waits", "HSTU on 2 gloo ranks: time blocked in exchange waits per step, freescale vs "
+                           "inductor vs inductor-overlap", waits.run),
         "sample-cost": Benchmark("sample-cost", "graph-derived per-sample cost vs measured step times", sample_cost.run),
         "attention": Benchmark("attention", "jagged attention kernels vs PyTorch reference, FlexAttention, "
                                "generative-recommenders (GPU only)", attention.run),
