@@ -118,7 +118,6 @@ class _Plan:
     reductions: list[fx.Node]
     exits: dict[fx.Node, list[fx.Node]]
     """region node -> its users outside the region (they get the reassembled rows)"""
-    nbytes: float
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -232,7 +231,7 @@ class SplitCollectives(Pass):
         if verdict is not None:
             return verdict
         return _Plan(a2a=a2a, wait=wait, region=region, side=side, reverses=reverses, reductions=reductions,
-                     exits=exits, nbytes=nbytes)
+                     exits=exits)
 
     def _worth_it(self, a2a: fx.Node, region: list[fx.Node], reverses: dict[fx.Node, fx.Node],
                   cost_model: CostModel) -> str | None:
@@ -246,15 +245,14 @@ class SplitCollectives(Pass):
         compute_nodes = [n for n in region if cost_model.node_cost(n).lane == "compute"]
         compute = sum(invariant_seconds(cost_model.node_cost(n)) for n in compute_nodes)
         moved = sum(invariant_value(describe(n).input_nbytes) + invariant_value(describe(n).nbytes) for n in exchanges)
-        latency = (transfer - sum(invariant_value(describe(n).input_nbytes) for n in exchanges)
-                   / profile.intra_node_bandwidth) / len(exchanges)
+        _, latency = cost_model.link(describe(a2a).group_size)
         independent = sum(invariant_seconds(cost_model.node_cost(n)) for n in _unrelated(a2a)
                           if cost_model.node_cost(n).lane == "compute")
         if independent >= transfer:
             return (f"not needed on {profile.name}: {independent * 1e6:.1f} us of independent compute can hide "
                     f"the {transfer * 1e6:.1f} us transfer (overlap-schedule places it)")
         gain = min(compute, transfer - independent) * (k - 1) / k
-        cost = ((k - 1) * (max(latency, 0.0) * len(exchanges) + len(compute_nodes) * profile.op_overhead)
+        cost = ((k - 1) * (latency * len(exchanges) + len(compute_nodes) * profile.op_overhead)
                 + 2 * moved / profile.memory_bandwidth)
         if gain <= cost:
             return (f"estimated not to pay on {profile.name}: overlaps {gain * 1e6:.1f} us of row-wise compute, "

@@ -236,13 +236,17 @@ class CostModel:
             nbytes_expr=nbytes,
         )
 
+    def link(self, ranks: int | None) -> tuple[float, float]:
+        """(bandwidth, latency) of a group of ``ranks``: inter-node once it spans nodes."""
+        ranks = ranks or self.profile.default_group_size
+        if ranks > self.profile.ranks_per_node:
+            return self.profile.inter_node_bandwidth, self.profile.inter_node_latency
+        return self.profile.intra_node_bandwidth, self.profile.intra_node_latency
+
     def collective_cost(self, node: fx.Node) -> NodeCost:
         coll = describe(node)
         ranks = coll.group_size or self.profile.default_group_size
-        if ranks > self.profile.ranks_per_node:
-            bandwidth, latency = self.profile.inter_node_bandwidth, self.profile.inter_node_latency
-        else:
-            bandwidth, latency = self.profile.intra_node_bandwidth, self.profile.intra_node_latency
+        bandwidth, latency = self.link(ranks)
         share = (ranks - 1) / ranks
         # Bytes each rank sends: an all-to-all keeps 1/R of its input, a ring all-gather
         # or reduce-scatter moves (R-1)/R of the full tensor, a ring all-reduce does both.

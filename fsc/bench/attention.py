@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import inspect
-import json
 import math
 import pathlib
 import platform
@@ -29,16 +28,15 @@ from typing import Any
 
 import torch
 
+from fsc.bench.report import write_json
+
 SCENARIOS = ("causal", "ranking", "window", "bias")
 """causal: plain causal; ranking: targets and a contextual prefix; window: max_attn_len;
 bias: relative position and time bias (ours and the reference only)."""
 
 
 def _write(json_path: str, payload: dict) -> None:
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, payload)
 
 
 def _environment() -> dict:

@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import logging
 import pathlib
 import statistics
@@ -52,6 +51,7 @@ from collections import Counter
 import numpy as np
 
 from fsc.runtime import HSTU_EXAMPLE_COST, Balancer, QuadraticCost
+from fsc.bench.report import write_json
 
 METHODS = ("random", "round-robin", "kk-equal", "freescale")
 DEFAULT_MAX_LEN = 200  # HSTUConfig.max_len
@@ -233,8 +233,5 @@ def run(argv: list[str], json_path: str) -> int:
         count, share = report[(row["distribution"], row["ranks"], row["method"])]
         print(f"{row['distribution']:<14}{row['ranks']:>6}{row['per_rank']:>9}  {row['method']:<13}"
               f"{row['max_over_lb']:>9.4f}{row['ms']:>9.2f}  {count} ({100 * share:.1f}%)")
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, table)
     return 0

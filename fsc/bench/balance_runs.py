@@ -18,8 +18,9 @@ import pathlib
 import subprocess
 import sys
 import tempfile
+from fsc.bench.hstu_graphs import EXAMPLES
+from fsc.bench.report import write_json
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
 
 DEFAULT_DATA = "../shared/data/movielens-latest-small/ratings.csv"
 
@@ -59,9 +60,6 @@ def run(argv: list[str], json_path: str) -> int:
     for world in args.ranks:
         base, bal = (next(r for r in rows if r["ranks"] == world and r["balance"] == b) for b in ("none", "freescale"))
         print(f"ranks {world}: balanced / unbalanced step time = {bal['median_step_ms'] / base['median_step_ms']:.3f}")
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": "balance-runs", "data": args.lengths_from, "steps": args.steps,
-                                "batch_size": args.batch_size, "max_len": args.max_len, "rows": rows}, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, {"benchmark": "balance-runs", "data": args.lengths_from, "steps": args.steps,
+                                "batch_size": args.batch_size, "max_len": args.max_len, "rows": rows})
     return 0

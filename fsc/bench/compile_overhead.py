@@ -7,9 +7,7 @@ medians and the median of per-round ratios."""
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import pathlib
 import platform
 import statistics
 import tempfile
@@ -18,7 +16,7 @@ from typing import Any
 
 import torch
 
-from fsc.bench.report import replace_section
+from fsc.bench.report import replace_section, write_json
 
 
 def _compile_once(backend: Any, options: dict | None, batch: int, length: int) -> tuple[float, float, float]:
@@ -95,10 +93,7 @@ def run(argv: list[str], json_path: str) -> int:
         print(f"{k:<12}{v:>18.3f}")
     print(f"freescale / inductor (median of per-round ratios): {result['median_ratio_freescale_over_inductor']:.3f}")
     print(f"time inside fsc's pipeline (forward + backward): {result['median_fsc_pipeline_s'] * 1e3:.1f} ms")
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, result)
     if args.readme:
         replace_section(args.readme, "compile-overhead", table(result, json_path))
         print(f"updated {args.readme}")

@@ -15,6 +15,7 @@ import torch
 import torch.multiprocessing as mp
 
 from fsc.analysis.calibration import measure_compute, median_seconds
+from fsc.bench.report import write_json
 
 
 def _all_to_all_rank(rank: int, world: int, store: str, out: str) -> None:
@@ -53,8 +54,5 @@ def run(argv: list[str], json_path: str) -> int:
     print(f"{'quantity':<22}{'measured':>14}{'cpu profile':>14}")
     for key, value in measured.items():
         print(f"{key:<22}{value:>14.4g}{getattr(profile, key):>14.4g}")
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"benchmark": "cpu-profile", "measured": measured}, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, {"benchmark": "cpu-profile", "measured": measured})
     return 0

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import pathlib
 import re
+from typing import Any
 
 
 def replace_section(readme: str | pathlib.Path, name: str, body: str) -> None:
@@ -18,3 +20,12 @@ def replace_section(readme: str | pathlib.Path, name: str, body: str) -> None:
     if not pattern.search(text):
         raise ValueError(f"{path} has no {start} ... {end} section to update")
     path.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))
+
+
+def write_json(json_path: str | pathlib.Path, data: Any) -> pathlib.Path:
+    """Write a benchmark's results (creating the folder) and say where."""
+    path = pathlib.Path(json_path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2))
+    print(f"wrote {path}")
+    return path

@@ -12,24 +12,14 @@ measurements (what a hand-made cost model would fit).
 from __future__ import annotations
 
 import argparse
-import json
-import pathlib
 import statistics
-import sys
 import time
 
 import numpy as np
 import torch
 
-EXAMPLES = pathlib.Path(__file__).resolve().parents[2] / "examples"
-
-
-def import_examples() -> None:
-    """``import hstu`` from the checkout's examples/ (not an installed package)."""
-    if not (EXAMPLES / "hstu" / "model.py").exists():
-        raise RuntimeError(f"the HSTU example is not at {EXAMPLES}; run from a source checkout of fsc")
-    if str(EXAMPLES) not in sys.path:
-        sys.path.insert(0, str(EXAMPLES))
+from fsc.bench.hstu_graphs import import_examples
+from fsc.bench.report import write_json
 
 LENGTHS = (8, 16, 32, 64, 128, 256, 384, 512)
 
@@ -112,8 +102,5 @@ def run(argv: list[str], json_path: str) -> int:
     print(f"alpha {result['alpha']:.3f}; graph cost: R^2 {result['r2_graph_cost']:.4f}, worst rel. error "
           f"{result['max_rel_error_graph_cost']:.1%}; free quadratic: R^2 {result['r2_free_quadratic']:.4f}, "
           f"worst {result['max_rel_error_free_quadratic']:.1%}")
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, result)
     return 0

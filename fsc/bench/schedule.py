@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import logging
-import pathlib
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -53,6 +51,7 @@ from fsc.bench import inductor_peers
 from fsc.bench.hstu_graphs import HSTUSpec, capture_hstu_graphs, compile_hstu, fake_world
 from fsc.graph_utils import clone_graph_module
 from fsc.pass_manager import PassContext, PassManager, default_pipeline, parse_pipeline
+from fsc.bench.report import write_json
 
 log = logging.getLogger(__name__)
 
@@ -335,8 +334,5 @@ def run(argv: list[str], json_path: str) -> int:
     print("\ntargets (freescale vs " + ", ".join(PEERS) + "):")
     for line in check_targets(table):
         print("  " + line)
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, table)
     return 0

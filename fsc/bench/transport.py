@@ -26,6 +26,7 @@ import statistics
 import tempfile
 import time
 from typing import Any
+from fsc.bench.report import write_json
 
 SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TRANSPORTS = ("gloo", "shm")
@@ -140,10 +141,7 @@ def run(argv: list[str], json_path: str) -> int:
         table.extend(measure(world, sizes, list(TRANSPORTS)))
     for line in _format(table):
         print(line)
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(table, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, table)
     return 0
 
 

@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
-import pathlib
 import pickle
 import platform
 import socket
@@ -57,6 +55,8 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+
+from fsc.bench.report import write_json
 
 BACKENDS = ("freescale", "inductor", "inductor-overlap")
 STEP = "fsc.bench.waits.step"
@@ -347,8 +347,5 @@ def run(argv: list[str], json_path: str) -> int:
               f"{fmt(row.get('median_paired_step_diff_vs_inductor_ms'), 3):>18}"
               f"{row['median_allreduce_wait_ms']:>19.3f}")
     print(f"load average before/after: {load_before} / {result['load_average_after']}; total {result['wall_s']:.0f} s")
-    path = pathlib.Path(json_path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
-    print(f"wrote {path}")
+    write_json(json_path, result)
     return 0
