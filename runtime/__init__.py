@@ -18,9 +18,15 @@ Implemented:
   else through the group's own collective. Importing :mod:`fsc.runtime.ops` registers the
   ops.
 
-Planned (DESIGN.md): the bubble meter. The compiler does not emit calls into this package
-yet (the sm-free-collectives pass will); the balancer is called by training loops (the HSTU
-example routes samples with it: ``examples/hstu/routing.py``).
+- the bubble meter (:mod:`fsc.runtime.bubbles`): per rank and step, compute-busy time,
+  exposed communication (time blocked in collective waits) and straggler idle (time at a
+  synchronisation point waiting for slower ranks), from ``torch.profiler`` CPU events; off
+  by default. Its records and the Chrome/Perfetto trace and PNG writers
+  (:mod:`fsc.runtime.bubble_trace`) are shared with the simulator (:mod:`fsc.sim`).
+
+The opt-in sm-free-collectives pass emits calls into :mod:`fsc.runtime.ops`; the balancer
+and the meter are called by training loops (the HSTU example: ``examples/hstu/routing.py``,
+``examples/hstu/train.py --balance ... --bubbles DIR``).
 """
 
 import importlib
@@ -53,6 +59,10 @@ _EXPORTS = {
     "SplitMismatchError": "fsc.runtime.transport",
     "TransportBrokenError": "fsc.runtime.transport",
     "TransportConfigError": "fsc.runtime.transport",
+    "BubbleMeter": "fsc.runtime.bubbles",
+    "BubbleReport": "fsc.runtime.bubbles",
+    "Interval": "fsc.runtime.bubble_trace",
+    "StepBubbles": "fsc.runtime.bubble_trace",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,12 +1,14 @@
 """Train the HSTU example: ``torchrun --nproc_per_node=N examples/hstu/train.py ...``.
 
     --backend {eager,inductor,freescale}  --steps S  --batch-size B (global, sequences)
-    --seed K  [--data RATINGS_FILE]  [--out DIR]  [--eval]
+    --seed K  [--data RATINGS_FILE]  [--out DIR]  [--eval]  [--bubbles DIR]
 
 CPU ranks use gloo, GPU ranks NCCL. Without torchrun it runs as a single process. Rank 0
 writes ``DIR/summary.json`` (final_loss, losses, median_step_ms, recompiles, world_size,
 backend, and hr@10/ndcg@10 with --eval) and, for freescale, the compile record under
-``DIR/compile_record/``.
+``DIR/compile_record/``. ``--bubbles DIR`` turns the bubble meter on (``fsc.runtime.bubbles``):
+rank 0 writes ``DIR/bubbles.json``, ``DIR/trace.json`` (Perfetto) and ``DIR/bubbles.png``,
+and the summary gains ``bubble_fraction``, ``exposed_comm_ms`` and ``idle_ms``.
 """
 
 from __future__ import annotations
@@ -83,6 +85,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--balance-cost", choices=("tokens", "quadratic"), default="tokens",
                    help="per-sample cost: tokens (this model's attention is dense over a rank's tokens, so its "
                         "cost grows with the rank's token count) or a*L^2+b*L (jagged attention)")
+    p.add_argument("--bubbles", default=None, metavar="DIR",
+                   help="measure compute / exposed communication / straggler idle per rank and step "
+                        "(fsc.runtime.bubbles; step 0 and every 4th step after it are not metered); rank 0 "
+                        "writes DIR/bubbles.json, DIR/trace.json, DIR/bubbles.png")
     return p.parse_args(argv)
 
 
@@ -108,6 +114,14 @@ def load(args: argparse.Namespace) -> Histories:
         return load_movielens(args.data)
     return synthetic_histories(num_users=args.synthetic_users, num_items=args.synthetic_items, seed=args.seed,
                                lengths=args.lengths)
+
+
+def make_meter(args: argparse.Namespace, rank: int, world: int):
+    """The bubble meter, on with ``--bubbles``: step 0 (compilation) is not metered, and every
+    4th step after it runs unmetered as the control for the meter's overhead."""
+    from fsc.runtime.bubbles import BubbleMeter
+
+    return BubbleMeter(rank=rank, world=world, enabled=args.bubbles is not None, warmup_steps=1, control_every=4)
 
 
 def compile_model(model: torch.nn.Module, args: argparse.Namespace):
@@ -167,39 +181,47 @@ def train(args: argparse.Namespace) -> dict:
     balance_stats: list[tuple[float, int]] = []
     graphs_after_first = 0
     progress = Progress(args.steps, rank == 0 and not args.quiet)
+    meter = make_meter(args, rank, world)
     for step in range(args.steps):
-        start = time.perf_counter()
-        users = my_users(step)
-        batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
-                        [train_h.timestamps[u] for u in users], cfg.max_len)
-        if router is not None:
-            plan = pending.result()
-            if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
-                pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
-            batch = router.route(batch, plan)
-            balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers))
-        trained = torch.tensor([float((batch.targets > 0).sum())])
-        dist.all_reduce(trained)
-        tensors = [t.to(device) for t in batch.tensors()]
-        if step == 0:
-            for t in tensors:  # the token count changes every step: compile for any
-                torch._dynamo.mark_dynamic(t, 0)
-        negatives = sample_negatives(cfg.num_items, cfg.num_negatives, args.seed, step, rank).to(device)
-        loss = step_fn(*tensors, negatives, scale_tensor(trained.item()).to(device))
-        loss.backward()
-        waited = time.perf_counter()
-        buckets.wait()  # ranks that finished their backward early wait here for the slowest
-        wait_ms.append((time.perf_counter() - waited) * 1e3)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        total = loss.detach().clone()
-        dist.all_reduce(total)
-        losses.append(total.item())
-        step_ms.append((time.perf_counter() - start) * 1e3)
+        with meter.step(step):
+            start = time.perf_counter()
+            users = my_users(step)
+            batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
+                            [train_h.timestamps[u] for u in users], cfg.max_len)
+            if router is not None:
+                with meter.sync_wait("balance plan"):
+                    plan = pending.result()
+                if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
+                    pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
+                with meter.sync_wait("sample routing"):
+                    batch = router.route(batch, plan)
+                balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers))
+            trained = torch.tensor([float((batch.targets > 0).sum())])
+            with meter.sync_wait("token count all-reduce"):
+                dist.all_reduce(trained)
+            tensors = [t.to(device) for t in batch.tensors()]
+            if step == 0:
+                for t in tensors:  # the token count changes every step: compile for any
+                    torch._dynamo.mark_dynamic(t, 0)
+            negatives = sample_negatives(cfg.num_items, cfg.num_negatives, args.seed, step, rank).to(device)
+            loss = step_fn(*tensors, negatives, scale_tensor(trained.item()).to(device))
+            loss.backward()
+            waited = time.perf_counter()
+            with meter.sync_wait("dense grad all-reduce"):
+                buckets.wait()  # ranks that finished their backward early wait here for the slowest
+            wait_ms.append((time.perf_counter() - waited) * 1e3)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            total = loss.detach().clone()
+            with meter.sync_wait("loss all-reduce"):
+                dist.all_reduce(total)
+            losses.append(total.item())
+            step_ms.append((time.perf_counter() - start) * 1e3)
         if step == 0:
             graphs_after_first = counters["stats"]["unique_graphs"]
         if rank == 0 and not args.quiet:
             progress.update(step + 1, f"loss {losses[-1]:.4f} step {step_ms[-1]:.0f} ms")
+    bubbles = meter.finish()  # collective (a no-op when --bubbles is off)
     # every rank compiles for itself: report the worst
     recompiles = torch.tensor([counters["stats"]["unique_graphs"] - graphs_after_first])
     dist.all_reduce(recompiles, op=dist.ReduceOp.MAX)
@@ -222,6 +244,15 @@ def train(args: argparse.Namespace) -> dict:
         "recompiles": int(recompiles.item()),
         "graphs": counters["stats"]["unique_graphs"],
     }
+    measured = bubbles.summary()  # {} when the meter is off or metered no step
+    if measured:
+        # means over ranks of each rank's median over its metered steps
+        summary.update({key: measured[key] for key in ("bubble_fraction", "exposed_comm_ms", "idle_ms")})
+        summary["bubbles"] = {"per_rank": measured["per_rank"], "compute_ms": measured["compute_ms"],
+                              "unattributed_ms": measured["unattributed_ms"], "step_ms": measured["step_ms"],
+                              "overhead_ratio": measured["overhead_ratio"], "dir": args.bubbles}
+        if rank == 0:
+            bubbles.write(args.bubbles, png=True, label=args.backend)
     if args.eval:
         summary.update(evaluate(model, train_h, held_out, cfg, args.eval_batch, rank, world, device))
     if rank == 0 and args.out:

@@ -94,27 +94,22 @@ def _compile(model: torch.nn.Module, backend: str) -> tuple[Any, Callable[[], co
 
 def _per_step(prof: Any, backends: list[str], steps: int) -> dict[str, tuple[list[float], list[float]]]:
     """Per backend: (graph waits, gradient all-reduce waits) in ms per measured step."""
+    from fsc.runtime.bubbles import wait_time_by_range
+
     events = list(prof.events())
     ranges = []
     for e in events:
         if e.name.startswith(STEP + "."):
             backend, step = e.name[len(STEP) + 1 :].rsplit(".", 1)
-            ranges.append((e.time_range.start, e.time_range.end, backend, int(step)))
+            ranges.append((e.time_range.start, e.time_range.end, (backend, int(step))))
     excluded = [(e.time_range.start, e.time_range.end) for e in events if e.name == ALLREDUCE_WAIT]
+    spans = ((e.name, e.time_range.start, e.time_range.end) for e in events)
     out = {b: ([0.0] * steps, [0.0] * steps) for b in backends}
-    for e in events:
-        if e.name != WAIT_OP:
-            continue
-        start = e.time_range.start
-        owner = next(((b, k) for lo, hi, b, k in ranges if lo <= start <= hi), None)
-        if owner is None:
-            continue
-        ms = (e.time_range.end - start) / 1e3
-        graph, allreduce = out[owner[0]]
-        if any(lo <= start <= hi for lo, hi in excluded):
-            allreduce[owner[1]] += ms
-        else:
-            graph[owner[1]] += ms
+    # FunctionEvent times are in microseconds
+    for (backend, step), (graph_us, allreduce_us) in wait_time_by_range(spans, ranges, excluded,
+                                                                         wait_ops=(WAIT_OP,)).items():
+        out[backend][0][step] += graph_us / 1e3
+        out[backend][1][step] += allreduce_us / 1e3
     return out
 
 
