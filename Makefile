@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fsc-installed
 
-.PHONY: setup demo test bench-compile clean
+.PHONY: setup demo test bench bench-setup bench-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,31 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q tests
+
+# make bench: the end-to-end benchmark (results/e2e.json, results/e2e*.png, README table).
+# TorchRec 1.8.0 + fbgemm-gpu-cpu 1.8.0 install with --no-deps on torch 2.13 CPU (their own
+# requirements would pull another torch); then the pure-Python packages torchrec imports, pinned.
+# BENCH_ARGS passes options (e.g. BENCH_ARGS=--quick); BENCH_COMMIT=1 commits exactly the outputs.
+BENCH_STAMP := $(VENV)/.fsc-bench-installed
+BENCH_ARGS ?=
+BENCH_OUTPUTS := results/e2e.json results/e2e.png results/e2e-bubbles.png README.md
+TORCHREC_PKGS := fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 tensordict==0.15.3 cloudpickle==3.1.2 pyvers==0.2.3 \
+	torchmetrics==1.0.3 lightning-utilities==0.15.3 tqdm==4.70.1 pyre-extensions==0.0.32 typing-inspect==0.9.0 \
+	mypy-extensions==1.2.0
+
+$(BENCH_STAMP): $(STAMP) pyproject.toml
+	$(PY) -m pip install --quiet -e ".[test,bench]"
+	$(PY) -m pip install --quiet --no-deps $(TORCHREC_PKGS)
+	touch $(BENCH_STAMP)
+
+bench-setup: $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
+	$(PY) -m fsc.bench e2e --json results/e2e.json --readme README.md $(BENCH_ARGS)
+	@if [ "$(BENCH_COMMIT)" = "1" ]; then \
+		outputs=$$(ls $(BENCH_OUTPUTS) 2>/dev/null); \
+		git add -- $$outputs && git commit -m "make bench: end-to-end results ($$(date -u +%Y-%m-%d))" -- $$outputs; \
+	fi
 
 bench-compile: $(STAMP)
 	$(PY) -m fsc.bench compile-overhead --json results/compile-overhead.json --readme README.md

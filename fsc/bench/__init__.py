@@ -19,6 +19,7 @@ def _benchmarks() -> dict[str, Benchmark]:
         balance_runs,
         compile_overhead,
         cpu_profile,
+        e2e,
         sample_cost,
         schedule,
         transport,
@@ -38,6 +39,8 @@ def _benchmarks() -> dict[str, Benchmark]:
         "transport": Benchmark("transport", "shared-memory all-to-all vs gloo over message sizes (and CUDA paths "
                                "on a GPU)", transport.run),
         "balance": Benchmark("balance", "balancer quality (max/LB) and speed per length distribution", balance.run),
+        "e2e": Benchmark("e2e", "HSTU end to end on 2 and 4 gloo ranks: eager, inductor, inductor-overlap, torchrec "
+                         "and freescale's techniques alone and together (make bench)", e2e.run),
         "balance-runs": Benchmark("balance-runs", "HSTU on 2 and 4 gloo ranks with and without balancing",
                                   balance_runs.run),
     }
