@@ -1,7 +1,9 @@
 """The ``freescale`` backend: ``torch.compile(model, backend="freescale", options={...})``.
 
-Dynamo hands us a graph; AOTAutograd makes the forward and backward aten graphs; our pass
-pipeline rewrites each; the inner compiler turns them into code:
+Dynamo hands us a graph; the pipeline's pre-grad passes (``stage = "pre-grad"``, e.g.
+``lower-attention``) rewrite it first, in both inner modes, so that replacements bring their
+own autograd; AOTAutograd makes the forward and backward aten graphs; the other passes
+rewrite each; the inner compiler turns them into code:
 
 * ``inner="inductor"`` (default): the pipeline runs as Inductor's post-grad custom pass
   (a ``CustomGraphPass`` with a stable ``uuid()``, so Inductor's FX graph cache keeps
@@ -27,14 +29,14 @@ from typing import Any
 import torch
 import torch.fx as fx
 
-from fsc.analysis.cost_model import CostModel, graph_cost
+from fsc.analysis.cost_model import CostModel, exchange_size_estimates, graph_cost
 from fsc.analysis.symbolic import NoHintError
 from fsc.analysis.timeline import estimate_timeline
 from fsc.config import Config
 from fsc.errors import OptionError, PassFailedError, VerificationError
 from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
 from fsc.inspect import CACHE_NOTE, STORE, CompileRecord, GraphRecord, SubgraphRecord
-from fsc.pass_manager import PassContext, PassManager
+from fsc.pass_manager import PassContext, PassManager, passes_for_stage
 from fsc.verify import Verifier
 
 log = logging.getLogger(__name__)
@@ -58,50 +60,96 @@ def freescale(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> A
     if mode not in (None, "default") and config.inner != "inductor":
         raise OptionError(f"mode={mode!r} needs inner='inductor'; inner={config.inner!r} has no modes")
     record = STORE.new_subgraph(config, readable(gm))
+    if passes_for_stage(config.passes, "pre-grad"):
+        rewrite_graph(gm, PRE_GRAD, config, record)
     if config.inner == "eager":
         return _compile_eager(gm, example_inputs, config, record)
     return _compile_inductor(gm, example_inputs, config, record, mode)
 
 
+PRE_GRAD = "pre-grad"
+"""Kind of the Dynamo (torch IR) graph in records; the pre-grad passes run on it."""
+
+
 def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: SubgraphRecord) -> GraphRecord:
-    """Run the pipeline on one aten graph in place and record what happened.
+    """Run the pipeline's passes for ``kind`` on one graph in place and record what happened:
+    the pre-grad passes on the Dynamo graph (``kind="pre-grad"``), the others on an aten
+    graph (``forward``, ``backward``, ``inference``).
 
     A pass that fails (raises, or breaks an invariant) makes the graph compile unrewritten
     with the reason logged and recorded, unless ``on_error="raise"``. A verification
-    failure always raises: the user asked for it.
+    failure always raises: the user asked for it. The pre-grad graph gets no timeline
+    estimate, cost, memory budget or verification (those read aten graphs), and is recorded
+    only when a pre-grad pass changed it or declined something.
     """
     start = time.perf_counter()
-    cost_model = CostModel(config.profile)
-    budget = None if config.memory_budget_gb is None else config.memory_budget_gb * 2**30
+    pre_grad = kind == PRE_GRAD
+    passes = passes_for_stage(config.passes, PRE_GRAD if pre_grad else "aten")
+    if kind == "forward":
+        try:  # a convenience for the backward's estimates: never a reason to fail a compile
+            record.size_estimates = exchange_size_estimates(gm.graph)
+        except Exception as exc:  # noqa: BLE001
+            log.debug("freescale: no split-size estimates for the backward graph: %s", exc)
+    cost_model = CostModel(config.profile, size_estimates=record.size_estimates if kind == "backward" else None)
+    budget = None if config.memory_budget_gb is None or pre_grad else config.memory_budget_gb * 2**30
     ctx = PassContext(graph_kind=kind, cost_model=cost_model, memory_budget_bytes=budget)
     graph_record = GraphRecord(kind=kind, graph_before=readable(gm))
     record.add(graph_record)
-    graph_record.estimate_before, _ = _estimate(gm, cost_model, graph_record)
+    if pre_grad:
+        graph_record.notes.append("torch IR before AOTAutograd: no estimate or cost (those read the aten graphs)")
+        if config.verify:
+            graph_record.notes.append("verify does not run on the pre-grad graph (made-up inputs would break a "
+                                      "lowering's layout checks); the aten graphs are verified")
+    else:
+        graph_record.estimate_before, _ = _estimate(gm, cost_model, graph_record)
     saved = clone_graph_module(gm)
-    verifier = Verifier(gm, kind) if config.verify else None
+    verifier = Verifier(gm, kind) if config.verify and not pre_grad else None
     try:
-        PassManager(config.passes, verifier=verifier).run(gm, ctx, graph_record.passes)
+        PassManager(passes, verifier=verifier).run(gm, ctx, graph_record.passes)
     except VerificationError:
         raise
     except PassFailedError as exc:
         if config.on_error == "raise":
             raise
         log.warning("freescale: %s; compiling the %s graph unrewritten", exc, kind)
-        replace_graph_contents(gm.graph, saved.graph)
+        if pre_grad:
+            _restore_keeping_inputs(gm.graph, saved.graph)
+        else:
+            replace_graph_contents(gm.graph, saved.graph)
         graph_record.fallback = str(exc)
     finally:
         if verifier is not None:
             graph_record.notes.extend(verifier.notes)
     gm.recompile()
     graph_record.graph_after = readable(gm)
-    graph_record.estimate_after, graph_record.timeline_after = _estimate(gm, cost_model, graph_record)
-    graph_record.cost = graph_cost(gm.graph, cost_model)
+    if pre_grad and graph_record.fallback is None and not any(p.modified or p.reasons for p in graph_record.passes):
+        # nothing to lower and nothing declined: keep records of graphs without attention as they were
+        del record.graphs[next(k for k, g in record.graphs.items() if g is graph_record)]
+        return graph_record
+    if not pre_grad:
+        graph_record.estimate_after, graph_record.timeline_after = _estimate(gm, cost_model, graph_record)
+        graph_record.cost = graph_cost(gm.graph, cost_model)
     graph_record.seconds = time.perf_counter() - start
     if record.cache_path is not None:
         _save_record(record)
     if config.dump_dir is not None:
         _dump(config.dump_dir, record, kind)
     return graph_record
+
+
+def _restore_keeping_inputs(dst: fx.Graph, src: fx.Graph) -> None:
+    """Make ``dst`` a copy of ``src`` but keep ``dst``'s placeholder nodes themselves:
+    Dynamo's graph carries facts on them (``_dynamo_source``) that AOTAutograd reads."""
+    inputs = list(dst.find_nodes(op="placeholder"))
+    originals = list(src.find_nodes(op="placeholder"))
+    if [n.name for n in inputs] != [n.name for n in originals]:
+        raise RuntimeError("a pre-grad pass changed the graph's inputs; cannot restore it")
+    body = [n for n in dst.nodes if n.op != "placeholder"]
+    for node in body:  # cut every use first: a failed pass may have left users before producers
+        node.args, node.kwargs = (), {}
+    for node in reversed(body):
+        dst.erase_node(node)
+    dst.output(dst.graph_copy(src, dict(zip(originals, inputs))))
 
 
 def _estimate(gm: fx.GraphModule, cost_model: CostModel, graph_record: GraphRecord) -> tuple[Any, Any]:
@@ -272,8 +320,8 @@ def _compile_inductor(
     patches = inductor_config_patches(config, record, mode)
     record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid(), mode)
     compiled = compile_fx(gm, example_inputs, config_patches=patches)
-    if not record.graphs and record.cache_path is not None:
-        _load_record(record)
+    if record.cache_path is not None and all(g.kind == PRE_GRAD for g in record.graphs.values()):
+        _load_record(record)  # Inductor served the aten graphs from its cache: our passes did not run
     return compiled
 
 
@@ -314,9 +362,10 @@ def _save_record(record: SubgraphRecord) -> None:
 def _load_record(record: SubgraphRecord) -> None:
     record.from_cache = True
     record.refresh()
-    for graph_record in record.graphs.values():
+    aten = [g for g in record.graphs.values() if g.kind != PRE_GRAD]  # the pre-grad record is this run's
+    for graph_record in aten:
         if graph_record.fallback:  # the cached code is the unrewritten graph: say so again
             log.warning("freescale: %s (recorded when Inductor cached it); compiling the %s graph unrewritten",
                         graph_record.fallback, graph_record.kind)
-    if not record.graphs:
+    if not aten:
         record.notes.append(CACHE_NOTE + "; that record is not available (fsc.explain recompiles to show it)")

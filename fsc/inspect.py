@@ -98,6 +98,11 @@ class SubgraphRecord:
 
     cache_mtime: float | None = None
     """Modification time of ``cache_path`` when last read: unchanged files are not re-read."""
+    size_estimates: dict = dataclasses.field(default_factory=dict)
+    """The forward graph's estimates of its data-dependent split sizes
+    (:func:`fsc.analysis.cost_model.exchange_size_estimates`), handed to the backward
+    graph's cost model: a backward exchange reuses them but cannot tie them to the token
+    count by itself."""
 
     def refresh(self) -> None:
         if not self.from_cache or self.cache_path is None:
@@ -128,7 +133,8 @@ class CompileRecord:
     subgraphs: list[SubgraphRecord] = dataclasses.field(default_factory=list)
 
     def graphs(self) -> dict[str, GraphRecord]:
-        """Every graph by summary key: ``forward``/``backward``/``inference``, with
+        """Every graph by summary key: ``forward``/``backward``/``inference`` (and ``pre-grad``
+        where a pre-grad pass such as lower-attention rewrote or declined something), with
         ``_<index>`` appended when the record holds several subgraphs."""
         several = len(self.subgraphs) > 1
         out: dict[str, GraphRecord] = {}

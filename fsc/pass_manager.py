@@ -37,7 +37,8 @@ class PassContext:
     """What a pass may consult besides the graph. Rank-invariant by construction."""
 
     graph_kind: str
-    """``forward``, ``backward`` or ``inference``."""
+    """``forward``, ``backward`` or ``inference`` (aten graphs), or ``pre-grad`` (Dynamo's
+    torch-IR graph, for passes whose ``stage`` is ``"pre-grad"``)."""
     cost_model: CostModel
     memory_budget_bytes: float | None
     """None: no budget beyond the device's memory."""
@@ -51,9 +52,14 @@ class Pass:
     implement :meth:`run`. A pass that moves collectives relative to each other on one
     process group sets ``reorders_collectives``; one that adds or removes collectives
     sets ``rewrites_collectives``. The manager holds passes to those declarations.
+
+    ``stage`` says which graphs a pass runs on: ``"aten"`` (default), the forward and
+    backward graphs AOTAutograd makes; ``"pre-grad"``, Dynamo's torch-IR graph before
+    AOTAutograd (lowerings whose backward must come from the replacement's own autograd).
     """
 
     name: ClassVar[str] = ""
+    stage: ClassVar[str] = "aten"
     reorders_collectives: ClassVar[bool] = False
     rewrites_collectives: ClassVar[bool] = False
     tolerance: ClassVar[tuple[float, float]] = (0.0, 0.0)
@@ -97,6 +103,8 @@ class PassRegistry(Mapping[str, type[Pass]]):
                 raise ValueError(f"pass class {cls.__qualname__} has name {cls.name!r}, not kebab-case")
             if cls.name in table:
                 raise ValueError(f"two passes are named {cls.name!r}")
+            if cls.stage not in STAGES:
+                raise ValueError(f"pass class {cls.__qualname__} has stage {cls.stage!r}, not one of {STAGES}")
             table[cls.name] = cls
         self._table = types.MappingProxyType(table)
 
@@ -119,6 +127,16 @@ class PassRegistry(Mapping[str, type[Pass]]):
 
     def __len__(self) -> int:
         return len(self._table)
+
+
+STAGES = ("pre-grad", "aten")
+
+
+def passes_for_stage(passes: Iterable[Pass], stage: str) -> tuple[Pass, ...]:
+    """The passes of a pipeline that run at ``stage``, in pipeline order."""
+    if stage not in STAGES:
+        raise ValueError(f"stage {stage!r} is not one of {STAGES}")
+    return tuple(p for p in passes if getattr(p, "stage", "aten") == stage)
 
 
 def builtin_registry() -> PassRegistry:

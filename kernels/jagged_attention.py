@@ -742,6 +742,7 @@ def _attention_fwd(
     """Returns ``(out [T, H, Dv], lse)``; lse is ``[T, H]`` fp32 in softmax mode (the row
     log-sum-exp the backward needs) and empty in HSTU mode."""
     if _use_reference(q, impl):
+        offsets, num_targets = _drop_empty_sequences(offsets, num_targets)
         out, lse = _reference_forward(
             _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale, causal=causal,
             num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
@@ -771,6 +772,7 @@ def _attention_bwd(
     """Returns ``(dq, dk, dv, d position_bias, d time_bias)``; a table's gradient is empty
     when the table is absent."""
     if _use_reference(q, impl):
+        offsets, num_targets = _drop_empty_sequences(offsets, num_targets)
         grads = _reference_backward(
             _upcast(dout), _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale,
             causal=causal, num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
@@ -794,6 +796,42 @@ def _attention_bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table(position_bias), table(time_bias)
 
 
+def _drop_empty_sequences(offsets: Tensor, num_targets: OptTensor) -> tuple[Tensor, OptTensor]:
+    """Offsets without their empty sequences, when running on real tensors: the reference
+    pads every sequence to max_seq_len, and callers such as ``lower-attention`` pass a
+    static bound of T sequences of which most are empty. Traced, nothing changes (the
+    shapes would be data-dependent)."""
+    if _is_traced(offsets, num_targets) or offsets.shape[0] < 2:
+        return offsets, num_targets
+    keep = offsets[1:] > offsets[:-1]
+    if bool(keep.all()):
+        return offsets, num_targets
+    return (torch.cat([offsets[:1], offsets[1:][keep]]),
+            num_targets[keep] if num_targets is not None else None)
+
+
+def _keep_reference_opaque(op: Any) -> None:
+    """On the reference path, keep ``op`` as one node under AOTAutograd instead of
+    decomposing it (``triton_op`` decomposes into its body there, which is what Inductor
+    needs to see the Triton kernels on CUDA). Opaque, the reference runs on real tensors:
+    it drops empty sequences, and aten graphs show ``fsc::jagged_attention_*``."""
+    from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+    decompose = op._torch_dispatch_fns[FunctionalTensorMode]
+
+    def rule(mode: Any, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
+        q = args[1] if func._schema.name.endswith("_bwd") else args[0]
+        if _use_reference(q, args[-1]):
+            return mode.__torch_dispatch__(func, types, args, kwargs)
+        return decompose(mode, func, types, args, kwargs)
+
+    op.register_torch_dispatch(FunctionalTensorMode, rule)
+
+
+_keep_reference_opaque(_attention_fwd)
+_keep_reference_opaque(_attention_bwd)
+
+
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
     (q, k, v, offsets, num_targets, timestamps, position_bias, time_bias, *params) = inputs
     out, lse = output
@@ -812,6 +850,42 @@ def _backward(ctx: Any, dout: Tensor, _dlse: OptTensor) -> tuple[OptTensor, ...]
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _pairs_times_two(q_shape: Any, causal: bool) -> Any:
+    """Twice the query-key pairs an attention over ``T`` tokens visits, from T alone: T^2
+    causal (T(T+1)/2 pairs, rounded), 2 T^2 otherwise. Exact for one sequence; for several
+    the true count (their squared lengths) is data-dependent and this is an upper bound."""
+    t = q_shape[0]
+    return t * t if causal else 2 * t * t
+
+
+def _forward_flops(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> Any:
+    causal = kwargs["causal"] if "causal" in kwargs else args[8]
+    _, h, d = q_shape
+    return _pairs_times_two(q_shape, causal) * h * (d + v_shape[2])  # 2 flops per pair: q.k, then p.v
+
+
+def _backward_flops(dout_shape: Any, q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None,
+                    **kwargs: Any) -> Any:
+    causal = kwargs["causal"] if "causal" in kwargs else args[10]
+    _, h, d = q_shape
+    # per pair, 2 flops each: scores recomputed (d), dP = dO.v (dv), dS.k (d), dS^T.q (d), P^T.dO (dv)
+    return _pairs_times_two(q_shape, causal) * h * (3 * d + 2 * v_shape[2])
+
+
+def _register_flop_formulas() -> None:
+    """FLOP counts for ``torch.utils.flop_counter`` (FlopCounterMode) and fsc's cost model,
+    which would otherwise count the opaque ops as memory-bound."""
+    from torch.utils.flop_counter import flop_registry, register_flop_formula
+
+    for packet, formula in ((torch.ops.fsc.jagged_attention_fwd, _forward_flops),
+                            (torch.ops.fsc.jagged_attention_bwd, _backward_flops)):
+        if packet not in flop_registry:
+            register_flop_formula(packet)(formula)
+
+
+_register_flop_formulas()
 
 
 # ---------------------------------------------------------------------------------------

@@ -5,10 +5,11 @@ mutated (tests that need an extra pass hand instances to ``options={"passes": [.
 """
 
 from fsc.pass_manager import PassRegistry
+from fsc.passes.lower_attention import LowerAttention
 from fsc.passes.overlap_schedule import OverlapSchedule
 from fsc.passes.prioritize_collectives import PrioritizeCollectives
 from fsc.passes.split_collectives import SplitCollectives
 
-REGISTRY = PassRegistry([PrioritizeCollectives, SplitCollectives, OverlapSchedule])
+REGISTRY = PassRegistry([LowerAttention, PrioritizeCollectives, SplitCollectives, OverlapSchedule])
 
-__all__ = ["REGISTRY", "OverlapSchedule", "PrioritizeCollectives", "SplitCollectives"]
+__all__ = ["REGISTRY", "LowerAttention", "OverlapSchedule", "PrioritizeCollectives", "SplitCollectives"]

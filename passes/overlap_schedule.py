@@ -40,12 +40,21 @@ from fsc.analysis.cost_model import is_view
 from fsc.analysis.graph import free_input_chain, positions
 from fsc.analysis.list_schedule import list_schedule
 from fsc.analysis.safety import reorder_blocker
-from fsc.analysis.symbolic import invariant_value
-from fsc.analysis.timeline import estimate_timeline, peak_memory
+from fsc.analysis.symbolic import UNBACKED_FALLBACK, invariant_value
+from fsc.analysis.timeline import estimate_order, estimate_timeline, order_peak_memory, peak_memory
 from fsc.config import check_memory_budget
 from fsc.graph_utils import clone_graph_module
 from fsc.pass_manager import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
+
+
+#: Sizes every size symbol is set to when planning and comparing orders (the same on every
+#: rank; hints are rank-local): dynamic shapes are unknown at compile time, so the order
+#: kept is the one that loses least, relative to the best candidate, over this range (a
+#: few dozen tokens per rank up to Inductor's unbacked fallback of 8192). The HSTU
+#: forward graph needs the small end: at 8192 tokens its quadratic attention-mask work
+#: dwarfs the exchange, at a few hundred it is just enough to hide it.
+PLANNING_SIZES = (64, 128, 256, 512, 1024, 4096, UNBACKED_FALLBACK)
 
 
 def sink_wait(rewriter: GraphRewriter, wait: fx.Node) -> bool:
@@ -104,26 +113,41 @@ class OverlapSchedule(Pass):
 
         moves = clone_graph_module(gm)
         raised, sunk = self._moves(moves.graph, budget, baseline_peak, reasons)
-        candidates = [("moves", moves)]
+        by_name = {n.name: n for n in graph.nodes}
+        # Candidates are orders of this graph's own nodes, so their costs are computed once.
+        candidates: list[tuple[str, list[fx.Node]]] = [("moves", [by_name[n.name] for n in moves.graph.nodes])]
+        symbolic = any(ctx.cost_model.node_cost(n).expr is not None for n in graph.nodes)
+        sizes = PLANNING_SIZES if symbolic else PLANNING_SIZES[-1:]
         if self.reorder_compute:
-            listed = clone_graph_module(gm)
-            apply_order(GraphRewriter(listed.graph), [n.name for n in list_schedule(listed.graph, ctx.cost_model)])
-            peak = peak_memory(listed.graph, invariant_value)
-            if budget is not None and peak > max(baseline_peak, budget):
-                reasons.append(
-                    f"list schedule not used: estimated peak memory {peak / 2**30:.3f} GiB, over the budget of "
-                    f"{budget / 2**30:.3f} GiB"
-                )
-            else:
-                candidates.append(("list", listed))
+            seen: set[tuple[fx.Node, ...]] = set()
+            for size in sizes:
+                order = list_schedule(graph, ctx.cost_model, size=size)
+                if tuple(order) in seen:
+                    continue
+                seen.add(tuple(order))
+                peak = order_peak_memory(order, invariant_value)
+                if budget is not None and peak > max(baseline_peak, budget):
+                    reasons.append(
+                        f"list schedule (planned at size {size:g}) not used: estimated peak memory "
+                        f"{peak / 2**30:.3f} GiB, over the budget of {budget / 2**30:.3f} GiB"
+                    )
+                else:
+                    candidates.append(("list", order))
 
-        def score(candidate: tuple[str, fx.GraphModule]) -> tuple[float, float]:
-            timeline = estimate_timeline(candidate[1].graph, ctx.cost_model, invariant=True)
-            return (round(timeline.makespan, 12), round(timeline.exposed_communication, 12))
+        # Each candidate's makespan at every planning size, relative to the best candidate's
+        # there; the one whose worst ratio is smallest is kept (ties: smaller total exposed
+        # communication, then the earlier candidate, which moves less).
+        spans = [[estimate_order(order, ctx.cost_model, invariant=True, size=size, memory=False)
+                  for size in sizes] for _, order in candidates]
+        best = [min(row[i].makespan for row in spans) for i in range(len(sizes))]
 
-        strategy, chosen = min(candidates, key=score)  # ties keep the earlier (fewer moves)
+        def score(index: int) -> tuple[float, float]:
+            ratio = max(t.makespan / b if b > 0 else 1.0 for t, b in zip(spans[index], best))
+            return (round(ratio, 9), round(sum(t.exposed_communication for t in spans[index]), 12))
+
+        strategy, chosen = candidates[min(range(len(candidates)), key=score)]
         rewriter = GraphRewriter(graph)
-        apply_order(rewriter, [n.name for n in chosen.graph.nodes])
+        apply_order(rewriter, [n.name for n in chosen])
         exposed_after = estimate_timeline(graph, ctx.cost_model).exposed_communication
         stats = {
             **rewriter.stats(),

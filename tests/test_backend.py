@@ -52,7 +52,7 @@ def test_entry_point_works_in_a_process_that_never_imported_fsc():
         ({"bogus": 1}, "unknown freescale option 'bogus'; valid options: passes, inner"),
         ({"inner": "tvm"}, "option 'inner'='tvm' is not one of inductor, eager"),
         ({"device_profile": "a100"}, "option 'device_profile'='a100' is not one of cpu, h100, h200"),
-        ({"passes": "overlap-schedule,nope"}, "unknown pass 'nope'; registered passes: prioritize-collectives, split-collectives, overlap-schedule"),
+        ({"passes": "overlap-schedule,nope"}, "unknown pass 'nope'; registered passes: lower-attention, prioritize-collectives, split-collectives, overlap-schedule"),
         ({"passes": "overlap-schedule{frobnicate=1}"}, "pass 'overlap-schedule' has no option 'frobnicate'"),
         ({"memory_budget_gb": -1}, "option 'memory_budget_gb'=-1 must be a positive number"),
     ],
@@ -123,7 +123,8 @@ def test_explain_returns_graphs_before_and_after_each_pass(inner):
     grads_before = [p.grad for p in model.parameters()]
     record = fsc.explain(model, *ids(), inner=inner)
     summary = record.summary()
-    assert set(summary) == {"forward", "backward"}
+    # pre-grad: lower-attention declines TinyRec's single-head [B, N, D] attention, with the reason
+    assert set(summary) == {"pre-grad", "forward", "backward"}
     for key in ("forward", "backward"):
         entry = summary[key]
         for field in ("exposed_comm_ms_before", "exposed_comm_ms_after", "makespan_ms_before", "makespan_ms_after"):

@@ -25,7 +25,8 @@ def test_fsc_help_lists_commands_and_benchmark_entry():
 def test_fsc_passes_lists_every_registered_pass_with_options(capsys):
     assert main(["passes"]) == 0
     text = capsys.readouterr().out
-    assert text.startswith("prioritize-collectives: on each process group")
+    assert text.startswith("lower-attention: replace SDPA, softmax and HSTU SiLU attention with the jagged kernel")
+    assert "\nprioritize-collectives: on each process group" in text
     assert "\noverlap-schedule: issue each collective" in text
     assert "memory_budget_gb" in text and "sink_waits" in text
 

@@ -156,7 +156,8 @@ class HSTU(nn.Module):
         dist = positions.unsqueeze(1) - positions.unsqueeze(0)
         mask = (same & (dist >= 0)).to(torch.float32)
         rel_pos = dist.clamp(0, self.cfg.max_len - 1)
-        dt = (timestamps.unsqueeze(1) - timestamps.unsqueeze(0)).abs().to(torch.float32)
+        # float64: log2 is exact on integer differences below 2**46 (float32 rounds up near 2**k, k >= 21)
+        dt = (timestamps.unsqueeze(1) - timestamps.unsqueeze(0)).abs().to(torch.float64)
         time_bucket = torch.log2(dt + 1.0).floor().long().clamp(0, self.cfg.time_buckets - 1)
         return mask, rel_pos, time_bucket
 

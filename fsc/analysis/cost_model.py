@@ -8,6 +8,8 @@ hint. Nothing here reads a clock or a rank-local fact, so every rank agrees.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import operator
 from typing import Any
 
@@ -16,8 +18,10 @@ import torch
 import torch.fx as fx
 from torch.utils._pytree import tree_flatten, tree_map
 
-from fsc.analysis.collectives import COLLECTIVE_KINDS, describe, is_wait
+from fsc.analysis.collectives import COLLECTIVE_KINDS, call_arg, describe, is_collective, is_wait
 from fsc.analysis.symbolic import UNBACKED_FALLBACK, as_expr, hint, is_symbolic, tensor_nbytes
+
+log = logging.getLogger(__name__)
 
 GB = 1e9
 TB = 1e12
@@ -136,17 +140,124 @@ def graph_cost(graph: fx.Graph, cost_model: CostModel) -> GraphCost:
     return GraphCost(flops=flops, nbytes=nbytes, seconds=seconds, ops=ops)
 
 
-def invariant_seconds(cost: NodeCost) -> float:
-    """``cost`` with every size symbol at the same fixed value on every rank: what
+def _at_hints(expr: sympy.Expr, node: fx.Node) -> float:
+    """``expr`` at the size hints of the shape environment ``node``'s values live in."""
+    if not expr.free_symbols:
+        return float(expr)
+    shape_env = None
+    flat, _ = tree_flatten((node.meta.get("val"), [_val(a) for a in node.all_input_nodes]))
+    for v in flat:
+        if isinstance(v, torch.Tensor):
+            v = next((d for d in v.shape if isinstance(d, torch.SymInt)), None)
+        if isinstance(v, (torch.SymInt, torch.SymFloat)) and getattr(v.node, "shape_env", None) is not None:
+            shape_env = v.node.shape_env
+            break
+    backed = {}
+    if shape_env is not None:
+        backed = getattr(shape_env, "backed_var_to_val", None)
+        backed = backed if backed is not None else shape_env.var_to_val
+    return float(expr.xreplace({s: backed.get(s, UNBACKED_FALLBACK) for s in expr.free_symbols}))
+
+
+def invariant_seconds(cost: NodeCost, size: float = UNBACKED_FALLBACK) -> float:
+    """``cost`` with every size symbol at the same fixed value ``size`` on every rank: what
     scheduling decisions must use (hints are rank-local; see
     :func:`fsc.analysis.symbolic.invariant_value`)."""
     if cost.expr is None:
         return cost.seconds
-    expr = cost.expr
-    return float(expr.xreplace({sym: UNBACKED_FALLBACK for sym in expr.free_symbols}))
+    return _evaluate_at(cost.expr, int(size) if float(size).is_integer() else float(size))
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _evaluate_at(expr: sympy.Expr, size: int | float) -> float:
+    # Schedulers ask for the same few expressions at the same few sizes many times. Sizes
+    # stay integers where they are: size arithmetic (FloorDiv, Mod) evaluates only on those.
+    return float(expr.xreplace({sym: size for sym in expr.free_symbols}))
 
 
 _VIEW_LIKE = {operator.getitem}
+
+#: Ops that read sizes or check them on the host: Inductor emits no kernel for them, and
+#: they touch no tensor data (``sym_size`` of a large tensor reads its metadata only).
+_HOST_SIZE_OPS = {
+    torch.ops.aten.sym_size.int,
+    torch.ops.aten.sym_numel.default,
+    torch.ops.aten.sym_stride.int,
+    torch.ops.aten.sym_storage_offset.default,
+    torch.ops.aten._assert_scalar.default,
+    torch.ops.aten.sym_constrain_range_for_size.default,
+}
+
+
+def is_host_scalar_op(node: fx.Node) -> bool:
+    """Size reads, size checks and arithmetic on sizes (``operator.mul`` of SymInts,
+    ``torch.sym_sum``): host-side scalar work that launches nothing, costed as free.
+    ``_local_scalar_dense`` (a device-to-host copy) is not among them."""
+    if node.op != "call_function":
+        return False
+    if node.target in _HOST_SIZE_OPS:
+        return True
+    if isinstance(node.target, torch._ops.OpOverload):
+        return False
+    scalar = (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)
+    return getattr(node.target, "__module__", None) in ("_operator", "torch") and isinstance(
+        node.meta.get("val"), scalar)
+
+
+def _is_unbacked(sym: sympy.Symbol) -> bool:
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return bool(free_unbacked_symbols(sym))
+
+
+def exchange_size_estimates(graph: fx.Graph) -> dict[sympy.Symbol, sympy.Expr]:
+    """Data-dependent (unbacked) split sizes of the graph's all-to-alls, as expressions in
+    the graph's other size symbols.
+
+    An ``all_to_all_single``'s input split sizes sum to its input's first dimension (the
+    op requires it): each unknown one is estimated at an equal share of what the known ones
+    leave. Its output split sizes, the rows this rank receives, are data: they are
+    estimated as a balanced exchange, in which a rank receives as many rows as it sends,
+    in equal shares. The estimates propagate from one all-to-all to the next (an embedding
+    exchange's reply reuses the request's split sizes reversed), in program order until
+    nothing changes. Symbols no all-to-all determines are left out (costs then size them
+    at :data:`~fsc.analysis.symbolic.UNBACKED_FALLBACK`). Only graph structure is read,
+    so every rank derives the same expressions.
+    """
+    estimates: dict[sympy.Symbol, sympy.Expr] = {}
+
+    def resolved(expr: sympy.Expr) -> sympy.Expr | None:
+        expr = expr.xreplace(estimates)
+        return None if any(_is_unbacked(s) for s in expr.free_symbols) else expr
+
+    def share(splits: Any, total: sympy.Expr) -> bool:
+        if not isinstance(splits, (list, tuple)) or not splits:
+            return False
+        exprs = [as_expr(s.meta.get("val") if isinstance(s, fx.Node) else s) for s in splits]
+        unknown = [e for e in exprs if isinstance(e, sympy.Symbol) and _is_unbacked(e) and e not in estimates]
+        known = [resolved(e) for e in exprs if e not in unknown]
+        if not unknown or any(k is None for k in known):
+            return False
+        # A whole number of rows: size arithmetic downstream (FloorDiv) evaluates on integers only.
+        rest = sympy.floor(sympy.Max(0, total - sum(known, sympy.Integer(0))) / len(unknown))
+        for sym in dict.fromkeys(unknown):
+            estimates[sym] = rest
+        return True
+
+    exchanges = [n for n in graph.nodes if is_collective(n) and describe(n).kind == "all_to_all_single"]
+    changed = True
+    while changed:
+        changed = False
+        for node in exchanges:
+            inp = _val(call_arg(node, "input"))
+            if not isinstance(inp, torch.Tensor) or inp.dim() == 0:
+                continue
+            rows = resolved(as_expr(inp.shape[0]))
+            if rows is None:
+                continue
+            changed |= share(call_arg(node, "input_split_sizes"), rows)
+            changed |= share(call_arg(node, "output_split_sizes"), rows)
+    return estimates
 
 
 def is_view(node: fx.Node) -> bool:
@@ -182,11 +293,21 @@ class CostModel:
 
     ``node_cost`` is memoised per node object and must only be asked about nodes whose
     shapes do not change afterwards (passes move nodes; they do not change shapes).
+
+    Data-dependent split sizes of all-to-alls are sized by
+    :func:`exchange_size_estimates` (derived once per graph): ``seconds`` and ``expr``
+    use them, while ``flops_expr`` and ``nbytes_expr`` keep the graph's own symbols.
+    ``size_estimates`` adds estimates for symbols a graph cannot size alone (a backward
+    graph's exchange, whose split sizes only its forward graph ties to the token count);
+    a graph's own estimates come first.
     """
 
-    def __init__(self, profile: DeviceProfile) -> None:
+    def __init__(self, profile: DeviceProfile, *,
+                 size_estimates: dict[sympy.Symbol, sympy.Expr] | None = None) -> None:
         self.profile = profile
         self._cache: dict[fx.Node, NodeCost] = {}
+        self._given = dict(size_estimates or {})
+        self._estimates: dict[fx.Graph, dict[sympy.Symbol, sympy.Expr]] = {}
 
     def node_cost(self, node: fx.Node) -> NodeCost:
         cached = self._cache.get(node)
@@ -196,12 +317,32 @@ class CostModel:
 
     def _node_cost(self, node: fx.Node) -> NodeCost:
         if node.op == "call_function" and node.target in COLLECTIVE_KINDS:
-            return self.collective_cost(node)
+            return self._sized(node, self.collective_cost(node))
         if node.op == "call_function" and is_wait(node):
             return NodeCost(lane="wait", seconds=0.0)
-        if is_view(node):
+        if is_view(node) or is_host_scalar_op(node):
             return NodeCost(lane="free", seconds=0.0)
-        return self.compute_cost(node)
+        return self._sized(node, self.compute_cost(node))
+
+    def _sized(self, node: fx.Node, cost: NodeCost) -> NodeCost:
+        """``cost`` with the graph's exchange size estimates put into its time."""
+        if cost.expr is None:
+            return cost
+        graph = node.graph
+        if graph not in self._estimates:
+            self._estimates[graph] = {**self._given, **exchange_size_estimates(graph)}
+        estimates = self._estimates[graph]
+        expr = cost.expr.xreplace(estimates) if estimates else cost.expr
+        if expr is cost.expr:
+            return cost
+        try:
+            seconds = _at_hints(expr, node)
+            for size in (1, UNBACKED_FALLBACK):  # what schedulers will ask: must evaluate too
+                _evaluate_at(expr, size)
+        except (TypeError, ValueError):  # an estimate sympy cannot evaluate: keep the graph's own sizes
+            log.debug("size estimates not used for %s: %s does not evaluate", node.name, expr)
+            return cost
+        return dataclasses.replace(cost, expr=expr, seconds=seconds)
 
     def compute_cost(self, node: fx.Node) -> NodeCost:
         args = tree_map(_val, node.args)

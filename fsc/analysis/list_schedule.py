@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from fsc.analysis.collectives import describe, is_collective, is_wait
 from fsc.analysis.cost_model import CostModel, invariant_seconds
+from fsc.analysis.symbolic import UNBACKED_FALLBACK
 
 _FIXED_HEAD = ("placeholder", "get_attr")
 
@@ -33,14 +34,22 @@ def keeps_order(node: fx.Node) -> bool:
         return True
 
 
-def list_schedule(graph: fx.Graph, cost_model: CostModel) -> list[fx.Node]:
-    """An order for every node of ``graph``: placeholders first, output last.
+def list_schedule(graph: fx.Graph, cost_model: CostModel, *, size: float = UNBACKED_FALLBACK) -> list[fx.Node]:
+    """An order for every node of ``graph``: placeholders first, output last. Costs are
+    estimated with every size symbol at ``size`` (the same on every rank).
 
     Among ready nodes the scheduler picks, in this order: a collective (issued at once);
-    a wait whose collective has finished by the estimate; a producer of a collective not
-    yet issued (earliest collective first); any other compute, in program order; and only
-    then blocks on the unfinished wait that finishes first. Collectives of one group keep
-    their order, and so do the nodes :func:`keeps_order` marks.
+    a wait on the way to a later collective whose collective has finished by the estimate;
+    a producer of a collective not yet issued (earliest collective first); any other
+    compute, in program order; and only then a wait: the one on the way to a later
+    collective that finishes first, else the one that finishes first. Collectives of one
+    group keep their order, and so do the nodes :func:`keeps_order` marks.
+
+    A wait that no later collective depends on is taken only when no compute is ready: it
+    then sits just before the first consumer the order needs, with every piece of
+    independent work ahead of it. Taking it earlier, even when the estimate says its
+    collective has finished, gains nothing in the model and exposes communication
+    whenever the real sizes differ from the rank-invariant ones the estimate uses.
     """
     position = {n: i for i, n in enumerate(graph.nodes)}
     head = [n for n in graph.nodes if n.op in _FIXED_HEAD]
@@ -109,17 +118,17 @@ def list_schedule(graph: fx.Graph, cost_model: CostModel) -> list[fx.Node]:
             node = heapq.heappop(ready_colls)[1]
             group = group_of[node]
             start = max(now, queue_free.get(group, 0.0))
-            finish[node] = queue_free[group] = start + invariant_seconds(cost_model.node_cost(node))
+            finish[node] = queue_free[group] = start + invariant_seconds(cost_model.node_cost(node), size)
         else:
-            done = [w for w in ready_waits if wait_end(w) <= now]
+            done = [w for w in ready_waits if w in feeds and wait_end(w) <= now]
             if done:
                 node = min(done, key=position.__getitem__)
                 ready_waits.remove(node)
             elif ready_work:
                 node = heapq.heappop(ready_work)[3]
-                now += invariant_seconds(cost_model.node_cost(node))
+                now += invariant_seconds(cost_model.node_cost(node), size)
             else:
-                node = min(ready_waits, key=lambda w: (wait_end(w), position[w]))
+                node = min(ready_waits, key=lambda w: (w not in feeds, wait_end(w), position[w]))
                 ready_waits.remove(node)
                 now = max(now, wait_end(node))
         order.append(node)

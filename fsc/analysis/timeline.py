@@ -2,7 +2,8 @@
 queue per process group, and the liveness of every buffer.
 
 This is the estimate behind ``exposed_comm_ms_*`` and ``makespan_ms_*`` in the compile
-record and the memory check of the pass manager.
+record and the memory check of the pass manager; :func:`exposed_lower_bound` says how
+much of the communication no order can hide.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch.utils._pytree import tree_flatten
 
 from fsc.analysis.collectives import describe, is_collective, is_wait
 from fsc.analysis.cost_model import CostModel, invariant_seconds, is_view
-from fsc.analysis.symbolic import hint, invariant_value, tensor_nbytes
+from fsc.analysis.symbolic import UNBACKED_FALLBACK, hint, invariant_value, tensor_nbytes
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,24 +51,34 @@ class Timeline:
         }
 
 
-def estimate_timeline(graph: fx.Graph, cost_model: CostModel, *, invariant: bool = False) -> Timeline:
+def estimate_timeline(graph: fx.Graph, cost_model: CostModel, *, invariant: bool = False,
+                      size: float = UNBACKED_FALLBACK, memory: bool = True) -> Timeline:
     """Simulate ``graph`` in program order.
 
     A collective is issued on the compute stream at its position and runs on its group's
     queue once every earlier collective of the group is done (per-group FIFO). A wait
     blocks the compute stream until its collective ends; that blocked time is the exposed
-    communication. ``invariant=True`` evaluates symbolic sizes rank-invariantly (for
-    decisions); the default uses the size hints (for reports).
+    communication. ``memory=False`` skips the peak-memory estimate (reported as 0).
+    ``invariant=True`` evaluates symbolic sizes rank-invariantly (for
+    decisions), every symbol at ``size``; the default uses the size hints (for reports).
     """
+    return estimate_order(list(graph.nodes), cost_model, invariant=invariant, size=size, memory=memory)
+
+
+def estimate_order(nodes: list[fx.Node], cost_model: CostModel, *, invariant: bool = False,
+                   size: float = UNBACKED_FALLBACK, memory: bool = True) -> Timeline:
+    """:func:`estimate_timeline` of a graph's nodes run in the order ``nodes`` (every node
+    once, each after its inputs) without moving them: lets a scheduler compare candidate
+    orders with the node costs it has already computed."""
     now = 0.0
     compute = comm = exposed = 0.0
     queue_free: dict[str, float] = {}
     done: dict[fx.Node, float] = {}
     events: list[Event] = []
-    for node in graph.nodes:
+    for node in nodes:
         cost = cost_model.node_cost(node)
         if invariant:
-            cost = dataclasses.replace(cost, seconds=invariant_seconds(cost))
+            cost = dataclasses.replace(cost, seconds=invariant_seconds(cost, size))
         if is_collective(node):
             group = describe(node).group_name
             start = max(now, queue_free.get(group, 0.0))
@@ -93,7 +104,7 @@ def estimate_timeline(graph: fx.Graph, cost_model: CostModel, *, invariant: bool
         compute=compute,
         communication=comm,
         exposed_communication=exposed,
-        peak_memory=peak_memory(graph, invariant_value if invariant else hint),
+        peak_memory=order_peak_memory(nodes, invariant_value if invariant else hint) if memory else 0.0,
         events=tuple(events),
     )
 
@@ -129,7 +140,12 @@ def peak_memory(graph: fx.Graph, size: Callable[[Any], float] = hint) -> float:
     reader (a view extends the life of the buffer it views). A collective also holds its
     input until its wait, since the transport reads it while the collective is in flight.
     """
-    order = {node: i for i, node in enumerate(graph.nodes)}
+    return order_peak_memory(list(graph.nodes), size)
+
+
+def order_peak_memory(nodes: list[fx.Node], size: Callable[[Any], float] = hint) -> float:
+    """:func:`peak_memory` of a graph's nodes run in the order ``nodes``."""
+    order = {node: i for i, node in enumerate(nodes)}
     roots: dict[fx.Node, fx.Node] = {}
 
     def root(node: fx.Node) -> fx.Node:
@@ -138,7 +154,7 @@ def peak_memory(graph: fx.Graph, size: Callable[[Any], float] = hint) -> float:
         return roots[node]
 
     last_use: dict[fx.Node, int] = {}
-    for node in graph.nodes:
+    for node in nodes:
         readers = [node]
         if is_wait(node) and isinstance(node.args[0], fx.Node):
             readers.append(node.args[0])
@@ -148,7 +164,7 @@ def peak_memory(graph: fx.Graph, size: Callable[[Any], float] = hint) -> float:
                 last_use[owner] = max(last_use.get(owner, -1), order[node])
     frees: dict[int, float] = {}
     live = peak = 0.0
-    for node in graph.nodes:
+    for node in nodes:
         # The output node allocates nothing: what it returns was counted where it was made.
         nbytes = output_nbytes(node, size) if root(node) is node and node.op != "output" else 0.0
         live += nbytes
@@ -158,3 +174,50 @@ def peak_memory(graph: fx.Graph, size: Callable[[Any], float] = hint) -> float:
         peak = max(peak, live)
         live -= frees.pop(order[node], 0.0)
     return peak
+
+
+def exposed_lower_bound(graph: fx.Graph, cost_model: CostModel) -> float:
+    """Seconds of exposed communication that no order of ``graph``'s nodes can avoid, on
+    the model of :func:`estimate_timeline` (sizes at their hints).
+
+    The compute stream is serial, so a collective cannot finish before all compute it
+    depends on has run, nor before each collective it depends on has finished and the
+    compute between the two has run; this gives an earliest finish ``EF(c)`` (per-group
+    FIFO can only delay it further). When a wait on ``c`` completes, the stream has done at
+    most the compute that does not depend on the wait, so
+
+        exposed >= max over waits w on c of  EF(c) - (compute total - compute after w).
+
+    A lower bound, not a schedule: it is what independent compute could hide at best.
+    """
+    body = [n for n in graph.nodes if n.op not in ("placeholder", "output")]
+    seconds = {n: cost_model.node_cost(n).seconds if cost_model.node_cost(n).lane == "compute" else 0.0
+               for n in body}
+    total = sum(seconds.values())
+
+    def closure(starts: list[fx.Node], step: Callable[[fx.Node], list[fx.Node]]) -> set[fx.Node]:
+        seen: set[fx.Node] = set()
+        todo = list(starts)
+        while todo:
+            for nxt in step(todo.pop()):
+                if nxt not in seen:
+                    seen.add(nxt)
+                    todo.append(nxt)
+        return seen
+
+    collectives = [n for n in body if is_collective(n)]
+    ancestors = {c: closure([c], lambda n: n.all_input_nodes) for c in collectives}
+    earliest: dict[fx.Node, float] = {}
+    bound = 0.0
+    for coll in collectives:  # program order: a collective's collective ancestors come first
+        start = sum(seconds.get(n, 0.0) for n in ancestors[coll])
+        for prior in collectives:
+            if prior in ancestors[coll] and prior in earliest:
+                after = closure([w for w in prior.users if is_wait(w)], lambda n: list(n.users))
+                between = sum(seconds.get(n, 0.0) for n in ancestors[coll] & after)
+                start = max(start, earliest[prior] + between)
+        earliest[coll] = start + cost_model.node_cost(coll).seconds
+        for wait in (w for w in coll.users if is_wait(w)):
+            after = closure([wait], lambda n: list(n.users))
+            bound = max(bound, earliest[coll] - (total - sum(seconds.get(n, 0.0) for n in after)))
+    return bound

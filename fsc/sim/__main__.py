@@ -11,7 +11,7 @@ import sys
 import time
 from typing import Any
 
-from fsc.bench.report import write_json
+from fsc.bench.report import replace_section, write_json
 
 
 def _lengths(args: argparse.Namespace):
@@ -68,6 +68,12 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     keys = ["config", "ranks", "bubble_fraction", "reduction_vs_baseline", "step_ms", "compute_ms",
             "exposed_comm_ms", "idle_ms", "contention_ms"]
     print(_table(rows, keys))
+    if args.readme:
+        replace_section(args.readme, "sim-ablation", (
+            f"Simulated ({args.device} profile, {setting.ranks} ranks in nodes of 8, {step.scale.describe()}, lengths "
+            f"{lengths.source}, SM contention {setting.contention}, {setting.steps} steps, seed {setting.seed}; "
+            f"`python -m fsc.sim ablation --ranks {setting.ranks}`; `results/sim-ablation.json`, "
+            "`results/sim-ablation.png`):\n\n" + _table(rows, keys[:4] + keys[4:8])))
     doc = {"rows": rows, "model": step.scale.describe(), "setting": dataclasses.asdict(setting),
            "lengths": lengths.source, "capture_seconds": capture_s, "passes": step.passes,
            "loadavg": os.getloadavg()}
@@ -92,8 +98,13 @@ def cmd_sensitivity(args: argparse.Namespace) -> int:
     setting, lengths = _setting(args), _lengths(args)
     step = HSTUStep.capture(_scale(args), plan_profile=args.device)
     rows = sensitivity(step, setting, lengths, tuple(args.files or ()))
-    print(_table(rows, ["parameter", "value", "baseline_bubble_fraction", "all_bubble_fraction",
-                        "reduction_vs_baseline"]))
+    keys = ["parameter", "value", "baseline_bubble_fraction", "all_bubble_fraction", "reduction_vs_baseline"]
+    print(_table(rows, keys))
+    if args.readme:
+        replace_section(args.readme, "sim-sensitivity", (
+            f"Sensitivity of baseline vs all ({setting.ranks} ranks, one assumption changed at a time from the "
+            f"ablation's; `python -m fsc.sim sensitivity --ranks {setting.ranks} --files RATINGS_FILE`; "
+            "`results/sim-sensitivity.json`):\n\n" + _table(rows, keys)))
     write_json(args.json, {"rows": rows, "model": step.scale.describe(), "setting": dataclasses.asdict(setting),
                            "lengths": lengths.source, "loadavg": os.getloadavg()})
     return 0
@@ -127,11 +138,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", default="results/sim-ablation.json")
     p.add_argument("--png", default="results/sim-ablation.png")
     p.add_argument("--trace", default=None, help="Chrome/Perfetto trace of ranks 0-15: baseline step, then all")
+    p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:sim-ablation --> section")
     p.set_defaults(fn=cmd_ablation)
     p = sub.add_parser("sensitivity", help="baseline vs all under each swept assumption")
     _common(p)
     p.add_argument("--files", nargs="*", help="ratings files whose lengths to sweep too")
     p.add_argument("--json", default="results/sim-sensitivity.json")
+    p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:sim-sensitivity --> section")
     p.set_defaults(fn=cmd_sensitivity)
     p = sub.add_parser("scaling", help="simulator wall time from 8 to 4096 ranks")
     _common(p)

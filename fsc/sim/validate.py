@@ -163,6 +163,19 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"({100 * r['step_ms_error']:+.0f}%); bubble fraction {r['measured_bubble_fraction']:.3f} measured, "
               f"{r['simulated_bubble_fraction']:.3f} simulated ({100 * r['bubble_fraction_error']:+.0f}%)")
     write_json(args.json, rows)
+    if args.readme:
+        from fsc.bench.report import replace_section
+
+        lines = ["Simulated vs measured (bubble meter) for real CPU runs of `examples/hstu/train.py --backend "
+                 "freescale --bubbles DIR` (gloo links calibrated with `python -m fsc.sim calibrate`; `python -m "
+                 "fsc.sim validate --ranks ... --measured ...`; `results/sim-validation.json`):", "",
+                 "| ranks | step ms measured | simulated | error | bubble fraction measured | simulated | error |",
+                 "|---:|---:|---:|---:|---:|---:|---:|"]
+        for r in rows:
+            lines.append(f"| {r['ranks']} | {r['measured_step_ms']:.1f} | {r['simulated_step_ms']:.1f} | "
+                         f"{100 * r['step_ms_error']:+.0f}% | {r['measured_bubble_fraction']:.3f} | "
+                         f"{r['simulated_bubble_fraction']:.3f} | {100 * r['bubble_fraction_error']:+.0f}% |")
+        replace_section(args.readme, "sim-validation", "\n".join(lines))
     return 0
 
 
@@ -176,6 +189,7 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--ranks", type=int, nargs="+", required=True)
     p.add_argument("--measured", nargs="+", required=True, help="bubbles.json of each run, in --ranks order")
     p.add_argument("--links", default="results/sim-gloo-links.json")
+    p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:sim-validation --> section")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dim", type=int, default=64)

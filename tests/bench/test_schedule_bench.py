@@ -63,6 +63,8 @@ def test_rows_are_well_formed_and_every_scheduler_runs(table):
         assert "error" not in row, row  # both Inductor peers run on this torch, with the CPU workarounds
         assert math.isfinite(row["exposed_comm_ms"]) and row["exposed_comm_ms"] >= 0
         assert math.isfinite(row["makespan_ms"]) and row["makespan_ms"] > row["exposed_comm_ms"]
+        # no order, ours or a peer's, beats what no order can avoid
+        assert 0 <= row["exposed_lower_bound_ms"] <= row["exposed_comm_ms"] + 1e-9
     lines = schedule.check_targets(table)
     assert len(lines) == 1 and lines[0].split()[:2] == ["h100", "comm-first"]
 

@@ -21,7 +21,10 @@ from fsc.analysis import (
     opaque_collectives,
     schedule_graph,
 )
-from fsc.analysis.timeline import peak_memory
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+from fsc.analysis.cost_model import exchange_size_estimates, is_host_scalar_op
+from fsc.analysis.timeline import exposed_lower_bound, peak_memory
 
 c10d = torch.ops._c10d_functional
 CPU = DEVICE_PROFILES["cpu"]
@@ -427,3 +430,103 @@ def test_peak_memory_does_not_count_graph_outputs_twice():
         if node.op == "output":
             node.meta["val"] = (next(n for n in gm.graph.nodes if n.name == "relu").meta["val"],)
     assert peak(gm.graph) == 2 * one  # input + relu's buffer
+
+
+# ------------------------------------------------- data-dependent sizes, host ops, bounds
+
+
+def lookup_exchange(ids, counts, table):
+    """ids out to their owners, rows looked up, rows back: split sizes read from data."""
+    send, recv = counts[:2].tolist(), counts[2:].tolist()
+    for s in send + recv:
+        torch._check(s >= 0)
+    wanted = c10d.wait_tensor(c10d.all_to_all_single(ids, recv, send, "g0"))
+    rows = torch.nn.functional.embedding(wanted, table)
+    return c10d.wait_tensor(c10d.all_to_all_single(rows, send, recv, "g0"))
+
+
+def traced_lookup(tokens: int = 40) -> fx.GraphModule:
+    return make_fx(lookup_exchange, tracing_mode="symbolic")(
+        torch.randint(0, 16, (tokens,)), torch.tensor([tokens // 2, tokens // 2, 20, 20]), torch.randn(16, 8))
+
+
+def test_exchange_size_estimates_tie_data_dependent_splits_to_the_rows_sent():
+    gm = traced_lookup()
+    ids = next(n for n in gm.graph.nodes if n.op == "placeholder")
+    rows = sympy.sympify(ids.meta["val"].shape[0].node.expr)
+    first, second = [n for n in gm.graph.nodes if is_collective(n)]
+    send = [sympy.sympify(s.meta["val"].node.expr) for s in first.args[2]]
+    recv = [sympy.sympify(s.meta["val"].node.expr) for s in first.args[1]]
+    estimates = exchange_size_estimates(gm.graph)
+    # input splits share the rows sent; a balanced exchange receives as many as it sends
+    assert set(estimates) == set(send) | set(recv)
+    for sym in send + recv:
+        assert sympy.simplify(estimates[sym] - sympy.floor(sympy.Max(0, rows) / 2)) == 0  # whole rows
+    # the reply's cost is sized at the token count's hint (40 rows of 8 floats), not the fallback
+    cost = cost_model().node_cost(second)
+    assert cost.seconds == pytest.approx(alpha_beta(2, 40 * 8 * F32, 0.5, 1), rel=1e-9)
+    assert rows in cost.expr.free_symbols
+    assert not free_unbacked_symbols(cost.expr)  # no data-dependent size left in it
+
+
+def test_cost_model_without_estimates_sizes_unknown_splits_at_the_fallback():
+    gm = traced_lookup()
+    second = [n for n in gm.graph.nodes if is_collective(n)][1]
+    given = {sym: sympy.Integer(100) for sym in exchange_size_estimates(gm.graph)}
+    # a given estimate yields to the graph's own
+    assert cost_model().node_cost(second).seconds == CostModel(CPU, size_estimates=given).node_cost(second).seconds
+
+
+def test_cost_model_charges_nothing_for_size_reads_and_size_checks():
+    def f(x):
+        n = x.shape[0]
+        torch._check(n >= 2)
+        return x.new_zeros(n * 2)
+
+    gm = trace(f, (1024, 1024), mode="symbolic")
+    model = cost_model()
+    host = [n for n in gm.graph.nodes if is_host_scalar_op(n)]
+    assert host, gm.code  # sym_size of a 4 MiB tensor, its arithmetic and the check
+    for n in host:
+        assert model.node_cost(n).lane == "free" and model.node_cost(n).seconds == 0.0
+    zeros = [n for n in gm.graph.nodes if n.op == "call_function" and not is_host_scalar_op(n)
+             and model.node_cost(n).lane == "compute"]
+    assert zeros and all(model.node_cost(n).seconds > 0 for n in zeros)
+
+
+def exchange_beside_dense(x, w):
+    y = c10d.wait_tensor(c10d.all_to_all_single(x, [512, 512], [512, 512], "g0"))
+    m = torch.mm(w, w)
+    return y.sum() + m.sum()
+
+
+def test_exposed_lower_bound_is_what_independent_compute_cannot_hide():
+    gm = trace(exchange_beside_dense, (1024, 256), (64, 64))
+    model = cost_model()
+    comm = model.node_cost(node(gm, "all_to_all_single")).seconds
+    mm = model.node_cost(node(gm, "mm")).seconds
+    mm_sum = model.node_cost(node(gm, "sum_2")).seconds  # m.sum(): needs no wait either
+    assert comm > mm + mm_sum
+    bound = exposed_lower_bound(gm.graph, model)
+    assert bound == pytest.approx(comm - mm - mm_sum, rel=1e-12)
+    # program order exposes the whole transfer: above the bound, as every order must be
+    assert estimate_timeline(gm.graph, model).exposed_communication >= bound
+    big = trace(exchange_beside_dense, (1024, 256), (1024, 1024))  # enough dense work to hide it all
+    assert exposed_lower_bound(big.graph, model) == 0.0
+
+
+def test_exposed_lower_bound_counts_compute_between_chained_exchanges():
+    def chain(x, w):
+        a = c10d.wait_tensor(c10d.all_to_all_single(x, [512, 512], [512, 512], "g0"))
+        b = c10d.wait_tensor(c10d.all_to_all_single(torch.relu(a), [512, 512], [512, 512], "g0"))
+        return b.sum() + torch.mm(w, w).sum()
+
+    gm = trace(chain, (1024, 256), (64, 64))
+    model = cost_model()
+    comm = model.node_cost(node(gm, "all_to_all_single")).seconds
+    relu = model.node_cost(node(gm, "relu")).seconds
+    mm = model.node_cost(node(gm, "mm")).seconds
+    sums = sum(model.node_cost(n).seconds for n in gm.graph.nodes if n.name.startswith("sum") or n.name == "add")
+    desc = sums - model.node_cost(node(gm, "sum_2")).seconds  # the mm's sum does not wait for b
+    total = relu + mm + sums
+    assert exposed_lower_bound(gm.graph, model) == pytest.approx(2 * comm + relu - (total - desc), rel=1e-9)

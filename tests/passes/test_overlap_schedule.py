@@ -271,3 +271,51 @@ def test_list_schedule_is_declined_over_budget_with_reason():
     result = OverlapSchedule().run(gm, ctx(budget=base_peak))
     assert peak_memory(gm.graph) <= base_peak
     assert any("over the budget" in r for r in result.reasons)
+
+
+def exchange_beside_two_matmuls(x, w):
+    y = c10d.wait_tensor(c10d.all_to_all_single(x, [2, 2], [2, 2], "g0"))
+    a = torch.mm(w, w)
+    b = torch.mm(a, w)
+    return y.sum() + b.sum()
+
+
+def test_list_schedule_defers_a_wait_no_collective_needs_past_independent_compute():
+    from fsc.analysis.list_schedule import list_schedule
+
+    gm = trace(exchange_beside_two_matmuls, (4, 8), (512, 512))
+    model = ctx().cost_model
+    comm = model.node_cost(next(n for n in gm.graph.nodes if n.name == "all_to_all_single")).seconds
+    assert model.node_cost(next(n for n in gm.graph.nodes if n.name == "mm")).seconds > comm
+    # By the estimate the exchange is over after the first matmul; the wait still goes
+    # after every piece of independent work (the estimate may be wrong, waiting early never helps).
+    names = [n.name for n in list_schedule(gm.graph, model) if n.op == "call_function"]
+    assert names.index("all_to_all_single") < names.index("mm") < names.index("mm_1") < names.index("wait_tensor")
+
+
+def chained_exchanges_beside_quadratic_work(x, pos):
+    # an exchange whose result feeds a second one; independent work quadratic in the
+    # (dynamic) token count, like HSTU's relative-position masks
+    n = x.shape[0]
+    a = c10d.wait_tensor(c10d.all_to_all_single(x, [n // 2, n // 2], [n // 2, n // 2], "g0"))
+    b = c10d.wait_tensor(c10d.all_to_all_single(torch.relu(a), [n // 2, n // 2], [n // 2, n // 2], "g0"))
+    mask = (pos.unsqueeze(0) - pos.unsqueeze(1)).abs().clamp(max=64).float().exp().log1p()
+    return b.sum() + mask.sum()
+
+
+@pytest.mark.parametrize("tokens", [64, 512, 4096])
+def test_overlap_schedule_planning_over_sizes_gives_the_same_order_whatever_the_size_hints(tokens):
+    # Every rank must pick the same order whatever its first batch (hint), although the
+    # pass now plans and compares candidates at several sizes.
+    gm = make_fx(chained_exchanges_beside_quadratic_work, tracing_mode="symbolic")(
+        torch.randn(tokens, 64), torch.randn(tokens))
+    result = OverlapSchedule().run(gm, ctx())
+    assert result.modified is True
+    reference = make_fx(chained_exchanges_beside_quadratic_work, tracing_mode="symbolic")(
+        torch.randn(64, 64), torch.randn(64))
+    OverlapSchedule().run(reference, ctx())
+    assert order(gm) == order(reference)
+    names = order(gm)
+    # the chain's first window is filled with independent (quadratic) work
+    first_window = names[names.index("all_to_all_single"):names.index("wait_tensor")]
+    assert any(n.startswith(("sub", "abs", "clamp", "exp")) for n in first_window), names

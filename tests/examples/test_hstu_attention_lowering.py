@@ -1,0 +1,124 @@
+"""lower-attention on the HSTU example: the SiLU attention over all tokens of a rank is
+replaced by the jagged kernel op (the record says so), training equals eager (one process
+unsharded, and 2 gloo ranks sharded), the runtime layout check fires on a bad batch, and
+float32 time bucketing, which can differ from the kernel's exact one, declines by default."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from dist_harness import run_ranks
+from test_hstu_model import config, step_inputs
+
+import fsc
+from fsc.passes import LowerAttention
+from hstu.model import HSTU, scale_tensor  # noqa: E402  (test_hstu_model puts examples/ on the path)
+
+
+def lowering_config(**kw):
+    # the kernel's head dims start at 16; the example's tests use 8
+    return config(qk_dim=16, v_dim=16, **kw)
+
+
+def randomised(model: HSTU) -> HSTU:
+    with torch.no_grad():  # the bias tables start at zero: make them matter
+        for layer in model.layers:
+            layer.position_bias.weight.normal_()
+            layer.time_bias.weight.normal_()
+    return model
+
+
+def _compare(rank: int, world: int, steps: int, sharded: bool, inner: str):
+    cfg = dataclasses.replace(lowering_config(), sharded=sharded)
+    eager = randomised(HSTU(cfg))
+    model = HSTU(cfg)
+    model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(model, backend="freescale", options={"inner": inner}, fullgraph=True)
+    worst_loss = worst_grad = 0.0
+    for step in range(steps):
+        (tensors, negatives), _, count = step_inputs(step, rank, world, cfg)
+        if step == 0:
+            for t in tensors:
+                torch._dynamo.mark_dynamic(t, 0)
+        for m in (eager, model):
+            m.zero_grad()
+        ref = eager(*tensors, negatives, scale_tensor(count))
+        ref.backward()
+        got = compiled(*tensors, negatives, scale_tensor(count))
+        got.backward()
+        worst_loss = max(worst_loss, abs(got.item() - ref.item()) / abs(ref.item()))
+        for p, q in zip(model.parameters(), eager.parameters()):
+            worst_grad = max(worst_grad, ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-6)).item())
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.barrier()
+    pre = fsc.last_compile().graph("pre-grad")
+    return worst_loss, worst_grad, pre.pass_record("lower-attention").stats, pre.fallback
+
+
+def check(result) -> None:
+    worst_loss, worst_grad, stats, fallback = result
+    assert fallback is None
+    assert stats["lowered"] == 2 == stats["attention_found"]  # both layers
+    assert all("HSTU SiLU attention" in s and "position[16]" in s and "time[32]" in s for s in stats["lowerings"])
+    assert worst_loss <= 1e-5
+    assert worst_grad <= 1e-5
+
+
+@pytest.mark.parametrize("inner", ["eager", "inductor"])
+def test_hstu_attention_is_lowered_and_training_equals_eager(inner):
+    check(_compare(0, 1, 2, False, inner))
+
+
+def test_hstu_attention_is_lowered_on_two_sharded_gloo_ranks():
+    for result in run_ranks(_compare, 2, 2, True, "eager"):
+        check(result)
+
+
+def test_hstu_lowering_checks_the_token_layout_at_run_time():
+    cfg = dataclasses.replace(lowering_config(), sharded=False)
+    model = HSTU(cfg)
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    (tensors, negatives), _, count = step_inputs(0, 0, 1, cfg)
+    compiled(*tensors, negatives, scale_tensor(count))
+    bad = list(tensors)
+    bad[3] = bad[3].clone()
+    bad[3][1] += 1  # positions 0, 2, ...: not the layout the lowering assumed
+    with pytest.raises(RuntimeError, match="lower-attention: the HSTU attention was lowered .* Remove 'lower-attention'"):
+        compiled(*bad, negatives, scale_tensor(count))
+
+
+class Float32Buckets(HSTU):
+    """The example with its time differences bucketed through float32 log2, which rounds up
+    by one bucket just below 2^k for k >= 21 (the example itself uses float64: exact)."""
+
+    def _attention_inputs(self, positions, seq_ids, timestamps):
+        mask, rel_pos, _ = super()._attention_inputs(positions, seq_ids, timestamps)
+        dt = (timestamps.unsqueeze(1) - timestamps.unsqueeze(0)).abs().to(torch.float32)
+        time_bucket = torch.log2(dt + 1.0).floor().long().clamp(0, self.cfg.time_buckets - 1)
+        return mask, rel_pos, time_bucket
+
+
+@pytest.mark.parametrize("model_cls, buckets, options, lowered", [
+    (Float32Buckets, 32, {}, 0),  # can differ: declined by default
+    (Float32Buckets, 20, {}, 2),  # the clamp hides the difference
+    (Float32Buckets, 32, {"inexact_time_buckets": True}, 2),  # asked for: lowered, with a note
+    (HSTU, 32, {}, 2),  # float64: exact
+])
+def test_hstu_time_buckets_decline_only_where_they_can_differ(model_cls, buckets, options, lowered):
+    cfg = dataclasses.replace(lowering_config(time_buckets=buckets), sharded=False)
+    (tensors, negatives), _, count = step_inputs(0, 0, 1, cfg)
+    record = fsc.explain(model_cls(cfg), *tensors, negatives, scale_tensor(count), inner="eager",
+                         passes=[LowerAttention(**options)])
+    stats = record.graph("pre-grad").pass_record("lower-attention")
+    assert stats.stats["lowered"] == lowered
+    inexact = [r for r in stats.reasons if "time buckets" in r]
+    if not lowered:
+        assert inexact and all("inexact_time_buckets=true" in r for r in inexact)
+    else:
+        assert not inexact
+        noted = [n for n in stats.stats.get("notes", ()) if "time buckets" in n]
+        assert bool(noted) == bool(options.get("inexact_time_buckets"))

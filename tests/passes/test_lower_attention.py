@@ -1,0 +1,194 @@
+"""lower-attention on Dynamo graphs: what it lowers (SDPA, explicit softmax attention),
+training parity with eager in both inner modes, the record, and every decline."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fsc
+from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
+from fsc.inspect import STORE
+from fsc.kernels import jagged_attention
+from fsc.pass_manager import parse_pipeline, passes_for_stage
+from fsc.passes import LowerAttention
+
+INNERS = ["eager", "inductor"]
+
+
+class SasRecBlock(nn.Module):
+    """A SASRec-style self-attention block written with SDPA on [B, H, N, D]."""
+
+    def __init__(self, dim: int = 64, heads: int = 2, **sdpa) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.qkv, self.out, self.heads, self.sdpa = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), heads, sdpa
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        extra = {} if mask is None else {"attn_mask": mask}
+        o = F.scaled_dot_product_attention(q, k, v, **self.sdpa, **extra)
+        return x + self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class SoftmaxBlock(SasRecBlock):
+    """The same attention written out: softmax(q @ k^T * c [masked causal]) @ v."""
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+        if self.sdpa.get("is_causal"):
+            s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+        o = s.softmax(dim=-1) @ v
+        return x + self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+def run_pass(model: nn.Module, *inputs: torch.Tensor, **options) -> tuple[fsc.GraphRecord, int]:
+    """Compile with only lower-attention (eager inner); return the pre-grad record and the
+    number of backend calls made."""
+    before = STORE.count
+    compiled = torch.compile(model, backend="freescale",
+                             options={"inner": "eager", "passes": [LowerAttention(**options)]})
+    compiled(*inputs).sum().backward()
+    return fsc.last_compile().graph("pre-grad"), STORE.count - before
+
+
+def check_training_parity(model: nn.Module, compiled, x: torch.Tensor) -> None:
+    ref = model(x)
+    grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    got = compiled(x)
+    got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(got_grads, grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("inner", INNERS)
+def test_lower_attention_lowers_causal_sdpa_and_training_matches_eager_without_recompiles(inner):
+    model = SasRecBlock(is_causal=True)
+    compiled = torch.compile(model, backend="freescale", options={"inner": inner}, dynamic=True)
+    before = STORE.count
+    for b, n in ((2, 8), (3, 5)):  # another batch size and length: same compiled graph
+        check_training_parity(model, compiled, torch.randn(b, n, 64))
+    assert STORE.count - before == 1
+    pre = fsc.last_compile().graph("pre-grad")
+    record = pre.pass_record("lower-attention")
+    assert record.modified and record.stats["lowered"] == 1
+    assert "scaled_dot_product_attention" in record.stats["lowerings"][0]
+    assert "causal" in record.stats["lowerings"][0]
+    assert "fsc.jagged_attention_fwd" in pre.graph_after
+    assert "torch._C._nn.scaled_dot_product_attention(" in pre.graph_before
+    assert "torch._C._nn.scaled_dot_product_attention(" not in pre.graph_after
+    # the aten-stage passes never see it; the aten graphs carry the kernel ops
+    assert "lower-attention" not in [p.name for p in fsc.last_compile().graph("forward").passes]
+    if inner == "eager":
+        assert "fsc.jagged_attention_fwd" in fsc.last_compile().graph("forward").graph_after
+        assert "fsc.jagged_attention_bwd" in fsc.last_compile().graph("backward").graph_after
+
+
+def test_lower_attention_lowers_full_sdpa_with_a_scale():
+    model = SasRecBlock(is_causal=False, scale=0.3)
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    check_training_parity(model, compiled, torch.randn(2, 7, 64))
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 1 and "full softmax, scale=0.3" in record.stats["lowerings"][0]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_lower_attention_lowers_explicit_softmax_attention(causal):
+    model = SoftmaxBlock(is_causal=causal)
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    check_training_parity(model, compiled, torch.randn(2, 6, 64))
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 1
+    assert ("causal" if causal else "full") in record.stats["lowerings"][0]
+
+
+class ArbitraryMaskHstu(nn.Module):
+    """SiLU attention over all tokens with a mask the pass cannot prove (an input)."""
+
+    def forward(self, q, k, v, mask):
+        a = F.silu(torch.einsum("thd,shd->hts", q, k)) / 8 * mask
+        return torch.einsum("hts,shd->thd", a, v)
+
+
+@pytest.mark.parametrize(
+    "model, inputs, reason",
+    [
+        (SasRecBlock(), (torch.randn(2, 4, 64), torch.ones(4, 4, dtype=torch.bool)), "attn_mask is given"),
+        (SasRecBlock(dropout_p=0.5), (torch.randn(2, 4, 64),), "dropout_p=0.5"),
+        (SasRecBlock(dim=16), (torch.randn(2, 4, 16),), "head dim 8 not in [16, 256]"),
+        (SasRecBlock(enable_gqa=True), (torch.randn(2, 4, 64),), "enable_gqa"),
+        (ArbitraryMaskHstu(), (torch.randn(6, 2, 16), torch.randn(6, 2, 16), torch.randn(6, 2, 16),
+                               torch.ones(6, 6)), "mask not recognised"),
+    ],
+    ids=["attn_mask", "dropout", "head_dim", "gqa", "arbitrary_mask"],
+)
+def test_lower_attention_declines_with_the_reason_and_leaves_the_graph(model, inputs, reason):
+    for x in inputs:
+        x.requires_grad_(x.is_floating_point() and x.dim() == 3)
+    pre, _ = run_pass(model, *inputs)
+    record = pre.pass_record("lower-attention")
+    assert not record.modified and record.stats["lowered"] == 0 and record.stats["attention_found"] == 1
+    assert any(reason in r for r in record.reasons), record.reasons
+    assert pre.graph_after == pre.graph_before
+
+
+def test_lower_attention_head_dim_options_bound_what_is_lowered():
+    (p,) = parse_pipeline("lower-attention{min_head_dim=64,max_head_dim=128}")
+    assert (p.min_head_dim, p.max_head_dim) == (64, 128)
+    pre, _ = run_pass(SasRecBlock(is_causal=True), torch.randn(2, 4, 64), min_head_dim=64)
+    assert any("head dim 32 not in [64, 256]" in r for r in pre.pass_record("lower-attention").reasons)
+
+
+@pytest.mark.parametrize("options, needle", [
+    ({"min_head_dim": 8}, "min_head_dim=8 must be an int in [16, 256]"),
+    ({"max_head_dim": 512}, "max_head_dim=512"),
+    ({"min_head_dim": 128, "max_head_dim": 64}, "min_head_dim=128 is above max_head_dim=64"),
+])
+def test_lower_attention_rejects_bad_options_naming_them(options, needle):
+    with pytest.raises(fsc.OptionError, match=needle.replace("[", r"\[").replace("]", r"\]")):
+        LowerAttention(**options)
+
+
+def test_lower_attention_is_the_pre_grad_stage_of_the_default_pipeline():
+    config = fsc.Config.from_options(None)
+    assert config.passes[0].name == "lower-attention"
+    assert [p.name for p in passes_for_stage(config.passes, "pre-grad")] == ["lower-attention"]
+    assert "lower-attention" not in [p.name for p in passes_for_stage(config.passes, "aten")]
+
+
+def test_lower_attention_refuses_aten_graphs():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    ctx = fsc.PassContext(graph_kind="forward", cost_model=CostModel(DEVICE_PROFILES["cpu"]),
+                          memory_budget_bytes=None)
+    result = LowerAttention().run(gm, ctx)
+    assert not result.modified and "pre-grad" in result.reasons[0]
+
+
+def test_lower_attention_on_a_graph_without_attention_is_unchanged_and_not_recorded():
+    gm = torch.fx.symbolic_trace(lambda x: x + 1)
+    ctx = fsc.PassContext(graph_kind="pre-grad", cost_model=CostModel(DEVICE_PROFILES["cpu"]),
+                          memory_budget_bytes=None)
+    result = LowerAttention().run(gm, ctx)
+    assert not result.modified and result.reasons == () and result.stats["attention_found"] == 0
+    model = nn.Linear(4, 4)
+    torch.compile(model, backend="freescale", options={"inner": "eager"})(torch.randn(2, 4))
+    assert set(fsc.last_compile().summary()) == {"forward"}  # no pre-grad graph in the record
+
+
+def test_reference_drops_empty_sequences_without_changing_results():
+    # lower-attention passes T + 1 offsets (most sequences empty); the CPU reference drops them
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(9, 2, 16, generator=g, requires_grad=True) for _ in range(3))
+    dense = torch.tensor([0, 4, 9])
+    padded = torch.tensor([0, 0, 4, 4, 9, 9, 9, 9, 9, 9])
+    outs = [jagged_attention(q, k, v, o, 5, mode=m) for o in (dense, padded) for m in ("hstu", "softmax")]
+    torch.testing.assert_close(outs[0], outs[2], rtol=0, atol=0)
+    torch.testing.assert_close(outs[1], outs[3], rtol=0, atol=0)
