@@ -1071,6 +1071,10 @@ def _reference_scores(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_
     device = q.device
     starts = offsets[:-1].long()
     lengths = offsets[1:].long() - starts
+    if batch > 0 and not _is_traced(q, offsets):
+        # pad to the longest sequence present, not to max_seq_len: positions past a sequence's
+        # end are invisible, and N enters the maths only as HSTU's 1/N (not through n)
+        n = max(int(lengths.max()), 1)
     # token -> (sequence, position); output_size keeps the shape static for tracing
     seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=t_len)
     pos = torch.arange(t_len, device=device) - starts[seq]

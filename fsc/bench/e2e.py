@@ -17,15 +17,19 @@ Backends (same model, data, seed and global batch; ``--backends`` picks a subset
 * ``fs-lb``: ``backend="freescale"`` with the empty pass pipeline (Inductor underneath)
   and the balancer on (``--balance freescale`` of the example: assignment one step ahead,
   samples routed by one small all-to-all inside the step);
-* ``fs-overlap``: ``backend="freescale"`` with its default pipeline
+* ``fs-overlap``: ``backend="freescale"`` with the scheduling passes only
   (prioritize-collectives, split-collectives, overlap-schedule), no balancing;
+* ``fs-attn``: only ``lower-attention`` (the example's SiLU attention replaced by
+  ``fsc::jagged_attention``; on CPU that op runs its PyTorch reference per sequence, not
+  the Triton kernels, which need a GPU), no balancing;
 * ``fs-smfree``: only the opt-in ``sm-free-collectives{swap_all=true}`` pass (every
   all-to-all on the shared-memory transport; alone nothing overlaps the transfers, so the
   default ``swap_all=false`` would swap nothing), no balancing;
-* ``fs-all``: balancing + the default pipeline + ``sm-free-collectives``.
+* ``fs-all``: balancing + the default pipeline (lower-attention and the scheduling passes)
+  + ``sm-free-collectives``.
 
-The jagged Triton attention kernels are not used: no pass lowers the example's attention
-to them yet, and Triton needs a GPU (on CPU they run only under the interpreter).
+The jagged Triton attention kernels themselves are not run: Triton needs a GPU (on CPU they
+run only under the interpreter); the README note says which rows lowered the attention.
 
 **Measurement.** Per world size, ``--ranks`` processes on this machine, gloo over
 127.0.0.1, one compute thread each. Every backend has its own copy of the model (same
@@ -85,7 +89,7 @@ import torch
 
 from fsc.bench.report import replace_section, write_json
 
-BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-lb", "fs-overlap", "fs-smfree", "fs-all")
+BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-lb", "fs-overlap", "fs-attn", "fs-smfree", "fs-all")
 COMPETITORS = ("eager", "inductor", "inductor-overlap", "torchrec")
 DEFAULT_DATA = "../shared/data/movielens-latest-small/ratings.csv"
 GRADIENT_SYNC = "gradient all-reduce"
@@ -124,7 +128,8 @@ VARIANTS = {v.name: v for v in (
     Variant(name="inductor-overlap", compiler="inductor-overlap"),
     Variant(name="torchrec", compiler="torchrec"),
     Variant(name="fs-lb", compiler="freescale", passes="", balance=True),
-    Variant(name="fs-overlap", compiler="freescale"),
+    Variant(name="fs-overlap", compiler="freescale", passes="prioritize-collectives,split-collectives,overlap-schedule"),
+    Variant(name="fs-attn", compiler="freescale", passes="lower-attention"),
     Variant(name="fs-smfree", compiler="freescale", passes="sm-free-collectives{swap_all=true}"),
     Variant(name="fs-all", compiler="freescale", passes="+sm-free", balance=True),
 )}
@@ -137,12 +142,15 @@ def _freescale_options(variant: Variant, inner: str) -> dict[str, Any]:
     options = {"inner": inner}
     if variant.passes is None:
         return options
-    if variant.passes == "+sm-free":
-        from fsc.pass_manager import default_pipeline
-        from fsc.passes.sm_free_collectives import SmFreeCollectives
+    from fsc.pass_manager import PassRegistry, default_pipeline, parse_pipeline
+    from fsc.passes import REGISTRY
+    from fsc.passes.sm_free_collectives import SmFreeCollectives
 
+    if variant.passes == "+sm-free":
         return options | {"passes": [*default_pipeline(), SmFreeCollectives()]}
-    return options | {"passes": variant.passes}
+    # the opt-in pass is not in the built-in registry: parse with one that has it, pass instances
+    registry = PassRegistry([*(REGISTRY[name] for name in REGISTRY), SmFreeCollectives])
+    return options | {"passes": list(parse_pipeline(variant.passes, registry))}
 
 
 def _compile(model: torch.nn.Module, variant: Variant,

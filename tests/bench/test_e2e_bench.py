@@ -142,3 +142,18 @@ def test_torchrec_peer_loss_is_the_example_forward_after_its_lookup():
     torch.testing.assert_close(got, expected)
     # the example's initial table, as the peer loads it
     torch.testing.assert_close(e2e_torchrec.example_table(51, 16, 1, cfg.seed + 1)[:51], model.item.weight.detach())
+
+
+@pytest.mark.parametrize("name", [n for n, v in e2e.VARIANTS.items() if v.compiler == "freescale"])
+def test_every_freescale_variant_builds_its_pipeline(name):
+    """Each freescale row's options must be accepted by the backend's option parsing (the
+    opt-in sm-free-collectives pass is not in the built-in registry: it goes as an instance)."""
+    import fsc
+    from fsc.passes.sm_free_collectives import SmFreeCollectives
+
+    options = e2e._freescale_options(e2e.VARIANTS[name], "eager")
+    passes = fsc.Config.from_options(options).passes
+    names = [p.name for p in passes]
+    assert any(isinstance(p, SmFreeCollectives) for p in passes) == ("smfree" in name or name == "fs-all"), names
+    assert ("lower-attention" in names) == (name in ("fs-attn", "fs-all")), names
+    assert ("overlap-schedule" in names) == (name in ("fs-overlap", "fs-all")), names
