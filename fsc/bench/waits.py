@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 
-from fsc.bench.report import write_json
+from fsc.bench.report import replace_section, write_json
 
 BACKENDS = ("freescale", "inductor", "inductor-overlap")
 STEP = "fsc.bench.waits.step"
@@ -291,6 +291,7 @@ def run(argv: list[str], json_path: str) -> int:
                              "not synthetic ones")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--timeout", type=float, default=1500.0, help="seconds before the ranks are killed")
+    parser.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:waits --> section")
     args = parser.parse_args(argv)
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     unknown = [b for b in backends if b not in BACKENDS]
@@ -343,4 +344,16 @@ def run(argv: list[str], json_path: str) -> int:
               f"{row['median_allreduce_wait_ms']:>19.3f}")
     print(f"load average before/after: {load_before} / {result['load_average_after']}; total {result['wall_s']:.0f} s")
     write_json(json_path, result)
+    if args.readme:
+        lines = [f"Real time blocked in the embedding exchange's waits, per step ({result['setup']}; "
+                 f"{result['machine']}; load average before/after {load_before[0]:.2f} / "
+                 f"{result['load_average_after'][0]:.2f}; `python -m fsc.bench waits --readme README.md`, "
+                 "`results/waits.json`; medians over steps, ratios to inductor):", "",
+                 "| backend | wait ms | step ms | wait / inductor | step / inductor | paired wait diff ms |",
+                 "|---|---:|---:|---:|---:|---:|"]
+        for row in rows:
+            lines.append(f"| {row['backend']} | {row['median_wait_ms']:.2f} | {row['median_step_ms']:.1f} | "
+                         f"{fmt(row.get('wait_vs_inductor'), 3)} | {fmt(row.get('step_vs_inductor'), 3)} | "
+                         f"{fmt(row.get('median_paired_wait_diff_vs_inductor_ms'), 2)} |")
+        replace_section(args.readme, "waits", "\n".join(lines))
     return 0
