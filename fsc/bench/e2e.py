@@ -82,12 +82,13 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fsc.bench.report import replace_section, write_json
+from fsc.bench.spawn import run_spawned
 
 BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-lb", "fs-overlap", "fs-attn", "fs-smfree", "fs-all")
 COMPETITORS = ("eager", "inductor", "inductor-overlap", "torchrec")
@@ -465,37 +466,8 @@ def _run_ranks(world: int, names: list[str], args: argparse.Namespace, metered: 
                cache: str) -> list[dict[str, Any]]:
     """Train ``names`` on ``world`` spawned ranks; ``cache``: the Inductor cache directory
     (``{rank}`` is replaced by the rank)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix="fsc-e2e-") as tmp:
-        store = os.path.join(tmp, "store")
-        outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world)]
-        procs = [ctx.Process(target=_rank, args=(r, world, store, names, args, metered, cache, outs[r]))
-                 for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + args.timeout
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 0))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if hung:
-            raise TimeoutError(f"e2e: ranks {hung} of {world} ({', '.join(names)}) did not finish within "
-                               f"--timeout {args.timeout}s")
-        results = []
-        for r, path in enumerate(outs):
-            if not os.path.exists(path):
-                raise RuntimeError(f"e2e: rank {r} died without a result (exit code {procs[r].exitcode})")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status == "error":
-                raise RuntimeError(f"e2e: rank {r} of {world} ({', '.join(names)}) failed:\n{value}")
-            results.append(value)
-        return results
+    return run_spawned(_rank, world, (names, args, metered, cache), timeout=args.timeout,
+                       label=f"e2e ({', '.join(names)}; --timeout)", prefix="fsc-e2e-")
 
 
 # ----------------------------------------------------------------------------- results

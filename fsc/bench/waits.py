@@ -48,7 +48,6 @@ import pickle
 import platform
 import socket
 import statistics
-import tempfile
 import time
 import traceback
 from collections.abc import Callable
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 
 from fsc.bench.report import replace_section, write_json
+from fsc.bench.spawn import run_spawned
 
 BACKENDS = ("freescale", "inductor", "inductor-overlap")
 STEP = "fsc.bench.waits.step"
@@ -222,35 +222,7 @@ def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace)
 
 
 def _run_ranks(backends: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(args.ranks)]
-        procs = [ctx.Process(target=_rank, args=(r, args.ranks, store, backends, args, outs[r]))
-                 for r in range(args.ranks)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(args.timeout)
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if hung:
-            raise TimeoutError(f"ranks {hung} did not finish within {args.timeout}s")
-        results = []
-        for r, path in enumerate(outs):
-            if not os.path.exists(path):
-                raise RuntimeError(f"rank {r} died without a result (exit code {procs[r].exitcode})")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status == "error":
-                raise RuntimeError(f"rank {r} failed:\n{value}")
-            results.append(value)
-        return results
+    return run_spawned(_rank, args.ranks, (backends, args), timeout=args.timeout, label="waits (--timeout)")
 
 
 def _row(backend: str, ranks: list[dict[str, Any]], steps: int) -> dict[str, Any]:
