@@ -96,8 +96,11 @@ class SubgraphRecord:
     """True when Inductor served this subgraph from its cache and the graphs were read
     back from ``cache_path`` (re-read on access: the writer may add its backward later)."""
 
-    cache_mtime: float | None = None
-    """Modification time of ``cache_path`` when last read: unchanged files are not re-read."""
+    cache_mtime: tuple | None = None
+    """Identity of ``cache_path`` when last read (inode, modification time in ns, size):
+    unchanged files are not re-read. The writer replaces the file atomically, so each write
+    is a new inode; a modification time alone can repeat within the file system's clock tick
+    (a rank reading the forward-only record would then never see the backward added)."""
     size_estimates: dict = dataclasses.field(default_factory=dict)
     """The forward graph's estimates of its data-dependent split sizes
     (:func:`fsc.analysis.cost_model.exchange_size_estimates`), handed to the backward
@@ -108,13 +111,14 @@ class SubgraphRecord:
         if not self.from_cache or self.cache_path is None:
             return
         try:
-            mtime = self.cache_path.stat().st_mtime
-            if mtime == self.cache_mtime:
+            st = self.cache_path.stat()
+            identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if identity == self.cache_mtime:
                 return
             graphs = pickle.loads(self.cache_path.read_bytes())
         except Exception:  # the record is a convenience; a missing file leaves what we had
             return
-        self.cache_mtime = mtime
+        self.cache_mtime = identity
         for key, graph_record in graphs.items():
             if key not in self.graphs:
                 graph_record.notes.append(CACHE_NOTE)

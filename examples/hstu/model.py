@@ -172,9 +172,14 @@ class HSTU(nn.Module):
         """Sum of this rank's sampled-softmax losses divided by ``loss_scale`` (a 0-d
         tensor: the number of trained tokens over all ranks), so that summing gradients
         over ranks gives the gradient of the global mean."""
-        tokens = items.shape[0]
         # one sharded lookup for history, targets and negatives: one exchange each way
         emb = self.item(torch.cat([items, targets, negatives]))
+        return self.loss(emb, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale)
+
+    def loss(self, emb, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale):
+        """The forward after its item lookup: ``emb`` holds the rows of ``cat([items, targets,
+        negatives])`` (a model whose table lives elsewhere, e.g. TorchRec's, calls this)."""
+        tokens = items.shape[0]
         hidden = self.encode(emb[:tokens], ratings, timestamps, positions, seq_ids)
         target_emb = F.normalize(emb[tokens : 2 * tokens], dim=-1)
         negative_emb = F.normalize(emb[2 * tokens :], dim=-1)

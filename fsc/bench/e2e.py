@@ -73,22 +73,19 @@ import datetime
 import math
 import os
 import pathlib
-import pickle
 import platform
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fsc.bench.report import replace_section, write_json
-from fsc.bench.spawn import run_spawned
+from fsc.bench.spawn import run_gloo_ranks
 
 BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-lb", "fs-overlap", "fs-attn", "fs-smfree", "fs-all")
 COMPETITORS = ("eager", "inductor", "inductor-overlap", "torchrec")
@@ -438,36 +435,21 @@ def _pass_stats(record: Any) -> dict[str, Any]:
     return out
 
 
-def _rank(rank: int, world: int, store: str, names: list[str], args: argparse.Namespace, metered: bool,
-          cache: str, out: str) -> None:
-    import torch.distributed as dist
-
+def _rank(rank: int, world: int, names: list[str], args: argparse.Namespace, metered: bool,
+          cache: str) -> dict[str, Any]:
+    """One rank (under :func:`fsc.bench.spawn.run_gloo_ranks`): its own Inductor cache, then train."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.format(rank=rank)
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        try:
-            # several compiled copies of one model class: one cache entry each
-            with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=64,
-                                            accumulated_recompile_limit=1024):
-                result = ("ok", _train(rank, world, names, args, metered))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # reported to the parent, which raises
-        result = ("error", traceback.format_exc())
-    with open(out, "wb") as f:
-        pickle.dump(result, f)
+    # several compiled copies of one model class: one cache entry each
+    with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=64, accumulated_recompile_limit=1024):
+        return _train(rank, world, names, args, metered)
 
 
 def _run_ranks(world: int, names: list[str], args: argparse.Namespace, metered: bool,
                cache: str) -> list[dict[str, Any]]:
     """Train ``names`` on ``world`` spawned ranks; ``cache``: the Inductor cache directory
     (``{rank}`` is replaced by the rank)."""
-    return run_spawned(_rank, world, (names, args, metered, cache), timeout=args.timeout,
-                       label=f"e2e ({', '.join(names)}; --timeout)", prefix="fsc-e2e-")
+    return run_gloo_ranks(_rank, world, names, args, metered, cache, timeout=args.timeout,
+                          label=f"e2e ({', '.join(names)}; --timeout)")
 
 
 # ----------------------------------------------------------------------------- results

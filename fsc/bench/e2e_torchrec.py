@@ -40,7 +40,6 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 #: what ``make bench`` installs (``pip install --no-deps``), for messages
@@ -55,23 +54,6 @@ def unavailable() -> str | None:
     except Exception as e:  # ImportError, or fbgemm's ops failing to load against this torch
         return f"torchrec is not importable ({type(e).__name__}: {e}); needs {REQUIREMENT}"
     return None
-
-
-def hstu_loss(dense: nn.Module, emb: torch.Tensor, items: torch.Tensor, ratings: torch.Tensor,
-              timestamps: torch.Tensor, positions: torch.Tensor, seq_ids: torch.Tensor, targets: torch.Tensor,
-              negatives: torch.Tensor, loss_scale: torch.Tensor) -> torch.Tensor:
-    """``HSTU.forward`` after its item lookup: ``emb`` is the rows of
-    ``cat([items, targets, negatives])``. Kept equal to ``examples/hstu/model.py`` by a test."""
-    tokens = items.shape[0]
-    hidden = dense.encode(emb[:tokens], ratings, timestamps, positions, seq_ids)
-    target_emb = F.normalize(emb[tokens : 2 * tokens], dim=-1)
-    negative_emb = F.normalize(emb[2 * tokens :], dim=-1)
-    positive = (hidden * target_emb).sum(-1, keepdim=True)
-    negative = hidden @ negative_emb.t()
-    negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
-    logits = torch.cat([positive, negative], dim=-1) / dense.cfg.temperature
-    per_token = F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
-    return (per_token * (targets > 0)).sum() / loss_scale
 
 
 def _batch_type() -> type:
@@ -140,8 +122,9 @@ class TorchRecHSTU(nn.Module):
 
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.ec(batch.ids)["item"].values()
-        loss = hstu_loss(self.dense, emb, batch.items, batch.ratings, batch.timestamps, batch.positions,
-                         batch.seq_ids, batch.targets, batch.negatives, batch.loss_scale)
+        # the example's own loss after its lookup (HSTU.loss), so the maths cannot drift apart
+        loss = self.dense.loss(emb, batch.items, batch.ratings, batch.timestamps, batch.positions,
+                               batch.seq_ids, batch.targets, batch.negatives, batch.loss_scale)
         return loss, loss.detach()
 
 

@@ -1,29 +1,55 @@
-"""Run a benchmark's ranks as spawned processes on this machine and collect their results."""
+"""Run a function on several gloo ranks (spawned processes on 127.0.0.1) and collect what
+each returns: the benchmarks' multi-rank runs and the tests' harness
+(``tests/dist_harness.py``) share it."""
 
 from __future__ import annotations
 
 import os
 import pickle
+import socket
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
 
-def run_spawned(target: Callable[..., None], world: int, args: tuple, *, timeout: float, label: str,
-                prefix: str = "fsc-bench-") -> list[Any]:
-    """Start ``target(rank, world, store, *args, out)`` on ``world`` spawned processes and
-    return what each pickled into ``out`` as ``("ok", value)``; ``store`` is a file path for
-    a ``FileStore`` rendezvous. A rank that reports ``("error", traceback)``, dies without a
-    result, or outlives ``timeout`` seconds (counted once for all ranks; every live rank is
-    then killed) raises, naming ``label`` and the rank."""
+def _entry(fn: Callable[..., Any], rank: int, world: int, store: str, out: str, args: tuple) -> None:
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
+        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
+    try:
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+        try:
+            result = ("ok", fn(rank, world, *args))
+            dist.barrier()
+        finally:
+            dist.destroy_process_group()
+    except BaseException:  # reported to the parent, which raises
+        result = ("error", traceback.format_exc())
+    with open(out, "wb") as f:
+        pickle.dump(result, f)
+
+
+def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float, label: str = "") -> list[Any]:
+    """``fn(rank, world, *args)`` on ``world`` spawned processes, each with one compute
+    thread and the default process group initialised (gloo, file store); returns the
+    per-rank results (``fn`` must be picklable: a module-level function).
+
+    A rank that raises makes this raise with that rank's traceback; a rank that dies without
+    a result, or outlives ``timeout`` seconds (counted once for all ranks; every live rank is
+    then killed), makes it raise too, so a caller never hangs. ``label`` prefixes messages."""
     import torch.multiprocessing as mp
 
+    prefix = f"{label}: " if label else ""
     ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+    with tempfile.TemporaryDirectory(prefix="fsc-ranks-") as tmp:
         store = os.path.join(tmp, "store")
         outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world)]
-        procs = [ctx.Process(target=target, args=(r, world, store, *args, outs[r])) for r in range(world)]
+        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, outs[r], args)) for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
@@ -35,14 +61,14 @@ def run_spawned(target: Callable[..., None], world: int, args: tuple, *, timeout
                 p.kill()
                 p.join()
         if hung:
-            raise TimeoutError(f"{label}: ranks {hung} of {world} did not finish within {timeout}s")
+            raise TimeoutError(f"{prefix}ranks {hung} of {world} did not finish within {timeout}s")
         results = []
         for r, path in enumerate(outs):
             if not os.path.exists(path):
-                raise RuntimeError(f"{label}: rank {r} died without a result (exit code {procs[r].exitcode})")
+                raise RuntimeError(f"{prefix}rank {r} died without a result (exit code {procs[r].exitcode})")
             with open(path, "rb") as f:
                 status, value = pickle.load(f)
             if status == "error":
-                raise RuntimeError(f"{label}: rank {r} of {world} failed:\n{value}")
+                raise RuntimeError(f"{prefix}rank {r} of {world} failed:\n{value}")
             results.append(value)
         return results

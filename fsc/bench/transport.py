@@ -19,14 +19,11 @@ produced by this CPU benchmark.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import pathlib
 import statistics
-import tempfile
 import time
 from typing import Any
 from fsc.bench.report import write_json
+from fsc.bench.spawn import run_gloo_ranks
 
 SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TRANSPORTS = ("gloo", "shm")
@@ -45,75 +42,55 @@ def _plan(nbytes: int) -> tuple[int, int]:
     return (7, 1) if nbytes <= 16 << 20 else (5, 1)
 
 
-def _worker(rank: int, world: int, store: str, sizes: list[int], transports: list[str], out: str) -> None:
+def _worker(rank: int, world: int, sizes: list[int], transports: list[str]) -> list[dict] | None:
+    """One rank (under :func:`fsc.bench.spawn.run_gloo_ranks`); rank 0 returns the rows."""
     import torch
     import torch.distributed as dist
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    try:
-        import fsc.runtime.ops  # noqa: F401  (registers the ops)
+    import fsc.runtime.ops  # noqa: F401  (registers the ops)
 
-        group = dist.group.WORLD
-        times: dict[tuple[str, int], list[float]] = {(t, n): [] for t in transports for n in sizes}
-        for nbytes in sizes:
-            x = torch.randn(nbytes // 4)
-            splits = [x.numel() // world] * world
+    group = dist.group.WORLD
+    times: dict[tuple[str, int], list[float]] = {(t, n): [] for t in transports for n in sizes}
+    for nbytes in sizes:
+        x = torch.randn(nbytes // 4)
+        splits = [x.numel() // world] * world
 
-            def once(transport: str) -> torch.Tensor:
-                if transport == "gloo":  # a fresh output, as the functional collective allocates
-                    y = torch.empty_like(x)
-                    dist.all_to_all_single(y, x, splits, splits, group=group)
-                    return y
-                handle = torch.ops.freescale.all_to_all_single(x, splits, splits, group.group_name)
-                return torch.ops.freescale.wait_tensor(handle, x, splits, splits, group.group_name)
+        def once(transport: str) -> torch.Tensor:
+            if transport == "gloo":  # a fresh output, as the functional collective allocates
+                y = torch.empty_like(x)
+                dist.all_to_all_single(y, x, splits, splits, group=group)
+                return y
+            handle = torch.ops.freescale.all_to_all_single(x, splits, splits, group.group_name)
+            return torch.ops.freescale.wait_tensor(handle, x, splits, splits, group.group_name)
 
+        for transport in transports:
+            once(transport)
+            once(transport)
+        # Interleaved, so that load from elsewhere on the host hits every transport alike.
+        samples, calls = _plan(nbytes)
+        for _ in range(samples):
             for transport in transports:
-                once(transport)
-                once(transport)
-            # Interleaved, so that load from elsewhere on the host hits every transport alike.
-            samples, calls = _plan(nbytes)
-            for _ in range(samples):
-                for transport in transports:
-                    dist.barrier(group)
-                    start = time.perf_counter()
-                    for _ in range(calls):
-                        once(transport)
-                    times[(transport, nbytes)].append((time.perf_counter() - start) / calls)
-        gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, times, group=group)
-        if rank == 0:
-            rows = []
-            for nbytes in sizes:
-                for transport in transports:
-                    per_rank = [g[(transport, nbytes)] for g in gathered]
-                    slowest = [max(it) for it in zip(*per_rank)]
-                    rows.append({"transport": transport, "ranks": world, "bytes": nbytes,
-                                 "median_ms": statistics.median(slowest) * 1e3})
-            pathlib.Path(out).write_text(json.dumps(rows))
-        dist.barrier(group)
-    finally:
-        dist.destroy_process_group()
+                dist.barrier(group)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    once(transport)
+                times[(transport, nbytes)].append((time.perf_counter() - start) / calls)
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, times, group=group)
+    if rank == 0:
+        rows = []
+        for nbytes in sizes:
+            for transport in transports:
+                per_rank = [g[(transport, nbytes)] for g in gathered]
+                slowest = [max(it) for it in zip(*per_rank)]
+                rows.append({"transport": transport, "ranks": world, "bytes": nbytes,
+                             "median_ms": statistics.median(slowest) * 1e3})
+        return rows
+    return None
 
 
 def measure(world: int, sizes: list[int], transports: list[str], timeout: float = 1200.0) -> list[dict]:
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        store, out = os.path.join(tmp, "store"), os.path.join(tmp, "rows.json")
-        procs = [ctx.Process(target=_worker, args=(r, world, store, sizes, transports, out)) for r in range(world)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(timeout)
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        if any(p.exitcode != 0 for p in procs):
-            raise RuntimeError(f"benchmark ranks exited with {[p.exitcode for p in procs]}")
-        return json.loads(pathlib.Path(out).read_text())
+    return run_gloo_ranks(_worker, world, sizes, transports, timeout=timeout, label="transport")[0]
 
 
 def _format(rows: list[dict]) -> list[str]:

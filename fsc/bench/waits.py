@@ -44,19 +44,16 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import pickle
 import platform
-import socket
 import statistics
 import time
-import traceback
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from fsc.bench.report import replace_section, write_json
-from fsc.bench.spawn import run_spawned
+from fsc.bench.spawn import run_gloo_ranks
 
 BACKENDS = ("freescale", "inductor", "inductor-overlap")
 STEP = "fsc.bench.waits.step"
@@ -111,26 +108,6 @@ def _per_step(prof: Any, backends: list[str], steps: int) -> dict[str, tuple[lis
         out[backend][0][step] += graph_us / 1e3
         out[backend][1][step] += allreduce_us / 1e3
     return out
-
-
-def _rank(rank: int, world: int, store: str, backends: list[str], args: argparse.Namespace, out: str) -> None:
-    """One rank: train, measure, write a pickle of (status, result)."""
-    import torch.distributed as dist
-
-    torch.set_num_threads(1)
-    if "GLOO_SOCKET_IFNAME" not in os.environ and "lo" in {name for _, name in socket.if_nameindex()}:
-        os.environ["GLOO_SOCKET_IFNAME"] = "lo"
-    try:
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-        try:
-            result = ("ok", _train(rank, world, backends, args))
-            dist.barrier()
-        finally:
-            dist.destroy_process_group()
-    except BaseException:  # reported to the parent, which raises
-        result = ("error", traceback.format_exc())
-    with open(out, "wb") as f:
-        pickle.dump(result, f)
 
 
 def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace) -> dict[str, Any]:
@@ -222,7 +199,7 @@ def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace)
 
 
 def _run_ranks(backends: list[str], args: argparse.Namespace) -> list[dict[str, Any]]:
-    return run_spawned(_rank, args.ranks, (backends, args), timeout=args.timeout, label="waits (--timeout)")
+    return run_gloo_ranks(_train, args.ranks, backends, args, timeout=args.timeout, label="waits (--timeout)")
 
 
 def _row(backend: str, ranks: list[dict[str, Any]], steps: int) -> dict[str, Any]:

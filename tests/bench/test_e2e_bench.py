@@ -122,25 +122,15 @@ def test_table_prints_missing_numbers_as_dashes():
     assert e2e.table([row]).splitlines()[-1] == "| x | 10.0 | 3200.0 | - | - | - | 0 | 512 | - |"
 
 
-def test_torchrec_peer_loss_is_the_example_forward_after_its_lookup():
+def test_torchrec_peer_loads_the_example_initial_table():
+    """The peer's table starts from the example's draw (its loss is the example's HSTU.loss)."""
     from fsc.bench.hstu_graphs import import_examples
 
     import_examples()
-    from hstu.data import leave_one_out, synthetic_histories
-    from hstu.model import HSTU, HSTUConfig, collate, sample_negatives, scale_tensor
+    from hstu.model import HSTU, HSTUConfig
 
-    h, _ = leave_one_out(synthetic_histories(num_users=20, num_items=50, seed=3))
     cfg = HSTUConfig(num_items=50, dim=16, heads=2, qk_dim=8, v_dim=8, layers=1, max_len=12, num_negatives=5, seed=3)
     model = HSTU(cfg)
-    users = range(4)
-    batch = collate([h.items[u] for u in users], [h.ratings[u] for u in users], [h.timestamps[u] for u in users],
-                    cfg.max_len)
-    negatives, scale = sample_negatives(50, 5, 3, 0, 0), scale_tensor(float(batch.num_tokens))
-    expected = model(*batch.tensors(), negatives, scale)
-    emb = model.item(torch.cat([batch.items, batch.targets, negatives]))
-    got = e2e_torchrec.hstu_loss(model, emb, *batch.tensors(), negatives, scale)
-    torch.testing.assert_close(got, expected)
-    # the example's initial table, as the peer loads it
     torch.testing.assert_close(e2e_torchrec.example_table(51, 16, 1, cfg.seed + 1)[:51], model.item.weight.detach())
 
 
