@@ -16,6 +16,7 @@ rewrite each; the inner compiler turns them into code:
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import inspect
@@ -24,7 +25,13 @@ import os
 import pathlib
 import pickle
 import time
+from collections.abc import Iterator
 from typing import Any
+
+try:
+    import fcntl
+except ImportError:  # not POSIX
+    fcntl = None  # type: ignore[assignment]
 
 import torch
 import torch.fx as fx
@@ -349,14 +356,38 @@ def _record_cache_path(
 
 
 def _save_record(record: SubgraphRecord) -> None:
+    """Write the record beside Inductor's entry, merged with what is there: several ranks
+    (or runs) write the same entry, one may have compiled only the forward so far, and a
+    writer must never drop a graph another one added. A lock file serialises the
+    read-merge-write; the replace itself is atomic for readers, who take no lock."""
     path = record.cache_path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_bytes(pickle.dumps(record.graphs))
-        os.replace(tmp, path)  # atomic: several ranks may write the same entry
+        with _locked(path.with_suffix(".lock")):
+            graphs = dict(record.graphs)
+            try:
+                for key, graph_record in pickle.loads(path.read_bytes()).items():
+                    graphs.setdefault(key, graph_record)
+            except FileNotFoundError:
+                pass
+            tmp = path.with_suffix(f".{os.getpid()}.tmp")
+            tmp.write_bytes(pickle.dumps(graphs))
+            os.replace(tmp, path)
     except Exception as exc:  # the record is a convenience; never fail a compile on it
         log.debug("freescale: could not save the compile record to %s: %s", path, exc)
+
+
+@contextlib.contextmanager
+def _locked(lock_path: pathlib.Path) -> Iterator[None]:
+    if fcntl is None:  # no advisory locks on this platform: the last writer wins
+        yield
+        return
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load_record(record: SubgraphRecord) -> None:

@@ -93,8 +93,14 @@ class SubgraphRecord:
     cache_path: Any = None
     """Where the backend keeps this record for Inductor cache hits (None: not kept)."""
     from_cache: bool = False
-    """True when Inductor served this subgraph from its cache and the graphs were read
-    back from ``cache_path`` (re-read on access: the writer may add its backward later)."""
+    """True when Inductor served this subgraph's first aten graph from its cache and the
+    graphs were read back from ``cache_path``."""
+    cached_keys: set = dataclasses.field(default_factory=set)
+    """Keys of :attr:`graphs` read back from ``cache_path`` rather than rewritten in this
+    process. Any subgraph with a ``cache_path`` re-reads it on access for graphs it lacks:
+    Inductor compiles the backward at the first backward call and may serve it from its
+    cache even when this process rewrote the forward itself (another rank, or an earlier
+    run, wrote the entry). A graph this process rewrites later replaces the cached one."""
 
     cache_mtime: tuple | None = None
     """Identity of ``cache_path`` when last read (inode, modification time in ns, size):
@@ -108,7 +114,7 @@ class SubgraphRecord:
     count by itself."""
 
     def refresh(self) -> None:
-        if not self.from_cache or self.cache_path is None:
+        if self.cache_path is None:
             return
         try:
             st = self.cache_path.stat()
@@ -123,9 +129,14 @@ class SubgraphRecord:
             if key not in self.graphs:
                 graph_record.notes.append(CACHE_NOTE)
                 self.graphs[key] = graph_record
+                self.cached_keys.add(key)
 
     def add(self, record: GraphRecord) -> None:
         key, n = record.kind, 1
+        if key in self.cached_keys:  # rewritten here after all: this one describes the code
+            self.cached_keys.discard(key)
+            self.graphs[key] = record
+            return
         while key in self.graphs:
             n += 1
             key = f"{record.kind}#{n}"

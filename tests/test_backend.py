@@ -405,3 +405,76 @@ def test_record_lookup_of_a_missing_graph_lists_what_exists():
 def test_explain_raises_clearly_when_dynamo_never_calls_the_backend():
     with torch._dynamo.config.patch(disable=True), pytest.raises(RuntimeError, match="explain compiled nothing"):
         fsc.explain(lambda x: x * 2, torch.randn(3))
+
+
+def _graph_record(kind, text):
+    from fsc.inspect import GraphRecord
+
+    return GraphRecord(kind=kind, graph_before=text, graph_after=text)
+
+
+def test_record_file_only_gains_graphs(tmp_path):
+    """A rank that has compiled only its forward must not erase the backward another rank wrote."""
+    import pickle
+
+    from fsc.backend import _save_record
+
+    path = tmp_path / "fsc_records" / "entry.pkl"
+    full = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    full.graphs = {"forward": _graph_record("forward", "a"), "backward": _graph_record("backward", "a")}
+    _save_record(full)
+    late = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    late.graphs = {"forward": _graph_record("forward", "b")}
+    _save_record(late)
+    stored = pickle.loads(path.read_bytes())
+    assert sorted(stored) == ["backward", "forward"]
+    assert stored["forward"].graph_after == "b"  # the writer's own graph wins over the file's
+    assert stored["backward"].graph_after == "a"
+
+
+def _write_kind(path: str, kind: str) -> None:
+    import pathlib
+
+    from fsc.backend import _save_record
+
+    for i in range(30):
+        record = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=pathlib.Path(path))
+        record.graphs = {kind: _graph_record(kind, str(i))}
+        _save_record(record)
+
+
+def test_concurrent_record_writers_keep_every_graph(tmp_path):
+    import multiprocessing
+    import pickle
+
+    path = tmp_path / "entry.pkl"
+    kinds = ["forward", "backward", "inference", "pre-grad"]
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_write_kind, args=(str(path), kind)) for kind in kinds]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+        assert p.exitcode == 0
+    assert sorted(pickle.loads(path.read_bytes())) == sorted(kinds)
+
+
+def test_backward_served_from_cache_joins_a_record_whose_forward_ran_here(tmp_path):
+    """Inductor compiles the backward at the first backward call and may serve it from its
+    cache even though this process rewrote the forward (another rank wrote the entry)."""
+    from fsc.backend import _save_record
+    from fsc.inspect import CACHE_NOTE
+
+    path = tmp_path / "entry.pkl"
+    writer = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    writer.graphs = {"forward": _graph_record("forward", "theirs"), "backward": _graph_record("backward", "theirs")}
+    _save_record(writer)
+    here = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    here.add(_graph_record("forward", "ours"))
+    here.refresh()
+    assert sorted(here.graphs) == ["backward", "forward"]
+    assert here.graphs["forward"].graph_after == "ours"
+    assert CACHE_NOTE in here.graphs["backward"].notes and CACHE_NOTE not in here.graphs["forward"].notes
+    here.add(_graph_record("backward", "ours"))  # compiled here after all: replaces the cached one
+    assert sorted(here.graphs) == ["backward", "forward"]
+    assert here.graphs["backward"].graph_after == "ours"
