@@ -45,8 +45,10 @@ gradients for the tables), after the HSTU paper's rab^{p,t}:
   bias differs (one table for all heads, the next item's timestamp for the query, a
   configurable log or sqrt bucketing).
 
-**Dispatch** is explicit: ``impl="auto"`` runs the Triton kernels on CUDA tensors and the
-reference elsewhere (in fp32, cast back, for 16-bit inputs); ``impl="triton"`` always runs
+**Dispatch** is explicit: ``impl="auto"`` runs the Triton kernels on CUDA tensors and,
+elsewhere, the length-grouped PyTorch implementation of :mod:`fsc.kernels.attention_grouped`
+(the reference's maths with sequences grouped by length and one bias gather; the reference
+itself when traced), in fp32, cast back, for 16-bit inputs; ``impl="triton"`` always runs
 the kernels -- on CPU tensors that needs the Triton interpreter (``TRITON_INTERPRET=1`` set
 before triton is first imported), which is how the tests run them; ``impl="reference"``
 always runs the reference.
@@ -66,6 +68,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.nn import functional as F
+
+from fsc.kernels.attention_grouped import grouped_backward, grouped_forward
 
 log = logging.getLogger(__name__)
 
@@ -718,7 +722,14 @@ def _table_grads(q: Tensor, pos_w: OptTensor, dpos: OptTensor, time_w: OptTensor
 # ---------------------------------------------------------------------------------------
 
 def _use_reference(q: torch.Tensor, impl: str) -> bool:
+    """The PyTorch path (reference or grouped) rather than the Triton kernels."""
     return impl == "reference" or (impl == "auto" and q.device.type != "cuda")
+
+
+def _use_grouped(q: torch.Tensor, impl: str, offsets: torch.Tensor, num_targets: OptTensor) -> bool:
+    """``impl="auto"`` off CUDA on real tensors runs :mod:`fsc.kernels.attention_grouped`
+    (length groups, data-dependent shapes); traced, it runs the reference."""
+    return impl == "auto" and q.device.type != "cuda" and not _is_traced(q, offsets, num_targets)
 
 
 def _check_launchable(q: torch.Tensor, *tensors: Optional[torch.Tensor]) -> None:
@@ -741,6 +752,12 @@ def _attention_fwd(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [T, H, Dv], lse)``; lse is ``[T, H]`` fp32 in softmax mode (the row
     log-sum-exp the backward needs) and empty in HSTU mode."""
+    if _use_grouped(q, impl, offsets, num_targets):
+        out, lse = grouped_forward(
+            _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale, causal=causal,
+            num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
+            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+        return out.to(q.dtype), lse.float() if softmax else lse.new_zeros(0, dtype=torch.float32)
     if _use_reference(q, impl):
         offsets, num_targets = _drop_empty_sequences(offsets, num_targets)
         out, lse = _reference_forward(
@@ -771,12 +788,18 @@ def _attention_bwd(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, d position_bias, d time_bias)``; a table's gradient is empty
     when the table is absent."""
-    if _use_reference(q, impl):
+    if _use_grouped(q, impl, offsets, num_targets):
+        grads = grouped_backward(
+            _upcast(dout), _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale,
+            causal=causal, num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
+            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+    elif _use_reference(q, impl):
         offsets, num_targets = _drop_empty_sequences(offsets, num_targets)
         grads = _reference_backward(
             _upcast(dout), _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale,
             causal=causal, num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
             position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+    if _use_reference(q, impl):
         dq, dk, dv, dpos, dtime = grads
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 *_table_grads(q, position_bias, dpos, time_bias, dtime))

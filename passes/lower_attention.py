@@ -10,8 +10,8 @@ and recomputes, and rewriting both jointly would need one pattern per requires-g
 combination and op order. Before AOTAutograd the replacement calls our op, whose
 registered autograd supplies the backward. (Inductor runs its own "pre-grad" passes at
 this level too.) The aten graphs then hold ``fsc::jagged_attention_fwd``/``_bwd`` on CPU
-(the PyTorch reference, run as one op) and, on CUDA, the Triton kernels they decompose
-into (so Inductor sees into them). The compile record's ``pre-grad`` graph says what was
+(its length-grouped PyTorch implementation, run as one op) and, on CUDA, the Triton
+kernels they decompose into (so Inductor sees into them). The compile record's ``pre-grad`` graph says what was
 lowered and what was declined, and why.
 
 **Matches**

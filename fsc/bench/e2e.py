@@ -20,8 +20,8 @@ Backends (same model, data, seed and global batch; ``--backends`` picks a subset
 * ``fs-overlap``: ``backend="freescale"`` with the scheduling passes only
   (prioritize-collectives, split-collectives, overlap-schedule), no balancing;
 * ``fs-attn``: only ``lower-attention`` (the example's SiLU attention replaced by
-  ``fsc::jagged_attention``; on CPU that op runs its PyTorch reference per sequence, not
-  the Triton kernels, which need a GPU), no balancing;
+  ``fsc::jagged_attention``; on CPU that op runs its length-grouped PyTorch
+  implementation, not the Triton kernels, which need a GPU), no balancing;
 * ``fs-smfree``: only the opt-in ``sm-free-collectives{swap_all=true}`` pass (every
   all-to-all on the shared-memory transport; alone nothing overlaps the transfers, so the
   default ``swap_all=false`` would swap nothing), no balancing;

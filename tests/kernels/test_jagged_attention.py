@@ -219,15 +219,65 @@ def test_reference_backward_maths_matches_autograd(mode):
         torch.testing.assert_close(g, e)
 
 
-@pytest.mark.parametrize("mode", ["hstu", "softmax"])
-def test_cpu_op_runs_the_reference_with_gradients(mode):
-    x = cases.make_inputs(Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS))
+# several length groups: skewed lengths, a run of equal ones, empties, a length-1 sequence
+SPREAD = (1, 200, 3, 0, 57, 57, 57, 120, 9, 0, 31, 180, 2, 75)
+GROUPED_CASES = [c for c in FP32_CASES if c.blocks is None] + [
+    Case(mode="hstu", lengths=SPREAD, **BIAS),
+    Case(mode="softmax", lengths=SPREAD, pos_p=6),
+    Case(mode="hstu", lengths=SPREAD, targets=tuple(min(n, 3) for n in SPREAD), contextual_len=2, max_attn_len=40,
+         time_buckets=12),
+]
+
+
+@pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
+def test_cpu_op_runs_the_grouped_path_matching_float64_reference(case):
+    """impl="auto" on CPU tensors: the length-grouped implementation, in float32, within 1e-5
+    of the float64 reference, forward and every gradient (the tables' too)."""
+    x = cases.make_inputs(case)
     truth = cases.reference_results(x, torch.float64)
     leaves, options = cases._leaves(x, torch.float32)
     out = jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
     got = [out, *torch.autograd.grad(out, leaves, x["dout"].float())]
+    assert len(got) == len(truth)
     for g, t in zip(got, truth):
-        torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5 * float(t.abs().max()))
+        scale = float(t.abs().max()) if t.numel() else 0.0
+        torch.testing.assert_close(g.double(), t, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("group_cost", [0.0, 1.0], ids=["a-group-per-bucket", "one-group"])
+@pytest.mark.parametrize("case", GROUPED_CASES[-3:], ids=str)
+def test_grouped_path_is_exact_however_the_sequences_are_grouped(case, group_cost, monkeypatch):
+    monkeypatch.setattr("fsc.kernels.attention_grouped._SECONDS_PER_GROUP", group_cost)
+    test_cpu_op_runs_the_grouped_path_matching_float64_reference(case)
+
+
+def test_length_groups_cover_each_nonempty_sequence_once_and_cut_padding():
+    import numpy as np
+
+    from fsc.kernels.attention_grouped import plan_groups
+
+    lengths = np.array(SPREAD * 4)
+    groups = plan_groups(lengths, heads=2, dim=64)
+    members = np.concatenate(groups)
+    assert sorted(members.tolist()) == [i for i, n in enumerate(lengths) if n > 0]
+    assert len(groups) > 1
+    padded = sum(len(g) * int(lengths[g].max()) ** 2 for g in groups)
+    assert padded < 0.6 * (lengths > 0).sum() * int(lengths.max()) ** 2
+    assert plan_groups(np.array([0, 0]), 2, 64) == []
+    assert [g.tolist() for g in plan_groups(np.array([5]), 2, 64)] == [[0]]
+
+
+def test_grouped_time_bucket_is_exact_on_both_paths():
+    from fsc.kernels.attention_grouped import time_bucket
+
+    small = [d for k in range(1, 52) for d in (2 ** k - 2, 2 ** k - 1, 2 ** k)]
+    large = small + [2 ** 53 - 1, 2 ** 53, 2 ** 60 + 5]  # past 2**53: the shift-corrected path
+    for values in (small, large):
+        dt = torch.tensor(values, dtype=torch.int64)
+        expected = torch.tensor([(int(d) + 1).bit_length() - 1 for d in values])
+        assert torch.equal(time_bucket(dt, 64), expected)
+        assert torch.equal(time_bucket(-dt, 64), expected)
+        assert torch.equal(time_bucket(dt, 20), expected.clamp_max(19))
 
 
 def test_cpu_op_upcasts_bfloat16_to_float32():
