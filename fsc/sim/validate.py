@@ -8,17 +8,21 @@ and used as the simulated links. ``python -m fsc.sim validate --ranks 2 --measur
 DIR/bubbles.json`` then rebuilds the run's exact batches (the example's synthetic data and
 ``global_batch_users`` with the run's seed), captures the example's graphs at the run's
 model size on a fake group of the run's world, schedules them with the freescale pipeline
-(the run's backend), costs them on the ``cpu`` profile with dense attention (what the
-example runs), simulates every metered step and compares the medians.
+(the run's backend), costs them on the ``cpu`` profile with jagged attention (what the
+freescale backend runs: its default pipeline lowers the example's attention; ``--attention
+dense`` for eager or inductor runs), stretches compute by ranks / cores when the ranks
+time-share fewer cores than there are ranks (one thread each), simulates every metered step
+and compares the medians.
 
 What the simulation leaves out: host Python (the meter's ``unattributed_ms``: collate, the
 optimizer's Python, the step's glue); per-op costs of the CPU's real kernels beyond the
-roofline; gloo's threads competing with compute for 2 cores (contention 1.0 here).
+roofline; gloo's threads competing with compute for the cores (contention 1.0 here).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -100,9 +104,14 @@ def run_lengths(world: int, steps: list[int], *, batch_size: int, seed: int, max
 
 
 def validate(world: int, measured: str, links_file: str, *, batch_size: int, seed: int, dim: int, layers: int,
-             heads: int, max_len: int, negatives: int) -> dict[str, Any]:
+             heads: int, max_len: int, negatives: int, attention: str = "jagged",
+             host_cores: int | None = None) -> dict[str, Any]:
+    """One row of the comparison. ``attention``: what the run computed -- ``jagged`` for
+    ``--backend freescale`` (its default pipeline lowers the example's attention), ``dense``
+    for eager or inductor. ``host_cores``: the cores the run's ranks shared (default: this
+    machine's); with more ranks than cores each rank's compute stretches by ranks / cores."""
     from fsc.runtime.bubble_trace import load_steps, summarize
-    from fsc.sim.engine import simulate
+    from fsc.sim.engine import Compute, simulate
     from fsc.sim.hstu import HSTUScale, HSTUStep
     from fsc.sim.topology import LinkModel, Topology
 
@@ -123,12 +132,18 @@ def validate(world: int, measured: str, links_file: str, *, batch_size: int, see
     step = HSTUStep.capture(scale, plan_profile="cpu", world=world)
     steps = sorted({s.step for s in real})
     per_step = run_lengths(world, steps, batch_size=batch_size, seed=seed, max_len=max_len)
+    cores = host_cores or os.cpu_count() or 1
+    stretch = max(1.0, world / cores)  # one thread per rank: ranks time-share the host's cores
     sim = []
     for s in steps:
-        ops = step.ops(step.ranks(per_step[s]), topo, overlap=True, sm_free=False, attention="dense")
+        ops = step.ops(step.ranks(per_step[s]), topo, overlap=True, sm_free=False, attention=attention)
+        if stretch > 1.0:
+            ops = [dataclasses.replace(op, seconds=op.seconds * stretch) if isinstance(op, Compute) else op
+                   for op in ops]
         sim += simulate(ops, world, contention=1.0, record=False).bubbles(step=s)
     got, want = summarize(sim), summarize(real)
-    row: dict[str, Any] = {"ranks": world, "steps": steps, "model": scale.describe()}
+    row: dict[str, Any] = {"ranks": world, "steps": steps, "model": scale.describe(), "attention": attention,
+                           "host_cores": cores, "compute_stretch": stretch}
     for key in ("step_ms", "compute_ms", "exposed_comm_ms", "idle_ms", "unattributed_ms", "bubble_fraction"):
         row[f"measured_{key}"], row[f"simulated_{key}"] = want[key], got[key]
     for key in ("step_ms", "bubble_fraction"):
@@ -157,7 +172,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     rows = []
     for world, measured in zip(args.ranks, args.measured):
         rows.append(validate(world, measured, args.links, batch_size=args.batch_size, seed=args.seed, dim=args.dim,
-                             layers=args.layers, heads=args.heads, max_len=args.max_len, negatives=args.negatives))
+                             layers=args.layers, heads=args.heads, max_len=args.max_len, negatives=args.negatives,
+                             attention=args.attention, host_cores=args.host_cores))
         r = rows[-1]
         print(f"{world} ranks: step {r['measured_step_ms']:.1f} ms measured, {r['simulated_step_ms']:.1f} simulated "
               f"({100 * r['step_ms_error']:+.0f}%); bubble fraction {r['measured_bubble_fraction']:.3f} measured, "
@@ -197,5 +213,9 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--max-len", type=int, default=50)
     p.add_argument("--negatives", type=int, default=128)
+    p.add_argument("--attention", choices=("jagged", "dense"), default="jagged",
+                   help="what the runs computed: jagged for --backend freescale (lowered), dense otherwise")
+    p.add_argument("--host-cores", type=int, default=None,
+                   help="cores the runs' ranks shared (default: this machine's)")
     p.add_argument("--json", default="results/sim-validation.json")
     p.set_defaults(fn=cmd_validate)

@@ -51,3 +51,39 @@ def test_ablation_is_deterministic_and_all_beats_baseline(step):
     assert by["lb"]["idle_ms"] < by["baseline"]["idle_ms"]
     other, _, _ = ablation(step, Setting(ranks=16, steps=2, seed=6), dist, ("baseline",))
     assert other[0]["bubble_fraction"] != by["baseline"]["bubble_fraction"]
+
+
+def _measured_file(tmp_path, world: int, steps=(3, 4)) -> str:
+    import json
+
+    rows = [dict(rank=r, step=s, step_ms=40.0, compute_ms=30.0, exposed_comm_ms=5.0, idle_ms=1.0, unattributed_ms=2.0)
+            for s in steps for r in range(world)]
+    path = tmp_path / f"bubbles{world}.json"
+    path.write_text(json.dumps({"steps": rows}))
+    return str(path)
+
+
+def test_validation_stretches_compute_when_ranks_share_cores_and_costs_the_attention_run(tmp_path, monkeypatch):
+    """validate() against a measured file: 4 ranks on 2 cores take twice the compute of 4
+    ranks on 4 cores; the freescale run's lowered (jagged) attention costs less than dense."""
+    import functools
+    import json
+
+    from fsc.sim import validate as v
+
+    # one capture serves the three runs
+    monkeypatch.setattr(HSTUStep, "capture", staticmethod(functools.cache(HSTUStep.capture)))
+    links = tmp_path / "links.json"
+    links.write_text(json.dumps([{"world": 4, "all_to_all": [3e-4, 1e9], "all_reduce": [3e-4, 1e9]}]))
+    measured = _measured_file(tmp_path, 4)
+    kw = dict(batch_size=8, seed=0, dim=32, layers=1, heads=1, max_len=16, negatives=8)
+    four = v.validate(4, measured, str(links), host_cores=4, **kw)
+    two = v.validate(4, measured, str(links), host_cores=2, **kw)
+    dense = v.validate(4, measured, str(links), host_cores=4, attention="dense", **kw)
+    assert (four["compute_stretch"], two["compute_stretch"]) == (1.0, 2.0)
+    assert two["simulated_compute_ms"] == pytest.approx(2 * four["simulated_compute_ms"], rel=1e-9)
+    assert four["simulated_compute_ms"] < dense["simulated_compute_ms"]
+    assert four["measured_step_ms"] == 40.0 and four["steps"] == [3, 4]
+    assert four["step_ms_error"] == pytest.approx((four["simulated_step_ms"] - 40.0) / 40.0)
+    with pytest.raises(ValueError, match="not --ranks 2"):
+        v.validate(2, measured, str(links), **kw)
