@@ -80,14 +80,15 @@ def test_opcheck_with_triton_impl(interpreter, mode):
     interpreter.submit(cases.opcheck, Case(mode=mode, lengths=(1, 7, 0, 20), **MASKS, **BIAS)).result()
 
 
+@pytest.mark.parametrize("impl", ["auto", "reference"])  # on CPU: the grouped path, the plain reference
 @pytest.mark.parametrize("mode", ["hstu", "softmax"])
-def test_opcheck_with_reference_impl(mode):
+def test_opcheck_with_cpu_impls(mode, impl):
     x = cases.make_inputs(Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS))
     o = x["options"]
     q, k, v = (x[n].float().requires_grad_() for n in ("q", "k", "v"))
     tables = [o[n].float().requires_grad_() for n in ("position_bias", "time_bias")]
     args = (q, k, v, x["offsets"], o["num_targets"], o["timestamps"], *tables, x["max_seq_len"], mode == "softmax",
-            0.25, True, 3, 5, "auto")
+            0.25, True, 3, 5, impl)
     torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, args)
 
 
