@@ -324,12 +324,28 @@ def _compile_inductor(
 ) -> Any:
     from torch._inductor.compile_fx import compile_fx
 
+    from torch._inductor import config as inductor_config
+
     patches = inductor_config_patches(config, record, mode)
-    record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid(), mode)
-    compiled = compile_fx(gm, example_inputs, config_patches=patches)
+    if patches.get("fx_graph_cache", inductor_config.fx_graph_cache):
+        record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid(), mode)
+    compiled = compile_fx(gm, example_inputs, inner_compile=_noting_served(record), config_patches=patches)
     if record.cache_path is not None and all(g.kind == PRE_GRAD for g in record.graphs.values()):
         _load_record(record)  # Inductor served the aten graphs from its cache: our passes did not run
     return compiled
+
+
+def _noting_served(record: SubgraphRecord) -> Any:
+    """Inductor's inner compile, noting in ``record.served`` each kind of graph it returns
+    (compiled, or served from its FX graph cache without running our pass)."""
+    from torch._inductor.compile_fx import compile_fx_inner
+
+    def inner(gm: fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
+        out = compile_fx_inner(gm, example_inputs, **kwargs)
+        record.served.update(("backward",) if kwargs.get("is_backward") else ("forward", "inference"))
+        return out
+
+    return inner
 
 
 # Inductor's caches skip our pass on a hit, so the record written when the entry was made
@@ -358,18 +374,20 @@ def _record_cache_path(
 def _save_record(record: SubgraphRecord) -> None:
     """Write the record beside Inductor's entry, merged with what is there: several ranks
     (or runs) write the same entry, one may have compiled only the forward so far, and a
-    writer must never drop a graph another one added. A lock file serialises the
+    writer must never drop a graph another one added. The graphs this process rewrote win;
+    those it read back from the file are the file's. A lock file serialises the
     read-merge-write; the replace itself is atomic for readers, who take no lock."""
     path = record.cache_path
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with _locked(path.with_suffix(".lock")):
-            graphs = dict(record.graphs)
+            graphs = {k: g for k, g in record.graphs.items() if k not in record.cached_keys}
             try:
-                for key, graph_record in pickle.loads(path.read_bytes()).items():
-                    graphs.setdefault(key, graph_record)
-            except FileNotFoundError:
-                pass
+                stored = pickle.loads(path.read_bytes())
+            except Exception:  # missing, or unreadable (a crashed writer's leftovers): start afresh
+                stored = {}
+            for key, graph_record in stored.items():
+                graphs.setdefault(key, graph_record)
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(pickle.dumps(graphs))
             os.replace(tmp, path)
@@ -377,17 +395,36 @@ def _save_record(record: SubgraphRecord) -> None:
         log.debug("freescale: could not save the compile record to %s: %s", path, exc)
 
 
+#: how long a writer waits for another one's lock before writing without it
+_LOCK_WAIT_S = 10.0
+
+
 @contextlib.contextmanager
 def _locked(lock_path: pathlib.Path) -> Iterator[None]:
-    if fcntl is None:  # no advisory locks on this platform: the last writer wins
+    """An advisory lock on ``lock_path`` (kept afterwards: removing it would race), given
+    up after ``_LOCK_WAIT_S`` (a stuck holder, a file system without locks): the write then
+    goes ahead unlocked, and a concurrent writer may drop the other's graph."""
+    if fcntl is None:  # not POSIX: unlocked
         yield
         return
     with open(lock_path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+        deadline = time.monotonic() + _LOCK_WAIT_S
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                locked = True
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    log.debug("freescale: %s still locked after %.0f s; writing without it", lock_path, _LOCK_WAIT_S)
+                    locked = False
+                    break
+                time.sleep(0.01)
         try:
             yield
         finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+            if locked:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _load_record(record: SubgraphRecord) -> None:

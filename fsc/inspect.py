@@ -95,12 +95,16 @@ class SubgraphRecord:
     from_cache: bool = False
     """True when Inductor served this subgraph's first aten graph from its cache and the
     graphs were read back from ``cache_path``."""
+    served: set = dataclasses.field(default_factory=set)
+    """Kinds (``forward``, ``inference``, ``backward``) that Inductor compiled or served
+    from its cache for this subgraph in this process. Inductor compiles the backward at
+    the first backward call and may serve it from its cache even when this process
+    rewrote the forward itself (another rank, or an earlier run, wrote the entry); our
+    pass then does not run, and the backward's record is read back from ``cache_path``."""
     cached_keys: set = dataclasses.field(default_factory=set)
     """Keys of :attr:`graphs` read back from ``cache_path`` rather than rewritten in this
-    process. Any subgraph with a ``cache_path`` re-reads it on access for graphs it lacks:
-    Inductor compiles the backward at the first backward call and may serve it from its
-    cache even when this process rewrote the forward itself (another rank, or an earlier
-    run, wrote the entry). A graph this process rewrites later replaces the cached one."""
+    process (never written back: the file's copy is the writer's). A graph this process
+    rewrites later replaces the cached one."""
 
     cache_mtime: tuple | None = None
     """Identity of ``cache_path`` when last read (inode, modification time in ns, size):
@@ -114,11 +118,14 @@ class SubgraphRecord:
     count by itself."""
 
     def refresh(self) -> None:
-        if self.cache_path is None:
+        """Read back from ``cache_path`` the graphs this subgraph lacks: all of them when
+        Inductor served the subgraph from its cache, otherwise those of the kinds it served
+        (a graph Inductor has not compiled yet is not shown)."""
+        if self.cache_path is None or not (self.from_cache or self.served):
             return
         try:
             st = self.cache_path.stat()
-            identity = (st.st_ino, st.st_mtime_ns, st.st_size)
+            identity = (st.st_ino, st.st_mtime_ns, st.st_size, self.from_cache, frozenset(self.served))
             if identity == self.cache_mtime:
                 return
             graphs = pickle.loads(self.cache_path.read_bytes())
@@ -126,7 +133,7 @@ class SubgraphRecord:
             return
         self.cache_mtime = identity
         for key, graph_record in graphs.items():
-            if key not in self.graphs:
+            if key not in self.graphs and (self.from_cache or graph_record.kind in self.served):
                 graph_record.notes.append(CACHE_NOTE)
                 self.graphs[key] = graph_record
                 self.cached_keys.add(key)

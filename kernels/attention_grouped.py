@@ -89,7 +89,7 @@ def plan_groups(lengths: np.ndarray, heads: int, dim: int) -> list[np.ndarray]:
 
 
 class _Group:
-    """One group's padded index tensors and masks (shared by the forward and the backward)."""
+    """One group's padded index tensors, mask and bias index (built again by the backward)."""
 
     def __init__(self, members: np.ndarray, starts: Tensor, lengths: Tensor, t_len: int, *, causal: bool,
                  num_targets: OptTensor, contextual_len: int, max_attn_len: int, timestamps: OptTensor,
@@ -213,7 +213,8 @@ def grouped_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, offsets: Ten
                      time_bias: OptTensor) -> tuple[Tensor, Tensor, Tensor, OptTensor, OptTensor]:
     """``(dq, dk, dv, d position_bias or None, d time_bias or None)``, recomputing the scores."""
     t_len, heads, _ = q.shape
-    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    # contiguous, whatever the inputs' strides: the op's fake implementation says so
+    dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     table = _bias_table(position_bias, time_bias, q.dtype)
     dtable = torch.zeros_like(table) if table is not None else None
     for g in _groups(q, offsets, causal, num_targets, contextual_len, max_attn_len, position_bias, timestamps,

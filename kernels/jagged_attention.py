@@ -834,10 +834,11 @@ def _drop_empty_sequences(offsets: Tensor, num_targets: OptTensor) -> tuple[Tens
 
 
 def _keep_reference_opaque(op: Any) -> None:
-    """On the reference path, keep ``op`` as one node under AOTAutograd instead of
-    decomposing it (``triton_op`` decomposes into its body there, which is what Inductor
-    needs to see the Triton kernels on CUDA). Opaque, the reference runs on real tensors:
-    it drops empty sequences, and aten graphs show ``fsc::jagged_attention_*``."""
+    """On the PyTorch paths (grouped or reference), keep ``op`` as one node under
+    AOTAutograd instead of decomposing it (``triton_op`` decomposes into its body there,
+    which is what Inductor needs to see the Triton kernels on CUDA). Opaque, the op runs on
+    real tensors, where the grouped path picks its length groups (and the reference drops
+    empty sequences), and aten graphs show ``fsc::jagged_attention_*``."""
     from torch._subclasses.functional_tensor import FunctionalTensorMode
 
     decompose = op._torch_dispatch_fns[FunctionalTensorMode]
@@ -1053,7 +1054,8 @@ def _check_offset_values(offsets: torch.Tensor, t_len: int, max_seq_len: int,
 # ---------------------------------------------------------------------------------------
 # Plain PyTorch reference: pad to [B, N], build the [B, N, N] mask and the [B, H, N, N]
 # scores, apply the activation, unpad. Quadratic in N and memory-hungry; it is the
-# specification the kernels are tested against, and the CPU implementation.
+# specification the kernels and the CPU implementation (attention_grouped) are tested
+# against, and what impl="reference" runs.
 # ---------------------------------------------------------------------------------------
 
 def jagged_attention_reference(

@@ -432,36 +432,53 @@ def test_record_file_only_gains_graphs(tmp_path):
     assert stored["backward"].graph_after == "a"
 
 
-def _write_kind(path: str, kind: str) -> None:
-    import pathlib
+def test_record_writer_waits_for_the_lock_and_then_merges(tmp_path):
+    """The read-merge-write happens under the entry's lock: a writer waits while another
+    holds it (here the test, through its own open file), then keeps both graphs."""
+    import fcntl
+    import pickle
+    import threading
+    import time
 
     from fsc.backend import _save_record
 
-    for i in range(30):
-        record = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=pathlib.Path(path))
-        record.graphs = {kind: _graph_record(kind, str(i))}
-        _save_record(record)
+    path = tmp_path / "entry.pkl"
+    first = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    first.graphs = {"forward": _graph_record("forward", "a")}
+    _save_record(first)
+    second = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    second.graphs = {"backward": _graph_record("backward", "b")}
+    with open(path.with_suffix(".lock"), "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        writer = threading.Thread(target=_save_record, args=(second,))
+        writer.start()
+        time.sleep(0.5)
+        assert writer.is_alive()  # blocked on the lock, nothing written yet
+        assert sorted(pickle.loads(path.read_bytes())) == ["forward"]
+        fcntl.flock(held, fcntl.LOCK_UN)
+    writer.join(timeout=30)
+    assert not writer.is_alive()
+    assert sorted(pickle.loads(path.read_bytes())) == ["backward", "forward"]
 
 
-def test_concurrent_record_writers_keep_every_graph(tmp_path):
-    import multiprocessing
+def test_unreadable_record_file_is_replaced(tmp_path):
     import pickle
 
+    from fsc.backend import _save_record
+
     path = tmp_path / "entry.pkl"
-    kinds = ["forward", "backward", "inference", "pre-grad"]
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_write_kind, args=(str(path), kind)) for kind in kinds]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=120)
-        assert p.exitcode == 0
-    assert sorted(pickle.loads(path.read_bytes())) == sorted(kinds)
+    path.write_bytes(b"not a pickle")  # a crashed writer's leftovers
+    record = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
+    record.graphs = {"forward": _graph_record("forward", "a")}
+    _save_record(record)
+    assert sorted(pickle.loads(path.read_bytes())) == ["forward"]
 
 
 def test_backward_served_from_cache_joins_a_record_whose_forward_ran_here(tmp_path):
     """Inductor compiles the backward at the first backward call and may serve it from its
     cache even though this process rewrote the forward (another rank wrote the entry)."""
+    import pickle
+
     from fsc.backend import _save_record
     from fsc.inspect import CACHE_NOTE
 
@@ -471,10 +488,33 @@ def test_backward_served_from_cache_joins_a_record_whose_forward_ran_here(tmp_pa
     _save_record(writer)
     here = SubgraphRecord(index=0, config=None, dynamo_graph="", cache_path=path)
     here.add(_graph_record("forward", "ours"))
+    here.served.update({"forward", "inference"})
+    here.refresh()
+    assert sorted(here.graphs) == ["forward"]  # no backward compiled or served here yet: none shown
+    here.served.add("backward")  # Inductor served it from its cache: our pass did not run
     here.refresh()
     assert sorted(here.graphs) == ["backward", "forward"]
     assert here.graphs["forward"].graph_after == "ours"
     assert CACHE_NOTE in here.graphs["backward"].notes and CACHE_NOTE not in here.graphs["forward"].notes
+    _save_record(here)  # the read-back copy is not written back (nor its note)
+    stored = pickle.loads(path.read_bytes())
+    assert stored["forward"].graph_after == "ours" and stored["backward"].notes == []
     here.add(_graph_record("backward", "ours"))  # compiled here after all: replaces the cached one
     assert sorted(here.graphs) == ["backward", "forward"]
     assert here.graphs["backward"].graph_after == "ours"
+
+
+def test_record_with_inductor_cache_off_neither_reads_nor_writes_files(tmp_path, monkeypatch):
+    """dump_dir (like verify and explain) turns Inductor's FX graph cache off: no entry is
+    made, so no record is kept beside one, and none from an earlier run is shown."""
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "cache"))
+    from torch._inductor import config as inductor_config
+
+    with inductor_config.patch(fx_graph_cache=True):
+        torch._dynamo.reset()
+        torch.compile(MLP(), backend="freescale")(torch.randn(2, 16)).backward()  # writes a full record
+        torch._dynamo.reset()
+        torch.compile(MLP(), backend="freescale", options={"dump_dir": str(tmp_path / "dump")})(torch.randn(2, 16))
+    record = fsc.last_compile()
+    assert record.subgraphs[0].cache_path is None
+    assert sorted(record.graphs()) == ["forward"]  # forward only ran: no backward from the earlier file

@@ -132,7 +132,9 @@ def validate(world: int, measured: str, links_file: str, *, batch_size: int, see
     step = HSTUStep.capture(scale, plan_profile="cpu", world=world)
     steps = sorted({s.step for s in real})
     per_step = run_lengths(world, steps, batch_size=batch_size, seed=seed, max_len=max_len)
-    cores = host_cores or os.cpu_count() or 1
+    if host_cores is not None and host_cores < 1:
+        raise ValueError(f"host_cores must be a positive number of cores, got {host_cores}")
+    cores = host_cores or len(os.sched_getaffinity(0))
     stretch = max(1.0, world / cores)  # one thread per rank: ranks time-share the host's cores
     sim = []
     for s in steps:

@@ -90,6 +90,9 @@ def test_opcheck_with_cpu_impls(mode, impl):
     args = (q, k, v, x["offsets"], o["num_targets"], o["timestamps"], *tables, x["max_seq_len"], mode == "softmax",
             0.25, True, 3, 5, impl)
     torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, args)
+    # non-contiguous q, k, v ([H, T, D] storage seen as [T, H, D])
+    q, k, v = (t.detach().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for t in (q, k, v))
+    torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, (q, k, v, *args[3:]))
 
 
 # --- the reference against the semantics as stated -------------------------------------
@@ -230,15 +233,31 @@ GROUPED_CASES = [c for c in FP32_CASES if c.blocks is None] + [
 ]
 
 
+def _spy_on_grouped(monkeypatch) -> list[str]:
+    """Record each call of the grouped implementation (the op looks it up in its module)."""
+    calls: list[str] = []
+    for name in ("grouped_forward", "grouped_backward"):
+        real = getattr(ja, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(ja, name, spy)
+    return calls
+
+
 @pytest.mark.parametrize("case", GROUPED_CASES, ids=str)
-def test_cpu_op_runs_the_grouped_path_matching_float64_reference(case):
+def test_cpu_op_runs_the_grouped_path_matching_float64_reference(case, monkeypatch):
     """impl="auto" on CPU tensors: the length-grouped implementation, in float32, within 1e-5
     of the float64 reference, forward and every gradient (the tables' too)."""
+    calls = _spy_on_grouped(monkeypatch)
     x = cases.make_inputs(case)
     truth = cases.reference_results(x, torch.float64)
     leaves, options = cases._leaves(x, torch.float32)
     out = jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
     got = [out, *torch.autograd.grad(out, leaves, x["dout"].float())]
+    assert calls == ["grouped_forward", "grouped_backward"]
     assert len(got) == len(truth)
     for g, t in zip(got, truth):
         scale = float(t.abs().max()) if t.numel() else 0.0
@@ -249,7 +268,27 @@ def test_cpu_op_runs_the_grouped_path_matching_float64_reference(case):
 @pytest.mark.parametrize("case", GROUPED_CASES[-3:], ids=str)
 def test_grouped_path_is_exact_however_the_sequences_are_grouped(case, group_cost, monkeypatch):
     monkeypatch.setattr("fsc.kernels.attention_grouped._SECONDS_PER_GROUP", group_cost)
-    test_cpu_op_runs_the_grouped_path_matching_float64_reference(case)
+    test_cpu_op_runs_the_grouped_path_matching_float64_reference(case, monkeypatch)
+
+
+def test_grouped_path_takes_non_contiguous_inputs_and_returns_contiguous_gradients():
+    """q, k, v as transposes of [H, T, D] tensors: the op's gradients are contiguous, as its
+    fake implementation declares, so Inductor-compiled code can rely on them."""
+    x = cases.make_inputs(Case(mode="hstu", lengths=SPREAD[:6], **BIAS))
+    o = x["options"]
+
+    def run(fn):
+        q, k, v = (x[n].float().transpose(0, 1).contiguous().transpose(0, 1).requires_grad_() for n in "qkv")
+        assert not q.is_contiguous()
+        out = fn(q, k, v, x["offsets"], x["max_seq_len"], position_bias=o["position_bias"].float(),
+                 time_bias=o["time_bias"].float(), timestamps=o["timestamps"])
+        return [out, *torch.autograd.grad(out, (q, k, v), x["dout"].float())]
+
+    eager = run(jagged_attention)
+    assert all(g.is_contiguous() for g in eager[1:])
+    compiled = run(torch.compile(jagged_attention, backend="inductor", fullgraph=True))
+    for c, e in zip(compiled, eager):
+        torch.testing.assert_close(c, e)
 
 
 def test_length_groups_cover_each_nonempty_sequence_once_and_cut_padding():
