@@ -17,6 +17,7 @@ rewrite each; the inner compiler turns them into code:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import inspect
@@ -327,30 +328,85 @@ def _compile_inductor(
     from torch._inductor import config as inductor_config
 
     patches = inductor_config_patches(config, record, mode)
-    if patches.get("fx_graph_cache", inductor_config.fx_graph_cache):
+    if patches.get("fx_graph_cache", inductor_config.fx_graph_cache):  # off: no entries, no records beside them
         record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid(), mode)
-    compiled = compile_fx(gm, example_inputs, inner_compile=_noting_served(record), config_patches=patches)
+    uuid = patches["post_grad_custom_post_pass"].uuid()
+    compiled = compile_fx(gm, example_inputs, inner_compile=_noting_served(record, uuid, mode), config_patches=patches)
     if record.cache_path is not None and all(g.kind == PRE_GRAD for g in record.graphs.values()):
         _load_record(record)  # Inductor served the aten graphs from its cache: our passes did not run
     return compiled
 
 
-def _noting_served(record: SubgraphRecord) -> Any:
-    """Inductor's inner compile, noting in ``record.served`` each kind of graph it returns
-    (compiled, or served from its FX graph cache without running our pass)."""
+def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
+    """Inductor's inner compile, one call per aten graph, hit or miss. It notes in
+    ``record.served`` each kind of graph Inductor returns, and keeps each graph's record
+    under that aten graph's own key: Inductor's FX graph cache is keyed by the aten graph,
+    and two Dynamo graphs can share one (a backward, say), so a hit may come from an entry
+    another Dynamo graph made. When our pass ran inside the call (a miss) its record is
+    saved under the key; when it did not (a hit) the record is read back from it."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     def inner(gm: fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
+        backward = bool(kwargs.get("is_backward"))
+        path = None
+        if record.cache_path is not None:
+            path = _keyed_path(("aten", uuid, mode, backward, gm.code, _input_facts(example_inputs)))
+        before = {id(g) for g in record.graphs.values()}
         out = compile_fx_inner(gm, example_inputs, **kwargs)
-        record.served.update(("backward",) if kwargs.get("is_backward") else ("forward", "inference"))
+        record.served.update(("backward",) if backward else ("forward", "inference"))
+        if path is not None:
+            made = [g for g in record.graphs.values() if id(g) not in before and g.kind != PRE_GRAD]
+            if made:
+                _write_atomically(path, pickle.dumps(_without_cache_note(made[-1])))
+            elif _adopt_cached_graph(record, path):
+                _save_record(record)  # the Dynamo graph's record gains it too (for AOTAutograd cache hits)
         return out
 
     return inner
 
 
+def _adopt_cached_graph(record: SubgraphRecord, path: pathlib.Path) -> bool:
+    try:
+        graph_record = pickle.loads(path.read_bytes())
+    except Exception:  # never written (made before fsc kept per-graph records), or unreadable
+        return False
+    if graph_record.kind in record.graphs:
+        return False
+    graph_record.notes.append(CACHE_NOTE)
+    if graph_record.fallback:  # the cached code is the unrewritten graph: say so again
+        log.warning("freescale: %s (recorded when Inductor cached it); compiling the %s graph unrewritten",
+                    graph_record.fallback, graph_record.kind)
+    record.graphs[graph_record.kind] = graph_record
+    record.cached_keys.add(graph_record.kind)
+    return True
+
+
+def _without_cache_note(graph_record: GraphRecord) -> GraphRecord:
+    if CACHE_NOTE not in graph_record.notes:
+        return graph_record
+    return dataclasses.replace(graph_record, notes=[n for n in graph_record.notes if n != CACHE_NOTE])
+
+
 # Inductor's caches skip our pass on a hit, so the record written when the entry was made
-# is kept beside them (same cache directory, keyed by the Dynamo graph, input shapes and
-# our uuid) and read back on a hit.
+# is kept beside them (same cache directory) and read back on a hit: one file per Dynamo
+# graph (keyed by its code, input shapes and our uuid; AOTAutograd's cache serves whole
+# Dynamo graphs) and one per aten graph (keyed like Inductor's FX graph cache).
+
+
+def _input_facts(example_inputs: Any) -> list[Any]:
+    return [
+        (tuple(map(str, x.shape)), tuple(map(str, x.stride())), x.dtype, x.device.type, x.requires_grad)
+        if isinstance(x, torch.Tensor)
+        else type(x).__name__
+        for x in example_inputs
+    ]
+
+
+def _keyed_path(facts: tuple) -> pathlib.Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    key = hashlib.sha256(repr((*facts, torch.__version__)).encode()).hexdigest()[:32]
+    return pathlib.Path(cache_dir()) / "fsc_records" / f"{key}.pkl"
 
 
 def _record_cache_path(
@@ -358,24 +414,24 @@ def _record_cache_path(
 ) -> pathlib.Path | None:
     if uuid is None:
         return None
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
+    return _keyed_path((uuid, mode, gm.code, _input_facts(example_inputs), torch.is_grad_enabled()))
 
-    inputs = [
-        (tuple(x.shape), tuple(x.stride()), x.dtype, x.device.type, x.requires_grad)
-        if isinstance(x, torch.Tensor)
-        else type(x).__name__
-        for x in example_inputs
-    ]
-    facts = (uuid, mode, gm.code, inputs, torch.is_grad_enabled(), torch.__version__)
-    key = hashlib.sha256(repr(facts).encode()).hexdigest()[:32]
-    return pathlib.Path(cache_dir()) / "fsc_records" / f"{key}.pkl"
+
+def _write_atomically(path: pathlib.Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)  # several ranks may write the same entry
+    except Exception as exc:  # the record is a convenience; never fail a compile on it
+        log.debug("freescale: could not save a compile record to %s: %s", path, exc)
 
 
 def _save_record(record: SubgraphRecord) -> None:
     """Write the record beside Inductor's entry, merged with what is there: several ranks
     (or runs) write the same entry, one may have compiled only the forward so far, and a
     writer must never drop a graph another one added. The graphs this process rewrote win;
-    those it read back from the file are the file's. A lock file serialises the
+    those it read back are the file's when it has them. A lock file serialises the
     read-merge-write; the replace itself is atomic for readers, who take no lock."""
     path = record.cache_path
     try:
@@ -388,6 +444,8 @@ def _save_record(record: SubgraphRecord) -> None:
                 stored = {}
             for key, graph_record in stored.items():
                 graphs.setdefault(key, graph_record)
+            for key in record.cached_keys & record.graphs.keys():  # read back from a per-graph file
+                graphs.setdefault(key, _without_cache_note(record.graphs[key]))
             tmp = path.with_suffix(f".{os.getpid()}.tmp")
             tmp.write_bytes(pickle.dumps(graphs))
             os.replace(tmp, path)

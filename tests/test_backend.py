@@ -518,3 +518,35 @@ def test_record_with_inductor_cache_off_neither_reads_nor_writes_files(tmp_path,
     record = fsc.last_compile()
     assert record.subgraphs[0].cache_path is None
     assert sorted(record.graphs()) == ["forward"]  # forward only ran: no backward from the earlier file
+
+
+def test_aten_graphs_another_dynamo_graph_cached_still_have_their_records(tmp_path, monkeypatch):
+    """Inductor's FX graph cache is keyed by the aten graph: two Dynamo graphs that differ
+    only in names share their aten graphs, so the second is served entirely from the first's
+    entries and our passes never run for it. Its record still lists both graphs, read back
+    from the per-aten-graph records the first compile left."""
+    from torch._inductor import config as inductor_config
+
+    from fsc.inspect import CACHE_NOTE
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    w = torch.nn.Parameter(torch.randn(16, 16))
+
+    def first(x):
+        return (x @ w).sin().sum()
+
+    def second(renamed):
+        return (renamed @ w).sin().sum()
+
+    with inductor_config.patch(fx_graph_cache=True):
+        records = []
+        for fn in (first, second):
+            torch._dynamo.reset()
+            torch.compile(fn, backend="freescale")(torch.randn(4, 16)).backward()
+            records.append(fsc.last_compile())
+    mine, served = records[0].graphs(), records[1].graphs()
+    assert sorted(mine) == sorted(served) == ["backward", "forward"]
+    assert records[0].subgraphs[0].cache_path != records[1].subgraphs[0].cache_path  # two Dynamo graphs
+    assert all(CACHE_NOTE not in g.notes for g in mine.values())
+    assert all(CACHE_NOTE in g.notes for g in served.values())  # our passes did not run for the second
+    assert served["backward"].graph_after == mine["backward"].graph_after

@@ -258,14 +258,31 @@ def _data_dependent_worker(rank: int, world: int) -> list[tuple]:
         # Ranks share Inductor's cache: a rank served from it reads the record the other rank
         # wrote, which may still be adding its backward; wait until every rank is done.
         dist.barrier()
-        graphs = fsc.last_compile().graphs()
-        out.append((inner, worst, {k: g.fallback for k, g in graphs.items()}, sorted(graphs)))
+        record = fsc.last_compile()
+        graphs = record.graphs()
+        out.append((inner, worst, {k: g.fallback for k, g in graphs.items()}, sorted(graphs), _record_state(record)))
     return out
+
+
+def _record_state(record) -> str:
+    """What a failed record check needs to be understood: each subgraph's cache state."""
+    import pickle
+
+    lines = []
+    for sub in record.subgraphs:
+        path = sub.cache_path
+        try:
+            on_disk = sorted(pickle.loads(path.read_bytes())) if path is not None else None
+        except Exception as exc:
+            on_disk = f"unreadable: {exc!r}"
+        lines.append(f"subgraph {sub.index}: graphs={sorted(sub.graphs)} from_cache={sub.from_cache} "
+                     f"served={sorted(sub.served)} cached={sorted(sub.cached_keys)} file={on_disk} notes={sub.notes}")
+    return "; ".join(lines)
 
 
 def test_data_dependent_split_sizes_compile_and_match_eager():
     for rank_results in run_ranks(_data_dependent_worker, 2):
-        for inner, worst, fallbacks, kinds in rank_results:
+        for inner, worst, fallbacks, kinds, state in rank_results:
             assert worst <= 1e-5, inner
-            assert kinds == ["backward", "forward"], inner
+            assert kinds == ["backward", "forward"], (inner, state)
             assert all(f is None for f in fallbacks.values()), (inner, fallbacks)  # passes ran, no fallback
