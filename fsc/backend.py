@@ -140,6 +140,9 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     graph_record.seconds = time.perf_counter() - start
     if record.cache_path is not None:
         _save_record(record)
+    if record.aten_path is not None and not pre_grad:
+        # before Inductor writes its entry: whoever is served that entry finds this record
+        _write_atomically(record.aten_path, pickle.dumps(graph_record))
     if config.dump_dir is not None:
         _dump(config.dump_dir, record, kind)
     return graph_record
@@ -343,7 +346,8 @@ def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
     under that aten graph's own key: Inductor's FX graph cache is keyed by the aten graph,
     and two Dynamo graphs can share one (a backward, say), so a hit may come from an entry
     another Dynamo graph made. When our pass ran inside the call (a miss) its record is
-    saved under the key; when it did not (a hit) the record is read back from it."""
+    saved under the key (by the pass, before Inductor writes its entry); when it did not
+    (a hit) the record is read back from it."""
     from torch._inductor.compile_fx import compile_fx_inner
 
     def inner(gm: fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
@@ -352,14 +356,15 @@ def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
         if record.cache_path is not None:
             path = _keyed_path(("aten", uuid, mode, backward, gm.code, _input_facts(example_inputs)))
         before = {id(g) for g in record.graphs.values()}
-        out = compile_fx_inner(gm, example_inputs, **kwargs)
+        record.aten_path = path  # where our pass, if it runs, saves this graph's record
+        try:
+            out = compile_fx_inner(gm, example_inputs, **kwargs)
+        finally:
+            record.aten_path = None
         record.served.update(("backward",) if backward else ("forward", "inference"))
-        if path is not None:
-            made = [g for g in record.graphs.values() if id(g) not in before and g.kind != PRE_GRAD]
-            if made:
-                _write_atomically(path, pickle.dumps(_without_cache_note(made[-1])))
-            elif _adopt_cached_graph(record, path):
-                _save_record(record)  # the Dynamo graph's record gains it too (for AOTAutograd cache hits)
+        made = any(id(g) not in before and g.kind != PRE_GRAD for g in record.graphs.values())
+        if path is not None and not made and _adopt_cached_graph(record, path):
+            _save_record(record)  # the Dynamo graph's record gains it too (for AOTAutograd cache hits)
         return out
 
     return inner

@@ -106,6 +106,9 @@ class SubgraphRecord:
     process (never written back: the file's copy is the writer's). A graph this process
     rewrites later replaces the cached one."""
 
+    aten_path: Any = None
+    """While Inductor compiles one aten graph of this subgraph: where that graph's own
+    record goes (see ``fsc.backend._noting_served``); None otherwise."""
     cache_mtime: tuple | None = None
     """Identity of ``cache_path`` when last read (inode, modification time in ns, size):
     unchanged files are not re-read. The writer replaces the file atomically, so each write
