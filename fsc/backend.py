@@ -93,11 +93,8 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     start = time.perf_counter()
     pre_grad = kind == PRE_GRAD
     passes = passes_for_stage(config.passes, PRE_GRAD if pre_grad else "aten")
-    if kind == "forward":
-        try:  # a convenience for the backward's estimates: never a reason to fail a compile
-            record.size_estimates = exchange_size_estimates(gm.graph)
-        except Exception as exc:  # noqa: BLE001
-            log.debug("freescale: no split-size estimates for the backward graph: %s", exc)
+    if kind == "forward" and not record.size_estimates:  # Inductor's path set them already (_noting_served)
+        _note_size_estimates(record, gm)
     cost_model = CostModel(config.profile, size_estimates=record.size_estimates if kind == "backward" else None)
     budget = None if config.memory_budget_gb is None or pre_grad else config.memory_budget_gb * 2**30
     ctx = PassContext(graph_kind=kind, cost_model=cost_model, memory_budget_bytes=budget)
@@ -146,6 +143,13 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     if config.dump_dir is not None:
         _dump(config.dump_dir, record, kind)
     return graph_record
+
+
+def _note_size_estimates(record: SubgraphRecord, gm: fx.GraphModule) -> None:
+    try:  # a convenience for the backward's estimates: never a reason to fail a compile
+        record.size_estimates = exchange_size_estimates(gm.graph)
+    except Exception as exc:  # noqa: BLE001
+        log.debug("freescale: no split-size estimates for the backward graph: %s", exc)
 
 
 def _restore_keeping_inputs(dst: fx.Graph, src: fx.Graph) -> None:
@@ -352,6 +356,11 @@ def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
 
     def inner(gm: fx.GraphModule, example_inputs: Any, **kwargs: Any) -> Any:
         backward = bool(kwargs.get("is_backward"))
+        if not backward:
+            # The backward's cost model needs them whether or not our pass runs on this forward:
+            # a rank served the forward from the cache may still compile the backward, and must
+            # plan it as the ranks that compiled both do (same estimates, same collective order).
+            _note_size_estimates(record, gm)
         path = None
         if record.cache_path is not None:
             path = _keyed_path(("aten", uuid, mode, backward, gm.code, _input_facts(example_inputs)))

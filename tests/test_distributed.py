@@ -260,7 +260,11 @@ def _data_dependent_worker(rank: int, world: int) -> list[tuple]:
         dist.barrier()
         record = fsc.last_compile()
         graphs = record.graphs()
-        out.append((inner, worst, {k: g.fallback for k, g in graphs.items()}, sorted(graphs), _record_state(record)))
+        # the backward's cost model plans with the forward's split-size estimates: every rank
+        # must hold the same ones, whether Inductor compiled its forward or served it from the cache
+        estimates = sorted(f"{k}={v}" for k, v in record.subgraphs[-1].size_estimates.items())
+        out.append((inner, worst, {k: g.fallback for k, g in graphs.items()}, sorted(graphs), _record_state(record),
+                    estimates))
     return out
 
 
@@ -281,8 +285,12 @@ def _record_state(record) -> str:
 
 
 def test_data_dependent_split_sizes_compile_and_match_eager():
-    for rank_results in run_ranks(_data_dependent_worker, 2):
-        for inner, worst, fallbacks, kinds, state in rank_results:
+    results = run_ranks(_data_dependent_worker, 2)
+    for rank_results in results:
+        for inner, worst, fallbacks, kinds, state, estimates in rank_results:
             assert worst <= 1e-5, inner
             assert kinds == ["backward", "forward"], (inner, state)
+            assert estimates, inner  # the data-dependent split sizes got estimates
             assert all(f is None for f in fallbacks.values()), (inner, fallbacks)  # passes ran, no fallback
+    for per_inner in zip(*results):  # the same inner on every rank
+        assert len({tuple(r[5]) for r in per_inner}) == 1, per_inner[0][0]
