@@ -330,14 +330,13 @@ def inductor_config_patches(config: Config, record: SubgraphRecord, mode: str | 
 def _compile_inductor(
     gm: fx.GraphModule, example_inputs: list[Any], config: Config, record: SubgraphRecord, mode: str | None
 ) -> Any:
+    from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import compile_fx
 
-    from torch._inductor import config as inductor_config
-
     patches = inductor_config_patches(config, record, mode)
-    if patches.get("fx_graph_cache", inductor_config.fx_graph_cache):  # off: no entries, no records beside them
-        record.cache_path = _record_cache_path(gm, example_inputs, patches["post_grad_custom_post_pass"].uuid(), mode)
     uuid = patches["post_grad_custom_post_pass"].uuid()
+    if patches.get("fx_graph_cache", inductor_config.fx_graph_cache):  # off: no entries, no records beside them
+        record.cache_path = _record_cache_path(gm, example_inputs, uuid, mode)
     compiled = compile_fx(gm, example_inputs, inner_compile=_noting_served(record, uuid, mode), config_patches=patches)
     if record.cache_path is not None and all(g.kind == PRE_GRAD for g in record.graphs.values()):
         _load_record(record)  # Inductor served the aten graphs from its cache: our passes did not run
