@@ -22,6 +22,13 @@ def replace_section(readme: str | pathlib.Path, name: str, body: str) -> None:
     path.write_text(pattern.sub(lambda _: f"{start}\n{body.strip()}\n{end}", text))
 
 
+def markdown_table(header: list[str], rows: list[list[str]], numeric: int = 1) -> list[str]:
+    """Lines of a markdown table whose last ``numeric`` columns (numbers) are right-aligned."""
+    align = ["---"] * (len(header) - numeric) + ["---:"] * numeric
+    return ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|",
+            *("| " + " | ".join(r) + " |" for r in rows)]
+
+
 def write_json(json_path: str | pathlib.Path, data: Any) -> pathlib.Path:
     """Write a benchmark's results (creating the folder) and say where."""
     path = pathlib.Path(json_path)

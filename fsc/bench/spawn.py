@@ -42,14 +42,34 @@ def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: floa
     A rank that raises makes this raise with that rank's traceback; a rank that dies without
     a result, or outlives ``timeout`` seconds (counted once for all ranks; every live rank is
     then killed), makes it raise too, so a caller never hangs. ``label`` prefixes messages."""
+    prefix = f"{label}: " if label else ""
+    hung, outcomes = spawn_ranks(_entry, fn, world, *args, timeout=timeout)
+    if hung:
+        raise TimeoutError(f"{prefix}ranks {hung} of {world} did not finish within {timeout}s")
+    results = []
+    for r, outcome in enumerate(outcomes):
+        if outcome[0] == "died":
+            raise RuntimeError(f"{prefix}rank {r} died without a result (exit code {outcome[1]})")
+        if outcome[0] == "error":
+            raise RuntimeError(f"{prefix}rank {r} of {world} failed:\n{outcome[1]}")
+        results.append(outcome[1])
+    return results
+
+
+def spawn_ranks(entry: Callable[..., None], fn: Callable[..., Any], world: int, *args: Any,
+                timeout: float) -> tuple[list[int], list[tuple]]:
+    """The mechanism under :func:`run_gloo_ranks`, for callers that expect ranks to fail:
+    ``entry(fn, rank, world, store, out, args)`` in ``world`` spawned processes (``store``:
+    a file-store path; ``out``: where the entry pickles the rank's outcome tuple). Waits
+    ``timeout`` seconds in all, kills every rank still alive, and returns ``(hung ranks,
+    per-rank outcome)``, the outcome being what ``entry`` wrote or ``("died", exit code)``."""
     import torch.multiprocessing as mp
 
-    prefix = f"{label}: " if label else ""
     ctx = mp.get_context("spawn")
     with tempfile.TemporaryDirectory(prefix="fsc-ranks-") as tmp:
         store = os.path.join(tmp, "store")
         outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world)]
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, outs[r], args)) for r in range(world)]
+        procs = [ctx.Process(target=entry, args=(fn, r, world, store, outs[r], args)) for r in range(world)]
         for p in procs:
             p.start()
         deadline = time.monotonic() + timeout
@@ -60,15 +80,11 @@ def run_gloo_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: floa
             if p.is_alive():
                 p.kill()
                 p.join()
-        if hung:
-            raise TimeoutError(f"{prefix}ranks {hung} of {world} did not finish within {timeout}s")
-        results = []
+        outcomes = []
         for r, path in enumerate(outs):
-            if not os.path.exists(path):
-                raise RuntimeError(f"{prefix}rank {r} died without a result (exit code {procs[r].exitcode})")
-            with open(path, "rb") as f:
-                status, value = pickle.load(f)
-            if status == "error":
-                raise RuntimeError(f"{prefix}rank {r} of {world} failed:\n{value}")
-            results.append(value)
-        return results
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    outcomes.append(pickle.load(f))
+            else:
+                outcomes.append(("died", procs[r].exitcode))
+        return hung, outcomes

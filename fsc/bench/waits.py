@@ -52,7 +52,7 @@ from typing import Any
 
 import torch
 
-from fsc.bench.report import replace_section, write_json
+from fsc.bench.report import markdown_table, replace_section, write_json
 from fsc.bench.spawn import run_gloo_ranks
 
 BACKENDS = ("freescale", "inductor", "inductor-overlap")
@@ -297,12 +297,11 @@ def run(argv: list[str], json_path: str) -> int:
         lines = [f"Real time blocked in the embedding exchange's waits, per step ({result['setup']}; "
                  f"{result['machine']}; load average before/after {load_before[0]:.2f} / "
                  f"{result['load_average_after'][0]:.2f}; `python -m fsc.bench waits --readme README.md`, "
-                 "`results/waits.json`; medians over steps, ratios to inductor):", "",
-                 "| backend | wait ms | step ms | wait / inductor | step / inductor | paired wait diff ms |",
-                 "|---|---:|---:|---:|---:|---:|"]
-        for row in rows:
-            lines.append(f"| {row['backend']} | {row['median_wait_ms']:.2f} | {row['median_step_ms']:.1f} | "
-                         f"{fmt(row.get('wait_vs_inductor'), 3)} | {fmt(row.get('step_vs_inductor'), 3)} | "
-                         f"{fmt(row.get('median_paired_wait_diff_vs_inductor_ms'), 2)} |")
+                 "`results/waits.json`; medians over steps, ratios to inductor):", ""]
+        lines += markdown_table(
+            ["backend", "wait ms", "step ms", "wait / inductor", "step / inductor", "paired wait diff ms"],
+            [[row["backend"], f"{row['median_wait_ms']:.2f}", f"{row['median_step_ms']:.1f}",
+              fmt(row.get("wait_vs_inductor"), 3), fmt(row.get("step_vs_inductor"), 3),
+              fmt(row.get("median_paired_wait_diff_vs_inductor_ms"), 2)] for row in rows], numeric=5)
         replace_section(args.readme, "waits", "\n".join(lines))
     return 0

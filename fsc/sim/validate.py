@@ -182,17 +182,17 @@ def cmd_validate(args: argparse.Namespace) -> int:
               f"{r['simulated_bubble_fraction']:.3f} simulated ({100 * r['bubble_fraction_error']:+.0f}%)")
     write_json(args.json, rows)
     if args.readme:
-        from fsc.bench.report import replace_section
+        from fsc.bench.report import markdown_table, replace_section
 
         lines = ["Simulated vs measured (bubble meter) for real CPU runs of `examples/hstu/train.py --backend "
                  "freescale --bubbles DIR` (gloo links calibrated with `python -m fsc.sim calibrate`; `python -m "
-                 "fsc.sim validate --ranks ... --measured ...`; `results/sim-validation.json`):", "",
-                 "| ranks | step ms measured | simulated | error | bubble fraction measured | simulated | error |",
-                 "|---:|---:|---:|---:|---:|---:|---:|"]
-        for r in rows:
-            lines.append(f"| {r['ranks']} | {r['measured_step_ms']:.1f} | {r['simulated_step_ms']:.1f} | "
-                         f"{100 * r['step_ms_error']:+.0f}% | {r['measured_bubble_fraction']:.3f} | "
-                         f"{r['simulated_bubble_fraction']:.3f} | {100 * r['bubble_fraction_error']:+.0f}% |")
+                 "fsc.sim validate --ranks ... --measured ...`; `results/sim-validation.json`):", ""]
+        lines += markdown_table(
+            ["ranks", "step ms measured", "simulated", "error", "bubble fraction measured", "simulated", "error"],
+            [[str(r["ranks"]), f"{r['measured_step_ms']:.1f}", f"{r['simulated_step_ms']:.1f}",
+              f"{100 * r['step_ms_error']:+.0f}%", f"{r['measured_bubble_fraction']:.3f}",
+              f"{r['simulated_bubble_fraction']:.3f}", f"{100 * r['bubble_fraction_error']:+.0f}%"] for r in rows],
+            numeric=7)
         replace_section(args.readme, "sim-validation", "\n".join(lines))
     return 0
 

@@ -9,7 +9,6 @@ import errno
 import os
 import pickle
 import signal
-import tempfile
 import threading
 import time
 import traceback
@@ -19,6 +18,8 @@ from typing import Any
 
 import pytest
 import torch
+
+from fsc.bench.spawn import spawn_ranks
 
 SHM_PREFIX = "fsc-"
 
@@ -48,33 +49,10 @@ def _entry(fn: Callable[..., Any], rank: int, world: int, store: str, out: str, 
 
 def _spawn(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 120.0) -> list[tuple[str, Any]]:
     """Like dist_harness.run_ranks, but a rank may die or raise: returns per rank
-    ("ok", value), ("error", traceback) or ("died", exit code)."""
-    import torch.multiprocessing as mp
-
-    ctx = mp.get_context("spawn")
-    with tempfile.TemporaryDirectory() as tmp:
-        store = os.path.join(tmp, "store")
-        outs = [os.path.join(tmp, f"rank{r}.pkl") for r in range(world)]
-        procs = [ctx.Process(target=_entry, args=(fn, r, world, store, outs[r], args)) for r in range(world)]
-        for p in procs:
-            p.start()
-        deadline = time.monotonic() + timeout
-        for p in procs:
-            p.join(max(deadline - time.monotonic(), 0.1))
-        hung = [r for r, p in enumerate(procs) if p.is_alive()]
-        for p in procs:
-            if p.is_alive():
-                p.kill()
-                p.join()
-        assert not hung, f"ranks {hung} hung"
-        results = []
-        for r, path in enumerate(outs):
-            if os.path.exists(path):
-                with open(path, "rb") as f:
-                    results.append(pickle.load(f))
-            else:
-                results.append(("died", procs[r].exitcode))
-        return results
+    ("ok", value), ("error", traceback, args) or ("died", exit code)."""
+    hung, results = spawn_ranks(_entry, fn, world, *args, timeout=timeout)
+    assert not hung, f"ranks {hung} hung"
+    return results
 
 
 def _ok(result: tuple) -> Any:
