@@ -45,7 +45,7 @@ $(BENCH_STAMP): $(STAMP) pyproject.toml
 bench-setup: $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
-	$(PY) -m fsc.bench e2e --json results/e2e.json --readme README.md $(BENCH_ARGS)
+	$(PY) -m bench e2e --json results/e2e.json --readme README.md $(BENCH_ARGS)
 	@if [ "$(BENCH_COMMIT)" = "1" ] && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 		outputs=$$(ls $(BENCH_OUTPUTS) 2>/dev/null); \
 		git add -- $$outputs && git commit -m "make bench: end-to-end results ($$(date -u +%Y-%m-%d))" -- $$outputs \
@@ -53,7 +53,7 @@ bench: $(BENCH_STAMP)
 	fi
 
 bench-compile: $(STAMP)
-	$(PY) -m fsc.bench compile-overhead --json results/compile-overhead.json --readme README.md
+	$(PY) -m bench compile-overhead --json results/compile-overhead.json --readme README.md
 
 clean:
 	rm -rf $(VENV) build *.egg-info freescale_out

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fsc
-from fsc.bench.models import TinyRec
+from examples.tinyrec import TinyRec
 
 
 def train(rank: int, world: int, store: str, steps: int, inner: str) -> None:

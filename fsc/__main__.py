@@ -1,4 +1,4 @@
-"""``python -m fsc``: list what exists (passes, device profiles, benchmarks)."""
+"""``python -m fsc``: list what exists (passes, compile options, device profiles)."""
 
 from __future__ import annotations
 
@@ -11,13 +11,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fsc",
         description="FreeScale compiler: torch.compile(model, backend='freescale', options={...}).",
-        epilog="Benchmarks: python -m fsc.bench NAME [--json PATH] (python -m fsc.bench --help lists them).",
+        epilog="Benchmarks and the simulator are development tools beside the package: from a checkout, "
+        "python -m bench --help and python -m sim --help.",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("passes", help="list the registered passes with their options")
     sub.add_parser("options", help="list the compile options and device profiles")
-    bench = sub.add_parser("bench", help="run a benchmark (same as python -m fsc.bench)")
-    bench.add_argument("rest", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
     if args.command == "passes":
         from fsc.passes import REGISTRY
@@ -40,9 +39,7 @@ def main(argv: list[str] | None = None) -> int:
         print("  device_profile:", ", ".join(DEVICE_PROFILES))
         print("  on_error:", ", ".join(ON_ERROR))
         return 0
-    from fsc.bench.__main__ import main as bench_main
-
-    return bench_main(args.rest)
+    raise AssertionError(f"unhandled command {args.command!r}")  # argparse allows only the choices above
 
 
 if __name__ == "__main__":

@@ -210,15 +210,15 @@ def _compile_eager(gm: fx.GraphModule, example_inputs: list[Any], config: Config
 
 @functools.cache
 def _source_digest() -> str:
-    """Hash of fsc's own source, so an edited pass invalidates Inductor's cache."""
+    """Hash of the installed package's source (front end, analysis, passes, and the runtime
+    ops and kernels whose schemas the passes emit), so an edit to any of it invalidates
+    Inductor's cache. Benchmarks, the simulator and the examples live outside the package
+    and do not enter the key."""
     digest = hashlib.sha256()
-    roots = {pathlib.Path(__file__).resolve().parent}
-    import fsc.passes
-
-    roots.add(pathlib.Path(fsc.passes.__file__).resolve().parent)
-    for root in sorted(roots):
-        for path in sorted(root.rglob("*.py")):
-            digest.update(path.read_bytes())
+    root = pathlib.Path(__file__).resolve().parent
+    for path in sorted(root.rglob("*.py")):
+        digest.update(str(path.relative_to(root)).encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
 
 

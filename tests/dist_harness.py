@@ -2,7 +2,7 @@
 
 A rank that raises makes the harness raise with that rank's traceback; a rank that hangs
 past ``timeout`` is killed and the harness raises, so a test never hangs. The mechanism is
-the benchmarks' (:func:`fsc.bench.spawn.run_gloo_ranks`).
+the benchmarks' (:func:`bench.spawn.run_gloo_ranks`).
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from fsc.bench.spawn import run_gloo_ranks
+from bench.spawn import run_gloo_ranks
 
 
 def run_ranks(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 300.0) -> list[Any]:

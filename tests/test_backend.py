@@ -16,8 +16,8 @@ from models import MLP, check_parity
 from torch._dynamo.exc import BackendCompilerFailed
 
 import fsc
+from examples.tinyrec import TinyRec
 from fsc.backend import InductorPass
-from fsc.bench.models import TinyRec
 from fsc.inspect import SubgraphRecord
 
 INNERS = ["eager", "inductor"]

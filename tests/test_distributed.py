@@ -18,7 +18,7 @@ def _parity_worker(rank: int, world: int) -> list[dict]:
     import torch.distributed as dist
 
     import fsc
-    from fsc.bench.models import TinyRec
+    from examples.tinyrec import TinyRec
 
     results = []
     for inner, passes in CONFIGS:
@@ -57,7 +57,7 @@ def _parity_worker(rank: int, world: int) -> list[dict]:
 def _verify_worker(rank: int, world: int) -> list[tuple[str, bool, int]]:
     """verify=True on graphs with collectives: every rank runs them alike while compiling."""
     import fsc
-    from fsc.bench.models import TinyRec
+    from examples.tinyrec import TinyRec
 
     out = []
     for inner in VERIFY_INNERS:
@@ -121,7 +121,7 @@ def test_full_pipeline_fires_and_reduces_estimated_exposed_communication(parity_
 def _codegen_worker(rank: int, world: int) -> dict[str, list[str]]:
     from torch._inductor.utils import run_and_get_code
 
-    from fsc.bench.models import TinyRec
+    from examples.tinyrec import TinyRec
 
     out = {}
     for label, passes in (("scheduled", None), ("unscheduled", "")):
@@ -182,7 +182,7 @@ def _dynamic_worker(rank: int, world: int) -> list[tuple[str, float, int]]:
     from torch._dynamo.utils import counters
 
     import fsc
-    from fsc.bench.models import TinyRec
+    from examples.tinyrec import TinyRec
 
     out = []
     for inner in ("eager", "inductor"):

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from hstu.sharded import RowShardedEmbedding
+from examples.hstu.sharded import RowShardedEmbedding
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)

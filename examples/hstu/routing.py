@@ -28,9 +28,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from examples.hstu.model import JaggedBatch
 from fsc.runtime.balance_dist import gather_lengths
 from fsc.runtime.balancer import Assignment, Balancer
-from hstu.model import JaggedBatch
 
 _COLUMNS = ("items", "ratings", "timestamps", "positions", "targets")
 

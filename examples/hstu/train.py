@@ -26,10 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-from hstu.data import Histories, leave_one_out, load_movielens, synthetic_histories  # noqa: E402
-from hstu.model import (  # noqa: E402
+from examples.hstu.data import Histories, leave_one_out, load_movielens, synthetic_histories
+from examples.hstu.model import (
     HSTU,
     HSTUConfig,
     collate,
@@ -38,7 +36,7 @@ from hstu.model import (  # noqa: E402
     sample_negatives,
     scale_tensor,
 )
-from hstu.sharded import GradientBuckets  # noqa: E402
+from examples.hstu.sharded import GradientBuckets
 
 
 def token_lengths(histories: Histories, users: np.ndarray, max_len: int) -> np.ndarray:
@@ -49,8 +47,8 @@ def token_lengths(histories: Histories, users: np.ndarray, max_len: int) -> np.n
 def make_router(args: argparse.Namespace, world: int):
     if args.balance == "none":
         return None
+    from examples.hstu.routing import Router
     from fsc.runtime.balancer import HSTU_EXAMPLE_COST, Balancer
-    from hstu.routing import Router
 
     cost = (lambda lengths: np.asarray(lengths, dtype=np.float64)) if args.balance_cost == "tokens" else HSTU_EXAMPLE_COST
     return Router(Balancer(ranks=world, method=args.balance, cost=cost))

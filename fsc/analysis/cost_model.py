@@ -56,7 +56,7 @@ class DeviceProfile:
 # tensor cores 495 TFLOP/s, HBM3 3.35 TB/s, NVLink 4 at 450 GB/s per direction, one 400 Gb/s
 # NDR NIC per GPU); latencies are typical NCCL small-message figures. The cpu profile is
 # the 2-core CI machine with one thread per rank and gloo over loopback, measured with
-# `python -m fsc.bench cpu-profile` (2026-11-22: fp32 mm 75-90 GFLOP/s, bf16 mm 190-210,
+# `python -m bench cpu-profile` (2026-11-22: fp32 mm 75-90 GFLOP/s, bf16 mm 190-210,
 # copy 19-20 GB/s, 4-5 us per op, 2-rank all-to-all 220-450 us + 0.92-0.95 GB/s); its
 # inter-node figures are assumptions (no multi-host CPU run has been made).
 DEVICE_PROFILES: dict[str, DeviceProfile] = {

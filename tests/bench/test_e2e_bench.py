@@ -1,4 +1,4 @@
-"""``python -m fsc.bench e2e``: a quick 2-rank run of a few backends (schema, finite numbers,
+"""``python -m bench e2e``: a quick 2-rank run of a few backends (schema, finite numbers,
 README section, plot), option errors, and the TorchRec peer's model equivalence."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import pathlib
 import pytest
 import torch
 
-from fsc.bench import e2e, e2e_torchrec
+from bench import e2e, e2e_torchrec
 
 ROW_KEYS = {"backend", "ranks", "median_step_ms", "samples_per_s", "bubble_fraction", "exposed_comm_ms",
             "recompiles", "peak_mem_mb", "compile_s"}
@@ -80,7 +80,7 @@ def test_readme_section_is_rewritten_between_the_markers_only(quick):
     assert "| backend | step ms | samples/s |" in readme
     for name in backends:
         assert f"| {name} |" in readme
-    assert "python -m fsc.bench e2e --json" in readme and "--quick" in readme and "load average" in readme
+    assert "python -m bench e2e --json" in readme and "--quick" in readme and "load average" in readme
 
 
 def test_plots_are_png_files(quick):
@@ -124,10 +124,7 @@ def test_table_prints_missing_numbers_as_dashes():
 
 def test_torchrec_peer_loads_the_example_initial_table():
     """The peer's table starts from the example's draw (its loss is the example's HSTU.loss)."""
-    from fsc.bench.hstu_graphs import import_examples
-
-    import_examples()
-    from hstu.model import HSTU, HSTUConfig
+    from examples.hstu.model import HSTU, HSTUConfig
 
     cfg = HSTUConfig(num_items=50, dim=16, heads=2, qk_dim=8, v_dim=8, layers=1, max_len=12, num_negatives=5, seed=3)
     model = HSTU(cfg)

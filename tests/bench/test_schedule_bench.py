@@ -13,9 +13,9 @@ import pytest
 import torch
 import torch.fx as fx
 
+from bench import inductor_peers, schedule
+from bench.hstu_graphs import HSTUSpec, fake_world
 from fsc.analysis.collectives import is_collective, is_wait
-from fsc.bench import inductor_peers, schedule
-from fsc.bench.hstu_graphs import HSTUSpec, fake_world
 
 TINY = HSTUSpec(num_items=60, dim=16, heads=1, qk_dim=8, v_dim=8, layers=1, max_len=8, negatives=8, sequences=2,
                 mean_length=6.0)

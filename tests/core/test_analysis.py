@@ -10,6 +10,7 @@ import sympy
 import torch
 import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
+from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
 
 from fsc.analysis import (
     DEVICE_PROFILES,
@@ -21,8 +22,6 @@ from fsc.analysis import (
     opaque_collectives,
     schedule_graph,
 )
-from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
 from fsc.analysis.cost_model import exchange_size_estimates, is_host_scalar_op
 from fsc.analysis.timeline import exposed_lower_bound, peak_memory
 

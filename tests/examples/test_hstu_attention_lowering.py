@@ -13,8 +13,8 @@ from dist_harness import run_ranks
 from test_hstu_model import config, step_inputs
 
 import fsc
+from examples.hstu.model import HSTU, scale_tensor
 from fsc.passes import LowerAttention
-from hstu.model import HSTU, scale_tensor  # noqa: E402  (test_hstu_model puts examples/ on the path)
 
 
 def lowering_config(**kw):

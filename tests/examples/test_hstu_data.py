@@ -4,16 +4,13 @@ generator and the leave-one-out split. Every input is a tiny file written to tmp
 from __future__ import annotations
 
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2] / "examples"))
-
-from hstu.data import (  # noqa: E402
+from examples.hstu.data import (
     Histories,
     history_lengths,
     leave_one_out,
@@ -324,7 +321,7 @@ def test_synthetic_histories_equal_bounds_give_fixed_length():
 
 
 def test_synthetic_histories_warns_when_mean_length_is_out_of_bounds(caplog):
-    with caplog.at_level("WARNING", logger="hstu.data"):
+    with caplog.at_level("WARNING", logger="examples.hstu.data"):
         h = synthetic_histories(num_users=200, num_items=10, seed=0, mean_length=500.0, max_length=100)
     assert "mean_length=500.0 is outside" in caplog.text
     assert h.lengths().max() <= 100

@@ -5,7 +5,6 @@ recompiles over many steps of changing batches."""
 from __future__ import annotations
 
 import dataclasses
-import pathlib
 import sys
 
 import numpy as np
@@ -13,10 +12,15 @@ import pytest
 import torch
 from dist_harness import run_ranks
 
-EXAMPLES = str(pathlib.Path(__file__).resolve().parents[2] / "examples")
-sys.path.insert(0, EXAMPLES)
-
-from hstu.model import HSTU, HSTUConfig, collate, global_batch_users, rank_metrics, sample_negatives, scale_tensor  # noqa: E402
+from examples.hstu.model import (
+    HSTU,
+    HSTUConfig,
+    collate,
+    global_batch_users,
+    rank_metrics,
+    sample_negatives,
+    scale_tensor,
+)
 
 NUM_ITEMS = 97  # not a multiple of 2 or 4: the last shard has padding rows
 GLOBAL_BATCH = 8
@@ -56,7 +60,7 @@ def step_inputs(step: int, rank: int, world: int, cfg: HSTUConfig):
 def _sharded_vs_single(rank: int, world: int, steps: int):
     import torch.distributed as dist
 
-    from hstu.sharded import GradientBuckets
+    from examples.hstu.sharded import GradientBuckets
 
     cfg = config()
     sharded = HSTU(cfg)
@@ -221,7 +225,7 @@ def test_rank_metrics_count_ties_and_nan_against_the_target():
 
 
 def _accumulate_twice(rank: int, world: int) -> str:
-    from hstu.sharded import GradientBuckets
+    from examples.hstu.sharded import GradientBuckets
 
     layer = torch.nn.Linear(4, 4)
     buckets = GradientBuckets(list(layer.parameters()))
@@ -260,7 +264,7 @@ def test_train_script_under_torchrun_writes_the_summary(tmp_path):
     out = tmp_path / "run"
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(pathlib.Path(EXAMPLES) / "hstu" / "train.py"), "--backend", "eager", "--steps", "3",
+        "-m", "examples.hstu.train", "--backend", "eager", "--steps", "3",
         "--batch-size", "8", "--seed", "1", "--synthetic-users", "40", "--synthetic-items", "300",
         "--dim", "16", "--max-len", "12", "--negatives", "8", "--eval", "--quiet", "--out", str(out),
     ]
@@ -279,7 +283,7 @@ def test_train_script_rejects_a_batch_that_does_not_split_over_ranks(tmp_path):
 
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-        str(pathlib.Path(EXAMPLES) / "hstu" / "train.py"), "--backend", "eager", "--steps", "1",
+        "-m", "examples.hstu.train", "--backend", "eager", "--steps", "1",
         "--batch-size", "7", "--synthetic-users", "20", "--synthetic-items", "50", "--quiet",
     ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)

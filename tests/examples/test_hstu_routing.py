@@ -10,7 +10,7 @@ import torch
 from dist_harness import run_ranks
 from test_hstu_model import GLOBAL_BATCH, config, tiny_histories
 
-from hstu.model import HSTU, collate, global_batch_users, sample_negatives, scale_tensor
+from examples.hstu.model import HSTU, collate, global_batch_users, sample_negatives, scale_tensor
 
 
 def _read(rank: int, world: int, step: int, max_len: int):
@@ -41,8 +41,8 @@ def _grads(model, batch, negatives, count):
 def _routing_worker(rank: int, world: int):
     import torch.distributed as dist
 
+    from examples.hstu.routing import Router
     from fsc.runtime.balancer import Balancer
-    from hstu.routing import Router
 
     cfg = config()
     model = HSTU(cfg)
@@ -86,8 +86,8 @@ def test_routed_batches_give_the_same_gradients_as_unrouted_ones(world):
 
 
 def _mismatch_worker(rank: int, world: int) -> str | None:
+    from examples.hstu.routing import Router
     from fsc.runtime.balancer import Balancer
-    from hstu.routing import Router
 
     router = Router(Balancer(ranks=world))
     batch = _read(rank, world, 0, 16)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import importlib
 import math
 
+import _attention_cases as cases
 import pytest
 import torch
+from _attention_cases import Case
 from torch.nn import functional as F
 
-import _attention_cases as cases
-from _attention_cases import Case
 from fsc.kernels import jagged_attention, jagged_attention_reference
 
 # the function shadows its module's name on fsc.kernels

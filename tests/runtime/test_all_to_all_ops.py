@@ -188,7 +188,7 @@ def _grad_compile_worker(rank: int, world: int) -> dict:
     # The sm-free-collectives pass under torch.compile: TinyRec's exchange (forward and
     # backward) runs through the freescale ops; values equal eager (gloo) step by step.
     import fsc
-    from fsc.bench.models import TinyRec
+    from examples.tinyrec import TinyRec
     from fsc.passes.overlap_schedule import OverlapSchedule
     from fsc.passes.sm_free_collectives import SmFreeCollectives
 

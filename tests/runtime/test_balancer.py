@@ -18,9 +18,9 @@ from fsc.runtime import (
     Balancer,
     QuadraticCost,
     balance,
+    balance_search,
     lower_bound,
 )
-from fsc.runtime import balance_search
 
 
 def brute_force_optimum(costs: np.ndarray, ranks: int, lo: int, hi: int) -> float:
@@ -174,7 +174,7 @@ def test_stragglers_keep_counts_within_one_when_ranks_do_not_divide_the_batch():
 def test_a_batch_where_one_start_leads_refinement_astray_is_still_balanced():
     # Found by the benchmark's generator: refining the stragglers-apart start alone ended
     # at 1.05 (two heavy samples on one rank); the Karmarkar-Karp start reaches 1.0001.
-    from fsc.bench.balance import draw_lengths
+    from bench.balance import draw_lengths
 
     lengths = np.minimum(draw_lengths("lognormal", 256, np.random.default_rng([0, 9, 8, 1])), 2000)
     assert Balancer(ranks=8).assign_lengths(lengths).max_over_lb <= 1.001

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import torch
 
-from fsc.bench.spawn import spawn_ranks
+from bench.spawn import spawn_ranks
 
 SHM_PREFIX = "fsc-"
 
@@ -468,7 +468,7 @@ def test_process_starttime_tells_live_from_gone():
 
 
 def test_transport_bench_refuses_fewer_than_two_ranks_and_formats_ratios(tmp_path):
-    from fsc.bench import transport as bench
+    from bench import transport as bench
 
     with pytest.raises(SystemExit):
         bench.run(["--ranks", "1"], str(tmp_path / "t.json"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fsc.sim.engine import Compute, Issue, SimulationError, Wait, simulate
+from sim.engine import Compute, Issue, SimulationError, Wait, simulate
 
 
 def test_two_ranks_one_collective_exact_timeline():

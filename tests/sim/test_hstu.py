@@ -5,11 +5,11 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fsc.sim.ablation import Setting, ablation
-from fsc.sim.engine import Issue
-from fsc.sim.hstu import HSTUScale, HSTUStep
-from fsc.sim.lengths import LengthDistribution
-from fsc.sim.topology import Topology
+from sim.ablation import Setting, ablation
+from sim.engine import Issue
+from sim.hstu import HSTUScale, HSTUStep
+from sim.lengths import LengthDistribution
+from sim.topology import Topology
 
 TINY = HSTUScale(dim=32, heads=1, qk_dim=16, v_dim=16, layers=1, max_len=128, negatives=16, batch_per_rank=4,
                  num_items=1000)
@@ -69,7 +69,7 @@ def test_validation_stretches_compute_when_ranks_share_cores_and_costs_the_atten
     import functools
     import json
 
-    from fsc.sim import validate as v
+    from sim import validate as v
 
     # one capture serves the three runs
     monkeypatch.setattr(HSTUStep, "capture", staticmethod(functools.cache(HSTUStep.capture)))

@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fsc.sim.__main__ import main
-from fsc.sim.lengths import LengthDistribution, LengthsError
-from fsc.sim.topology import Topology, TopologyError
+from sim.__main__ import main
+from sim.lengths import LengthDistribution, LengthsError
+from sim.topology import Topology, TopologyError
 
 
 def test_all_to_all_across_nodes_is_limited_by_infiniband():

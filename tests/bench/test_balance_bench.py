@@ -1,0 +1,91 @@
+"""``python -m bench balance`` on tiny batches and tiny generated ratings files (never
+the real MovieLens data), its MovieLens length reader, and its argument checks; plus the
+one argument check of the loss normalizer that needs no process group."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from bench import balance as bench
+from fsc.runtime import BalanceError
+from fsc.runtime.balance_dist import loss_normalizer
+
+# user -> number of ratings; user 4 has too few (the loader keeps users with >= 3)
+RATINGS = {7: 5, 2: 3, 4: 2, 11: 4}
+
+
+def write_ratings(tmp_path: pathlib.Path, fmt: str) -> pathlib.Path:
+    rows = [(u, 100 + i, 4, 1_000_000 + 10 * i) for u, k in RATINGS.items() for i in range(k)]
+    if fmt == "csv":
+        text = "userId,movieId,rating,timestamp\n" + "".join(f"{u},{m},{r}.0,{t}\n" for u, m, r, t in rows)
+        path = tmp_path / "ratings.csv"
+    elif fmt == "dat":
+        text = "".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in rows)
+        path = tmp_path / "ratings.dat"
+    else:
+        text = "".join(f"{u}\t{m}\t{r}\t{t}\n" for u, m, r, t in rows)
+        path = tmp_path / "u.data"
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "dat", "udata"])
+def test_movielens_lengths_are_ratings_per_user_with_short_histories_dropped(tmp_path, fmt):
+    path = write_ratings(tmp_path, fmt)
+    expected = [3, 5, 4]  # users 2, 7, 11 in id order; user 4 dropped
+    assert bench.movielens_lengths(path).tolist() == expected  # through the example's loader
+
+
+def test_bench_writes_one_row_per_distribution_rank_count_and_method(tmp_path, capsys):
+    ratings = write_ratings(tmp_path, "csv")
+    out = tmp_path / "balance.json"
+    argv = ["--lengths-from", str(ratings), "--ranks", "2", "4", "--per-rank", "6", "--trials", "2", "--max-len", "30"]
+    assert bench.run(argv, str(out)) == 0
+    rows = json.loads(out.read_text())
+    assert len(rows) == 3 * 2 * 4
+    assert {tuple(sorted(r)) for r in rows} == {("distribution", "max_over_lb", "method", "ms", "per_rank", "ranks")}
+    assert {r["distribution"] for r in rows} == {"lognormal", "zipf", "movielens"}
+    assert {r["method"] for r in rows} == set(bench.METHODS)
+    for r in rows:
+        assert r["max_over_lb"] >= 1.0 - 1e-12 and r["ms"] >= 0.0
+    ours = {(r["distribution"], r["ranks"]): r["max_over_lb"] for r in rows if r["method"] == "freescale"}
+    theirs = {(r["distribution"], r["ranks"]): r["max_over_lb"] for r in rows if r["method"] == "kk-equal"}
+    assert all(ours[k] <= theirs[k] + 1e-12 for k in ours)
+    assert "freescale" in capsys.readouterr().out
+
+
+def test_bench_lengths_are_capped_at_max_len():
+    rng = np.random.default_rng(0)
+    lengths = np.minimum(bench.draw_lengths("zipf", 10_000, rng), 50)
+    assert lengths.max() == 50 and lengths.min() == bench.MIN_LENGTH
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--cost", "1"],
+        ["--cost", "a,b"],
+        ["--cost", "-1,2"],
+        ["--per-rank", "0"],
+        ["--trials", "0"],
+        ["--repeats", "0"],
+        ["--ranks", "0"],
+    ],
+)
+def test_bench_rejects_bad_arguments(tmp_path, argv):
+    with pytest.raises(SystemExit):
+        bench.run(argv, str(tmp_path / "x.json"))
+
+
+def test_bench_rejects_an_unknown_distribution():
+    with pytest.raises(ValueError, match="unknown distribution"):
+        bench.draw_lengths("uniform", 3, np.random.default_rng(0))
+
+
+def test_loss_normalizer_rejects_an_unknown_gradient_reduction():
+    with pytest.raises(BalanceError, match="grad_reduction must be one of"):
+        loss_normalizer(3, grad_reduction="avg")
