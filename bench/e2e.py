@@ -140,15 +140,11 @@ def _freescale_options(variant: Variant, inner: str) -> dict[str, Any]:
     options = {"inner": inner}
     if variant.passes is None:
         return options
-    from fsc.pass_manager import PassRegistry, default_pipeline, parse_pipeline
-    from fsc.passes import REGISTRY
-    from fsc.passes.sm_free_collectives import SmFreeCollectives
+    from fsc.pass_manager import default_pipeline, format_pipeline
 
     if variant.passes == "+sm-free":
-        return options | {"passes": [*default_pipeline(), SmFreeCollectives()]}
-    # the opt-in pass is not in the built-in registry: parse with one that has it, pass instances
-    registry = PassRegistry([*(REGISTRY[name] for name in REGISTRY), SmFreeCollectives])
-    return options | {"passes": list(parse_pipeline(variant.passes, registry))}
+        return options | {"passes": f"{format_pipeline(default_pipeline())},sm-free-collectives"}
+    return options | {"passes": variant.passes}
 
 
 def _compile(model: torch.nn.Module, variant: Variant,

@@ -59,7 +59,8 @@ from bench.report import replace_section, write_json
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel, exchange_size_estimates
 from fsc.analysis.timeline import estimate_timeline, exposed_lower_bound
 from fsc.graph_utils import clone_graph_module
-from fsc.pass_manager import PassContext, PassManager, default_pipeline, parse_pipeline
+from fsc.pass_manager import PassManager, default_pipeline, parse_pipeline
+from fsc.passes.base import PassContext
 
 log = logging.getLogger(__name__)
 

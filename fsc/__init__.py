@@ -10,8 +10,10 @@ from fsc.analysis.cost_model import DEVICE_PROFILES, DeviceProfile
 from fsc.backend import freescale
 from fsc.config import Config
 from fsc.errors import FscError, InvariantError, OptionError, PassFailedError, PipelineError, VerificationError
-from fsc.inspect import CompileRecord, compile_records, explain, last_compile
-from fsc.pass_manager import Pass, PassContext, PassManager, PassResult, parse_pipeline
+from fsc.explain import explain
+from fsc.inspect import CompileRecord, compile_records, last_compile
+from fsc.pass_manager import PassManager, parse_pipeline
+from fsc.passes.base import Pass, PassContext, PassResult
 
 __version__ = "0.1.0"
 

@@ -44,7 +44,8 @@ from fsc.config import Config
 from fsc.errors import OptionError, PassFailedError, VerificationError
 from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
 from fsc.inspect import CACHE_NOTE, STORE, CompileRecord, GraphRecord, SubgraphRecord
-from fsc.pass_manager import PassContext, PassManager, passes_for_stage
+from fsc.pass_manager import PassManager, passes_for_stage
+from fsc.passes.base import PassContext
 from fsc.verify import Verifier
 
 log = logging.getLogger(__name__)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fsc.analysis.cost_model import DEVICE_PROFILES, DeviceProfile
 from fsc.errors import OptionError
+from fsc.pass_manager import default_pipeline, format_pipeline, parse_pipeline
+from fsc.passes.base import Pass, check_memory_budget
 
 INNER_COMPILERS = ("inductor", "eager")
 ON_ERROR = ("fallback", "raise")
@@ -21,12 +23,12 @@ class Config:
     fails at compile time, naming the option.
     """
 
-    passes: tuple[Any, ...]
+    passes: tuple[Pass, ...]
     """The parsed pipeline: pass instances in run order."""
     pipeline: str
     """The pipeline as a canonical string (what :func:`fsc.pass_manager.format_pipeline` prints)."""
     inner: str = "inductor"
-    device_profile: Any = "cpu"
+    device_profile: str | DeviceProfile = "cpu"
     """A profile name, or a :class:`fsc.analysis.cost_model.DeviceProfile` (e.g. from
     :func:`fsc.calibrate`)."""
     memory_budget_gb: float | None = None
@@ -35,10 +37,8 @@ class Config:
     on_error: str = "fallback"
 
     @property
-    def profile(self) -> Any:
+    def profile(self) -> DeviceProfile:
         """The :class:`DeviceProfile` that costs are computed on."""
-        from fsc.analysis.cost_model import DEVICE_PROFILES
-
         return DEVICE_PROFILES[self.device_profile] if isinstance(self.device_profile, str) else self.device_profile
 
     @staticmethod
@@ -51,9 +51,6 @@ class Config:
 
         Raises :class:`fsc.errors.OptionError` naming the first bad option and what is valid.
         """
-        from fsc.analysis.cost_model import DEVICE_PROFILES
-        from fsc.pass_manager import default_pipeline, format_pipeline, parse_pipeline
-
         options = dict(options or {})
         valid = cls.option_names()
         unknown = sorted(set(options) - set(valid))
@@ -64,8 +61,6 @@ class Config:
         inner = options.get("inner", "inductor")
         if not isinstance(inner, str) or inner not in INNER_COMPILERS:
             raise OptionError(f"option 'inner'={inner!r} is not one of {', '.join(INNER_COMPILERS)}")
-        from fsc.analysis.cost_model import DeviceProfile
-
         profile = options.get("device_profile", "cpu")
         if not isinstance(profile, DeviceProfile) and (not isinstance(profile, str) or profile not in DEVICE_PROFILES):
             raise OptionError(
@@ -106,19 +101,8 @@ class Config:
         )
 
 
-def check_memory_budget(what: str, budget: Any) -> float | None:
-    """A budget in GiB: None, or a finite positive number. Raises :class:`OptionError`."""
-    if budget is None:
-        return None
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not math.isfinite(budget) or budget <= 0:
-        raise OptionError(f"{what}={budget!r} must be a positive number or None (a budget in GiB)")
-    return float(budget)
-
-
-def _passes_from_sequence(spec: Sequence[Any]) -> tuple[Any, ...]:
-    from fsc.pass_manager import Pass, parse_pipeline
-
-    out: list[Any] = []
+def _passes_from_sequence(spec: Sequence[Any]) -> tuple[Pass, ...]:
+    out: list[Pass] = []
     for item in spec:
         if isinstance(item, str):
             out.extend(parse_pipeline(item))

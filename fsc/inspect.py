@@ -1,10 +1,9 @@
 """Compile records: what the backend did to every graph, reachable from Python.
 
 ``fsc.last_compile()`` is the record of the latest Dynamo graph the backend compiled;
-``fsc.explain(model, *inputs, **options)`` compiles (one forward and, where outputs need
-grad, one backward on the example inputs, with gradients restored afterwards) and returns
-one record holding every subgraph. ``record.summary()`` is a plain dict;
-``record.dump(dir)`` writes it all to files for a bug report.
+``fsc.explain(model, *inputs, **options)`` (:mod:`fsc.explain`) compiles and returns one
+record holding every subgraph. ``record.summary()`` is a plain dict; ``record.dump(dir)``
+writes it all to files for a bug report.
 """
 
 from __future__ import annotations
@@ -19,9 +18,7 @@ import pickle
 from collections.abc import Iterator
 from typing import Any
 
-import torch
-from torch.utils._pytree import tree_flatten
-
+from fsc.analysis.sample_cost import sample_cost
 from fsc.pass_manager import PassRecord
 
 _KEEP = 32
@@ -185,8 +182,6 @@ class CompileRecord:
         """The compiled work (every forward and backward graph here) as a
         :class:`fsc.analysis.sample_cost.SampleCost` in the length symbol ``L``: compile on
         one sample with its length dynamic to get a per-sample training cost."""
-        from fsc.analysis.sample_cost import sample_cost
-
         return sample_cost([g.cost for g in self.graphs().values() if g.cost is not None], symbol)
 
     def __str__(self) -> str:
@@ -277,47 +272,3 @@ def last_compile() -> CompileRecord:
 def compile_records() -> list[CompileRecord]:
     """The latest records, oldest first (at most 32)."""
     return list(STORE.history)
-
-
-def explain(model: Any, *example_inputs: Any, **options: Any) -> CompileRecord:
-    """Compile ``model`` with ``backend="freescale"`` and ``options``, run it once on
-    ``example_inputs`` (and one backward where an output needs grad, so the backward graph
-    is compiled too), and return the record of every subgraph.
-
-    Nothing is trained and nothing is left changed: parameter and input ``.grad``, module
-    buffers (e.g. BatchNorm statistics) and the random-number state are restored. In a
-    distributed job every rank must call it alike: the compiled graphs run their
-    collectives. Each call compiles afresh (a new backend object, so Dynamo cannot reuse
-    an earlier compile); Dynamo's recompile limit still applies per model.
-    """
-    from fsc.backend import freescale
-    from fsc.verify import rng_devices
-
-    def backend(gm: Any, inputs: Any, **kwargs: Any) -> Any:  # a new identity per call
-        return freescale(gm, inputs, **kwargs)
-
-    module = model if isinstance(model, torch.nn.Module) else None
-    leaves = list(module.parameters()) if module is not None else []
-    leaves += [x for x in tree_flatten(example_inputs)[0] if isinstance(x, torch.Tensor) and x.requires_grad]
-    saved_grads = [t.grad for t in leaves]
-    saved_buffers = [(b, b.detach().clone()) for b in module.buffers()] if module is not None else []
-    compiled = torch.compile(model, backend=backend, options=options or None)
-    with STORE.collect() as record, torch.random.fork_rng(devices=rng_devices()):
-        try:
-            out = compiled(*example_inputs)
-            flat, _ = tree_flatten(out)
-            needs_grad = [t for t in flat if isinstance(t, torch.Tensor) and t.requires_grad]
-            if needs_grad:
-                torch.autograd.backward(needs_grad, [torch.ones_like(t) for t in needs_grad])
-        finally:
-            for t, g in zip(leaves, saved_grads):
-                t.grad = g
-            with torch.no_grad():
-                for buffer, value in saved_buffers:
-                    buffer.copy_(value)
-    if not record.subgraphs:
-        raise RuntimeError(
-            "explain compiled nothing: Dynamo ran the model without calling the backend "
-            "(recompile limit reached, or the model disabled compilation); see TORCH_LOGS=recompiles"
-        )
-    return record

@@ -1,20 +1,19 @@
 """Static checks of DESIGN.md's invariants, run by the pass manager after every pass.
 
-Checked here: the graph is in a valid topological order; every wait follows its
-collective and every collective that had a wait still has one; on each process group
-the collectives keep their issue order unless the pass declares that it reorders them,
-in which case the new order must be a deterministic function of the graph (re-running
-the pass on the same input gives the same order: what every rank computes); collectives
-appear or vanish only in passes that declare it; the estimated peak memory does not rise
-above the configured budget (symbolic sizes evaluated rank-invariantly, so every rank
-reaches the same verdict).
+Checked here, on a graph that ``torch.fx.Graph.lint`` (topological order, well-formed
+nodes) has already passed: every wait follows its collective and every collective that
+had a wait still has one; on each process group the collectives keep their issue order
+unless the pass declares that it reorders them, in which case the new order must be a
+deterministic function of the graph (re-running the pass on the same input gives the
+same order: what every rank computes); collectives appear or vanish only in passes that
+declare it; the estimated peak memory does not rise above the configured budget
+(symbolic sizes evaluated rank-invariantly, so every rank reaches the same verdict).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import TYPE_CHECKING
 
 import torch.fx as fx
 
@@ -23,9 +22,7 @@ from fsc.analysis.symbolic import invariant_value
 from fsc.analysis.timeline import peak_memory
 from fsc.errors import InvariantError
 from fsc.graph_utils import clone_graph_module
-
-if TYPE_CHECKING:
-    from fsc.pass_manager import Pass, PassContext
+from fsc.passes.base import Pass, PassContext
 
 
 def stamp_collective_ids(graph: fx.Graph) -> None:
@@ -33,15 +30,6 @@ def stamp_collective_ids(graph: fx.Graph) -> None:
     for node in graph.nodes:
         if is_collective(node):
             node.meta.setdefault(COLLECTIVE_ID, node.name)
-
-
-def check_topological(graph: fx.Graph) -> None:
-    seen: set[fx.Node] = set()
-    for node in graph.nodes:
-        for src in node.all_input_nodes:
-            if src not in seen:
-                raise ValueError(f"node {node.name!r} uses {src.name!r} before it is defined")
-        seen.add(node)
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -78,7 +66,6 @@ def check_waits(waited_before: frozenset[str], after: fx.Graph) -> None:
 def check(before: Snapshot, after: fx.GraphModule, p: Pass, ctx: PassContext) -> None:
     """Raise :class:`InvariantError` naming ``p`` if ``after`` breaks an invariant."""
     try:
-        check_topological(after.graph)
         check_waits(before.waited, after.graph)
     except ValueError as exc:
         raise InvariantError(p.name, str(exc)) from exc

@@ -1,5 +1,6 @@
-"""Pass infrastructure: the pass base class, the registry, the pipeline-string parser and
-the :class:`PassManager` that runs a pipeline, checks invariants and records everything.
+"""The pipeline-string parser and the :class:`PassManager` that runs a pipeline, checks
+invariants and records everything. The pass types and the registry live in
+:mod:`fsc.passes.base`; the built-in registry in :mod:`fsc.passes`.
 """
 
 from __future__ import annotations
@@ -8,128 +9,19 @@ import dataclasses
 import logging
 import re
 import time
-import types
 import typing
-from collections.abc import Iterable, Mapping
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import Any
 
 import torch.fx as fx
 
-from fsc.analysis.cost_model import CostModel
+from fsc import invariants
 from fsc.errors import FscError, PassFailedError, PipelineError
 from fsc.graph_utils import readable
+from fsc.passes import REGISTRY
+from fsc.passes.base import STAGES, Pass, PassContext, PassRegistry, PassResult
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class PassResult:
-    """What one pass did. ``modified`` must come from counted edits."""
-
-    modified: bool
-    stats: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-    reasons: tuple[str, ...] = ()
-    """Why the pass declined, entirely or for some nodes, in words a user can act on."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
-class PassContext:
-    """What a pass may consult besides the graph. Rank-invariant by construction."""
-
-    graph_kind: str
-    """``forward``, ``backward`` or ``inference`` (aten graphs), or ``pre-grad`` (Dynamo's
-    torch-IR graph, for passes whose ``stage`` is ``"pre-grad"``)."""
-    cost_model: CostModel
-    memory_budget_bytes: float | None
-    """None: no budget beyond the device's memory."""
-
-
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class Pass:
-    """Base class of every pass: a frozen dataclass whose fields are its options.
-
-    Subclasses set ``name`` (kebab-case, equal to the module name with dashes) and
-    implement :meth:`run`. A pass that moves collectives relative to each other on one
-    process group sets ``reorders_collectives``; one that adds or removes collectives
-    sets ``rewrites_collectives``. The manager holds passes to those declarations.
-
-    ``stage`` says which graphs a pass runs on: ``"aten"`` (default), the forward and
-    backward graphs AOTAutograd makes; ``"pre-grad"``, Dynamo's torch-IR graph before
-    AOTAutograd (lowerings whose backward must come from the replacement's own autograd).
-    """
-
-    name: ClassVar[str] = ""
-    stage: ClassVar[str] = "aten"
-    reorders_collectives: ClassVar[bool] = False
-    rewrites_collectives: ClassVar[bool] = False
-    tolerance: ClassVar[tuple[float, float]] = (0.0, 0.0)
-    """(rtol, atol) within which ``verify=True`` accepts changed values; reorderings: exact."""
-
-    def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-        raise NotImplementedError
-
-    def options(self) -> dict[str, Any]:
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-
-    def spec(self) -> str:
-        """This pass in pipeline syntax, with the options that differ from defaults."""
-        changed = [
-            f"{f.name}={_format_value(getattr(self, f.name))}"
-            for f in dataclasses.fields(self)
-            if getattr(self, f.name) != _field_default(f)
-        ]
-        return self.name + (f"{{{','.join(changed)}}}" if changed else "")
-
-
-def _field_default(f: dataclasses.Field) -> Any:
-    if f.default is not dataclasses.MISSING:
-        return f.default
-    if f.default_factory is not dataclasses.MISSING:
-        return f.default_factory()
-    return dataclasses.MISSING
-
-
-def _format_value(value: Any) -> str:
-    return "true" if value is True else "false" if value is False else "none" if value is None else str(value)
-
-
-class PassRegistry(Mapping[str, type[Pass]]):
-    """An immutable name -> pass class mapping. Built once from a list of classes."""
-
-    def __init__(self, classes: Iterable[type[Pass]]) -> None:
-        table: dict[str, type[Pass]] = {}
-        for cls in classes:
-            if not re.fullmatch(r"[a-z][a-z0-9]*(-[a-z0-9]+)*", cls.name):
-                raise ValueError(f"pass class {cls.__qualname__} has name {cls.name!r}, not kebab-case")
-            if cls.name in table:
-                raise ValueError(f"two passes are named {cls.name!r}")
-            if cls.stage not in STAGES:
-                raise ValueError(f"pass class {cls.__qualname__} has stage {cls.stage!r}, not one of {STAGES}")
-            table[cls.name] = cls
-        self._table = types.MappingProxyType(table)
-
-    def __getitem__(self, name: str) -> type[Pass]:
-        try:
-            return self._table[name]
-        except KeyError:
-            raise PipelineError(
-                f"unknown pass {name!r}; registered passes: {', '.join(self._table) or '(none)'}"
-            ) from None
-
-    def __contains__(self, name: object) -> bool:
-        return name in self._table
-
-    def get(self, name: str, default: Any = None) -> Any:
-        return self._table.get(name, default)
-
-    def __iter__(self):
-        return iter(self._table)
-
-    def __len__(self) -> int:
-        return len(self._table)
-
-
-STAGES = ("pre-grad", "aten")
 
 
 def passes_for_stage(passes: Iterable[Pass], stage: str) -> tuple[Pass, ...]:
@@ -139,15 +31,9 @@ def passes_for_stage(passes: Iterable[Pass], stage: str) -> tuple[Pass, ...]:
     return tuple(p for p in passes if getattr(p, "stage", "aten") == stage)
 
 
-def builtin_registry() -> PassRegistry:
-    from fsc.passes import REGISTRY
-
-    return REGISTRY
-
-
 def default_pipeline() -> tuple[Pass, ...]:
-    """Every built-in pass with default options, in the canonical order."""
-    return tuple(cls() for cls in builtin_registry().values())
+    """Every built-in pass that is not opt-in, with default options, in the canonical order."""
+    return REGISTRY.default_pipeline()
 
 
 _PIPELINE_ITEM = re.compile(r"\s*([A-Za-z0-9_-]+)\s*(?:\{([^{}]*)\})?\s*(?:,|$)")
@@ -161,7 +47,7 @@ def parse_pipeline(text: str, registry: PassRegistry | None = None) -> tuple[Pas
     the bad value, and list what is valid. An empty string is the empty pipeline.
     """
     if registry is None:
-        registry = builtin_registry()
+        registry = REGISTRY
     passes: list[Pass] = []
     pos = 0
     text = text.strip()
@@ -255,8 +141,6 @@ class PassManager:
     def run(self, gm: fx.GraphModule, ctx: PassContext, records: list[PassRecord] | None = None) -> list[PassRecord]:
         """Run every pass on ``gm`` in place; append a record per pass to ``records``
         (also when a pass fails, so the caller keeps what happened) and return it."""
-        from fsc import invariants
-
         invariants.stamp_collective_ids(gm.graph)
         records = [] if records is None else records
         for p in self.passes:
@@ -285,8 +169,8 @@ class PassManager:
             for reason in result.reasons:
                 log.info("%s on %s graph declined: %s", p.name, ctx.graph_kind, reason)
             try:
+                gm.graph.lint()  # a valid FX graph first: the invariant checks walk it
                 invariants.check(before, gm, p, ctx)
-                gm.graph.lint()
             except Exception as exc:
                 record.error = str(exc)
                 if isinstance(exc, PassFailedError):

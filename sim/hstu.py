@@ -102,7 +102,8 @@ class HSTUStep:
         from bench.hstu_graphs import HSTUSpec, capture_hstu_graphs, fake_world
         from fsc.analysis.cost_model import CostModel
         from fsc.graph_utils import clone_graph_module
-        from fsc.pass_manager import PassContext, PassManager, default_pipeline
+        from fsc.pass_manager import PassManager, default_pipeline
+        from fsc.passes.base import PassContext
 
         dev = profile(plan_profile)
         spec = HSTUSpec(world=world, num_items=min(scale.num_items, 50_000), dim=scale.dim, heads=scale.heads,

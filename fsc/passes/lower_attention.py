@@ -72,7 +72,7 @@ from torch.nn import functional as F
 
 from fsc.errors import OptionError
 from fsc.kernels.jagged_attention import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM
-from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 
 _OP = "fsc::jagged_attention_fwd"

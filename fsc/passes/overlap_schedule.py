@@ -42,9 +42,8 @@ from fsc.analysis.list_schedule import list_schedule
 from fsc.analysis.safety import reorder_blocker
 from fsc.analysis.symbolic import UNBACKED_FALLBACK, invariant_value
 from fsc.analysis.timeline import estimate_order, estimate_timeline, order_peak_memory, peak_memory
-from fsc.config import check_memory_budget
 from fsc.graph_utils import clone_graph_module
-from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.passes.base import Pass, PassContext, PassResult, check_memory_budget
 from fsc.rewriter import GraphRewriter
 
 #: Sizes every size symbol is set to when planning and comparing orders (the same on every

@@ -33,7 +33,7 @@ from fsc.analysis.collectives import find_collectives, is_collective, is_wait
 from fsc.analysis.cost_model import CostModel, invariant_seconds
 from fsc.analysis.graph import free_input_chain, positions
 from fsc.analysis.safety import reorder_blocker
-from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 
 

@@ -39,7 +39,7 @@ import torch.fx as fx
 import fsc.runtime.ops  # noqa: F401  (registers torch.ops.freescale for the rewritten graphs)
 from fsc.analysis.collectives import COLLECTIVE_ID, Collective, call_arg, find_collectives, is_collective, is_wait
 from fsc.analysis.cost_model import is_view
-from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 
 FREESCALE_ALL_TO_ALL = torch.ops.freescale.all_to_all_single.default

@@ -58,7 +58,7 @@ from fsc.analysis.graph import positions
 from fsc.analysis.safety import reorder_blocker
 from fsc.analysis.symbolic import invariant_value
 from fsc.errors import OptionError
-from fsc.pass_manager import Pass, PassContext, PassResult
+from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 
 aten = torch.ops.aten

@@ -134,7 +134,7 @@ def test_torchrec_peer_loads_the_example_initial_table():
 @pytest.mark.parametrize("name", [n for n, v in e2e.VARIANTS.items() if v.compiler == "freescale"])
 def test_every_freescale_variant_builds_its_pipeline(name):
     """Each freescale row's options must be accepted by the backend's option parsing (the
-    opt-in sm-free-collectives pass is not in the built-in registry: it goes as an instance)."""
+    opt-in sm-free-collectives pass is named in the pipeline string like any other)."""
     import fsc
     from fsc.passes.sm_free_collectives import SmFreeCollectives
 

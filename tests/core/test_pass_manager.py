@@ -7,6 +7,7 @@ import dataclasses
 import inspect
 import pathlib
 import re
+import sys
 
 import pytest
 import torch
@@ -17,8 +18,9 @@ import fsc
 from fsc.analysis.collectives import COLLECTIVE_ID, is_collective
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
 from fsc.analysis.timeline import peak_memory
-from fsc.pass_manager import Pass, PassRecord, PassRegistry, PassResult, parse_pipeline
+from fsc.pass_manager import PassRecord, parse_pipeline
 from fsc.passes import REGISTRY
+from fsc.passes.base import Pass, PassRegistry, PassResult
 from fsc.rewriter import GraphRewriter
 
 c10d = torch.ops._c10d_functional
@@ -456,6 +458,37 @@ def test_registered_pass_names_are_kebab_case_module_names():
         assert pathlib.Path(inspect.getfile(cls)).stem.replace("_", "-") == name
         # and a pipeline string of that name builds that class
         assert parse_pipeline(name) == (cls(),)
+
+
+def test_every_module_under_passes_is_a_registered_pass():
+    folder = pathlib.Path(inspect.getfile(REGISTRY["overlap-schedule"])).parent
+    modules = {p.stem.replace("_", "-") for p in folder.glob("*.py")} - {"--init--", "base"}
+    assert modules == set(REGISTRY)
+
+
+def test_registered_passes_are_frozen_dataclasses_documenting_matches_changes_safe_because():
+    for name, cls in REGISTRY.items():
+        assert "__dataclass_params__" in vars(cls) and cls.__dataclass_params__.frozen, name
+        # one pass per module: the module docstring is the pass's documentation
+        doc = sys.modules[cls.__module__].__doc__ or ""
+        assert doc.startswith(f"``{name}``: "), name
+        for heading in ("**Matches**", "**Changes**", "**Safe because**"):
+            assert heading in doc, f"{name}: no {heading} in its docstring"
+
+
+@pytest.mark.parametrize("name", list(REGISTRY))
+def test_every_registered_pass_rejects_an_unknown_option_naming_pass_and_option(name):
+    with pytest.raises(fsc.PipelineError) as info:
+        parse_pipeline(f"{name}{{no_such_option=1}}")
+    assert f"pass {name!r} has no option 'no_such_option'" in str(info.value)
+
+
+def test_registry_default_pipeline_is_the_passes_not_opt_in_in_registry_order():
+    opt_in = type("OptIn", (NoOp,), {"name": "opt-in", "in_default_pipeline": False})
+    registry = PassRegistry([opt_in, NoOp, Tunable])
+    assert registry.default_pipeline() == (NoOp(), Tunable())
+    assert list(registry) == ["opt-in", "no-op", "tunable"]
+    assert parse_pipeline("tunable,opt-in", registry) == (Tunable(), opt_in())
 
 
 def _pass_class(pass_name: str) -> type[Pass]:

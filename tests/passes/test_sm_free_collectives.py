@@ -7,7 +7,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 import fsc
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
-from fsc.pass_manager import PassRegistry, parse_pipeline
+from fsc.passes import REGISTRY
 from fsc.passes.sm_free_collectives import FREESCALE_ALL_TO_ALL, FREESCALE_WAIT, SmFreeCollectives
 
 c10d = torch.ops._c10d_functional
@@ -111,9 +111,15 @@ def test_sm_free_collectives_leaves_graphs_without_collectives_alone():
     assert record.modified is False and record.reasons == ("no functional collectives",)
 
 
-def test_sm_free_collectives_parses_from_a_pipeline_string_and_is_opt_in():
-    registry = PassRegistry([SmFreeCollectives])
-    (p,) = parse_pipeline("sm-free-collectives{swap_all=true}", registry)
-    assert p == SmFreeCollectives(swap_all=True)
-    assert p.spec() == "sm-free-collectives{swap_all=true}"
-    assert SmFreeCollectives.in_default_pipeline is False
+def test_sm_free_collectives_is_left_out_of_the_default_pipeline():
+    assert "sm-free-collectives" in REGISTRY
+    assert not any(isinstance(p, SmFreeCollectives) for p in fsc.Config.from_options().passes)
+
+
+def test_sm_free_collectives_runs_where_a_pipeline_string_names_it():
+    config = fsc.Config.from_options(
+        {"passes": "prioritize-collectives,overlap-schedule,sm-free-collectives{swap_all=true}"}
+    )
+    assert [p.name for p in config.passes] == ["prioritize-collectives", "overlap-schedule", "sm-free-collectives"]
+    assert config.passes[-1] == SmFreeCollectives(swap_all=True)
+    assert config.pipeline == "prioritize-collectives,overlap-schedule,sm-free-collectives{swap_all=true}"
