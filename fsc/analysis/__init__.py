@@ -1,4 +1,4 @@
-"""Rank-invariant analyses of FX graphs: schedule graph, collectives, cost model, timeline.
+"""Rank-invariant analyses of FX graphs: collectives, cost model, timeline, schedules.
 
 Everything here is a pure function of graph structure, shapes, dtypes and the device
 profile, so every rank computes the same answer (DESIGN.md invariant 2).
@@ -6,7 +6,6 @@ profile, so every rank computes the same answer (DESIGN.md invariant 2).
 
 from fsc.analysis.collectives import Collective, find_collectives, is_collective, is_wait, opaque_collectives
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel, DeviceProfile, NodeCost
-from fsc.analysis.graph import schedule_graph
 from fsc.analysis.timeline import Timeline, estimate_timeline
 
 __all__ = [
@@ -21,5 +20,4 @@ __all__ = [
     "is_collective",
     "is_wait",
     "opaque_collectives",
-    "schedule_graph",
 ]

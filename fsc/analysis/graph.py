@@ -1,25 +1,12 @@
-"""The FX graph as a networkx ``DiGraph`` (the schedule graph), and the structural
-helpers the scheduling passes share."""
+"""Structural helpers on FX graphs that the scheduling passes share: program positions
+and the free (work-less) nodes that move with the node they feed."""
 
 from __future__ import annotations
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
 from fsc.analysis.cost_model import is_view
-
-
-def schedule_graph(graph: fx.Graph) -> nx.DiGraph:
-    """Data-dependence DAG of ``graph``: one vertex per FX node (keyed by the node), an
-    edge producer -> consumer for every use. Vertex attribute ``position`` is the node's
-    index in the current program order, ``op`` its FX opcode."""
-    dag = nx.DiGraph()
-    for position, node in enumerate(graph.nodes):
-        dag.add_node(node, position=position, op=node.op)
-        for src in node.all_input_nodes:  # FX keeps these unique, in first-use order
-            dag.add_edge(src, node)
-    return dag
 
 
 def positions(graph: fx.Graph) -> dict[fx.Node, int]:

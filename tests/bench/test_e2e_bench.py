@@ -34,6 +34,7 @@ def _finite(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
+@pytest.mark.ranks
 def test_quick_run_writes_one_row_per_backend_with_the_issue_schema(quick):
     result, _, _, backends = quick
     assert [r["backend"] for r in result["rows"]] == backends
@@ -50,6 +51,7 @@ def test_quick_run_writes_one_row_per_backend_with_the_issue_schema(quick):
         assert row["timed_steps"] == 4 and row["metered_steps"] == 2
 
 
+@pytest.mark.ranks
 def test_freescale_all_compiles_with_every_technique(quick):
     result, _, _, _ = quick
     rows = {r["backend"]: r for r in result["rows"]}
@@ -63,6 +65,7 @@ def test_freescale_all_compiles_with_every_technique(quick):
     # (first losses differ from eager's: a rank draws its own negatives, and balancing moves samples)
 
 
+@pytest.mark.ranks
 def test_torchrec_peer_starts_from_the_same_model_and_batch_as_eager(quick):
     result, _, _, backends = quick
     if "torchrec" not in backends:
@@ -72,6 +75,7 @@ def test_torchrec_peer_starts_from_the_same_model_and_batch_as_eager(quick):
     assert rows["torchrec"]["exposed_comm_ms"] > 0  # its all-to-alls are seen by the meter
 
 
+@pytest.mark.ranks
 def test_readme_section_is_rewritten_between_the_markers_only(quick):
     result, readme, _, backends = quick
     assert readme.startswith("# x\n\nbefore\n\n<!-- bench:e2e -->\n")
@@ -83,6 +87,7 @@ def test_readme_section_is_rewritten_between_the_markers_only(quick):
     assert "python -m bench e2e --json" in readme and "--quick" in readme and "load average" in readme
 
 
+@pytest.mark.ranks
 def test_plots_are_png_files(quick):
     result, _, tmp, _ = quick
     for key in ("plot", "bubbles_plot"):

@@ -1,10 +1,9 @@
-"""fsc.analysis on fake- and symbolic-traced graphs: collectives, schedule graph, cost
-model, timeline and peak memory. Expected numbers are derived here from the device
-profile, never copied from the code under test."""
+"""fsc.analysis on fake- and symbolic-traced graphs: collectives, cost model, timeline and
+peak memory. Expected numbers are derived here from the device profile, never copied from
+the code under test."""
 
 from __future__ import annotations
 
-import networkx as nx
 import pytest
 import sympy
 import torch
@@ -20,7 +19,6 @@ from fsc.analysis import (
     is_collective,
     is_wait,
     opaque_collectives,
-    schedule_graph,
 )
 from fsc.analysis.cost_model import exchange_size_estimates, is_host_scalar_op
 from fsc.analysis.timeline import exposed_lower_bound, peak_memory
@@ -133,33 +131,6 @@ def test_opaque_collectives_is_empty_for_understood_collectives_and_compute():
     gm = trace(lambda a, b: torch.mm(a, b).relu(), (3, 4), (4, 5))
     assert opaque_collectives(gm.graph) == []
     assert find_collectives(gm.graph) == []
-
-
-# ------------------------------------------------------------------------ schedule graph
-
-
-def diamond(x, w):
-    m = torch.mm(w, w)  # one node reading the same input twice: one edge
-    a = x.relu()
-    b = x.neg()
-    return a + b, m
-
-
-def test_schedule_graph_has_an_edge_per_data_dependence_and_positions():
-    gm = trace(diamond, (4, 4), (4, 4))
-    dag = schedule_graph(gm.graph)
-    assert isinstance(dag, nx.DiGraph)
-    nodes = list(gm.graph.nodes)
-    assert set(dag.nodes) == set(nodes)
-    expected = {(src, n) for n in nodes for src in n.all_input_nodes}
-    assert set(dag.edges) == expected
-    assert dag.number_of_edges() == len(expected) == 7  # mm<-w, relu<-x, neg<-x, add<-relu,neg, out<-add,mm
-    assert (node(gm, "w_1"), node(gm, "mm")) in dag.edges
-    assert not dag.has_edge(node(gm, "relu"), node(gm, "neg"))
-    for position, n in enumerate(nodes):
-        assert dag.nodes[n]["position"] == position
-        assert dag.nodes[n]["op"] == n.op
-    assert nx.is_directed_acyclic_graph(dag)
 
 
 # ----------------------------------------------------------------------------- cost model

@@ -31,6 +31,7 @@ def ids(batch=3, length=9):
     return (torch.randint(0, 64, (batch, length), generator=torch.Generator().manual_seed(1)),)
 
 
+@pytest.mark.ranks
 def test_entry_point_works_in_a_process_that_never_imported_fsc():
     code = (
         "import sys, torch\n"
@@ -390,6 +391,7 @@ def test_user_pass_source_is_part_of_the_cache_key():
     assert _pass_identity(SwapAddForSub()) == _pass_identity(SwapAddForSub())
 
 
+@pytest.mark.ranks
 def test_last_compile_before_any_compile_says_so():
     code = "import fsc\ntry:\n    fsc.last_compile()\nexcept LookupError as e:\n    print(e)\n"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

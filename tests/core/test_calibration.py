@@ -33,12 +33,14 @@ def _agree_worker(rank: int, world: int, reduce: str) -> dict[str, float]:
     return agree(mine, reduce=reduce)
 
 
+@pytest.mark.ranks
 def test_agree_max_gives_every_rank_the_slowest_ranks_numbers():
     results = run_ranks(_agree_worker, 3, "max")
     assert results[0] == results[1] == results[2]
     assert results[0] == {"flops_fp32": 100.0, "op_overhead": 3e-6, "intra_node_bandwidth": 3.0}
 
 
+@pytest.mark.ranks
 def test_agree_median_gives_every_rank_the_median():
     results = run_ranks(_agree_worker, 3, "median")
     assert results[0] == results[1] == results[2]
@@ -53,6 +55,7 @@ def _calibrate_and_compile(rank: int, world: int):
     return profile
 
 
+@pytest.mark.ranks
 def test_calibrated_profile_is_identical_on_every_rank_and_compiles():
     first, second = run_ranks(_calibrate_and_compile, 2)
     assert first == second

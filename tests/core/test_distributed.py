@@ -10,6 +10,8 @@ import pytest
 import torch
 from dist_harness import run_ranks
 
+pytestmark = pytest.mark.ranks
+
 CONFIGS = [(inner, passes) for inner in ("eager", "inductor") for passes in ("", None)]
 VERIFY_INNERS = ("eager", "inductor")
 

@@ -73,6 +73,7 @@ def test_hstu_attention_is_lowered_and_training_equals_eager(inner):
     check(_compare(0, 1, 2, False, inner))
 
 
+@pytest.mark.ranks
 def test_hstu_attention_is_lowered_on_two_sharded_gloo_ranks():
     for result in run_ranks(_compare, 2, 2, True, "eager"):
         check(result)

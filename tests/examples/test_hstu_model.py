@@ -105,6 +105,7 @@ def _sharded_vs_single(rank: int, world: int, steps: int):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.ranks
 def test_sharded_training_equals_single_process_training_on_the_global_batch(world):
     for worst_loss, worst_grad, worst_param in run_ranks(_sharded_vs_single, world, 3):
         assert worst_loss <= 1e-5
@@ -160,6 +161,7 @@ def _compiled_vs_eager(rank: int, world: int, steps: int, backend: str, inner: s
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.ranks
 def test_freescale_compiled_training_equals_eager(world):
     for worst_loss, worst_grad, fallbacks, passes in run_ranks(_compiled_vs_eager, world, 5, "freescale", "eager"):
         assert worst_loss <= 1e-5
@@ -172,6 +174,7 @@ def test_freescale_compiled_training_equals_eager(world):
         assert passes["backward"]["split-collectives"]["stats"]["split"] == 1
 
 
+@pytest.mark.ranks
 def test_model_compiles_fullgraph_under_inductor_and_matches_eager():
     for worst_loss, worst_grad, _, _ in run_ranks(_compiled_vs_eager, 2, 2, "inductor", None):
         assert worst_loss <= 1e-4
@@ -198,6 +201,7 @@ def _recompiles(rank: int, world: int, steps: int) -> tuple[int, int]:
     return first, counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.ranks
 def test_two_hundred_changing_batches_recompile_at_most_twice():
     for first, total in run_ranks(_recompiles, 2, 200):
         assert first >= 1
@@ -240,6 +244,7 @@ def _accumulate_twice(rank: int, world: int) -> str:
     return message
 
 
+@pytest.mark.ranks
 def test_gradient_buckets_refuse_a_second_backward_before_wait():
     for message in run_ranks(_accumulate_twice, 2):
         assert "call wait() after every backward" in message
@@ -257,6 +262,7 @@ def test_collate_builds_next_item_targets_and_positions():
     assert truncated.items.tolist() == [16, 17, 18, 19] and truncated.targets.tolist() == [17, 18, 19, 20]
 
 
+@pytest.mark.ranks
 def test_train_script_under_torchrun_writes_the_summary(tmp_path):
     import json
     import subprocess
@@ -278,6 +284,7 @@ def test_train_script_under_torchrun_writes_the_summary(tmp_path):
     assert summary["eval_users"] == 40
 
 
+@pytest.mark.ranks
 def test_train_script_rejects_a_batch_that_does_not_split_over_ranks(tmp_path):
     import subprocess
 

@@ -12,6 +12,8 @@ from test_hstu_model import GLOBAL_BATCH, config, tiny_histories
 
 from examples.hstu.model import HSTU, collate, global_batch_users, sample_negatives, scale_tensor
 
+pytestmark = pytest.mark.ranks
+
 
 def _read(rank: int, world: int, step: int, max_len: int):
     items, ratings, stamps = tiny_histories()

@@ -106,6 +106,7 @@ def four_rank_values(shm_before):
 
 
 @pytest.mark.parametrize("world", [2, 4])
+@pytest.mark.ranks
 def test_all_to_all_equals_gloo_for_random_splits_and_dtypes(world, two_rank_values, four_rank_values):
     reports = two_rank_values if world == 2 else four_rank_values
     for report in reports:
@@ -116,12 +117,14 @@ def test_all_to_all_equals_gloo_for_random_splits_and_dtypes(world, two_rank_val
         assert report["empty_shape"] == (0, 3)
 
 
+@pytest.mark.ranks
 def test_all_to_all_of_64_mib_equals_gloo(two_rank_values):
     for report in two_rank_values:
         assert report["big_bytes"] == 64 << 20
         assert report["big_equal"]
 
 
+@pytest.mark.ranks
 def test_no_segment_is_left_in_dev_shm_after_normal_exit(shm_before, two_rank_values, four_rank_values):
     assert _shm_names() == shm_before
 
@@ -222,16 +225,19 @@ def grad_compile():
     return run_ranks(_grad_compile_worker, 2, timeout=300)
 
 
+@pytest.mark.ranks
 def test_gradient_is_the_reverse_all_to_all_like_funcol(grad_compile):
     assert all(r["grad_equal"] for r in grad_compile)
 
 
+@pytest.mark.ranks
 def test_opcheck_passes_for_both_ops(grad_compile):
     for report in grad_compile:
         for name, result in report["opcheck"].items():
             assert set(result.values()) == {"SUCCESS"}, (name, result)
 
 
+@pytest.mark.ranks
 def test_handle_is_a_cpu_tensor_waited_twice_alike_and_a_copy_runs_the_collective(grad_compile):
     for report in grad_compile:
         assert report["handle"] == ((1,), "torch.int64", "cpu", 0)
@@ -239,11 +245,13 @@ def test_handle_is_a_cpu_tensor_waited_twice_alike_and_a_copy_runs_the_collectiv
         assert report["copied_handle"]
 
 
+@pytest.mark.ranks
 def test_compiled_ops_match_eager_values_and_gradients(grad_compile):
     for report in grad_compile:
         assert report["compiled"] == {"eager": (True, True)}
 
 
+@pytest.mark.ranks
 def test_sm_free_collectives_swaps_the_exchange_under_compile_and_matches_eager(grad_compile):
     for report in grad_compile:
         for inner, (worst, swapped) in report["swaps"].items():

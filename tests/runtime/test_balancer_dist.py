@@ -9,6 +9,8 @@ import pytest
 import torch
 from dist_harness import run_ranks
 
+pytestmark = pytest.mark.ranks
+
 DIM = 3
 
 

@@ -70,6 +70,7 @@ def two_ranks():
     return run_ranks(_model_step, 2, STEPS, 0, None, timeout=120)
 
 
+@pytest.mark.ranks
 def test_meter_accounting_adds_up_on_every_rank_and_step(two_ranks):
     report, _ = two_ranks[0]
     assert [(s.rank, s.step) for s in report.steps] == [(r, i) for r in (0, 1) for i in range(WARMUP, STEPS)]
@@ -88,6 +89,7 @@ def test_meter_accounting_adds_up_on_every_rank_and_step(two_ranks):
         assert statistics.median(abs(x) for x in r.overhead["clock_mismatch_ms"]) < 0.2
 
 
+@pytest.mark.ranks
 def test_meter_sees_the_fast_rank_idle_and_exposed_exchange_waits(two_ranks):
     report, _ = two_ranks[0]
     by_rank = {r: [s for s in report.steps if s.rank == r] for r in (0, 1)}
@@ -102,6 +104,7 @@ def test_meter_sees_the_fast_rank_idle_and_exposed_exchange_waits(two_ranks):
     assert summary["per_rank"][0]["bubble_fraction"] > summary["per_rank"][1]["bubble_fraction"]
 
 
+@pytest.mark.ranks
 def test_meter_sync_wait_is_split_into_transfer_and_idle_matching_a_stopwatch(two_ranks):
     """idle + transfer of the sync wait equals a perf_counter reading around it; the transfer
     part is the same on both ranks (the minimum over them)."""
@@ -119,6 +122,7 @@ def test_meter_sync_wait_is_split_into_transfer_and_idle_matching_a_stopwatch(tw
         assert transfer[0] == pytest.approx(transfer[1], abs=1e-9)
 
 
+@pytest.mark.ranks
 def test_meter_gathers_every_ranks_steps_and_intervals_onto_rank_zero(two_ranks):
     (r0, _), (r1, _) = two_ranks
     assert r0.steps == r1.steps
@@ -128,6 +132,7 @@ def test_meter_gathers_every_ranks_steps_and_intervals_onto_rank_zero(two_ranks)
     assert min(iv.start_s for iv in r0.intervals) >= -1e-3  # from the earliest step start over ranks
 
 
+@pytest.mark.ranks
 def test_meter_writes_json_trace_and_png_with_control_steps(tmp_path):
     results = run_ranks(_model_step, 2, 8, 2, str(tmp_path), timeout=120)
     report, _ = results[0]
@@ -234,6 +239,7 @@ def test_plot_cli_draws_before_and_after(tmp_path, capsys):
         main(["plot", str(tmp_path / "missing.json"), "--png", str(png)])
 
 
+@pytest.mark.ranks
 def test_hstu_example_bubbles_flag_writes_files_and_summary(tmp_path):
     import pathlib
     import subprocess

@@ -196,6 +196,7 @@ def errors():
     return results, before, _shm_names()
 
 
+@pytest.mark.ranks
 def test_segment_is_private_and_named_by_job_token_rank_and_pid(errors):
     results, _, _ = errors
     name, mode = _ok(results[1])["segment"]
@@ -205,6 +206,7 @@ def test_segment_is_private_and_named_by_job_token_rank_and_pid(errors):
     assert int(pid) > 0
 
 
+@pytest.mark.ranks
 def test_size_mismatch_names_both_ranks_and_sizes_on_both_ranks(errors):
     results, _, _ = errors
     receiver = _ok(results[1])
@@ -221,6 +223,7 @@ def test_size_mismatch_names_both_ranks_and_sizes_on_both_ranks(errors):
     assert receiver["mismatch_next"][0] == "TransportBrokenError"
 
 
+@pytest.mark.ranks
 def test_silent_live_peer_times_out_and_the_peer_hears_of_it(errors):
     results, _, _ = errors
     waiting = _errors_report(results, 0)["timeout"]
@@ -231,6 +234,7 @@ def test_silent_live_peer_times_out_and_the_peer_hears_of_it(errors):
     assert late[0] == "CollectiveTimeoutError" and "rank 0 reported" in late[1]
 
 
+@pytest.mark.ranks
 def test_ranks_that_issued_different_numbers_of_collectives_raise(errors):
     results, _, _ = errors
     for rank in range(2):
@@ -239,6 +243,7 @@ def test_ranks_that_issued_different_numbers_of_collectives_raise(errors):
         assert "different numbers of collectives" in message
 
 
+@pytest.mark.ranks
 def test_local_split_error_reaches_the_peer_at_once(errors):
     results, _, _ = errors
     kind, message, seconds = _ok(results[1])["local"]
@@ -248,6 +253,7 @@ def test_local_split_error_reaches_the_peer_at_once(errors):
     assert seconds < 10  # the timeout was 30 s
 
 
+@pytest.mark.ranks
 def test_waiting_on_a_peer_that_closed_its_transport_raises(errors):
     results, _, _ = errors
     kind, message, _ = _errors_report(results, 0)["closed"]
@@ -256,12 +262,14 @@ def test_waiting_on_a_peer_that_closed_its_transport_raises(errors):
     assert kind == "TransportBrokenError" and "closed" in message
 
 
+@pytest.mark.ranks
 def test_messages_larger_than_the_ring_wrap_and_queue_correctly(errors):
     results, _, _ = errors
     for rank in range(2):
         assert _errors_report(results, rank)["ring"] == [True, True, True]
 
 
+@pytest.mark.ranks
 def test_ranks_on_different_hosts_fall_back_to_the_group_collective(errors):
     results, _, _ = errors
     report = _ok(results[1])
@@ -272,6 +280,7 @@ def test_ranks_on_different_hosts_fall_back_to_the_group_collective(errors):
     assert kind == "TransportConfigError" and "already has a transport" in message
 
 
+@pytest.mark.ranks
 def test_ranks_that_disagree_on_the_transport_kind_raise(errors):
     results, _, _ = errors
     kind, message, _ = _ok(results[1])["kinds"]
@@ -287,6 +296,7 @@ def test_cuda_tensors_without_cuda_fall_back_to_the_group_collective_on_every_ra
         assert name == "group" and reason == "rank 0: CUDA is not available"
 
 
+@pytest.mark.ranks
 def test_no_segment_stays_after_an_exception_in_user_code(errors):
     results, before, after = errors
     assert results[0][0] == "error" and "user code failed" in results[0][1]
@@ -311,6 +321,7 @@ def _killed_worker(rank: int, world: int) -> dict:
     return {"died": _outcome(lambda: _a2a(big, [1 << 19] * 2, [1 << 19] * 2, dist.group.WORLD))}
 
 
+@pytest.mark.ranks
 def test_peer_killed_mid_collective_raises_within_the_liveness_interval_and_leaves_no_segment():
     before = _shm_names()
     results = _spawn(_killed_worker, 2)
@@ -336,6 +347,7 @@ def _killed_in_setup_worker(rank: int, world: int) -> str:
     return f"{kind}: {message}"
 
 
+@pytest.mark.ranks
 def test_peer_killed_during_setup_makes_the_survivor_raise_and_unlink_its_segment():
     before = _shm_names()
     results = _spawn(_killed_in_setup_worker, 2)
