@@ -5,7 +5,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.fsc-installed
 
-.PHONY: setup demo test bench bench-setup bench-compile clean
+.PHONY: setup demo test test-fast bench bench-setup bench-compile clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/hstu/demo.py
 
+# Everything, with the 25 slowest tests listed at the end (CI runs this).
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=25 tests
+
+# While you work: everything but the tests that start processes (marker `ranks`), in about a minute.
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not ranks" tests
 
 # make bench: the end-to-end benchmark (results/e2e.json, results/e2e*.png, README table).
 # TorchRec 1.8.0 + fbgemm-gpu-cpu 1.8.0 install with --no-deps on torch 2.13 CPU (their own
