@@ -4,10 +4,10 @@ Spawns R CPU ranks on this host (gloo on a file store) and times an even all-to-
 float32 message of B bytes per rank (B/R to each rank, own chunk included) through:
 
 * ``gloo``: ``torch.distributed.all_to_all_single`` on the gloo group;
-* ``shm``: ``freescale::all_to_all_single`` + ``wait_tensor`` (shared-memory transport).
+* ``shm``: ``fsc::all_to_all_single`` + ``wait_tensor`` (shared-memory transport).
 
 Both allocate their output per call, as the functional collectives do (``shm`` draws large
-outputs from its pool of released ones, see ``fsc.runtime.shm_transport.OutputPool``).
+outputs from its pool of released ones, see ``fsc.runtime.transport.shm.OutputPool``).
 A sample is a barrier and then 1 to 10 back-to-back calls (more for small messages), timed
 per call; samples of the two transports alternate; a sample's time is the slowest rank's;
 a row is the median over samples. ``nccl`` and ``copy-engine`` rows need a GPU machine and are not
@@ -61,8 +61,8 @@ def _worker(rank: int, world: int, sizes: list[int], transports: list[str]) -> l
                 y = torch.empty_like(x)
                 dist.all_to_all_single(y, x, splits, splits, group=group)
                 return y
-            handle = torch.ops.freescale.all_to_all_single(x, splits, splits, group.group_name)
-            return torch.ops.freescale.wait_tensor(handle, x, splits, splits, group.group_name)
+            handle = torch.ops.fsc.all_to_all_single(x, splits, splits, group.group_name)
+            return torch.ops.fsc.wait_tensor(handle, x, splits, splits, group.group_name)
 
         for transport in transports:
             once(transport)

@@ -3,24 +3,25 @@
 gloo threads (CPU ranks on one host).
 
 **Matches** ``_c10d_functional.all_to_all_single`` nodes whose every user is a
-``_c10d_functional.wait_tensor``, on a device the transport serves (CPU on Linux x86-64;
-CUDA with symmetric memory and ``cuStreamWaitValue32``), and, unless ``swap_all=true``,
+``_c10d_functional.wait_tensor``, on a device a copy-engine transport serves (asked of
+:func:`fsc.runtime.transport.available`: CPU on Linux x86-64; CUDA with symmetric memory
+and ``cuStreamWaitValue32``), and, unless ``swap_all=true``,
 with compute between the collective and its first wait (something for the transfer to
 overlap; without it NCCL/gloo is as good and needs no second transport).
 
-**Changes** each match into ``freescale::all_to_all_single`` with the same arguments, and
-each of its waits into ``freescale::wait_tensor(handle, <the same arguments>)`` (see
+**Changes** each match into ``fsc::all_to_all_single`` with the same arguments, and
+each of its waits into ``fsc::wait_tensor(handle, <the same arguments>)`` (see
 :mod:`fsc.runtime.ops` for why the wait restates them: among others, the input stays live
 and unwritten until the wait). Positions do not change; the collective keeps
 its identity (``fsc_collective_id``).
 
-**Safe because** the freescale ops compute the same values as the ones they replace
+**Safe because** the fsc ops compute the same values as the ones they replace
 (same schema, same per-group issue order; the transport is FIFO per group), and the
 decision reads only the graph, the device type and this torch build, which are the same
 on every rank, so every rank swaps the same collectives (a rank that swapped while another
 did not would pair different collectives and hang). Whether the copy-engine path is used
 is settled at run time, once per group, by all ranks together: a group that spans hosts
-runs the group's own collective inside the freescale op.
+runs the group's own collective inside the fsc op.
 
 **Limits.** All-gather and reduce-scatter are not swapped: the transports implement
 all-to-all only (each is declined with that reason). Run it last: the analyses of the
@@ -36,34 +37,15 @@ from typing import ClassVar
 import torch
 import torch.fx as fx
 
-import fsc.runtime.ops  # noqa: F401  (registers torch.ops.freescale for the rewritten graphs)
+import fsc.runtime.ops  # noqa: F401  (registers the fsc ops that the rewritten graphs call)
 from fsc.analysis.collectives import COLLECTIVE_ID, Collective, call_arg, find_collectives, is_collective, is_wait
 from fsc.analysis.cost_model import is_view
 from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
+from fsc.runtime.transport import available
 
-FREESCALE_ALL_TO_ALL = torch.ops.freescale.all_to_all_single.default
-FREESCALE_WAIT = torch.ops.freescale.wait_tensor.default
-
-
-def transport_unavailable(device: torch.device) -> str | None:
-    """Why no copy-engine transport can serve ``device`` in this build and platform, or
-    None. Local facts only, alike on every rank of a job."""
-    if device.type == "cpu":
-        from fsc.runtime import futex
-
-        if not futex.supported():
-            return "the shared-memory transport needs Linux"
-        import platform
-
-        if platform.machine() != "x86_64":
-            return f"the shared-memory transport needs x86-64, not {platform.machine()}"
-        return None
-    if device.type == "cuda":
-        from fsc.runtime.cuda_transport import unavailable_reason
-
-        return unavailable_reason(device)
-    return f"no copy-engine transport for device type {device.type!r}"
+FSC_ALL_TO_ALL = torch.ops.fsc.all_to_all_single.default
+FSC_WAIT = torch.ops.fsc.wait_tensor.default
 
 
 def _carried(meta: dict) -> dict:
@@ -75,7 +57,7 @@ def _carried(meta: dict) -> dict:
 def _is_compute(node: fx.Node) -> bool:
     if node.op != "call_function" or is_collective(node) or is_wait(node) or is_view(node):
         return False
-    if node.target in (FREESCALE_ALL_TO_ALL, FREESCALE_WAIT):
+    if node.target in (FSC_ALL_TO_ALL, FSC_WAIT):
         return False
     val = node.meta.get("val")
     values = val if isinstance(val, (list, tuple)) else [val]
@@ -121,7 +103,8 @@ class SmFreeCollectives(Pass):
         val = coll.node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             return "it has no tensor metadata (was the graph traced with fake tensors?)"
-        unavailable = transport_unavailable(val.device)
+        # No group: this build's and platform's facts only, alike on every rank.
+        unavailable = available(val.device)
         if unavailable is not None:
             return unavailable
         if not self.swap_all:
@@ -136,10 +119,10 @@ class SmFreeCollectives(Pass):
         args = tuple(call_arg(node, name) for name in ("input", "output_split_sizes", "input_split_sizes",
                                                           "group_name"))
         handle = node.meta["val"].new_empty((1,), dtype=torch.int64, device="cpu")  # the fake handle
-        new = rewriter.insert_before(node, FREESCALE_ALL_TO_ALL, args, meta={
+        new = rewriter.insert_before(node, FSC_ALL_TO_ALL, args, meta={
             **_carried(node.meta), "val": handle, COLLECTIVE_ID: node.meta.get(COLLECTIVE_ID, node.name)})
         for wait in waits:
             # The wait restates the all-to-all: its input stays live (and unwritten) until here.
-            new_wait = rewriter.insert_before(wait, FREESCALE_WAIT, (new, *args), meta=_carried(wait.meta))
+            new_wait = rewriter.insert_before(wait, FSC_WAIT, (new, *args), meta=_carried(wait.meta))
             rewriter.replace(wait, new_wait)
         rewriter.erase(node)

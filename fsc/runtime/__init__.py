@@ -9,14 +9,14 @@ Implemented:
   :mod:`fsc.runtime.balance_search`, the collective helpers (gathering lengths, the
   global-token loss normalizer) in :mod:`fsc.runtime.balance_dist`.
 
-- the SM-free all-to-all (:mod:`fsc.runtime.ops`): ``freescale::all_to_all_single`` and
-  ``freescale::wait_tensor``, argument for argument like their ``_c10d_functional``
-  namesakes, with autograd and fake implementations. Behind them, per process group
-  (:mod:`fsc.runtime.transport`): CPU ranks on one host exchange through shared memory
-  (:mod:`fsc.runtime.shm_transport`), GPU ranks on one host through CUDA symmetric memory
-  and copy engines (:mod:`fsc.runtime.cuda_transport`, not yet run on a GPU), everything
-  else through the group's own collective. Importing :mod:`fsc.runtime.ops` registers the
-  ops.
+- the SM-free all-to-all (:mod:`fsc.runtime.ops`): ``fsc::all_to_all_single`` and
+  ``fsc::wait_tensor``, argument for argument like their ``_c10d_functional`` namesakes,
+  with autograd and fake implementations. Behind them, per process group, a transport from
+  the table keyed by device type (:mod:`fsc.runtime.transport`): CPU ranks on one host
+  exchange through shared memory (:mod:`fsc.runtime.transport.shm`), GPU ranks on one host
+  through CUDA symmetric memory and copy engines (:mod:`fsc.runtime.transport.cuda`, not
+  yet run on a GPU), everything else through the group's own collective. Importing
+  :mod:`fsc.runtime.ops` registers the ops.
 
 - the bubble meter (:mod:`fsc.runtime.bubbles`): per rank and step, compute-busy time,
   exposed communication (time blocked in collective waits) and straggler idle (time at a
@@ -35,7 +35,6 @@ import importlib
 # in the balancer's numpy code or torch.distributed.
 _EXPORTS = {
     "COUNT_RULES": "fsc.runtime.balancer",
-    "HSTU_EXAMPLE_COST": "fsc.runtime.balancer",
     "METHODS": "fsc.runtime.balancer",
     "Assignment": "fsc.runtime.balancer",
     "BalanceError": "fsc.runtime.balancer",

@@ -22,7 +22,7 @@ the events are read back and, per step, clipped to the step's span:
   ``perf_counter`` reading of the same step is kept as a cross-check, see ``overhead``).
 * ``S``: the union of the step's sync-wait spans. ``W``: the union of the spans of the
   wait operators ``_c10d_functional::wait_tensor`` (functional collectives, compiled or
-  eager) and ``freescale::wait_tensor`` (our SM-free ops), outside ``S``. ``C``: the union
+  eager) and ``fsc::wait_tensor`` (our SM-free ops), outside ``S``. ``C``: the union
   of all other operator spans (not user annotations such as ``record_function``), outside
   ``W`` and ``S``.
 * **straggler idle** ``idle_ms`` and **exposed communication** ``exposed_comm_ms``: a sync
@@ -86,7 +86,7 @@ from fsc.runtime.bubble_trace import (
 
 log = logging.getLogger(__name__)
 
-WAIT_OPS: tuple[str, ...] = ("_c10d_functional::wait_tensor", "freescale::wait_tensor")
+WAIT_OPS: tuple[str, ...] = ("_c10d_functional::wait_tensor", "fsc::wait_tensor")
 STEP_MARK = "fsc.bubbles.step."
 SYNC_MARK = "fsc.bubbles.sync."
 _AUTOGRAD_ENGINE = "autograd::engine::evaluate_function"

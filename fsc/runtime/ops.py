@@ -1,10 +1,10 @@
-"""``freescale::all_to_all_single`` and ``freescale::wait_tensor``: the copy-engine
-all-to-all as a pair of functional custom ops::
+"""``fsc::all_to_all_single`` and ``fsc::wait_tensor``: the copy-engine all-to-all as a
+pair of functional custom ops (in the ``fsc`` namespace with the kernels' ops)::
 
-    freescale::all_to_all_single(Tensor input, SymInt[] output_split_sizes,
-                                 SymInt[] input_split_sizes, str group_name) -> Tensor
-    freescale::wait_tensor(Tensor handle, Tensor input, SymInt[] output_split_sizes,
+    fsc::all_to_all_single(Tensor input, SymInt[] output_split_sizes,
                            SymInt[] input_split_sizes, str group_name) -> Tensor
+    fsc::wait_tensor(Tensor handle, Tensor input, SymInt[] output_split_sizes,
+                     SymInt[] input_split_sizes, str group_name) -> Tensor
 
 The first takes exactly the arguments of ``_c10d_functional.all_to_all_single``, so a
 pass swaps that node in place; the wait takes the handle plus the same arguments again.
@@ -55,7 +55,7 @@ class SplitSizeError(FscError, ValueError):
 
 def _check_splits(inp: torch.Tensor, output_split_sizes: Sequence[int], input_split_sizes: Sequence[int],
                   world: int, group_name: str) -> None:
-    where = f"freescale::all_to_all_single on group {group_name!r}"
+    where = f"fsc::all_to_all_single on group {group_name!r}"
     if inp.dim() == 0:
         raise SplitSizeError(f"{where}: the input is a scalar; it needs a first dimension to split")
     for label, splits in (("output_split_sizes", output_split_sizes), ("input_split_sizes", input_split_sizes)):
@@ -76,7 +76,7 @@ def _transport(group_name: str, device: torch.device):
 
 
 @torch.library.custom_op(
-    "freescale::all_to_all_single",
+    "fsc::all_to_all_single",
     mutates_args=(),
     schema="(Tensor input, SymInt[] output_split_sizes, SymInt[] input_split_sizes, str group_name) -> Tensor",
 )
@@ -87,14 +87,10 @@ def all_to_all_single(input: torch.Tensor, output_split_sizes: Sequence[int], in
     try:
         _check_splits(input, out_splits, in_splits, dist.get_world_size(group), group_name)
     except SplitSizeError as exc:
-        abort = getattr(transport, "abort", None)
-        if abort is not None:  # tell the peers at once rather than let them time out
-            abort(exc)
+        transport.abort(exc)  # tell the peers at once rather than let them time out
         raise
-    shape = (sum(out_splits), *input.shape[1:])
-    allocate = getattr(transport, "allocate", None)
-    out = allocate(shape, input.dtype) if allocate is not None else input.new_empty(shape)
-    work = transport.start(input.contiguous(), out, out_splits, in_splits)
+    out = transport.allocate((sum(out_splits), *input.shape[1:]), input.dtype, input.device)
+    work = transport.all_to_all(input.contiguous(), out, out_splits, in_splits)
     handle = torch.zeros((1,), dtype=torch.int64)
     setattr(handle.untyped_storage(), _WORK_ATTR, work)  # lives exactly as long as the handle's storage
     return handle
@@ -107,7 +103,7 @@ def _all_to_all_single_fake(input: torch.Tensor, output_split_sizes: Sequence[in
 
 
 @torch.library.custom_op(
-    "freescale::wait_tensor",
+    "fsc::wait_tensor",
     mutates_args=(),
     schema="(Tensor handle, Tensor input, SymInt[] output_split_sizes, SymInt[] input_split_sizes, str group_name)"
            " -> Tensor",
@@ -146,7 +142,7 @@ def _wait_setup_context(ctx, inputs, output) -> None:
 wait_tensor.register_autograd(_wait_backward, setup_context=_wait_setup_context)
 
 # A wait whose result is unused must still run (as _c10d_functional.wait_tensor).
-torch.fx.node.has_side_effect(torch.ops.freescale.wait_tensor.default)
+torch.fx.node.has_side_effect(torch.ops.fsc.wait_tensor.default)
 
 
 def all_to_all(input: torch.Tensor, output_split_sizes: Sequence[int] | None = None,
@@ -164,5 +160,5 @@ def all_to_all(input: torch.Tensor, output_split_sizes: Sequence[int] | None = N
     elif output_split_sizes is None or input_split_sizes is None:
         raise SplitSizeError("pass both output_split_sizes and input_split_sizes, or neither")
     args = (list(output_split_sizes), list(input_split_sizes), group.group_name)
-    handle = torch.ops.freescale.all_to_all_single(input, *args)
-    return torch.ops.freescale.wait_tensor(handle, input, *args)
+    handle = torch.ops.fsc.all_to_all_single(input, *args)
+    return torch.ops.fsc.wait_tensor(handle, input, *args)

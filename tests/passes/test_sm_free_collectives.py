@@ -8,7 +8,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 import fsc
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
 from fsc.passes import REGISTRY
-from fsc.passes.sm_free_collectives import FREESCALE_ALL_TO_ALL, FREESCALE_WAIT, SmFreeCollectives
+from fsc.passes.sm_free_collectives import FSC_ALL_TO_ALL, FSC_WAIT, SmFreeCollectives
 
 c10d = torch.ops._c10d_functional
 
@@ -46,19 +46,19 @@ def test_sm_free_collectives_swaps_an_all_to_all_that_overlaps_compute():
     assert record.modified is True
     assert record.stats["swapped"] == 1 and record.stats["collectives"] == 1
     assert c10d.all_to_all_single.default not in targets(gm) and c10d.wait_tensor.default not in targets(gm)
-    swapped = next(n for n in gm.graph.nodes if n.target is FREESCALE_ALL_TO_ALL)
+    swapped = next(n for n in gm.graph.nodes if n.target is FSC_ALL_TO_ALL)
     assert swapped.args[1:] == ([48, 16], [32, 32], "g0")
     handle = swapped.meta["val"]
     assert (handle.shape, handle.dtype, handle.device.type) == ((1,), torch.int64, "cpu")
     assert swapped.meta["fsc_collective_id"] == "all_to_all_single"
-    wait = next(n for n in gm.graph.nodes if n.target is FREESCALE_WAIT)
+    wait = next(n for n in gm.graph.nodes if n.target is FSC_WAIT)
     assert wait.args == (swapped, *swapped.args)  # the wait restates the all-to-all
     assert wait.meta["val"].shape == (64, 64)
     gm.graph.lint()
     code = gm.code
-    assert "freescale.all_to_all_single.default(relu, [48, 16], [32, 32], 'g0')" in code
-    assert "freescale.wait_tensor.default(all_to_all_single_default, relu, [48, 16], [32, 32], 'g0')" in code
-    assert code.index("freescale.all_to_all_single") < code.index("aten.mm") < code.index("freescale.wait_tensor")
+    assert "fsc.all_to_all_single.default(relu, [48, 16], [32, 32], 'g0')" in code
+    assert "fsc.wait_tensor.default(all_to_all_single_default, relu, [48, 16], [32, 32], 'g0')" in code
+    assert code.index("fsc.all_to_all_single") < code.index("aten.mm") < code.index("fsc.wait_tensor")
 
 
 def test_sm_free_collectives_declines_a_wait_that_follows_at_once_unless_swap_all():

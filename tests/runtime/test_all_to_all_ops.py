@@ -1,4 +1,4 @@
-"""freescale::all_to_all_single + wait_tensor on real CPU ranks (shared-memory transport):
+"""fsc::all_to_all_single + wait_tensor on real CPU ranks (shared-memory transport):
 values identical to gloo's all_to_all_single for random variable splits (zeros included),
 fp32/bf16/int64, empty and 64 MB messages; gradients; opcheck; torch.compile; local
 split-size errors. One spawn per world size serves every check of that size."""
@@ -34,8 +34,8 @@ def _input(rank: int, rows: int, width: int, dtype: torch.dtype, seed: int) -> t
 
 
 def _freescale(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group_name: str) -> torch.Tensor:
-    handle = torch.ops.freescale.all_to_all_single(x, out_splits, in_splits, group_name)
-    return torch.ops.freescale.wait_tensor(handle, x, out_splits, in_splits, group_name)
+    handle = torch.ops.fsc.all_to_all_single(x, out_splits, in_splits, group_name)
+    return torch.ops.fsc.wait_tensor(handle, x, out_splits, in_splits, group_name)
 
 
 def _gloo(x: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
@@ -74,9 +74,9 @@ def _values_worker(rank: int, world: int, big: bool) -> dict:
         splits = _splits(world, 10 + seed)
         in_splits, out_splits = splits[rank].tolist(), splits[:, rank].tolist()
         x = _input(rank, sum(in_splits), 3, torch.float32, 10 + seed)
-        pendings.append(torch.ops.freescale.all_to_all_single(x, out_splits, in_splits, group_name))
+        pendings.append(torch.ops.fsc.all_to_all_single(x, out_splits, in_splits, group_name))
         wants.append((x, out_splits, in_splits))
-    got = [torch.ops.freescale.wait_tensor(h, *w, group_name) for h, w in zip(pendings[::-1], wants[::-1])][::-1]
+    got = [torch.ops.fsc.wait_tensor(h, *w, group_name) for h, w in zip(pendings[::-1], wants[::-1])][::-1]
     report["in_flight_equal"] = all(torch.equal(g, _gloo(*w)) for g, w in zip(got, wants))
     if big:  # 64 MiB per rank, uneven
         rows = 16384  # of 4 KiB
@@ -155,20 +155,20 @@ def _grad_compile_worker(rank: int, world: int) -> dict:
     # An input that requires grad, so the autograd-registration check has something to see.
     x = base.clone().requires_grad_()
     args = (out_splits, in_splits, group.group_name)
-    handle = torch.ops.freescale.all_to_all_single(x, *args)
+    handle = torch.ops.fsc.all_to_all_single(x, *args)
     report["opcheck"] = {
-        "all_to_all_single": torch.library.opcheck(torch.ops.freescale.all_to_all_single.default, (x, *args)),
-        "wait_tensor": torch.library.opcheck(torch.ops.freescale.wait_tensor.default, (handle, x, *args)),
+        "all_to_all_single": torch.library.opcheck(torch.ops.fsc.all_to_all_single.default, (x, *args)),
+        "wait_tensor": torch.library.opcheck(torch.ops.fsc.wait_tensor.default, (handle, x, *args)),
     }
 
     # A handle is a CPU tensor; waiting twice gives the same output; a copy of a handle
     # (no collective attached) makes the wait run the all-to-all itself.
-    handle = torch.ops.freescale.all_to_all_single(base, *args)
-    first = torch.ops.freescale.wait_tensor(handle, base, *args)
-    again = torch.ops.freescale.wait_tensor(handle, base, *args)
+    handle = torch.ops.fsc.all_to_all_single(base, *args)
+    first = torch.ops.fsc.wait_tensor(handle, base, *args)
+    again = torch.ops.fsc.wait_tensor(handle, base, *args)
     report["wait_idempotent"] = first is again
     report["handle"] = (tuple(handle.shape), str(handle.dtype), handle.device.type, handle.item())
-    copied = torch.ops.freescale.wait_tensor(handle.clone(), base, *args)
+    copied = torch.ops.fsc.wait_tensor(handle.clone(), base, *args)
     report["copied_handle"] = torch.equal(copied, first) and copied is not first
 
     # torch.compile of a function calling the ops: values and gradients equal eager.

@@ -275,7 +275,7 @@ def test_wait_time_by_range_splits_waits_inside_and_outside_excluded_spans():
 
     events = [
         ("_c10d_functional::wait_tensor", 1.0, 3.0),   # step a, outside
-        ("freescale::wait_tensor", 4.0, 4.5),          # step a, outside
+        ("fsc::wait_tensor", 4.0, 4.5),          # step a, outside
         ("aten::mm", 5.0, 9.0),                        # not a wait
         ("_c10d_functional::wait_tensor", 6.0, 8.0),   # step a, inside the excluded span
         ("_c10d_functional::wait_tensor", 12.0, 13.0), # step b, outside

@@ -76,8 +76,8 @@ def _outcome(fn: Callable[[], Any]) -> tuple[str, str, float]:
 
 
 def _a2a(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group: Any) -> torch.Tensor:
-    handle = torch.ops.freescale.all_to_all_single(x, out_splits, in_splits, group.group_name)
-    return torch.ops.freescale.wait_tensor(handle, x, out_splits, in_splits, group.group_name)
+    handle = torch.ops.fsc.all_to_all_single(x, out_splits, in_splits, group.group_name)
+    return torch.ops.fsc.wait_tensor(handle, x, out_splits, in_splits, group.group_name)
 
 
 def _even(group: Any) -> torch.Tensor:
@@ -92,23 +92,24 @@ def _errors_worker(rank: int, world: int) -> dict:
     import torch.distributed as dist
 
     import fsc.runtime.ops  # noqa: F401
-    from fsc.runtime import shm_transport, transport
+    from fsc.runtime import transport
+    from fsc.runtime.transport import shm
 
     report: dict = {}
     seen: list[tuple[str, int]] = []
-    agree = shm_transport._agree
+    agree = shm.agree
 
-    def spying_agree(pg, n, problem):  # the segment exists (not yet unlinked) at the first gather
+    def spying_agree(pg, problem):  # the segment exists (not yet unlinked) at the first gather
         if not seen:
             name = next(f for f in os.listdir("/dev/shm") if f.startswith(SHM_PREFIX) and f.endswith(f"-{os.getpid()}"))
             seen.append((name, os.stat(f"/dev/shm/{name}").st_mode & 0o777))
-        return agree(pg, n, problem)
+        return agree(pg, problem)
 
-    shm_transport._agree = spying_agree
+    shm.agree = spying_agree
     groups = [dist.new_group() for _ in range(8)]
     mismatch, timeout, skew, local, closed, ring, fallback, kinds = groups
     _even(mismatch)
-    shm_transport._agree = agree
+    shm.agree = agree
     report["segment"] = seen[0]
 
     # Rank 1 expects 4 rows from rank 0, which sends 3.
@@ -155,11 +156,11 @@ def _errors_worker(rank: int, world: int) -> dict:
     outs = []
     for i, x in enumerate(inputs):
         splits_i = [1000 + 17 * i, 3096] if rank == 0 else [3096, 1000 + 17 * i]  # in == out here
-        pending = torch.ops.freescale.all_to_all_single(x, splits_i, splits_i, ring.group_name)
+        pending = torch.ops.fsc.all_to_all_single(x, splits_i, splits_i, ring.group_name)
         outs.append((pending, x.new_empty(x.shape), x, splits_i, splits_i))
     equal = []
     for pending, want, x, out_splits, in_splits in outs:
-        got = torch.ops.freescale.wait_tensor(pending, x, out_splits, in_splits, ring.group_name)
+        got = torch.ops.fsc.wait_tensor(pending, x, out_splits, in_splits, ring.group_name)
         dist.all_to_all_single(want, x, out_splits, in_splits, group=ring)
         equal.append(torch.equal(got, want))
     report["ring"] = equal
@@ -179,10 +180,6 @@ def _errors_worker(rank: int, world: int) -> dict:
     strict = dist.new_group()
     transport.configure(strict, kind="copy-engine", host_identity=f"host{rank}")
     report["strict"] = _outcome(lambda: _even(strict))
-
-    # CUDA tensors on a machine without CUDA: every rank agrees to use the group's collective.
-    gpu = dist.new_group()
-    report["cuda"] = (transport.transport_for(gpu, torch.device("cuda")).name, transport.describe(gpu)["cuda"][1])
 
     if rank == 0:  # an exception in user code: the process ends with it, no segment stays
         raise ValueError("user code failed after its collectives", report)
@@ -289,13 +286,6 @@ def test_ranks_that_disagree_on_the_transport_kind_raise(errors):
     assert kind == "TransportConfigError" and "not available" in message and "span 2 hosts" in message
 
 
-def test_cuda_tensors_without_cuda_fall_back_to_the_group_collective_on_every_rank(errors):
-    results, _, _ = errors
-    for rank in range(2):
-        name, reason = _errors_report(results, rank)["cuda"]
-        assert name == "group" and reason == "rank 0: CUDA is not available"
-
-
 @pytest.mark.ranks
 def test_no_segment_stays_after_an_exception_in_user_code(errors):
     results, before, after = errors
@@ -336,13 +326,13 @@ def _killed_in_setup_worker(rank: int, world: int) -> str:
     import torch.distributed as dist
 
     import fsc.runtime.ops  # noqa: F401
-    from fsc.runtime import shm_transport
+    from fsc.runtime.transport import shm
 
     if rank == 1:  # die with the segment created but not yet unlinked
         def die(*args: Any) -> None:
             os.kill(os.getpid(), signal.SIGKILL)
 
-        shm_transport._agree = die
+        shm.agree = die
     kind, message, _ = _outcome(lambda: _even(dist.group.WORLD))
     return f"{kind}: {message}"
 
@@ -361,41 +351,40 @@ def test_peer_killed_during_setup_makes_the_survivor_raise_and_unlink_its_segmen
 
 
 def test_segments_are_created_0600_whatever_the_umask_and_unlinked_on_failed_fallocate(monkeypatch):
-    from fsc.runtime import shm_transport
+    from fsc.runtime.transport import shm
 
     name = f"{SHM_PREFIX}unit-{os.getpid()}"
     old = os.umask(0)
     try:
-        mm = shm_transport._create(name, 4096)
+        mm = shm._create(name, 4096)
         assert os.stat(f"/dev/shm/{name}").st_mode & 0o777 == 0o600
         mm.close()
     finally:
         os.umask(old)
-        shm_transport._unlink(name)
+        shm._unlink(name)
 
     def no_space(fd: int, offset: int, length: int) -> None:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(os, "posix_fallocate", no_space)
     with pytest.raises(OSError, match="No space"):
-        shm_transport._create(name, 4096)
+        shm._create(name, 4096)
     assert not os.path.exists(f"/dev/shm/{name}")
 
 
 def test_full_dev_shm_declines_with_a_reason(monkeypatch):
-    from fsc.runtime import shm_transport
-    from fsc.runtime.transport import TransportConfig
+    from fsc.runtime.transport import TransportConfig, shm
 
     class Tiny:
         f_bavail, f_frsize = 16, 4096
 
     monkeypatch.setattr(os, "statvfs", lambda path: Tiny())
-    mm, problem = shm_transport._create_own("unused", 0, 4, TransportConfig())
+    mm, problem = shm._create_own("unused", 0, 4, TransportConfig())
     assert mm is None and "too little" in problem
 
 
 def test_attach_refuses_a_segment_others_can_read():
-    from fsc.runtime import shm_transport
+    from fsc.runtime.transport import shm
 
     name = f"{SHM_PREFIX}unit-open-{os.getpid()}"
     fd = os.open(f"/dev/shm/{name}", os.O_CREAT | os.O_RDWR, 0o644)
@@ -403,37 +392,52 @@ def test_attach_refuses_a_segment_others_can_read():
         os.fchmod(fd, 0o644)
         os.ftruncate(fd, 4096)
         with pytest.raises(PermissionError, match="not a private segment"):
-            shm_transport._attach(name)
+            shm._attach(name)
     finally:
         os.close(fd)
-        shm_transport._unlink(name)
+        shm._unlink(name)
 
 
 def test_attach_checks_the_peer_segment_header():
     import mmap
 
-    from fsc.runtime import shm_transport
-    from fsc.runtime.transport import PeerInfo
+    from fsc.runtime.transport import PeerInfo, shm
 
     mm = mmap.mmap(-1, 4096)
-    info = PeerInfo(rank=1, host="h", pid=123, starttime=1, token="t", kind="auto", machine="linux/x86_64")
+    info = PeerInfo(rank=1, host="h", pid=123, starttime=1, token="t", kind="auto", unavailable=None)
     with pytest.raises(ValueError, match="segment of rank 1 has magic"):
-        shm_transport._check_peer(mm, 1, info, 2)
+        shm._check_peer(mm, 1, info, 2)
 
 
-def test_unsupported_machines_and_worlds_have_reasons():
-    from fsc.runtime import shm_transport
-    from fsc.runtime.transport import PeerInfo, _ineligible
+def test_shared_memory_transport_names_why_it_cannot_serve_a_device_machine_or_group(monkeypatch):
+    import platform
 
-    def infos(n: int, machine: str = "linux/x86_64", host: str = "h") -> list[PeerInfo]:
-        return [PeerInfo(rank=r, host=host if r else "h", pid=r, starttime=0, token="t", kind="auto",
-                         machine=machine) for r in range(n)]
+    from torch._C._distributed_c10d import FakeProcessGroup
 
-    assert shm_transport.unsupported_reason(infos(2)) is None
-    assert "Linux x86-64" in shm_transport.unsupported_reason(infos(2, "linux/aarch64"))
-    assert "at most 64 ranks" in shm_transport.unsupported_reason(infos(65))
-    assert "span 2 hosts" in _ineligible(infos(2, host="other"), torch.device("cpu"))
-    assert "no copy-engine transport for device type 'meta'" in _ineligible(infos(2), torch.device("meta"))
+    from fsc.runtime.transport import ShmTransport
+
+    cpu = torch.device("cpu")
+    assert ShmTransport.available(cpu) is None
+    assert ShmTransport.available(cpu, FakeProcessGroup._create_internal(rank=0, world_size=64)) is None
+    assert ShmTransport.available(cpu, FakeProcessGroup._create_internal(rank=0, world_size=65)) == (
+        "the shared-memory transport serves at most 64 ranks, not 65")
+    assert ShmTransport.available(torch.device("meta")) == "the shared-memory transport serves CPU tensors, not meta"
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    assert ShmTransport.available(cpu) == (
+        "the shared-memory transport needs Linux x86-64 (store order, futexes), not Linux aarch64")
+
+
+def test_ranks_on_several_hosts_or_without_the_transport_are_ineligible_naming_the_rank():
+    from fsc.runtime.transport import PeerInfo, ineligible
+
+    def infos(hosts: list[str], unavailable: dict[int, str] | None = None) -> list[PeerInfo]:
+        return [PeerInfo(rank=r, host=h, pid=r, starttime=0, token="t", kind="auto",
+                         unavailable=(unavailable or {}).get(r)) for r, h in enumerate(hosts)]
+
+    assert ineligible(infos(["h", "h"])) is None
+    assert ineligible(infos(["h", "other", "h"])) == (
+        "ranks span 2 hosts (ranks [0, 2]; ranks [1]); the copy-engine path needs one host")
+    assert ineligible(infos(["h", "h", "h"], {1: "no /dev/shm", 2: "later"})) == "rank 1: no /dev/shm"
 
 
 def test_transport_options_are_checked():

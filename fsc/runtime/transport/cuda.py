@@ -3,14 +3,15 @@ device-to-device copies into the peers' buffers on a dedicated stream, and flags
 and awaited by the stream itself.
 
 **Status: written against the torch 2.13 API, importable on CPU, never run.** No GPU was
-available while it was written; see "Unverified" below. ``fsc.runtime.transport`` only
-builds it for CUDA tensors, after checking that every API it needs exists.
+available while it was written; see "Unverified" below. :meth:`CudaTransport.available`
+checks that every API it needs exists; the GPU tests (``tests/runtime/test_cuda_transport.py``)
+skip without CUDA.
 
 **Pieces.** Per process group: one symmetric buffer per rank
 (``torch.distributed._symmetric_memory.empty`` + ``rendezvous`` over the group's store),
 rendezvoused once and reused, re-rendezvoused larger when a collective needs more room
 (all ranks decide alike, see below); a dedicated copy stream; and a CPU control channel,
-the shared-memory transport of :mod:`fsc.runtime.shm_transport` on the same group, which
+the shared-memory transport of :mod:`fsc.runtime.transport.shm` on the same group, which
 carries the split sizes and gives the host side its peer-death and timeout detection.
 
 **One all-to-all, sequence number k** (the worker thread enqueues it; the caller only
@@ -74,9 +75,10 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from fsc.runtime.transport import (
+from fsc.runtime.transport.base import (
     CollectiveError,
     CollectiveTimeoutError,
+    CopyEngineTransport,
     PeerDiedError,
     PeerInfo,
     SplitMismatchError,
@@ -84,6 +86,7 @@ from fsc.runtime.transport import (
     TransportConfig,
     process_starttime,
 )
+from fsc.runtime.transport.shm import ShmTransport
 
 log = logging.getLogger(__name__)
 
@@ -99,26 +102,6 @@ def _driver() -> Any:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
     return fn
-
-
-def unavailable_reason(device: torch.device) -> str | None:
-    """Why the copy-engine transport cannot run here, or None."""
-    if device.type != "cuda" or not torch.cuda.is_available():
-        return "CUDA is not available"
-    try:
-        from torch.distributed import _symmetric_memory as symm_mem
-        from torch.distributed._symmetric_memory import _SymmetricMemory
-    except ImportError as exc:
-        return f"torch has no symmetric memory ({exc})"
-    missing = [name for name in ("stream_write_value32", "rendezvous", "get_buffer", "get_signal_pad")
-               if not hasattr(_SymmetricMemory, name)]
-    if missing or not hasattr(symm_mem, "empty"):
-        return f"torch's symmetric memory lacks {missing or ['empty']}"
-    try:
-        _driver()
-    except (OSError, AttributeError) as exc:
-        return f"libcuda's cuStreamWaitValue32 is not reachable ({exc})"
-    return None
 
 
 def _wait_value(stream: torch.cuda.Stream, address: int, value: int) -> None:
@@ -156,7 +139,43 @@ class CudaWork:
         return self.out
 
 
-class CudaTransport:
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class ExchangePlan:
+    """Where the bytes of one all-to-all go, seen from one rank. Rank p's symmetric buffer
+    holds what the other ranks send p, senders in rank order (a rank's own chunk is a local
+    copy and never enters the buffer)."""
+
+    send_at: list[int]
+    """[p]: offset of this rank's chunk for p in p's buffer."""
+    recv_at: list[int]
+    """[s]: offset of s's chunk for this rank in this rank's buffer."""
+    recv_bytes: list[int]
+    """[s]: bytes s sends this rank."""
+    capacity: int
+    """The largest buffer any rank needs (every rank computes the same)."""
+
+
+def plan_exchange(matrix: Sequence[Sequence[int]], me: int, out_splits: Sequence[int], row_bytes: int, *,
+                  seq: int, group_name: str) -> ExchangePlan:
+    """The plan of rank ``me`` from ``matrix[s][p]``, the bytes rank s sends rank p (the
+    same matrix on every rank). Raises :class:`SplitMismatchError` where a sender's count
+    differs from what ``me`` expects (``out_splits[s]`` rows of ``row_bytes``)."""
+    world = len(matrix)
+    for s in range(world):
+        want = out_splits[s] * row_bytes
+        if matrix[s][me] != want:
+            raise SplitMismatchError(
+                f"all_to_all #{seq} on group {group_name!r}: rank {s} sends rank {me} {matrix[s][me]} bytes, but rank "
+                f"{me} expects {want} bytes ({out_splits[s]} rows of {row_bytes} bytes) from rank {s}")
+    return ExchangePlan(
+        send_at=[sum(matrix[s][p] for s in range(me) if s != p) for p in range(world)],
+        recv_at=[sum(matrix[q][me] for q in range(s) if q != me) for s in range(world)],
+        recv_bytes=[matrix[s][me] for s in range(world)],
+        capacity=max(sum(matrix[s][p] for s in range(world) if s != p) for p in range(world)),
+    )
+
+
+class CudaTransport(CopyEngineTransport):
     name = "copy-engine"
 
     def __init__(self, *, pg: dist.ProcessGroup, rank: int, infos: Sequence[PeerInfo], config: TransportConfig,
@@ -182,18 +201,37 @@ class CudaTransport:
         self.thread.start()
 
     @classmethod
+    def available(cls, device: torch.device, group: dist.ProcessGroup | None = None) -> str | None:
+        if device.type != "cuda":
+            return f"the CUDA copy-engine transport serves CUDA tensors, not {device.type}"
+        if not torch.cuda.is_available():
+            return "CUDA is not available (torch.cuda.is_available() is False: no GPU, no driver, or a CPU build of torch)"
+        try:
+            from torch.distributed import _symmetric_memory as symm_mem
+            from torch.distributed._symmetric_memory import _SymmetricMemory
+        except ImportError as exc:
+            return f"this torch build has no symmetric memory ({exc})"
+        missing = [name for name in ("stream_write_value32", "rendezvous", "get_buffer", "get_signal_pad")
+                   if not hasattr(_SymmetricMemory, name)]
+        if missing or not hasattr(symm_mem, "empty"):
+            return f"this torch build's symmetric memory lacks {missing or ['empty']}"
+        try:
+            _driver()
+        except (OSError, AttributeError) as exc:
+            return f"libcuda's cuStreamWaitValue32 is not reachable ({exc})"
+        control = ShmTransport.available(torch.device("cpu"), group)
+        if control is not None:
+            return f"no host control channel: {control}"
+        return None
+
+    @classmethod
     def setup(cls, pg: dist.ProcessGroup, rank: int, infos: Sequence[PeerInfo], config: TransportConfig,
               device: torch.device) -> tuple[CudaTransport | None, str]:
-        """Collective. Every rank reaches the same verdict (local problems are gathered)."""
-        from fsc.runtime.shm_transport import ShmTransport, _agree
-
-        problem = unavailable_reason(device)
-        problem = _agree(pg, len(infos), None if problem is None else f"rank {rank}: {problem}")
-        if problem is not None:
-            return None, problem
+        """Collective. Every rank reaches the same verdict (the control channel's setup
+        gathers local problems)."""
         # The control channel carries W byte counts per collective: small rings, no pool.
         control_config = dataclasses.replace(config, ring_bytes=64 << 10, output_pool_bytes=0)
-        control, reason = ShmTransport.setup(pg, rank, infos, control_config)
+        control, reason = ShmTransport.setup(pg, rank, infos, control_config, torch.device("cpu"))
         if control is None:
             return None, f"no host control channel: {reason}"
         with torch.cuda.device(device):
@@ -201,8 +239,8 @@ class CudaTransport:
 
     # ------------------------------------------------------------ caller side
 
-    def start(self, inp: torch.Tensor, out: torch.Tensor, output_split_sizes: list[int],
-              input_split_sizes: list[int]) -> CudaWork:
+    def all_to_all(self, inp: torch.Tensor, out: torch.Tensor, output_split_sizes: list[int],
+                   input_split_sizes: list[int]) -> CudaWork:
         if self._broken is not None:
             raise TransportBrokenError(f"group {self.group_name!r}: an earlier collective failed: {self._broken}")
         if self._closing:
@@ -256,17 +294,10 @@ class CudaTransport:
         me, world = self.rank, self.world
         row = math.prod(work.inp.shape[1:]) * work.inp.element_size()
         sends = [s * row for s in work.in_splits]
-        matrix = self._exchange(sends)  # matrix[s][p]: bytes s sends p
-        for s in range(world):
-            want = work.out_splits[s] * row
-            if matrix[s][me] != want:
-                raise SplitMismatchError(
-                    f"all_to_all #{work.seq} on group {self.group_name!r}: rank {s} sends rank {me} {matrix[s][me]} "
-                    f"bytes, but rank {me} expects {want} bytes ({work.out_splits[s]} rows of {row} bytes) from "
-                    f"rank {s}")
-        need = max(sum(matrix[s][p] for s in range(world) if s != p) for p in range(world))
-        if need > self._capacity:
-            self._drain_and_grow(need)
+        plan = plan_exchange(self._exchange(sends), me, work.out_splits, row, seq=work.seq,
+                             group_name=self.group_name)
+        if plan.capacity > self._capacity:
+            self._drain_and_grow(plan.capacity)
         symm = torch.distributed._symmetric_memory._SymmetricMemory
         handle, k = self._handle, work.seq
         pad_words = handle.signal_pad_size // 4
@@ -287,7 +318,7 @@ class CudaTransport:
                 p = (me + step) % world
                 if not self._fresh:  # p has consumed collective k-1 from its buffer
                     _wait_value(stream, own_pad + 4 * (ack_base + p), k - 1)
-                at = sum(matrix[s][p] for s in range(me) if s != p)
+                at = plan.send_at[p]
                 if sends[p]:
                     peer = handle.get_buffer(p, (self._capacity,), torch.uint8)
                     peer[at:at + sends[p]].copy_(src[src_off[p]:src_off[p + 1]])
@@ -297,8 +328,7 @@ class CudaTransport:
             for step in range(1, world):
                 s = (me - step) % world
                 _wait_value(stream, own_pad + 4 * (ready_base + s), k)
-                at = sum(matrix[q][me] for q in range(s) if q != me)
-                n = matrix[s][me]
+                at, n = plan.recv_at[s], plan.recv_bytes[s]
                 if n:
                     dst[dst_off[s]:dst_off[s] + n].copy_(mine[at:at + n])
             for step in range(1, world):
@@ -313,14 +343,14 @@ class CudaTransport:
         table = row.repeat(self.world, 1)
         out = torch.empty_like(table)
         ones = [1] * self.world
-        self.control.start(table, out, ones, ones).wait()
+        self.control.all_to_all(table, out, ones, ones).wait()
         return out.tolist()
 
     def _drain_and_grow(self, need: int) -> None:
         self.stream.synchronize()  # our receives are done: no peer writes into our buffer any more
         barrier = torch.zeros(self.world, 1)
         ones = [1] * self.world
-        self.control.start(barrier, torch.empty_like(barrier), ones, ones).wait()  # every rank has drained
+        self.control.all_to_all(barrier, torch.empty_like(barrier), ones, ones).wait()  # every rank has drained
         self._grow(max(need, 2 * self._capacity))
 
     def _grow(self, size: int) -> None:

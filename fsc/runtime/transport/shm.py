@@ -62,25 +62,27 @@ import logging
 import math
 import mmap
 import os
+import platform
 import struct
 import threading
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from fsc.runtime import futex
-from fsc.runtime.transport import (
+from fsc.runtime.transport.base import (
     CollectiveError,
     CollectiveTimeoutError,
+    CopyEngineTransport,
     PeerDiedError,
     PeerInfo,
     SplitMismatchError,
     TransportBrokenError,
     TransportConfig,
+    agree,
     process_starttime,
 )
 
@@ -113,18 +115,6 @@ def _ctrl_bytes(world: int) -> int:
 
 def _pad(n: int) -> int:
     return -(-n // _HEADER_BYTES) * _HEADER_BYTES
-
-
-def unsupported_reason(infos: Sequence[PeerInfo]) -> str | None:
-    """Why the shared-memory transport cannot serve ranks with these infos, or None."""
-    machines = {info.machine for info in infos}
-    if machines != {"linux/x86_64"}:
-        return f"the shared-memory transport needs Linux x86-64 (store order, futexes); ranks run on {sorted(machines)}"
-    if len(infos) > MAX_WORLD:
-        return f"the shared-memory transport serves at most {MAX_WORLD} ranks, not {len(infos)}"
-    if not os.access(SHM_DIR, os.W_OK):
-        return f"{SHM_DIR} is not writable"
-    return None
 
 
 def segment_names(token: str, infos: Sequence[PeerInfo]) -> list[str]:
@@ -296,7 +286,7 @@ def _fence(lock: threading.Lock = threading.Lock()) -> None:
 # ---------------------------------------------------------------------- transport
 
 
-class ShmTransport:
+class ShmTransport(CopyEngineTransport):
     """Shared-memory all-to-all for the CPU ranks of one process group on one host.
 
     **Who moves the data.** One thread at a time is the *engine* (holds ``_engine``) and
@@ -361,8 +351,23 @@ class ShmTransport:
     # ----------------------------------------------------------------- setup
 
     @classmethod
-    def setup(cls, pg: dist.ProcessGroup, rank: int, infos: Sequence[PeerInfo],
-              config: TransportConfig) -> tuple[ShmTransport | None, str]:
+    def available(cls, device: torch.device, group: dist.ProcessGroup | None = None) -> str | None:
+        if device.type != "cpu":
+            return f"the shared-memory transport serves CPU tensors, not {device.type}"
+        system, machine = platform.system(), platform.machine()
+        if system != "Linux" or machine != "x86_64" or not futex.supported():
+            return f"the shared-memory transport needs Linux x86-64 (store order, futexes), not {system} {machine}"
+        if group is None:
+            return None
+        if group.size() > MAX_WORLD:
+            return f"the shared-memory transport serves at most {MAX_WORLD} ranks, not {group.size()}"
+        if not os.access(SHM_DIR, os.W_OK):
+            return f"{SHM_DIR} is not writable by this process (the segments live there)"
+        return None
+
+    @classmethod
+    def setup(cls, pg: dist.ProcessGroup, rank: int, infos: Sequence[PeerInfo], config: TransportConfig,
+              device: torch.device) -> tuple[ShmTransport | None, str]:
         """Create, exchange and unlink the segments (collective). Returns the transport, or
         None and the reason when any rank could not set up, in which case all agree."""
         world = len(infos)
@@ -371,7 +376,7 @@ class ShmTransport:
         peers: dict[int, mmap.mmap] = {}
         try:
             own, problem = _create_own(names[rank], rank, world, config)
-            problem = _agree(pg, world, problem)
+            problem = agree(pg, problem)
             if problem is None:
                 try:
                     peers = {p: _attach(names[p]) for p in range(world) if p != rank}
@@ -379,7 +384,7 @@ class ShmTransport:
                         _check_peer(mm, p, infos[p], world)
                 except (OSError, ValueError) as exc:
                     problem = f"rank {rank} could not map a peer's segment: {exc}"
-                problem = _agree(pg, world, problem)
+                problem = agree(pg, problem)
         except Exception as exc:
             for name in names:  # a dead peer cannot unlink its own name: do it for it
                 _unlink(name)
@@ -396,12 +401,12 @@ class ShmTransport:
 
     # ------------------------------------------------------------ caller side
 
-    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+    def allocate(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         """An output tensor; large ones come from the pool of released outputs."""
         return self._outputs.empty(shape, dtype)
 
-    def start(self, inp: torch.Tensor, out: torch.Tensor, output_split_sizes: list[int],
-              input_split_sizes: list[int]) -> ShmWork:
+    def all_to_all(self, inp: torch.Tensor, out: torch.Tensor, output_split_sizes: list[int],
+                   input_split_sizes: list[int]) -> ShmWork:
         if self._closing:
             raise TransportBrokenError(f"group {self.group_name!r}: the shared-memory transport is closed")
         failure = self._peer_failure(None) if self._broken is None else None
@@ -439,7 +444,7 @@ class ShmTransport:
         try:
             with self._engine:
                 # The stall clock starts at the latest when someone waits: time the caller
-                # spent computing after start() is not a peer's delay.
+                # spent computing after all_to_all() is not a peer's delay.
                 self._last_progress = max(self._last_progress, time.monotonic())
                 while not work.event.is_set():
                     if self._closing:
@@ -776,9 +781,3 @@ def _check_peer(mm: mmap.mmap, peer: int, info: PeerInfo, world: int) -> None:
         raise ValueError(f"segment of rank {peer} has magic {magic:#x}, pid {pid}, world {world_seen}; expected "
                          f"{_MAGIC:#x}, {info.pid}, {world}")
 
-
-def _agree(pg: dist.ProcessGroup, world: int, problem: str | None) -> str | None:
-    """Gather every rank's problem (None if fine); all ranks return the first one."""
-    problems: list[Any] = [None] * world
-    dist.all_gather_object(problems, problem, group=pg)
-    return next((p for p in problems if p is not None), None)
