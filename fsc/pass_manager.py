@@ -171,11 +171,14 @@ class PassManager:
             try:
                 gm.graph.lint()  # a valid FX graph first: the invariant checks walk it
                 invariants.check(before, gm, p, ctx)
-            except Exception as exc:
+            except PassFailedError as exc:
                 record.error = str(exc)
-                if isinstance(exc, PassFailedError):
-                    raise
-                raise PassFailedError(p.name, f"left an invalid graph: {exc}") from exc
+                raise
+            except Exception as exc:
+                # lint appends the whole graph to its message; the record and the error keep
+                # the first line (the full message stays on the cause).
+                record.error = str(exc).partition("\n")[0]
+                raise PassFailedError(p.name, f"left an invalid graph: {record.error}") from exc
             if result.modified:
                 gm.recompile()
                 record.graph_after = readable(gm)
