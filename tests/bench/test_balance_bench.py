@@ -58,10 +58,24 @@ def test_bench_writes_one_row_per_distribution_rank_count_and_method(tmp_path, c
     assert "freescale" in capsys.readouterr().out
 
 
-def test_bench_lengths_are_capped_at_max_len():
-    rng = np.random.default_rng(0)
-    lengths = np.minimum(bench.draw_lengths("zipf", 10_000, rng), 50)
-    assert lengths.max() == 50 and lengths.min() == bench.MIN_LENGTH
+def test_bench_caps_lengths_at_max_len_before_costing():
+    seen = []
+
+    def cost(lengths):  # the benchmark costs each batch once; keep what it was given
+        seen.append(np.array(lengths))
+        return np.asarray(lengths, dtype=np.float64)
+
+    # movielens from a pool of one short and one long history: every draw is one or the other
+    pool = np.array([bench.MIN_LENGTH, 500])
+    rows = bench.rows(distributions=["zipf", "movielens"], ranks=[2], per_rank=500, max_len=50, cost=cost,
+                      trials=1, seed=0, pool=pool, repeats=1)
+    zipf, movielens = seen
+    assert len(zipf) == len(movielens) == 1000
+    # Zipf(1.5) puts about 14% of draws past 50: they arrive at the cap, none beyond it
+    assert zipf.max() == 50 and (zipf == 50).sum() > 50 and zipf.min() == bench.MIN_LENGTH
+    assert set(movielens.tolist()) == {bench.MIN_LENGTH, 50}
+    assert [(r["distribution"], r["method"]) for r in rows] == [(d, m) for d in ("zipf", "movielens")
+                                                                for m in bench.METHODS]
 
 
 @pytest.mark.parametrize(
