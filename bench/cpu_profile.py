@@ -1,7 +1,8 @@
 """``cpu-profile``: measure the numbers behind the ``cpu`` device profile on this machine:
 single-thread fp32/bf16 matmul throughput, copy bandwidth, per-op overhead, and a 2-rank
-gloo all-to-all's latency and bandwidth over loopback. Prints them next to the profile's
-values and writes JSON."""
+gloo all-to-all's latency and bandwidth over loopback (measured as calibration measures
+links: :func:`fsc.analysis.calibration.measure_all_to_all`). Prints them next to the
+profile's values and writes JSON."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 from bench.report import write_json
-from fsc.analysis.calibration import measure_compute, median_seconds
+from fsc.analysis.calibration import measure_all_to_all, measure_compute
 
 
 def _all_to_all_rank(rank: int, world: int, store: str, out: str) -> None:
@@ -24,11 +25,7 @@ def _all_to_all_rank(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        result = {}
-        for nbytes in (1024, 16 * 2**20):
-            x = torch.randn(nbytes // 4)
-            y = torch.empty_like(x)
-            result[nbytes] = median_seconds(lambda: dist.all_to_all_single(y, x), 10)
+        result = measure_all_to_all(repeats=10)
         if rank == 0:
             pathlib.Path(out).write_text(json.dumps(result))
         dist.barrier()
@@ -45,11 +42,7 @@ def run(argv: list[str], json_path: str) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "a2a.json")
         mp.spawn(_all_to_all_rank, args=(2, os.path.join(tmp, "store"), out), nprocs=2)
-        a2a = {int(k): v for k, v in json.loads(pathlib.Path(out).read_text()).items()}
-    small, large = a2a[1024], a2a[16 * 2**20]
-    measured["intra_node_latency"] = small
-    # each of 2 ranks sends half of its 16 MiB to the other
-    measured["intra_node_bandwidth"] = 8 * 2**20 / (large - small)
+        measured |= json.loads(pathlib.Path(out).read_text())
     profile = DEVICE_PROFILES["cpu"]
     print(f"{'quantity':<22}{'measured':>14}{'cpu profile':>14}")
     for key, value in measured.items():

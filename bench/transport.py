@@ -8,10 +8,13 @@ float32 message of B bytes per rank (B/R to each rank, own chunk included) throu
 
 Both allocate their output per call, as the functional collectives do (``shm`` draws large
 outputs from its pool of released ones, see ``fsc.runtime.transport.shm.OutputPool``).
-A sample is a barrier and then 1 to 10 back-to-back calls (more for small messages), timed
-per call; samples of the two transports alternate; a sample's time is the slowest rank's;
-a row is the median over samples. ``nccl`` and ``copy-engine`` rows need a GPU machine and are not
-produced by this CPU benchmark.
+Timing is calibration's (:func:`fsc.analysis.calibration.time_collectives`): a sample is a
+barrier and then 1 to 10 back-to-back calls (more for small messages), timed per call;
+samples of the two transports alternate; a sample's time is the slowest rank's; a row is
+the median over samples. ``shm`` rows are left out, with the reason, where
+:func:`fsc.runtime.transport.available` says the shared-memory transport cannot run (they
+would time the gloo fallback). ``nccl`` and ``copy-engine`` rows need a GPU machine and
+are not produced by this CPU benchmark.
 
     python -m bench transport [--ranks R ...] [--json PATH]
 """
@@ -19,12 +22,11 @@ produced by this CPU benchmark.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
-from typing import Any
+import functools
 
 from bench.report import write_json
 from bench.spawn import run_gloo_ranks
+from fsc.runtime.transport import available
 
 SIZES = [1 << 10, 4 << 10, 16 << 10, 64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20, 64 << 20]
 TRANSPORTS = ("gloo", "shm")
@@ -49,14 +51,16 @@ def _worker(rank: int, world: int, sizes: list[int], transports: list[str]) -> l
     import torch.distributed as dist
 
     import fsc.runtime.ops  # noqa: F401  (registers the ops)
+    from fsc.analysis.calibration import time_collectives
+    from fsc.runtime.transport import describe
 
     group = dist.group.WORLD
-    times: dict[tuple[str, int], list[float]] = {(t, n): [] for t in transports for n in sizes}
+    rows = []
     for nbytes in sizes:
         x = torch.randn(nbytes // 4)
         splits = [x.numel() // world] * world
 
-        def once(transport: str) -> torch.Tensor:
+        def once(transport: str, x: torch.Tensor = x, splits: list[int] = splits) -> torch.Tensor:
             if transport == "gloo":  # a fresh output, as the functional collective allocates
                 y = torch.empty_like(x)
                 dist.all_to_all_single(y, x, splits, splits, group=group)
@@ -64,30 +68,15 @@ def _worker(rank: int, world: int, sizes: list[int], transports: list[str]) -> l
             handle = torch.ops.fsc.all_to_all_single(x, splits, splits, group.group_name)
             return torch.ops.fsc.wait_tensor(handle, x, splits, splits, group.group_name)
 
-        for transport in transports:
-            once(transport)
-            once(transport)
-        # Interleaved, so that load from elsewhere on the host hits every transport alike.
         samples, calls = _plan(nbytes)
-        for _ in range(samples):
-            for transport in transports:
-                dist.barrier(group)
-                start = time.perf_counter()
-                for _ in range(calls):
-                    once(transport)
-                times[(transport, nbytes)].append((time.perf_counter() - start) / calls)
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, times, group=group)
-    if rank == 0:
-        rows = []
-        for nbytes in sizes:
-            for transport in transports:
-                per_rank = [g[(transport, nbytes)] for g in gathered]
-                slowest = [max(it) for it in zip(*per_rank)]
-                rows.append({"transport": transport, "ranks": world, "bytes": nbytes,
-                             "median_ms": statistics.median(slowest) * 1e3})
-        return rows
-    return None
+        medians = time_collectives({t: functools.partial(once, t) for t in transports}, group=group,
+                                   samples=samples, per_sample=calls, warmup=2)
+        rows += [{"transport": t, "ranks": world, "bytes": nbytes, "median_ms": medians[t] * 1e3} for t in transports]
+    if "shm" in transports:
+        name, reason = describe(group)["cpu"]
+        if name != "shm":  # the rows would time the fallback under the shared-memory transport's name
+            raise RuntimeError(f"transport: the shared-memory transport fell back to {name!r}: {reason}")
+    return rows if rank == 0 else None
 
 
 def measure(world: int, sizes: list[int], transports: list[str], timeout: float = 1200.0) -> list[dict]:
@@ -114,9 +103,14 @@ def run(argv: list[str], json_path: str) -> int:
     if any(r < 2 for r in args.ranks or []):
         parser.error("--ranks must be at least 2")
     sizes = [s for s in SIZES if s <= args.max_bytes]
+    transports = list(TRANSPORTS)
+    unavailable = available("cpu")
+    if unavailable is not None:
+        print(f"shm: not measured: {unavailable}")
+        transports.remove("shm")
     table: list[dict] = []
     for world in args.ranks or [2, 4]:
-        table.extend(measure(world, sizes, list(TRANSPORTS)))
+        table.extend(measure(world, sizes, transports))
     for line in _format(table):
         print(line)
     write_json(json_path, table)

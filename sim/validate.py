@@ -1,18 +1,20 @@
 """Validation: simulate the real CPU runs of ``examples/hstu/train.py`` and compare with
 the bubble meter's measurements of the same runs.
 
-``python -m sim calibrate --ranks 2 4`` measures gloo's all-to-all and all-reduce on
-this host (``world`` processes on 127.0.0.1, median of repeats at several sizes) and fits
-``latency + bytes / bandwidth`` per kind; the fit is saved (``results/sim-gloo-links.json``)
-and used as the simulated links. ``python -m sim validate --ranks 2 --measured
-DIR/bubbles.json`` then rebuilds the run's exact batches (the example's synthetic data and
-``global_batch_users`` with the run's seed), captures the example's graphs at the run's
-model size on a fake group of the run's world, schedules them with the freescale pipeline
-(the run's backend), costs them on the ``cpu`` profile with jagged attention (what the
-freescale backend runs: its default pipeline lowers the example's attention; ``--attention
-dense`` for eager or inductor runs), stretches compute by ranks / cores when the ranks
-time-share fewer cores than there are ranks (one thread each), simulates every metered step
-and compares the medians.
+``python -m sim calibrate --ranks 2 4`` measures gloo's all-to-all and all-reduce on this
+host (``world`` processes on 127.0.0.1, at several sizes) and fits ``latency + bytes /
+bandwidth`` per kind, the way calibration measures links (the slowest rank's time per
+sample, median over samples: :func:`fsc.analysis.calibration.time_collectives`; the fit:
+:func:`fsc.analysis.calibration.fit_link`); the fit is saved
+(``results/sim-gloo-links.json``) and used as the simulated links. ``python -m sim
+validate --ranks 2 --measured DIR/bubbles.json`` then rebuilds the run's exact batches
+(the example's synthetic data and ``global_batch_users`` with the run's seed), captures
+the example's graphs at the run's model size on a fake group of the run's world, schedules
+them with the freescale pipeline (the run's backend), costs them on the ``cpu`` profile
+with jagged attention (what the freescale backend runs: its default pipeline lowers the
+example's attention; ``--attention dense`` for eager or inductor runs), stretches compute
+by ranks / cores when the ranks time-share fewer cores than there are ranks (one thread
+each), simulates every metered step and compares the medians.
 
 What the simulation leaves out: host Python (the meter's ``unattributed_ms``: collate, the
 optimizer's Python, the step's glue); per-op costs of the CPU's real kernels beyond the
@@ -32,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from bench.report import write_json
+from fsc.analysis.calibration import all_to_all_bytes_sent, fit_link
 
 SIZES = (1024, 16 * 1024, 256 * 1024, 2 * 2**20, 8 * 2**20)
 
@@ -40,7 +43,7 @@ def _measure(rank: int, world: int, init: str, out: str, repeats: int) -> None:
     import torch
     import torch.distributed as dist
 
-    from fsc.analysis.calibration import median_seconds
+    from fsc.analysis.calibration import time_collectives
 
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     torch.set_num_threads(1)
@@ -48,23 +51,12 @@ def _measure(rank: int, world: int, init: str, out: str, repeats: int) -> None:
     for nbytes in SIZES:
         x = torch.randn(max(nbytes // 4 // world, 1) * world)
         y = torch.empty_like(x)
-        dist.barrier()
-        a2a = median_seconds(lambda: dist.all_to_all_single(y, x), repeats)
-        dist.barrier()
-        ar = median_seconds(lambda: dist.all_reduce(x), repeats)
-        rows.append({"bytes": x.numel() * 4, "all_to_all_s": a2a, "all_reduce_s": ar})
-    t = torch.tensor([[r["all_to_all_s"], r["all_reduce_s"]] for r in rows], dtype=torch.float64)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's time is the collective's
+        times = time_collectives({"all_to_all_s": lambda x=x, y=y: dist.all_to_all_single(y, x),
+                                  "all_reduce_s": lambda x=x: dist.all_reduce(x)}, samples=repeats)
+        rows.append({"bytes": x.numel() * 4, **times})
     if rank == 0:
-        for r, (a, b) in zip(rows, t.tolist()):
-            r["all_to_all_s"], r["all_reduce_s"] = a, b
         pathlib.Path(out).write_text(json.dumps(rows))
     dist.destroy_process_group()
-
-
-def _fit(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    slope, intercept = np.polyfit(np.asarray(xs), np.asarray(ys), 1)
-    return max(float(intercept), 0.0), 1.0 / max(float(slope), 1e-30)
 
 
 def calibrate_links(world: int, repeats: int = 7) -> dict[str, Any]:
@@ -76,9 +68,9 @@ def calibrate_links(world: int, repeats: int = 7) -> dict[str, Any]:
         mp.start_processes(_measure, args=(world, f"file://{tmp}/store", out, repeats), nprocs=world,
                            start_method="spawn")
         rows = json.loads(pathlib.Path(out).read_text())
-    sent = [r["bytes"] for r in rows]  # all-to-all: bytes a rank sends; all-reduce: the tensor's bytes
-    a2a = _fit([b * (world - 1) / world for b in sent], [r["all_to_all_s"] for r in rows])
-    ar = _fit(sent, [r["all_reduce_s"] for r in rows])
+    # all-to-all: the bytes a rank sends the others; all-reduce: the tensor's bytes
+    a2a = fit_link([(all_to_all_bytes_sent(r["bytes"], world), r["all_to_all_s"]) for r in rows])
+    ar = fit_link([(r["bytes"], r["all_reduce_s"]) for r in rows])
     return {"world": world, "points": rows, "all_to_all": a2a, "all_reduce": ar, "loadavg": os.getloadavg()}
 
 

@@ -12,6 +12,12 @@ collective could hang ranks that compile different graphs.
 Measured: fp32 and half matmul throughput, copy bandwidth, per-op overhead (all on the
 given device), and, when the group has two ranks or more, the group's all-to-all latency
 and bandwidth (taken as the intra-node link: calibrate with a node-local group).
+
+**Links** are measured one way, here, for the profile and for the benchmarks and the
+simulator's link fit alike: :func:`time_collectives` times collectives as the ranks see
+them together (each sample starts at a barrier; a sample's time is the slowest rank's; the
+result is the median over samples), and :func:`fit_link` fits ``seconds = latency + bytes
+/ bandwidth`` to such times at several sizes.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -67,22 +73,79 @@ def measure_compute(device: torch.device | str = "cpu", *, repeats: int = 5, mat
     }
 
 
-def measure_all_to_all(group: dist.ProcessGroup | None = None, *, device: torch.device | str = "cpu",
-                       repeats: int = 5, small: int = 1024, large: int = 16 * 2**20) -> dict[str, float]:
-    """Latency (a ``small``-byte exchange) and bandwidth (the extra time of a ``large``
-    one) of the group's all-to-all. Collective: every rank of ``group`` must call it."""
-    world = dist.get_world_size(group)
+def time_collectives(calls: Mapping[str, Callable[[], object]], *, group: dist.ProcessGroup | None = None,
+                     samples: int = 5, per_sample: int = 1, warmup: int = 1,
+                     device: torch.device | str = "cpu") -> dict[str, float]:
+    """Seconds per call of each collective in ``calls``, the same on every rank.
+
+    Each sample starts at a barrier and times ``per_sample`` back-to-back calls (more than
+    one for small messages, so that one late wake-up on a loaded host does not decide a
+    sample, as nccl-tests times a loop); a sample's time is the slowest rank's, since a
+    collective ends when its last rank does; the result is the median over ``samples``.
+    Samples of the different calls alternate, so that load from elsewhere on the host hits
+    each alike. Collective over ``group``: every rank passes the same names in the same
+    order. Without an initialised process group, this rank's times.
+    """
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    distributed = dist.is_available() and dist.is_initialized()
+    for fn in calls.values():
+        for _ in range(warmup):
+            fn()
+        sync()
+    times: dict[str, list[float]] = {name: [] for name in calls}
+    for _ in range(samples):
+        for name, fn in calls.items():
+            if distributed:
+                dist.barrier(group)
+            start = time.perf_counter()
+            for _ in range(per_sample):
+                fn()
+            sync()
+            times[name].append((time.perf_counter() - start) / per_sample)
+    table = torch.tensor([times[name] for name in calls], dtype=torch.float64, device=device)
+    if distributed:
+        dist.all_reduce(table, op=dist.ReduceOp.MAX, group=group)
+    return {name: statistics.median(row) for name, row in zip(calls, table.tolist())}
 
-    def exchange(nbytes: int) -> float:
+
+def fit_link(points: Sequence[tuple[float, float]]) -> tuple[float, float]:
+    """``(latency s, bandwidth bytes/s)`` of ``seconds = latency + bytes / bandwidth``,
+    least squares over ``(bytes, seconds)`` points at two sizes or more; the latency is
+    clamped at 0, and a slope at or below 0 (noise) gives an unbounded bandwidth."""
+    sizes = sorted({b for b, _ in points})
+    if len(sizes) < 2:
+        raise ValueError(f"a link fit needs points at two sizes or more, not {sizes}")
+    n = len(points)
+    mean_b = sum(b for b, _ in points) / n
+    mean_t = sum(t for _, t in points) / n
+    slope = sum((b - mean_b) * (t - mean_t) for b, t in points) / sum((b - mean_b) ** 2 for b, _ in points)
+    return max(mean_t - slope * mean_b, 0.0), 1.0 / max(slope, 1e-30)
+
+
+def all_to_all_bytes_sent(nbytes: int, world: int) -> float:
+    """What one rank sends the others in an even all-to-all of ``nbytes`` over ``world``
+    ranks (it keeps ``1/world`` of its input)."""
+    return nbytes * (world - 1) / world
+
+
+def measure_all_to_all(group: dist.ProcessGroup | None = None, *, device: torch.device | str = "cpu",
+                       repeats: int = 5, small: int = 1024, large: int = 16 * 2**20) -> dict[str, float]:
+    """Latency and bandwidth of the group's all-to-all: :func:`fit_link` of a ``small``-
+    and a ``large``-byte exchange, timed by :func:`time_collectives`. Collective: every rank
+    of ``group`` must call it."""
+    world = dist.get_world_size(group)
+    device = torch.device(device)
+    calls: dict[str, Callable[[], object]] = {}
+    points: list[tuple[float, str]] = []
+    for nbytes in (small, large):
         x = torch.randn(max(nbytes // 4 // world, 1) * world, device=device)
         y = torch.empty_like(x)
-        return median_seconds(lambda: dist.all_to_all_single(y, x, group=group), repeats, sync)
-
-    t_small, t_large = exchange(small), exchange(large)
-    sent = large * (world - 1) / world  # each rank keeps 1/R of its input
-    return {"intra_node_latency": t_small, "intra_node_bandwidth": sent / max(t_large - t_small, 1e-9)}
+        calls[f"{nbytes} bytes"] = lambda x=x, y=y: dist.all_to_all_single(y, x, group=group)
+        points.append((all_to_all_bytes_sent(x.numel() * x.element_size(), world), f"{nbytes} bytes"))
+    times = time_collectives(calls, group=group, samples=repeats, device=device)
+    latency, bandwidth = fit_link([(sent, times[name]) for sent, name in points])
+    return {"intra_node_latency": latency, "intra_node_bandwidth": bandwidth}
 
 
 def agree(measured: dict[str, float], *, group: dist.ProcessGroup | None = None, reduce: str = "max") -> dict[str, float]:
@@ -134,4 +197,5 @@ def calibrate(base: str | DeviceProfile = "cpu", *, group: dist.ProcessGroup | N
     return dataclasses.replace(base, name=f"{base.name}-calibrated-{reduce}", **agreed)
 
 
-__all__ = ["REDUCTIONS", "agree", "calibrate", "measure_all_to_all", "measure_compute", "median_seconds"]
+__all__ = ["REDUCTIONS", "agree", "all_to_all_bytes_sent", "calibrate", "fit_link", "measure_all_to_all",
+           "measure_compute", "median_seconds", "time_collectives"]

@@ -10,7 +10,7 @@ import torch
 from dist_harness import run_ranks
 
 import fsc
-from fsc.analysis.calibration import agree, calibrate, measure_compute
+from fsc.analysis.calibration import agree, calibrate, fit_link, measure_compute, time_collectives
 
 
 def test_measure_compute_returns_positive_finite_numbers():
@@ -70,3 +70,36 @@ def test_agree_rejects_unknown_reduction():
 def test_calibrate_rejects_unknown_base_profile():
     with pytest.raises(fsc.OptionError, match="'a100'"):
         calibrate("a100")
+
+
+def test_fit_link_recovers_latency_and_bandwidth_from_three_sizes():
+    latency, bandwidth = fit_link([(b, 2e-4 + b / 5e9) for b in (1024, 2**20, 16 * 2**20)])
+    assert latency == pytest.approx(2e-4, rel=1e-6) and bandwidth == pytest.approx(5e9, rel=1e-6)
+
+
+def test_fit_link_clamps_noise_and_needs_two_sizes():
+    latency, bandwidth = fit_link([(0, 1e-3), (1000, 5e-4)])  # slower small message: no bandwidth to fit
+    assert latency == 1e-3 and bandwidth > 1e29
+    assert fit_link([(0, -1e-6), (1000, 1e-6)])[0] == 0.0
+    with pytest.raises(ValueError, match="two sizes or more, not \\[1024\\]"):
+        fit_link([(1024, 1e-3), (1024, 2e-3)])
+
+
+def test_time_collectives_without_process_group_times_this_rank():
+    times = time_collectives({"a": lambda: None, "b": lambda: sum(range(1000))}, samples=3, per_sample=2)
+    assert set(times) == {"a", "b"} and all(t >= 0 for t in times.values())
+
+
+def _time_worker(rank: int, world: int) -> dict[str, float]:
+    import time
+
+    # rank 1 is 30 ms late in every sample of "late": the collective's time is its time
+    return time_collectives({"late": lambda: time.sleep(0.03 if rank == 1 else 0.0), "prompt": lambda: None},
+                            samples=3)
+
+
+@pytest.mark.ranks
+def test_time_collectives_gives_every_rank_the_slowest_ranks_time():
+    first, second = run_ranks(_time_worker, 2)
+    assert first == second
+    assert first["late"] >= 0.03 > first["prompt"]

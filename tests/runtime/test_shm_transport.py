@@ -481,14 +481,3 @@ def test_process_starttime_tells_live_from_gone():
 
     assert process_starttime(os.getpid()) > 0
     assert process_starttime(2**22 + 12345) is None
-
-
-def test_transport_bench_refuses_fewer_than_two_ranks_and_formats_ratios(tmp_path):
-    from bench import transport as bench
-
-    with pytest.raises(SystemExit):
-        bench.run(["--ranks", "1"], str(tmp_path / "t.json"))
-    rows = [{"transport": "gloo", "ranks": 2, "bytes": 1 << 20, "median_ms": 2.0},
-            {"transport": "shm", "ranks": 2, "bytes": 1 << 20, "median_ms": 0.5}]
-    lines = bench._format(rows)
-    assert lines[2].split()[-1] == "4.00" and lines[2].split()[2] == "shm"
