@@ -60,5 +60,15 @@ bench: $(BENCH_STAMP)
 bench-compile: $(STAMP)
 	$(PY) -m bench compile-overhead --json results/compile-overhead.json --readme README.md
 
+# make gpu-check: on a machine with CUDA, check and time every CUDA path in under 8 minutes
+# (results/gpu.json and the README's GPU section). Installs nothing, reads nothing outside the
+# repository: it runs $(GPU_PYTHON) (default $(PYTHON), whose torch and Triton it uses) from the
+# checkout. GPU_CHECK_ARGS passes options (e.g. --budget-s 300, --only speed).
+GPU_PYTHON ?= $(PYTHON)
+GPU_CHECK_ARGS ?=
+.PHONY: gpu-check
+gpu-check:
+	$(GPU_PYTHON) -m bench gpu-check --json results/gpu.json --readme README.md $(GPU_CHECK_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info freescale_out

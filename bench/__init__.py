@@ -10,6 +10,8 @@ class Benchmark:
     name: str
     help: str
     main: Callable[[list[str], str], int]
+    json: str | None = None
+    """Where results go without --json (default results/NAME.json)."""
 
 
 def _benchmarks() -> dict[str, Benchmark]:
@@ -20,6 +22,7 @@ def _benchmarks() -> dict[str, Benchmark]:
         compile_overhead,
         cpu_profile,
         e2e,
+        gpu_check,
         sample_cost,
         schedule,
         transport,
@@ -41,6 +44,9 @@ def _benchmarks() -> dict[str, Benchmark]:
         "balance": Benchmark("balance", "balancer quality (max/LB) and speed per length distribution", balance.run),
         "e2e": Benchmark("e2e", "HSTU end to end on 2 and 4 gloo ranks: eager, inductor, inductor-overlap, torchrec "
                          "and freescale's techniques alone and together (make bench)", e2e.run),
+        "gpu-check": Benchmark("gpu-check", "on a CUDA machine, check and time every CUDA path in under 8 minutes "
+                               "(make gpu-check; --dry-run: its logic on CPU)", gpu_check.run,
+                               json=gpu_check.DEFAULT_JSON),
         "balance-runs": Benchmark("balance-runs", "HSTU on 2 and 4 gloo ranks with and without balancing",
                                   balance_runs.run),
     }

@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("name", choices=sorted(BENCHMARKS), help="; ".join(f"{k}: {v.help}" for k, v in BENCHMARKS.items()))
     parser.add_argument("--json", default=None, help="where to write the results (default results/NAME.json)")
     args, rest = parser.parse_known_args(argv)
-    return BENCHMARKS[args.name].main(rest, args.json or f"results/{args.name}.json")
+    bench = BENCHMARKS[args.name]
+    return bench.main(rest, args.json or bench.json or f"results/{args.name}.json")
 
 
 if __name__ == "__main__":

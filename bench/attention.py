@@ -206,7 +206,10 @@ def _flex(mode: str, scenario: str, x: dict) -> tuple[Callable[..., torch.Tensor
             visible = visible | ((ids[q_idx] == 0) & (ids[kv_idx] < cap_tok[q_idx]))
         return (seq[q_idx] == seq[kv_idx]) & visible
 
-    block_mask = create_block_mask(mask_mod, None, None, t, t, device=device)
+    # compiled, the block mask is computed block by block instead of from a dense T x T mask
+    # (4G entries at 64k tokens); torch versions without the flag build it densely
+    flags = {"_compile": True} if "_compile" in inspect.signature(create_block_mask).parameters else {}
+    block_mask = create_block_mask(mask_mod, None, None, t, t, device=device, **flags)
     compiled = torch.compile(flex_attention)
     scale = 1.0 / math.sqrt(x["q"].shape[2])
 
