@@ -256,16 +256,19 @@ def padded_hstu(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, max_seq_len: 
 
 
 def _speed_inputs(lengths: list[int], heads: int, dim: int, device: str, seed: int) -> dict:
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator(device=device).manual_seed(seed)
     t = sum(lengths)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    x = {n: torch.randn(t, heads, dim, generator=g).to(device=device, dtype=dtype) for n in ("q", "k", "v", "dout")}
+    x = {n: torch.randn(t, heads, dim, generator=g, device=device).to(dtype) for n in ("q", "k", "v", "dout")}
     x["offsets"] = offsets_of(lengths).to(device)
     return x
 
 
 IMPLS = {"hstu": ("fsc-triton", "sdpa-padded", "hstu-padded-inductor"),
          "softmax": ("fsc-triton", "sdpa-padded", "flex-attention")}
+NEEDS_S = {"fsc-triton": 5.0, "sdpa-padded": 3.0, "flex-attention": 30.0, "hstu-padded-inductor": 30.0}
+"""Seconds an implementation's row may take on a GPU (the peers compile): a row starts only
+with that much of the section's time left, so the run ends near its deadline."""
 
 
 def _builders(mode: str, x: dict, lengths: list[int], max_len: int, ctx: Context
@@ -331,10 +334,11 @@ def _time_impl(fn: Callable[..., torch.Tensor], inputs: list, dout: torch.Tensor
     return fwd, both
 
 
-def _measure(ctx: Context, budget: Budget, label: str, build: Callable | None) -> tuple[dict, dict]:
+def _measure(ctx: Context, budget: Budget, label: str, build: Callable | None, needs_s: float = 0.0
+             ) -> tuple[dict, dict]:
     """(status fields, {direction: ms}) of one implementation: timed, skipped or failed."""
     times: dict[str, float | None] = {"fwd": None, "fwd+bwd": None}
-    if build is None or budget.expired():
+    if build is None or budget.expired(needs_s=needs_s if ctx.cuda else 0.0):
         return {"skipped": budget.reason}, times
     ctx.log(f"speed: {label}")
     try:
@@ -365,7 +369,8 @@ def speed(ctx: Context, budget: Budget) -> dict:
             flops = {d: attention_flops(lengths, heads, dim, dim, d) for d in ("fwd", "fwd+bwd")}
             builders = _builders(mode, x, lengths, max_len, ctx) if x is not None else {}
             for impl in IMPLS[mode]:
-                status, times = _measure(ctx, budget, f"{mode} N={max_len} {impl}", builders.get(impl))
+                status, times = _measure(ctx, budget, f"{mode} N={max_len} {impl}", builders.get(impl),
+                                         NEEDS_S[impl])
                 for direction in ("fwd", "fwd+bwd"):
                     rows.append(_speed_row({**base, "mode": mode}, impl, direction, flops[direction],
                                            times[direction], peak, **status))

@@ -22,7 +22,8 @@ the share is spent; a section that has not started by the deadline is skipped. P
 lines carry the time; ``results/gpu.json`` and the README section (between
 ``<!-- bench:gpu -->`` markers, written by :mod:`bench.gpu_report`) are rewritten after
 every section, so a run that is killed keeps what it measured. ``--only NAME`` reruns
-some sections and keeps the others' results from the existing JSON.
+some sections and keeps the others' results from the existing JSON; ``--render-only``
+rewrites the README section from a JSON without measuring anything.
 
 ``--dry-run`` runs every section's logic on CPU at tiny sizes: the Triton kernels under
 the interpreter (the command re-runs itself with ``TRITON_INTERPRET=1``, which must be set
@@ -146,7 +147,7 @@ def _reexec_interpreted(argv: list[str], json_path: str) -> int:
     env = {**os.environ, "TRITON_INTERPRET": "1",
            "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)}
     command = [sys.executable, "-m", "bench", "gpu-check", "--json", json_path, *argv]
-    return subprocess.run(command, env=env, cwd=ROOT, check=False).returncode
+    return subprocess.run(command, env=env, check=False).returncode
 
 
 def run(argv: list[str], json_path: str) -> int:
@@ -156,8 +157,17 @@ def run(argv: list[str], json_path: str) -> int:
     parser.add_argument("--readme", default=None, help="README to update (default README.md; none in the dry run)")
     parser.add_argument("--only", action="append", choices=SECTION_NAMES,
                         help="run only these sections (repeatable); the others' results stay from the JSON")
+    parser.add_argument("--render-only", action="store_true",
+                        help="measure nothing: rewrite the README section from the JSON (e.g. one copied off the GPU)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
+    if args.render_only:
+        from bench.gpu_report import render
+        from bench.report import replace_section
+
+        replace_section(args.readme or "README.md", "gpu", render(json.loads(pathlib.Path(json_path).read_text()),
+                                                                 json_name=json_path))
+        return 0
     if args.dry_run and os.environ.get("TRITON_INTERPRET") != "1":
         if json_path == DEFAULT_JSON:  # never overwrite a GPU run's results with a dry run's
             json_path = str(pathlib.Path(tempfile.gettempdir()) / "fsc-gpu-check-dry.json")
@@ -191,7 +201,10 @@ def run(argv: list[str], json_path: str) -> int:
     def save(records: dict) -> None:
         data["sections"] = {**kept, **records}
         data["elapsed_s"] = clock.elapsed()
-        write(path, data, readme)
+        try:
+            write(path, data, readme)
+        except Exception as exc:  # a missing README marker must not stop the measurements
+            log(f"gpu-check: could not write the results: {type(exc).__name__}: {exc}")
 
     records = run_sections(todo, clock=clock, make_context=context, log=log, done=save)
     data["complete"] = True

@@ -56,7 +56,7 @@ class Budget:
     def reason(self) -> str:
         if self.now() >= self.global_deadline:
             return "skipped: the run's --budget-s deadline passed"
-        return f"skipped: section {self.name!r} used its share of --budget-s"
+        return f"skipped: not enough left of section {self.name!r}'s share of --budget-s"
 
 
 class Progress:

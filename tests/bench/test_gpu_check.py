@@ -15,7 +15,9 @@ import sys
 
 import pytest
 
-from bench import gpu_check
+# imported here, before any test sets TRITON_INTERPRET for an in-process run: a kernel module
+# first imported with it set would be decorated for the interpreter in this process
+from bench import gpu_check, gpu_system  # noqa: F401
 from bench.gpu_attention import attention_flops, jagged_lengths, speed_targets, visible_pairs, within_tolerance
 from bench.gpu_common import Clock, Context, fraction_of_peak, gbps, slowdown, tflops
 from bench.gpu_report import render
@@ -107,12 +109,53 @@ def test_without_cuda_a_real_run_measures_and_writes_nothing(tmp_path, capsys):
 def test_only_reruns_some_sections_and_keeps_the_others(tmp_path, monkeypatch):
     path = tmp_path / "gpu.json"
     path.write_text(json.dumps({"sections": {"speed": {"status": "ok", "result": {"kept": True}}}}))
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # run in this process (only the CPU matmul runs)
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # run in this process (only the CPU matmul runs, no kernel)
     assert gpu_check.run(["--dry-run", "--only", "peak"], str(path)) == 0
     data = json.loads(path.read_text())
     assert data["sections"]["speed"]["result"] == {"kept": True}
     assert data["sections"]["peak"]["status"] == "ok" and data["sections"]["peak"]["result"]["tflops"] > 0
     assert data["rerun"] == ["peak"]
+
+
+def test_a_readme_without_the_markers_does_not_stop_the_run(tmp_path, monkeypatch, capsys):
+    readme = tmp_path / "README.md"
+    readme.write_text("# no markers\n")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert gpu_check.run(["--dry-run", "--only", "peak", "--readme", str(readme)], str(tmp_path / "gpu.json")) == 0
+    assert "could not write the results: ValueError" in capsys.readouterr().out
+    data = json.loads((tmp_path / "gpu.json").read_text())  # the JSON is written before the README
+    assert data["complete"] and data["sections"]["peak"]["status"] == "ok"
+    assert readme.read_text() == "# no markers\n"
+
+
+def test_dry_run_reruns_itself_under_the_interpreter_and_never_over_the_gpu_results(monkeypatch):
+    calls = []
+
+    def fake_run(command, env, check):
+        calls.append((command, env))
+        return subprocess.CompletedProcess(command, 3)
+
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    monkeypatch.setattr(gpu_check.subprocess, "run", fake_run)
+    assert gpu_check.run(["--dry-run", "--budget-s", "60"], gpu_check.DEFAULT_JSON) == 3  # its exit status
+    (command, env), = calls
+    assert env["TRITON_INTERPRET"] == "1" and str(ROOT) in env["PYTHONPATH"].split(os.pathsep)
+    json_path = command[command.index("--json") + 1]
+    assert json_path != gpu_check.DEFAULT_JSON and json_path.endswith("fsc-gpu-check-dry.json")
+    assert command[-3:] == ["--dry-run", "--budget-s", "60"]
+
+
+def test_render_only_rewrites_the_readme_from_the_json_without_measuring(tmp_path, monkeypatch):
+    path, readme = tmp_path / "gpu.json", tmp_path / "README.md"
+    path.write_text(json.dumps({"dry_run": False, "complete": True, "elapsed_s": 400, "budget_s": 450,
+                                "environment": {"gpu": "NVIDIA H200", "torch": "2.11.0"}, "sections": {}}))
+    readme.write_text("<!-- bench:gpu -->\nold\n<!-- /bench:gpu -->\n")
+    monkeypatch.setattr(gpu_check, "run_sections", None)  # measuring would fail
+    assert gpu_check.run(["--render-only", "--readme", str(readme)], str(path)) == 0
+    assert "NVIDIA H200" in readme.read_text() and "old" not in readme.read_text()
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="no <!-- bench:gpu -->"):
+        gpu_check.run(["--render-only", "--readme", str(readme)], str(path))
 
 
 def test_section_names_are_the_sections_in_order():
@@ -176,7 +219,7 @@ def test_a_section_gets_its_share_of_what_is_left_and_unused_time_passes_on():
     first = clock.section("a", 1, 4)
     assert first.remaining() == pytest.approx(25)
     now.t = 30  # past its share, not past the run's deadline
-    assert first.expired() and "used its share" in first.reason
+    assert first.expired() and "share of --budget-s" in first.reason
     now.t = 10
     second = clock.section("b", 1, 3)  # 90 s left for 3 weights' worth of sections
     assert second.remaining() == pytest.approx(30)
