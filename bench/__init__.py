@@ -2,56 +2,44 @@
 writes JSON; none is a unit test."""
 
 import dataclasses
+import importlib
 from collections.abc import Callable
 
 
 @dataclasses.dataclass(frozen=True)
 class Benchmark:
     name: str
+    module: str
+    """The module under ``bench`` whose ``run(argv, json_path) -> int`` runs it; imported only
+    when the benchmark runs, so that importing one helper (``bench.spawn`` in every rank
+    process a test or benchmark starts) does not import every benchmark."""
     help: str
-    main: Callable[[list[str], str], int]
     json: str | None = None
     """Where results go without --json (default results/NAME.json)."""
 
-
-def _benchmarks() -> dict[str, Benchmark]:
-    from bench import (
-        attention,
-        balance,
-        balance_runs,
-        compile_overhead,
-        cpu_profile,
-        e2e,
-        gpu_check,
-        sample_cost,
-        schedule,
-        transport,
-        waits,
-    )
-
-    return {
-        "compile-overhead": Benchmark("compile-overhead", "compile time of freescale vs inductor", compile_overhead.run),
-        "cpu-profile": Benchmark("cpu-profile", "measure the cpu device profile's numbers", cpu_profile.run),
-        "schedule": Benchmark("schedule", "graph zoo + HSTU graphs: estimated exposed comm and makespan, freescale vs "
-                              "Inductor's schedulers", schedule.run),
-        "waits": Benchmark("waits", "HSTU on 2 gloo ranks: time blocked in exchange waits per step, freescale vs "
-                           "inductor vs inductor-overlap", waits.run),
-        "sample-cost": Benchmark("sample-cost", "graph-derived per-sample cost vs measured step times", sample_cost.run),
-        "attention": Benchmark("attention", "jagged attention kernels vs PyTorch reference, FlexAttention, "
-                               "generative-recommenders (GPU only)", attention.run),
-        "transport": Benchmark("transport", "shared-memory all-to-all vs gloo over message sizes (and CUDA paths "
-                               "on a GPU)", transport.run),
-        "balance": Benchmark("balance", "balancer quality (max/LB) and speed per length distribution", balance.run),
-        "e2e": Benchmark("e2e", "HSTU end to end on 2 and 4 gloo ranks: eager, inductor, inductor-overlap, torchrec "
-                         "and freescale's techniques alone and together (make bench)", e2e.run),
-        "gpu-check": Benchmark("gpu-check", "on a CUDA machine, check and time every CUDA path in under 8 minutes "
-                               "(make gpu-check; --dry-run: its logic on CPU)", gpu_check.run,
-                               json=gpu_check.DEFAULT_JSON),
-        "balance-runs": Benchmark("balance-runs", "HSTU on 2 and 4 gloo ranks with and without balancing",
-                                  balance_runs.run),
-    }
+    @property
+    def main(self) -> Callable[[list[str], str], int]:
+        return importlib.import_module(f"bench.{self.module}").run
 
 
-BENCHMARKS = _benchmarks()
+_B = Benchmark
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
+    _B("compile-overhead", "compile_overhead", "compile time of freescale vs inductor"),
+    _B("cpu-profile", "cpu_profile", "measure the cpu device profile's numbers"),
+    _B("schedule", "schedule", "graph zoo + HSTU graphs: estimated exposed comm and makespan, freescale vs "
+       "Inductor's schedulers"),
+    _B("waits", "waits", "HSTU on 2 gloo ranks: time blocked in exchange waits per step, freescale vs inductor vs "
+       "inductor-overlap"),
+    _B("sample-cost", "sample_cost", "graph-derived per-sample cost vs measured step times"),
+    _B("attention", "attention", "jagged attention kernels vs PyTorch reference, FlexAttention, "
+       "generative-recommenders (GPU only)"),
+    _B("transport", "transport", "shared-memory all-to-all vs gloo over message sizes"),
+    _B("balance", "balance", "balancer quality (max/LB) and speed per length distribution"),
+    _B("e2e", "e2e", "HSTU end to end on 2 and 4 gloo ranks: eager, inductor, inductor-overlap, torchrec and "
+       "freescale's techniques alone and together (make bench)"),
+    _B("gpu-check", "gpu_check", "on a CUDA machine, check and time every CUDA path in under 8 minutes "
+       "(make gpu-check; --dry-run: its logic on CPU)", json="results/gpu.json"),
+    _B("balance-runs", "balance_runs", "HSTU on 2 and 4 gloo ranks with and without balancing"),
+]}
 
 __all__ = ["BENCHMARKS", "Benchmark"]

@@ -53,3 +53,20 @@ def test_schedule_bench_rows_and_freescale_never_worse_than_program_order(tmp_pa
     # dense first: only moving the producer earlier (the list schedule) hides the exchange
     assert by["dense-first", "freescale-moves"]["exposed_comm_ms"] > 0
     assert by["dense-first", "freescale"]["exposed_comm_ms"] < by["dense-first", "freescale-moves"]["exposed_comm_ms"]
+
+
+def test_every_registered_benchmark_resolves_to_a_run_function():
+    import inspect
+
+    from bench import BENCHMARKS
+
+    for name, b in BENCHMARKS.items():
+        assert name == b.name
+        assert list(inspect.signature(b.main).parameters)[:2] == ["argv", "json_path"], name
+
+
+@pytest.mark.ranks
+def test_importing_a_bench_helper_does_not_import_the_benchmarks():
+    out = run("-c", "import sys, bench.spawn; print(sorted(m for m in sys.modules if m.startswith('bench')))")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['bench', 'bench.spawn']"
