@@ -2,8 +2,8 @@
 
 For each length distribution and rank count R, ``--trials`` global batches of
 ``R * --per-rank`` samples are drawn, lengths capped at ``--max-len``, costed with
-``a * L**2 + b * L`` (``--cost A,B``; default :data:`fsc.runtime.HSTU_EXAMPLE_COST`, the
-HSTU example's per-layer forward FLOPs), and assigned with equal counts by each method:
+``a * L**2 + b * L`` (``--cost A,B``; default :data:`examples.hstu.model.EXAMPLE_COST`,
+the HSTU example's per-layer forward FLOPs), and assigned with equal counts by each method:
 
 ``random``       a seeded random deal (an unbalanced loader)
 ``round-robin``  heaviest first, dealt to ranks in turn
@@ -47,7 +47,8 @@ import numpy as np
 
 from bench.report import write_json
 from examples.hstu.data import history_lengths
-from fsc.runtime import HSTU_EXAMPLE_COST, Balancer, QuadraticCost
+from examples.hstu.model import EXAMPLE_COST
+from fsc.runtime import Balancer, QuadraticCost
 
 METHODS = ("random", "round-robin", "kk-equal", "freescale")
 DEFAULT_MAX_LEN = 200  # HSTUConfig.max_len
@@ -139,7 +140,7 @@ def run(argv: list[str], json_path: str) -> int:
     parser.add_argument("--per-rank", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=DEFAULT_MAX_LEN,
                         help="lengths are capped here (default: HSTUConfig.max_len, 200)")
-    parser.add_argument("--cost", type=_parse_cost, default=HSTU_EXAMPLE_COST, metavar="A,B",
+    parser.add_argument("--cost", type=_parse_cost, default=EXAMPLE_COST, metavar="A,B",
                         help="per-sample cost a*L^2 + b*L (default: the HSTU example's per-layer FLOPs, 128,41088)")
     parser.add_argument("--trials", type=int, default=5, help="global batches per row: worst max/LB, median ms")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch; the fastest counts")

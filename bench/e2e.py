@@ -1,10 +1,23 @@
-"""``e2e``: the HSTU example trained end to end under every competitor in the same run:
-step time, throughput, bubble fraction, exposed communication, recompiles, peak memory
-and compile time, per backend, on 2 CPU ranks (and 4 as a secondary table).
+"""``e2e``: the HSTU example trained end to end by fsc and by its peers, each peer written
+as its users write it, in the same run: step time, throughput, bubble fraction, exposed
+communication, recompiles, peak memory and compile time, on 2 and 4 CPU ranks; what each
+of fsc's techniques earns on its own, against the best fair peer.
 
-Backends (same model, data, seed and global batch; ``--backends`` picks a subset):
+**One model source.** Every row trains ``examples/hstu/model.py`` with the example's own
+training step (``examples.hstu.train.Trainer``; TorchRec: its pipeline around the example's
+loss), the same data, seed, global batch and negatives (drawn per sample, keyed by the
+sample, so balancing never changes the maths: every row starts from the same loss). The
+attention form is a model option (``HSTUConfig.attention``): ``padded`` per sequence (what
+generative-recommenders' PyTorch reference does), ``jagged`` (length-grouped), or
+``dense`` over all of a rank's tokens (nobody's form; never a fair peer). Each peer runs
+its fastest per-sequence form (:data:`PEER_FORMS`, measured); the freescale rows run the
+same form as the inductor peer (their inner compiler), ``--attention`` to change it.
+``NAME@FORM`` in ``--backends`` runs a row in another form (that is how the forms were
+chosen).
 
-* ``eager``: the example as ``examples/hstu/train.py`` runs it uncompiled;
+Peers:
+
+* ``eager``: the example uncompiled;
 * ``inductor``: ``torch.compile(backend="inductor", fullgraph=True)``;
 * ``inductor-overlap``: Inductor with its own overlap scheduling on
   (``aten_distributed_optimizations.enable_overlap_scheduling=True``) and the two CPU
@@ -13,55 +26,47 @@ Backends (same model, data, seed and global batch; ``--backends`` picks a subset
 * ``torchrec``: :mod:`bench.e2e_torchrec` (TorchRec's row-wise sharded
   ``EmbeddingCollection`` and ``TrainPipelineSparseDist``; its differences are listed
   there), when TorchRec is installed (``make bench`` installs it); otherwise the row is
-  skipped with the reason;
-* ``fs-lb``: ``backend="freescale"`` with the empty pass pipeline (Inductor underneath)
-  and the balancer on (``--balance freescale`` of the example: assignment one step ahead,
-  samples routed by one small all-to-all inside the step);
-* ``fs-overlap``: ``backend="freescale"`` with the scheduling passes only
-  (prioritize-collectives, split-collectives, overlap-schedule), no balancing;
-* ``fs-attn``: only ``lower-attention`` (the example's SiLU attention replaced by
-  ``fsc::jagged_attention``; on CPU that op runs its length-grouped PyTorch
-  implementation, not the Triton kernels, which need a GPU), no balancing;
+  skipped with the reason.
+
+fsc, one technique at a time (``backend="freescale"``, Inductor underneath):
+
+* ``fs-none``: the empty pass pipeline, no balancing (the backend's own cost: a control);
+* ``fs-lb``: the balancer only (``--balance freescale`` of the example, cost
+  ``examples.hstu.model.sample_cost``: assignment one step ahead, samples routed by one
+  small all-to-all inside the step), empty pipeline;
+* ``fs-overlap``: the scheduling passes only (prioritize-collectives, split-collectives,
+  overlap-schedule);
 * ``fs-smfree``: only the opt-in ``sm-free-collectives{swap_all=true}`` pass (every
   all-to-all on the shared-memory transport; alone nothing overlaps the transfers, so the
-  default ``swap_all=false`` would swap nothing), no balancing;
-* ``fs-all``: balancing + the default pipeline (lower-attention and the scheduling passes)
-  + ``sm-free-collectives``.
+  default ``swap_all=false`` would swap nothing);
+* ``fs-attn``: only ``lower-attention`` (attention it recognises replaced by
+  ``fsc::jagged_attention``, on CPU its length-grouped PyTorch implementation); the row's
+  ``attention_lowering`` says whether it recognised the form this run used;
+* ``fs-all``: balancing + the default pipeline + ``sm-free-collectives``.
 
-The jagged Triton attention kernels themselves are not run: Triton needs a GPU (on CPU they
-run only under the interpreter); the README note says which rows lowered the attention.
+**Measurement, without bias.** Per world size, ``--ranks`` processes on this machine,
+gloo over 127.0.0.1, one compute thread each. Every configuration has its own copy of the
+model (same initial weights) in the same ranks, and every step's batch is trained on by
+every configuration in turn, in an order shuffled per step (seeded, the same on every
+rank), so all see the same batches and the same machine load and none always follows the
+same other one. ``--twin NAME`` adds a second copy of one configuration (``NAME-twin``):
+its ratio to the original must come out as "no measurable difference". After
+``--warmup`` steps, ``--steps`` *timed* steps (``perf_counter``; the step's time is the
+slowest rank's) are interleaved with ``--metered`` *metered* steps under the bubble meter
+(:mod:`fsc.runtime.bubbles`, a CPU ``torch.profiler``, whose per-operator overhead would
+inflate eager more than compiled code, hence separate steps). The whole interleaved run
+is repeated ``--repeats`` times (fresh rank processes each time, default 3).
 
-**Measurement.** Per world size, ``--ranks`` processes on this machine, gloo over
-127.0.0.1, one compute thread each. Every backend has its own copy of the model (same
-initial weights) in the same ranks, and every step's batch is trained on by every backend
-in turn, the order rotating from step to step (as ``waits``), so all backends see the same
-batches and the same machine load. After ``--warmup`` steps, ``--steps`` *timed* steps
-(``perf_counter``, nothing else running; the step's time is the slowest rank's) are
-interleaved with ``--metered`` *metered* steps that run under the bubble meter
-(:mod:`fsc.runtime.bubbles`, a CPU ``torch.profiler``; its per-operator overhead would
-inflate eager more than compiled code, hence the separate timed steps). Reported per backend:
-
-* ``median_step_ms``: median over timed steps; ``samples_per_s`` = global batch / that;
-  ``step_vs_best_competitor``: ratio to the fastest of eager, inductor, inductor-overlap,
-  torchrec (a ratio of medians); ``median_paired_step_ratio_vs_best_competitor``: median
-  over steps of the per-step ratio (same batch, same moment);
-* ``bubble_fraction``, ``exposed_comm_ms``, ``idle_ms``, ``compute_ms``,
-  ``unattributed_ms``: the meter's summary over the metered steps (per rank medians, mean
-  over ranks); ``bubble_fraction = (step - compute) / step``;
-* ``recompiles``: graphs Dynamo compiled during the backend's steps after warm-up (max over
-  ranks); ``graphs_compiled``: during warm-up;
-* ``peak_mem_mb`` and ``compile_s``: with ``--isolate`` (default; ``--quick`` turns it off),
-  from a second pass in which each backend runs alone in fresh rank processes with an empty
-  Inductor cache of its own: ``compile_s`` = (sum of the warm-up steps' times) - warm-up x
-  (median of the following steps), the slowest rank's (cold compile of forward and
-  backward, plus any first-step overhead); ``peak_mem_mb`` = the largest peak resident set
-  (``VmHWM``, reset by ``/proc/self/clear_refs`` after warm-up, so compilation is excluded)
-  over the ranks during ``--isolate-steps`` steps. Without isolation both come from the
-  shared run (``*_source`` says which): there the backends share one process and its
-  Inductor cache (a kernel one backend built is reused by the next).
-
-The load average is recorded before and after each phase: on a shared machine other
-processes inflate every number, which is why the ratios are of interleaved runs.
+Reported per row (:mod:`bench.e2e_report`): ``median_step_ms`` (median over repeats of
+each repeat's median), ``samples_per_s``; ``step_vs_best_competitor``: median over repeats
+of the ratio to the best fair peer (the fastest per-sequence peer row), ``ratio_spread``
+(min..max over repeats) and ``verdict`` ("faster", "slower", or "no measurable
+difference" when the spread contains 1); the bubble meter's ``bubble_fraction``,
+``exposed_comm_ms``, ``idle_ms``, ``compute_ms``, ``unattributed_ms`` over every repeat's
+metered steps; ``recompiles`` after warm-up; ``peak_mem_mb`` and ``compile_s`` with
+``--isolate`` (each configuration alone in fresh rank processes with an empty Inductor
+cache: warm-up time minus as many steady steps, the slowest rank's; the largest ``VmHWM``
+after warm-up), else from the shared run.
 """
 
 from __future__ import annotations
@@ -70,25 +75,33 @@ import argparse
 import contextlib
 import dataclasses
 import datetime
-import math
 import os
 import pathlib
 import platform
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 
+from bench import e2e_report
 from bench.report import replace_section, write_json
 from bench.spawn import run_gloo_ranks
+from examples.hstu.model import ATTENTION_FORMS
 
-BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-lb", "fs-overlap", "fs-attn", "fs-smfree", "fs-all")
-COMPETITORS = ("eager", "inductor", "inductor-overlap", "torchrec")
+BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-none", "fs-lb", "fs-overlap", "fs-smfree",
+            "fs-attn", "fs-all")
+PEERS = ("eager", "inductor", "inductor-overlap", "torchrec")
+#: Each peer's fastest per-sequence attention form, measured on this 2-core machine with
+#: ``python -m bench e2e --quick --repeats 2 --backends eager@padded,eager@jagged,inductor@padded,
+#: inductor@jagged,torchrec@padded,torchrec@jagged`` on the benchmark's data and model sizes
+#: (figures in the module's README note and the session's report). inductor-overlap takes
+#: inductor's, torchrec (an eager dense part) eager's.
+PEER_FORMS = {"eager": "jagged", "inductor": "jagged", "inductor-overlap": "jagged", "torchrec": "jagged"}
 DEFAULT_DATA = "../shared/data/movielens-latest-small/ratings.csv"
 GRADIENT_SYNC = "gradient all-reduce"
 #: Communication the meter counts besides the functional collectives' waits: blocking c10d
@@ -125,12 +138,31 @@ VARIANTS = {v.name: v for v in (
     Variant(name="inductor", compiler="inductor"),
     Variant(name="inductor-overlap", compiler="inductor-overlap"),
     Variant(name="torchrec", compiler="torchrec"),
+    Variant(name="fs-none", compiler="freescale", passes=""),
     Variant(name="fs-lb", compiler="freescale", passes="", balance=True),
     Variant(name="fs-overlap", compiler="freescale", passes="prioritize-collectives,split-collectives,overlap-schedule"),
-    Variant(name="fs-attn", compiler="freescale", passes="lower-attention"),
     Variant(name="fs-smfree", compiler="freescale", passes="sm-free-collectives{swap_all=true}"),
+    Variant(name="fs-attn", compiler="freescale", passes="lower-attention"),
     Variant(name="fs-all", compiler="freescale", passes="+sm-free", balance=True),
 )}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Row:
+    """One configuration of a run: a variant, the attention form of its model source, and
+    the row's name (``inductor``, ``inductor@padded``, ``fs-all``, ``inductor-twin``)."""
+
+    name: str
+    variant: Variant
+    attention: str
+    twin_of: str | None = None
+
+    @property
+    def peer(self) -> bool:
+        return self.variant.compiler != "freescale"
+
+    def describe(self) -> str:
+        return f"{self.variant.describe()}, {self.attention} attention"
 
 
 # ----------------------------------------------------------------------------- one rank
@@ -168,7 +200,7 @@ def _compile(model: torch.nn.Module, variant: Variant,
 
 
 class _Data:
-    """The example's batches for this rank, step by step (the same for every backend)."""
+    """The example's batches for this rank, step by step (the same for every configuration)."""
 
     def __init__(self, args: argparse.Namespace, rank: int, world: int) -> None:
         from examples.hstu.data import leave_one_out, load_movielens, synthetic_histories
@@ -182,7 +214,8 @@ class _Data:
         self.train_h, _ = leave_one_out(histories)
         self.cfg = HSTUConfig(num_items=histories.num_items, num_ratings=histories.num_ratings, dim=args.dim,
                               heads=args.heads, layers=args.layers, max_len=args.max_len,
-                              num_negatives=args.negatives, seed=args.seed)
+                              num_negatives=args.negatives, seed=args.seed, attention=args.attention,
+                              attention_groups=args.attention_groups)
         self.args, self.rank, self.world = args, rank, world
         self.per_rank = args.batch_size // world
         self._cache: dict[int, dict[str, Any]] = {}
@@ -195,64 +228,46 @@ class _Data:
         return everyone[r * self.per_rank : (r + 1) * self.per_rank]
 
     def lengths(self, step: int) -> Any:
-        import numpy as np
+        from examples.hstu.train import token_lengths
 
-        keep = self.cfg.max_len + 1
-        return np.array([max(min(len(self.train_h.items[u]), keep) - 1, 0) for u in self.users(step)], dtype=np.int64)
+        return token_lengths(self.train_h, self.users(step), self.cfg.max_len)
 
     def get(self, step: int) -> dict[str, Any]:
-        """``batch`` (JaggedBatch), ``negatives``, ``scale`` (the global trained-token count as a
-        0-d tensor: every rank computes it from the global batch's users, no collective)."""
+        """``batch`` (JaggedBatch, each sample with its negatives), ``scale`` (the global
+        trained-token count as a 0-d tensor: every rank computes it from the global batch's
+        users, no collective)."""
         if step not in self._cache:
-            from examples.hstu.model import collate, sample_negatives, scale_tensor
+            from examples.hstu.model import read_batch, scale_tensor
 
             h, cfg = self.train_h, self.cfg
-            users = self.users(step)
-            batch = collate([h.items[u] for u in users], [h.ratings[u] for u in users],
-                            [h.timestamps[u] for u in users], cfg.max_len)
+            batch = read_batch(h, self.users(step), cfg, seed=self.args.seed, step=step)
             trained = 0
             for r in range(self.world):
                 for u in self.users(step, r):
                     trained += int((h.items[u][-(cfg.max_len + 1):][1:] > 0).sum())
             # torchrec's pipeline asks up to two steps ahead: keep a few behind the newest
             self._cache = {k: v for k, v in self._cache.items() if k >= step - 4}
-            self._cache[step] = {
-                "batch": batch,
-                "negatives": sample_negatives(cfg.num_items, cfg.num_negatives, self.args.seed, step, self.rank),
-                "scale": scale_tensor(float(trained)),
-            }
+            self._cache[step] = {"batch": batch, "scale": scale_tensor(float(trained))}
         return self._cache[step]
 
 
 @dataclasses.dataclass(kw_only=True)
 class _HstuRun:
-    """A backend training the example's model (everything but torchrec)."""
+    """A configuration training the example's model with the example's step (all but torchrec)."""
 
-    variant: Variant
-    step_fn: Any
-    context: Callable[[], contextlib.AbstractContextManager]
-    buckets: Any
-    opt: torch.optim.Optimizer
-    marked: bool = False
+    row: Row
+    cfg: Any
+    trainer: Any
 
     def step(self, data: _Data, step: int, plan: Any, router: Any, sync: Callable[[], Any]) -> torch.Tensor:
+        from examples.hstu.model import model_inputs
+
         inputs = data.get(step)
         batch = inputs["batch"]
-        if self.variant.balance:
+        if self.row.variant.balance:
             batch = router.route(batch, plan)
-        tensors = list(batch.tensors())
-        if not self.marked:  # the token count changes every step: compile for any
-            for t in tensors:
-                torch._dynamo.mark_dynamic(t, 0)
-            self.marked = True
-        with self.context():
-            loss = self.step_fn(*tensors, inputs["negatives"], inputs["scale"])
-            loss.backward()
-            with sync():
-                self.buckets.wait()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
-        return loss.detach()
+        # the layout of the attention form is built here, inside the timed step, for every row
+        return self.trainer.step(model_inputs(batch, inputs["scale"], self.cfg), sync=sync)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -265,30 +280,49 @@ class _TorchRecRun:
         return self.run.step().detach()
 
 
-def _make_run(variant: Variant, data: _Data, args: argparse.Namespace, rank: int, world: int) -> Any:
-    from examples.hstu.model import HSTU
-    from examples.hstu.sharded import GradientBuckets
+def _make_run(row: Row, data: _Data, args: argparse.Namespace, rank: int, world: int) -> Any:
+    from examples.hstu.model import model_inputs
+    from examples.hstu.train import Trainer
 
-    if variant.compiler == "torchrec":
+    cfg = dataclasses.replace(data.cfg, attention=row.attention)
+    if row.variant.compiler == "torchrec":
         from bench import e2e_torchrec
 
         def batch(step: int) -> Any:
             inputs = data.get(step)
-            b = inputs["batch"]
-            return e2e_torchrec.make_batch(*b.tensors(), inputs["negatives"], inputs["scale"])
+            return e2e_torchrec.make_batch(model_inputs(inputs["batch"], inputs["scale"], cfg))
 
-        return _TorchRecRun(run=e2e_torchrec.build(data.cfg, batch, lr=args.lr, rank=rank, world=world))
-    model = HSTU(data.cfg)  # seeded: every backend starts from the same weights
-    step_fn, context = _compile(model, variant, args.fs_inner)
-    return _HstuRun(variant=variant, step_fn=step_fn, context=context,
-                    buckets=GradientBuckets(model.dense_parameters()),
-                    opt=torch.optim.Adam(model.parameters(), lr=args.lr))
+        return _TorchRecRun(run=e2e_torchrec.build(cfg, batch, lr=args.lr, rank=rank, world=world))
+    # seeded: every configuration starts from the same weights
+    trainer = Trainer.create(cfg, lr=args.lr, compile=lambda model: _compile(model, row.variant, args.fs_inner))
+    return _HstuRun(row=row, cfg=cfg, trainer=trainer)
+
+
+def _router(rows: list[Row], data: _Data, world: int) -> Any:
+    """One router for every balanced row (one plan per step), costed for the freescale rows'
+    form: per sequence, the model's a*L^2 + b*L; dense, the token count."""
+    if not any(r.variant.balance for r in rows):
+        return None
+    from examples.hstu.model import sample_cost
+    from examples.hstu.routing import Router
+    from examples.hstu.train import token_cost
+    from fsc.runtime.balancer import Balancer
+
+    cost = token_cost if data.cfg.attention == "dense" else sample_cost(data.cfg)
+    return Router(Balancer(ranks=world, method="freescale", cost=cost))
 
 
 def _schedule(steps: int, metered: int) -> list[bool]:
     """After warm-up: which steps are metered (True) and which timed, spread evenly."""
     total = steps + metered
     return [(i + 1) * metered // total > i * metered // total for i in range(total)]
+
+
+def step_order(count: int, seed: int, repeat: int, step: int) -> list[int]:
+    """The order the configurations train a step's batch in: shuffled per step, seeded, so
+    every rank runs the same order (their collectives must meet) and no configuration always
+    follows the same other one."""
+    return np.random.default_rng([seed, repeat, step, 0x0E2E]).permutation(count).tolist()
 
 
 def _reset_peak_rss() -> bool:
@@ -313,21 +347,17 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _train(rank: int, world: int, names: list[str], args: argparse.Namespace, metered_on: bool) -> dict[str, Any]:
+def _train(rank: int, world: int, rows: list[Row], args: argparse.Namespace, metered_on: bool,
+           repeat: int) -> dict[str, Any]:
     import torch.distributed as dist
     from torch._dynamo.utils import counters
 
     import fsc
-    data = _Data(args, rank, world)
-    variants = [VARIANTS[n] for n in names]
-    runs = {v.name: _make_run(v, data, args, rank, world) for v in variants}
-    router = None
-    if any(v.balance for v in variants):
-        from examples.hstu.routing import Router
-        from fsc.runtime.balancer import Balancer
 
-        router = Router(Balancer(ranks=world, method="freescale",
-                                 cost=lambda lengths: __import__("numpy").asarray(lengths, dtype="float64")))
+    data = _Data(args, rank, world)
+    names = [r.name for r in rows]
+    runs = {r.name: _make_run(r, data, args, rank, world) for r in rows}
+    router = _router(rows, data, world)
     meter = None
     if metered_on and args.metered:
         from fsc.runtime.bubbles import WAIT_OPS, BubbleMeter
@@ -355,12 +385,12 @@ def _train(rank: int, world: int, names: list[str], args: argparse.Namespace, me
         for ahead in range(3):  # batch making stays out of the timed steps (torchrec reads two ahead)
             data.get(step + ahead)
         metered = schedule[step]
-        order = names[step % len(names) :] + names[: step % len(names)]
-        for name in order:
+        for position in step_order(len(rows), args.seed, repeat, step):
+            name = names[position]
             run = runs[name]
             before = counters["stats"]["unique_graphs"]
             if meter is not None and step >= args.warmup:
-                index = step * len(names) + names.index(name)
+                index = step * len(names) + position
                 if metered:
                     index += _METERED_BASE
                     meter_index[index] = name
@@ -376,11 +406,13 @@ def _train(rank: int, world: int, names: list[str], args: argparse.Namespace, me
             losses[name].append(total_loss.item())
             compiled = counters["stats"]["unique_graphs"] - before
             if rank == 0 and args.verbose:
-                print(f"e2e [{world} ranks] step {step}/{total} {name}: {ms:.0f} ms", file=sys.stderr, flush=True)
+                print(f"e2e [{world} ranks, repeat {repeat + 1}] step {step}/{total} {name}: {ms:.0f} ms",
+                      file=sys.stderr, flush=True)
             if step < args.warmup:
                 warm_ms[name].append(ms)
                 graphs[name] += compiled
-                if compiled and VARIANTS[name].compiler == "freescale" and name not in passes:
+                if compiled and isinstance(run, _HstuRun) and run.row.variant.compiler == "freescale" \
+                        and name not in passes:
                     passes[name] = _pass_stats(fsc.last_compile())
             else:
                 recompiles[name] += compiled
@@ -398,7 +430,7 @@ def _train(rank: int, world: int, names: list[str], args: argparse.Namespace, me
         router.close()
     for run in runs.values():
         if isinstance(run, _HstuRun):
-            run.buckets.remove()
+            run.trainer.close()
     return {
         "rank": rank,
         "step_ms": step_ms,
@@ -424,200 +456,26 @@ def _pass_stats(record: Any) -> dict[str, Any]:
         return {"error": f"{type(e).__name__}: {e}"}
     for kind, summary in summaries.items():
         out[kind] = {"fallback": summary["fallback"],
-                     "passes": {name: p["stats"] for name, p in summary["passes"].items()}}
+                     "passes": {name: p["stats"] for name, p in summary["passes"].items()},
+                     "declined": summary["declined"]}
     return out
 
 
-def _rank(rank: int, world: int, names: list[str], args: argparse.Namespace, metered: bool,
-          cache: str) -> dict[str, Any]:
+def _rank(rank: int, world: int, rows: list[Row], args: argparse.Namespace, metered: bool, cache: str,
+          repeat: int) -> dict[str, Any]:
     """One rank (under :func:`bench.spawn.run_gloo_ranks`): its own Inductor cache, then train."""
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache.format(rank=rank)
     # several compiled copies of one model class: one cache entry each
     with torch._dynamo.config.patch(capture_scalar_outputs=True, recompile_limit=64, accumulated_recompile_limit=1024):
-        return _train(rank, world, names, args, metered)
+        return _train(rank, world, rows, args, metered, repeat)
 
 
-def _run_ranks(world: int, names: list[str], args: argparse.Namespace, metered: bool,
-               cache: str) -> list[dict[str, Any]]:
-    """Train ``names`` on ``world`` spawned ranks; ``cache``: the Inductor cache directory
+def _run_ranks(world: int, rows: list[Row], args: argparse.Namespace, metered: bool, cache: str,
+               repeat: int = 0) -> list[dict[str, Any]]:
+    """Train ``rows`` on ``world`` spawned ranks; ``cache``: the Inductor cache directory
     (``{rank}`` is replaced by the rank)."""
-    return run_gloo_ranks(_rank, world, names, args, metered, cache, timeout=args.timeout,
-                          label=f"e2e ({', '.join(names)}; --timeout)")
-
-
-# ----------------------------------------------------------------------------- results
-
-
-def _compile_s(ranks: list[dict[str, Any]], name: str) -> float | None:
-    """Warm-up steps' time beyond steady steps, the slowest rank's."""
-    per_rank = []
-    for r in ranks:
-        warm, steady = r["warmup_ms"][name], r["step_ms"][name]
-        if not warm or not steady:
-            return None
-        per_rank.append(max(sum(warm) - len(warm) * statistics.median(steady), 0.0) / 1e3)
-    return max(per_rank)
-
-
-def _steps(ranks: list[dict[str, Any]], name: str) -> list[float]:
-    """Per timed step, the slowest rank's time."""
-    return [max(vals) for vals in zip(*(r["step_ms"][name] for r in ranks))]
-
-
-def _rows(world: int, names: list[str], ranks: list[dict[str, Any]], isolated: dict[str, list[dict[str, Any]]],
-          args: argparse.Namespace) -> list[dict[str, Any]]:
-    from fsc.runtime.bubble_trace import summarize
-
-    rows = []
-    for name in names:
-        steps = _steps(ranks, name)
-        median = statistics.median(steps)
-        bubbles = ranks[0]["bubbles"][name] if ranks[0]["bubbles"] else []
-        summary = summarize(bubbles) if bubbles else {}
-        alone = isolated.get(name)
-        row = {
-            "backend": name,
-            "ranks": world,
-            "median_step_ms": median,
-            "samples_per_s": args.batch_size / (median / 1e3),
-            "bubble_fraction": summary.get("bubble_fraction"),
-            "exposed_comm_ms": summary.get("exposed_comm_ms"),
-            "recompiles": max(r["recompiles"][name] for r in ranks),
-            "peak_mem_mb": max(r["peak_rss_mb"] for r in (alone or ranks)),
-            "compile_s": _compile_s(alone or ranks, name),
-            "peak_mem_source": ("isolated: VmHWM over the measured steps" if alone and all(
-                r["peak_rss_after_warmup"] for r in alone) else "isolated: process max RSS" if alone else
-                "shared run: process max RSS (all backends)"),
-            "compile_s_source": "isolated, cold Inductor cache" if alone else
-                                "shared run (Inductor cache shared by the backends and warmed by earlier runs)",
-            "description": VARIANTS[name].describe(),
-            "timed_steps": len(steps),
-            "metered_steps": summary.get("steps", 0),
-            "idle_ms": summary.get("idle_ms"),
-            "compute_ms": summary.get("compute_ms"),
-            "unattributed_ms": summary.get("unattributed_ms"),
-            "meter_step_ms": summary.get("step_ms"),
-            "graphs_compiled": max(r["graphs"][name] for r in ranks),
-            "first_loss": ranks[0]["first_loss"][name],
-            "final_loss": ranks[0]["final_loss"][name],
-            "step_ms": steps,
-        }
-        if name in ranks[0]["passes"]:
-            row["passes"] = ranks[0]["passes"][name]
-        rows.append(row)
-    by_name = {r["backend"]: r for r in rows}
-    competitors = [by_name[n] for n in COMPETITORS if n in by_name]
-    best = min(competitors, key=lambda r: r["median_step_ms"]) if competitors else None
-    eager = by_name.get("eager")
-    for row in rows:
-        row["best_competitor"] = best["backend"] if best else None
-        row["step_vs_best_competitor"] = row["median_step_ms"] / best["median_step_ms"] if best else None
-        row["median_paired_step_ratio_vs_best_competitor"] = statistics.median(
-            a / b for a, b in zip(row["step_ms"], best["step_ms"])) if best else None
-        if eager and eager["bubble_fraction"] and row["bubble_fraction"] is not None:
-            row["bubble_reduction_vs_eager"] = 1 - row["bubble_fraction"] / eager["bubble_fraction"]
-    return rows
-
-
-def _targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The issue's targets for fs-all on this world size, as measured."""
-    by_name = {r["backend"]: r for r in rows}
-    fs = by_name.get("fs-all")
-    if fs is None:
-        return {}
-    out: dict[str, Any] = {"step_vs_best_competitor": fs["step_vs_best_competitor"], "step_target": 0.85}
-    out["step_met"] = fs["step_vs_best_competitor"] is not None and fs["step_vs_best_competitor"] <= 0.85
-    red = fs.get("bubble_reduction_vs_eager")
-    out.update(bubble_reduction_vs_eager=red, bubble_target=0.90, bubble_met=red is not None and red >= 0.90)
-    ind = by_name.get("inductor")
-    if ind and ind["compile_s"] and fs["compile_s"] is not None:
-        ratio = fs["compile_s"] / ind["compile_s"]
-        out.update(compile_vs_inductor=ratio, compile_target=1.10, compile_met=ratio <= 1.10)
-    return out
-
-
-def _attention_note(tables: dict[int, list[dict[str, Any]]]) -> str:
-    lowered = sorted({row["backend"] for rows in tables.values() for row in rows
-                      for graph in (row.get("passes") or {}).values()
-                      if isinstance(graph, dict) and (graph["passes"].get("lower-attention") or {}).get("lowered")})
-    gpu = "Triton's jagged attention kernels need a GPU, absent here"
-    if lowered:
-        return (f"attention: {gpu}; in {', '.join(lowered)} the lower-attention pass replaced the example's "
-                "attention with fsc::jagged_attention (its CPU implementation).")
-    return f"attention: {gpu}; no freescale row lowered the example's attention."
-
-
-def _fmt(value: Any, digits: int = 1, pct: bool = False) -> str:
-    if value is None or (isinstance(value, float) and not math.isfinite(value)):
-        return "-"
-    return f"{value:.{digits}%}" if pct else f"{value:.{digits}f}"
-
-
-def table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of one world size's rows."""
-    lines = ["| backend | step ms | samples/s | vs best competitor | bubble | exposed comm ms | recompiles | "
-             "peak MB | compile s |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
-        lines.append(f"| {r['backend']} | {_fmt(r['median_step_ms'])} | {_fmt(r['samples_per_s'])} | "
-                     f"{_fmt(r['step_vs_best_competitor'], 2)} | {_fmt(r['bubble_fraction'], 0, pct=True)} | "
-                     f"{_fmt(r['exposed_comm_ms'])} | {r['recompiles']} | {_fmt(r['peak_mem_mb'], 0)} | "
-                     f"{_fmt(r['compile_s'])} |")
-    return "\n".join(lines)
-
-
-def readme_section(result: dict[str, Any]) -> str:
-    """The README text between the ``bench:e2e`` markers."""
-    out = [f"End to end, the HSTU example, {result['setup']}. Machine: {result['machine']}; run "
-           f"{result['date']}; load average before/after: {_fmt(result['load_average_before'][0], 2)} / "
-           f"{_fmt(result['load_average_after'][0], 2)}. Command: `{result['command']}` (raw numbers in "
-           f"`{result['json']}`, plot `{result['plot'] or '-'}`)."]
-    for world, rows in result["tables"].items():
-        out += ["", f"**{world} ranks**{' (secondary)' if world != result['primary_ranks'] else ''}:", "",
-                table(rows)]
-        t = result["targets"].get(world)
-        if t:
-            parts = [f"fs-all step time {_fmt(t['step_vs_best_competitor'], 2)}x the best competitor "
-                     f"(target <= 0.85: {'met' if t['step_met'] else 'missed'})"]
-            if t.get("bubble_reduction_vs_eager") is not None:
-                parts.append(f"bubble fraction {_fmt(t['bubble_reduction_vs_eager'], 0, pct=True)} below eager's "
-                             f"(target >= 90%: {'met' if t['bubble_met'] else 'missed'})")
-            if t.get("compile_vs_inductor") is not None:
-                parts.append(f"compile time {_fmt(t['compile_vs_inductor'], 2)}x inductor's (target <= 1.10: "
-                             f"{'met' if t['compile_met'] else 'missed'})")
-            out += ["", "Targets, as measured: " + "; ".join(parts) + "."]
-    out += ["", "Step time: median over timed steps of the slowest rank (backends interleaved step by step); bubble "
-            "and exposed communication: the bubble meter over separate metered steps; peak MB: "
-            f"{result['peak_mem_note']}; compile s: {result['compile_note']}."]
-    out += [f"Notes: {note}" for note in result["notes"]]
-    return "\n".join(out)
-
-
-def plot(result: dict[str, Any], path: str | pathlib.Path) -> None:
-    """Step time and bubble fraction per backend, one row per world size."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    worlds = list(result["tables"])
-    fig = Figure(figsize=(11, 3.4 * len(worlds)))
-    FigureCanvasAgg(fig)
-    for i, world in enumerate(worlds):
-        rows = result["tables"][world]
-        names = [r["backend"] for r in rows]
-        colors = ["#4c72b0" if n.startswith("fs-") else "#999999" for n in names]
-        ax = fig.add_subplot(len(worlds), 2, 2 * i + 1)
-        ax.bar(names, [r["median_step_ms"] for r in rows], color=colors)
-        ax.set_ylabel("median step ms")
-        ax.set_title(f"{world} ranks: step time (lower is better)", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
-        ax = fig.add_subplot(len(worlds), 2, 2 * i + 2)
-        ax.bar(names, [r["bubble_fraction"] or 0.0 for r in rows], color=colors)
-        ax.set_ylabel("bubble fraction")
-        ax.set_ylim(0, 1)
-        ax.set_title(f"{world} ranks: bubble fraction (bubble meter)", fontsize=9)
-        ax.tick_params(axis="x", labelrotation=35, labelsize=7)
-    fig.suptitle(f"fsc e2e: {result['setup']}", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(str(path), format="png", dpi=100)
+    return run_gloo_ranks(_rank, world, rows, args, metered, cache, repeat, timeout=args.timeout,
+                          label=f"e2e ({', '.join(r.name for r in rows)}; --timeout)")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -625,10 +483,20 @@ def plot(result: dict[str, Any], path: str | pathlib.Path) -> None:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench e2e", description=__doc__.split("\n\n")[0])
-    p.add_argument("--backends", default=",".join(BACKENDS), help=f"comma-separated subset of {','.join(BACKENDS)}")
+    p.add_argument("--backends", default=",".join(BACKENDS),
+                   help=f"comma-separated subset of {','.join(BACKENDS)}; NAME@FORM runs a row in attention form "
+                        f"FORM ({', '.join(ATTENTION_FORMS)})")
+    p.add_argument("--attention", choices=ATTENTION_FORMS, default=PEER_FORMS["inductor"],
+                   help="the freescale rows' attention form (default: the inductor peer's, "
+                        f"{PEER_FORMS['inductor']})")
+    p.add_argument("--attention-groups", type=int, default=4, help="groups of the jagged form")
+    p.add_argument("--twin", default=None, metavar="NAME",
+                   help="also run a second copy of this row (NAME-twin) and check their ratio")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="independent interleaved runs per world size (default 3; quick 1)")
     p.add_argument("--ranks", type=int, nargs="+", default=None, help="world sizes (default 2 4; --quick: 2)")
     p.add_argument("--quick", action="store_true",
-                   help="smoke run: synthetic data, tiny model, few steps, no isolation pass")
+                   help="smoke run: synthetic data, tiny model, few steps, one repeat, no isolation pass")
     p.add_argument("--data", default=None, metavar="RATINGS_FILE",
                    help=f"MovieLens ratings file, read in place (default {DEFAULT_DATA} when it exists, else "
                         "synthetic; 'synthetic' forces synthetic)")
@@ -636,7 +504,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--metered", type=int, default=None, help="metered steps, interleaved (default 10; quick 2)")
     p.add_argument("--warmup", type=int, default=None, help="steps before measuring (default 3; quick 2)")
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
-                   help="also run each backend alone for compile time and peak memory (default on; quick off)")
+                   help="also run each row alone for compile time and peak memory (default on; quick off)")
     p.add_argument("--isolate-steps", type=int, default=4, help="steps after warm-up in the isolation pass")
     p.add_argument("--isolate-ranks", type=int, nargs="+", default=[2],
                    help="world sizes that get the isolation pass (default 2; others report the shared run's)")
@@ -645,7 +513,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dim", type=int, default=None, help="default 64; quick 32")
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--layers", type=int, default=None, help="default 2; quick 1")
-    p.add_argument("--negatives", type=int, default=None, help="default 128; quick 16")
+    p.add_argument("--negatives", type=int, default=None,
+                   help="negatives per sample (default 8: 128 looked up per rank at 2 ranks, 64 at 4; quick 4)")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--fs-inner", choices=("inductor", "eager"), default="inductor",
                    help="freescale's inner compiler (eager: the passes' graphs run uncompiled; for smoke tests)")
@@ -653,7 +522,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-items", type=int, default=None, help="default 5000; quick 500")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--timeout", type=float, default=1500.0, help="seconds before one phase's ranks are killed")
-    p.add_argument("--verbose", action="store_true", help="rank 0 prints every backend's every step")
+    p.add_argument("--verbose", action="store_true", help="rank 0 prints every configuration's every step")
     p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:e2e --> section")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --json, e2e.png)")
     return p
@@ -661,9 +530,35 @@ def _parser() -> argparse.ArgumentParser:
 
 _DEFAULTS = {  # name: (full, quick)
     "ranks": ([2, 4], [2]), "steps": (30, 4), "metered": (10, 2), "warmup": (3, 2), "isolate": (True, False),
-    "batch_size": (32, 8), "max_len": (200, 20), "dim": (64, 32), "layers": (2, 1), "negatives": (128, 16),
-    "synthetic_users": (2000, 200), "synthetic_items": (5000, 500),
+    "repeats": (3, 1), "batch_size": (32, 8), "max_len": (200, 20), "dim": (64, 32), "layers": (2, 1),
+    "negatives": (8, 4), "synthetic_users": (2000, 200), "synthetic_items": (5000, 500),
 }
+
+
+def _rows(parser: argparse.ArgumentParser, args: argparse.Namespace) -> list[Row]:
+    rows = []
+    for entry in (b.strip() for b in args.backends.split(",")):
+        if not entry:
+            continue
+        name, _, form = entry.partition("@")
+        if name not in VARIANTS:
+            parser.error(f"--backends: unknown backend {name!r}; choose from {', '.join(BACKENDS)}")
+        if form and form not in ATTENTION_FORMS:
+            parser.error(f"--backends: {entry!r}: unknown attention form {form!r}; choose from "
+                         f"{', '.join(ATTENTION_FORMS)}")
+        variant = VARIANTS[name]
+        default = PEER_FORMS[name] if variant.compiler != "freescale" else args.attention
+        rows.append(Row(name=entry, variant=variant, attention=form or default))
+    if not rows:
+        parser.error("--backends: no backend given")
+    if len({r.name for r in rows}) != len(rows):
+        parser.error(f"--backends: {args.backends!r} names a backend twice (use --twin for a second copy)")
+    if args.twin is not None:
+        original = next((r for r in rows if r.name == args.twin), None)
+        if original is None:
+            parser.error(f"--twin: {args.twin!r} is not one of the rows ({', '.join(r.name for r in rows)})")
+        rows.append(dataclasses.replace(original, name=f"{original.name}-twin", twin_of=original.name))
+    return rows
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -673,16 +568,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     for key, (full, quick) in _DEFAULTS.items():
         if getattr(args, key) is None:
             setattr(args, key, quick if args.quick else full)
-    names = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in names if b not in VARIANTS]
-    if unknown or not names:
-        parser.error(f"--backends: unknown backend(s) {', '.join(unknown) or '(none given)'}; "
-                     f"choose from {', '.join(BACKENDS)}")
-    if len(set(names)) != len(names):
-        parser.error(f"--backends: {args.backends!r} names a backend twice")
-    args.names = names
+    args.rows = _rows(parser, args)
     for key in ("steps", "warmup", "batch_size", "max_len", "dim", "heads", "layers", "negatives",
-                "synthetic_users", "synthetic_items", "isolate_steps"):
+                "synthetic_users", "synthetic_items", "isolate_steps", "repeats", "attention_groups"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
     if args.metered < 0:
@@ -705,24 +593,53 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return args
 
 
+def _notes(args: argparse.Namespace, tables: dict[int, list[dict[str, Any]]]) -> list[str]:
+    notes = [
+        "attention forms: padded = per sequence, padded to the batch's longest (generative-recommenders' PyTorch "
+        "reference); jagged = sequences grouped by length, each group padded to its longest "
+        f"({args.attention_groups} groups); dense = one product over all of a rank's tokens (no fair peer runs it).",
+        "negatives: drawn per sample for (seed, step, user) and carried with the sample, "
+        f"{args.negatives} per sample; balanced rows start from the same loss as the others.",
+        "inductor-overlap: Inductor's aten overlap scheduler with compute_estimator=analytical and the roofline's "
+        "GPU numbers answered with the cpu device profile's (without both it raises on a machine without a GPU).",
+        "torchrec: row-wise sharding allows only FBGEMM's fused kernel, whose CPU path has no Adam: the table "
+        "trains with fused EXACT_ADAGRAD (the dense part with Adam); CUDA streams absent on CPU, so "
+        "TrainPipelineSparseDist only issues the next batch's id all-to-all early; the dense part runs eagerly; "
+        "DDP's gradient all-reduce wait happens inside backward, so the meter cannot tell it from compute.",
+    ]
+    lowering = sorted({f"{row['backend']} ({row['attention']}): {row['attention_lowering']}"
+                       for rows in tables.values() for row in rows if row.get("attention_lowering")})
+    if lowering:
+        notes.append("lower-attention (Triton's kernels need a GPU, absent here; on CPU a lowered attention runs "
+                     "fsc::jagged_attention's length-grouped PyTorch implementation): " + "; ".join(lowering) + ".")
+    for rows in tables.values():
+        for row in rows:
+            if row.get("twin_check"):
+                ratios = ", ".join(f"{x:.3f}" for x in row["twin_ratio_per_repeat"])
+                notes.append(f"twin check, {row['ranks']} ranks: {row['backend']} / {row['twin_of']} = {ratios} "
+                             f"per repeat: {row['twin_check']}.")
+    if args.fs_inner != "inductor":
+        notes.append(f"freescale rows ran with inner compiler {args.fs_inner!r}, not Inductor.")
+    return notes
+
+
 def run(argv: list[str], json_path: str) -> int:
     args = parse(argv)
     from bench import e2e_torchrec
 
-    names, notes = list(args.names), []
-    if "torchrec" in names:
+    rows, notes = list(args.rows), []
+    if any(r.variant.compiler == "torchrec" for r in rows):
         why = e2e_torchrec.unavailable()
         if why is not None:
-            names.remove("torchrec")
+            rows = [r for r in rows if r.variant.compiler != "torchrec"]
             notes.append(f"torchrec skipped: {why}")
             print(f"e2e: {notes[-1]}", file=sys.stderr)
-    if not names:
+    if not rows:
         raise SystemExit("e2e: no backend left to run")
-    args.names = names
     started = time.perf_counter()
     load_before = os.getloadavg()
     tables: dict[int, list[dict[str, Any]]] = {}
-    bubble_steps: dict[int, dict[str, list[Any]]] = {}
+    bubble_steps: dict[str, list[Any]] = {}
     phases = []
     caches = tempfile.TemporaryDirectory(prefix="fsc-e2e-cache-")
     shared = os.path.join(caches.name, "shared")
@@ -730,45 +647,43 @@ def run(argv: list[str], json_path: str) -> int:
         isolated: dict[str, list[dict[str, Any]]] = {}
         if args.isolate and world in args.isolate_ranks:
             alone = argparse.Namespace(**{**vars(args), "steps": args.isolate_steps, "metered": 0})
-            for name in names:
+            for row in rows:
                 load, t0 = os.getloadavg(), time.perf_counter()
-                own = os.path.join(caches.name, f"{world}-{name}")  # empty: a cold compile per rank
-                isolated[name] = _run_ranks(world, [name], alone, metered=False,
-                                            cache=os.path.join(own, "rank{rank}"))
-                phases.append({"ranks": world, "phase": f"isolated {name}", "wall_s": time.perf_counter() - t0,
+                own = os.path.join(caches.name, f"{world}-{row.name}")  # empty: a cold compile per rank
+                isolated[row.name] = _run_ranks(world, [row], alone, metered=False,
+                                                cache=os.path.join(own, "rank{rank}"))
+                phases.append({"ranks": world, "phase": f"isolated {row.name}", "wall_s": time.perf_counter() - t0,
                                "load_before": load, "load_after": os.getloadavg()})
                 for rank_dir in pathlib.Path(own).glob("rank*"):  # content-addressed: merging is safe
                     shutil.copytree(rank_dir, shared, dirs_exist_ok=True)
-        load = os.getloadavg()
-        t0 = time.perf_counter()
-        # one cache for every rank and world size, as a torchrun job on one host has by default
-        ranks = _run_ranks(world, names, args, metered=True, cache=shared)
-        phases.append({"ranks": world, "phase": "interleaved", "wall_s": time.perf_counter() - t0,
-                       "load_before": load, "load_after": os.getloadavg()})
-        tables[world] = _rows(world, names, ranks, isolated, args)
-        bubble_steps[world] = ranks[0]["bubbles"] or {}
-        print(f"\n{world} ranks:\n{table(tables[world])}", flush=True)
+        repeats = []
+        for repeat in range(args.repeats):
+            load, t0 = os.getloadavg(), time.perf_counter()
+            # one cache for every rank and world size, as a torchrun job on one host has by default
+            repeats.append(_run_ranks(world, rows, args, metered=True, cache=shared, repeat=repeat))
+            phases.append({"ranks": world, "phase": f"interleaved, repeat {repeat + 1}",
+                           "wall_s": time.perf_counter() - t0, "load_before": load, "load_after": os.getloadavg()})
+        tables[world] = e2e_report.world_rows(world, rows, repeats, isolated, args)
+        if world == args.ranks[0]:
+            for name in (r.name for r in rows):
+                bubble_steps[name] = [b for ranks in repeats for b in (ranks[0]["bubbles"] or {}).get(name, [])]
+        print(f"\n{world} ranks:\n{e2e_report.table(tables[world])}", flush=True)
+        for row in tables[world]:
+            if row.get("twin_check"):
+                print(f"twin: {row['backend']} / {row['twin_of']} = "
+                      f"{', '.join(f'{x:.3f}' for x in row['twin_ratio_per_repeat'])}: {row['twin_check']}")
     data = f"MovieLens lengths ({args.data})" if args.data else (
         f"synthetic lognormal histories ({args.synthetic_users} users, {args.synthetic_items} items)")
     json_path = str(json_path)
     plot_path = args.plot or str(pathlib.Path(json_path).with_name("e2e.png"))
-    notes += [
-        "inductor-overlap: Inductor's aten overlap scheduler with compute_estimator=analytical and the roofline's "
-        "GPU numbers answered with the cpu device profile's (without both it raises on a machine without a GPU).",
-        "torchrec: row-wise sharding allows only FBGEMM's fused kernel, whose CPU path has no Adam: the table "
-        "trains with fused EXACT_ADAGRAD (the dense part with Adam); CUDA streams absent on CPU, so "
-        "TrainPipelineSparseDist only issues the next batch's id all-to-all early; the dense part runs eagerly; "
-        "DDP's gradient all-reduce wait happens inside backward, so the meter cannot tell it from compute.",
-        _attention_note(tables),
-    ]
-    if args.fs_inner != "inductor":
-        notes.append(f"freescale rows ran with inner compiler {args.fs_inner!r}, not Inductor.")
+    notes += _notes(args, tables)
     result: dict[str, Any] = {
         "benchmark": "e2e",
         "setup": (f"{data}, dim={args.dim} heads={args.heads} layers={args.layers} max_len={args.max_len} "
-                  f"negatives={args.negatives} global batch={args.batch_size} sequences, seed {args.seed}; gloo ranks "
-                  f"on 127.0.0.1, 1 thread each; warm-up {args.warmup}, {args.steps} timed + {args.metered} "
-                  f"metered steps per backend, interleaved"),
+                  f"negatives={args.negatives} per sample, global batch={args.batch_size} sequences, seed "
+                  f"{args.seed}; gloo ranks on 127.0.0.1, 1 thread each; warm-up {args.warmup}, {args.steps} timed + "
+                  f"{args.metered} metered steps per configuration, interleaved in a shuffled order, "
+                  f"{args.repeats} repeat{'s' if args.repeats != 1 else ''}"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, {platform.system()} {platform.release()}, "
                    f"torch {torch.__version__}",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -776,32 +691,34 @@ def run(argv: list[str], json_path: str) -> int:
         "json": json_path,
         "plot": None,
         "primary_ranks": args.ranks[0],
+        "repeats": args.repeats,
+        "peer_forms": {name: PEER_FORMS[name] for name in PEERS},
         "load_average_before": load_before,
         "load_average_after": os.getloadavg(),
         "wall_s": time.perf_counter() - started,
         "phases": phases,
-        "peak_mem_note": ("each backend alone in fresh rank processes, the largest rank's peak resident set (VmHWM) "
-                          f"over the steps after warm-up (at {' and '.join(map(str, args.isolate_ranks))} ranks; "
-                          "other world sizes: the shared run's process peak)" if args.isolate else
-                          "the shared run's process peak RSS (all backends in one process)"),
-        "compile_note": ("each backend alone in fresh processes with an empty Inductor cache: warm-up steps' time "
-                         "minus as many steady steps, the slowest rank's (other world sizes: the same in the shared "
-                         "run, whose Inductor cache is warm)" if args.isolate else
-                         "shared run: warm-up steps' time minus as many steady steps (Inductor cache shared "
-                         "between backends)"),
+        "peak_mem_note": ("each configuration alone in fresh rank processes, the largest rank's peak resident set "
+                          f"(VmHWM) over the steps after warm-up (at {' and '.join(map(str, args.isolate_ranks))} "
+                          "ranks; other world sizes: the shared run's process peak)" if args.isolate else
+                          "the shared run's process peak RSS (all configurations in one process)"),
+        "compile_note": ("each configuration alone in fresh processes with an empty Inductor cache: warm-up steps' "
+                         "time minus as many steady steps, the slowest rank's (other world sizes: the same in the "
+                         "first shared run, whose Inductor cache is warm)" if args.isolate else
+                         "first shared run: warm-up steps' time minus as many steady steps (Inductor cache shared "
+                         "between configurations)"),
         "notes": notes,
-        "targets": {world: _targets(rows) for world, rows in tables.items()},
+        "repeat_figures": {world: e2e_report.repeat_figures(rows_) for world, rows_ in tables.items()},
         "tables": tables,
-        "rows": [row for rows in tables.values() for row in rows],
+        "rows": [row for rows_ in tables.values() for row in rows_],
     }
     try:
-        plot(result, plot_path)
+        e2e_report.plot(result, plot_path)
         result["plot"] = plot_path
         print(f"wrote {plot_path}")
     except ImportError as e:
         result["notes"].append(f"no plot: {e} (pip install 'fsc[bench]')")
     bubbles_path = pathlib.Path(plot_path).with_name("e2e-bubbles.png")
-    runs = {name: steps for name, steps in bubble_steps.get(args.ranks[0], {}).items() if steps}
+    runs = {name: steps for name, steps in bubble_steps.items() if steps}
     if runs:
         from fsc.runtime.bubble_trace import plot_stacked_bars
 
@@ -814,6 +731,6 @@ def run(argv: list[str], json_path: str) -> int:
     caches.cleanup()
     write_json(json_path, {k: v for k, v in result.items() if k != "tables"})
     if args.readme:
-        replace_section(args.readme, "e2e", readme_section(result))
+        replace_section(args.readme, "e2e", e2e_report.readme_section(result))
         print(f"updated {args.readme}")
     return 0

@@ -2,7 +2,7 @@
 TorchRec's sharded ``EmbeddingCollection`` (row-wise), trained by ``TrainPipelineSparseDist``.
 
 What users would pick instead of a compiler for sharded embeddings. The model is the HSTU
-example's (``examples/hstu/model.py``) with one change: the item table is a TorchRec
+example's (``examples/hstu/model.py``, in the attention form its config names) with one change: the item table is a TorchRec
 ``EmbeddingCollection`` sharded row-wise by ``DistributedModelParallel`` (rank r holds rows
 ``[r*P, (r+1)*P)``, ``P = ceil(rows/world)``, like ``RowShardedEmbedding``; every rank starts
 from the same table values as the example's), and the dense part runs eagerly, data
@@ -63,42 +63,49 @@ def _batch_type() -> type:
     class Batch(Pipelineable):
         """One rank's step input. ``ids`` (a KeyedJaggedTensor, key ``item``, one row holding
         ``cat([items, targets, negatives])``) is what the sharded collection reads; the
-        pipeline finds it by tracing the model and runs its all-to-all one batch ahead."""
+        pipeline finds it by tracing the model and runs its all-to-all one batch ahead.
+        ``inputs``: the example's model inputs (:func:`examples.hstu.model.model_inputs`)."""
 
         ids: Any
-        items: torch.Tensor
-        ratings: torch.Tensor
-        timestamps: torch.Tensor
-        positions: torch.Tensor
-        seq_ids: torch.Tensor
-        targets: torch.Tensor
-        negatives: torch.Tensor
-        loss_scale: torch.Tensor
-
-        def _fields(self) -> list[Any]:
-            return [getattr(self, f.name) for f in dataclasses.fields(self)]
+        inputs: tuple[torch.Tensor, ...]
 
         def to(self, device: torch.device, non_blocking: bool = False) -> "Batch":
-            return type(self)(*(v.to(device=device, non_blocking=non_blocking) for v in self._fields()))
+            return type(self)(self.ids.to(device=device, non_blocking=non_blocking),
+                              tuple(v.to(device=device, non_blocking=non_blocking) for v in self.inputs))
 
         def record_stream(self, stream: Any) -> None:
-            for v in self._fields():
+            self.ids.record_stream(stream)
+            for v in self.inputs:
                 v.record_stream(stream)
 
         def pin_memory(self) -> "Batch":
-            return type(self)(*(v.pin_memory() for v in self._fields()))
+            return type(self)(self.ids.pin_memory(), tuple(v.pin_memory() for v in self.inputs))
 
     return Batch
 
 
-def make_batch(items: torch.Tensor, ratings: torch.Tensor, timestamps: torch.Tensor, positions: torch.Tensor,
-               seq_ids: torch.Tensor, targets: torch.Tensor, negatives: torch.Tensor, loss_scale: torch.Tensor) -> Any:
+def make_batch(inputs: list[torch.Tensor]) -> Any:
+    """The pipeline's batch for :func:`examples.hstu.model.model_inputs`' inputs."""
     from torchrec import KeyedJaggedTensor
 
-    values = torch.cat([items, targets, negatives])
+    items, targets, negatives = inputs[0], inputs[5], inputs[6]
+    values = torch.cat([items, targets, negatives.reshape(-1)])
     ids = KeyedJaggedTensor.from_lengths_sync(keys=["item"], values=values,
                                               lengths=torch.tensor([values.numel()], dtype=torch.int64))
-    return _batch_type()(ids, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale)
+    return _batch_type()(ids, tuple(inputs))
+
+
+class DenseLoss(nn.Module):
+    """The example's model after its item lookup (:meth:`examples.hstu.model.HSTU.loss`), as
+    one module: the pipeline's tracer treats it as a leaf, so the attention form's Python
+    (loops over length groups) runs as written."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, emb: torch.Tensor, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.model.loss(emb, *inputs)
 
 
 class TorchRecHSTU(nn.Module):
@@ -114,7 +121,7 @@ class TorchRecHSTU(nn.Module):
 
         dense = HSTU(dataclasses.replace(cfg, sharded=False))  # seeded: the example's dense weights
         del dense.item  # the table lives in the collection
-        self.dense = dense
+        self.dense = DenseLoss(dense)
         self.rows = cfg.num_items + 1
         self.ec = EmbeddingCollection(
             tables=[EmbeddingConfig(name="item", embedding_dim=cfg.dim, num_embeddings=self.rows,
@@ -124,8 +131,7 @@ class TorchRecHSTU(nn.Module):
     def forward(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
         emb = self.ec(batch.ids)["item"].values()
         # the example's own loss after its lookup (HSTU.loss), so the maths cannot drift apart
-        loss = self.dense.loss(emb, batch.items, batch.ratings, batch.timestamps, batch.positions,
-                               batch.seq_ids, batch.targets, batch.negatives, batch.loss_scale)
+        loss = self.dense(emb, batch.inputs)
         return loss, loss.detach()
 
 

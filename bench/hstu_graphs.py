@@ -44,7 +44,9 @@ def fake_world(size: int) -> Iterator[str]:
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
 class HSTUSpec:
     """A realistic-but-small HSTU step: 8 sequences (346 tokens on rank 0 with the default
-    seed), dim 128, 2 layers, 128 sampled negatives, item table sharded over 8 ranks."""
+    seed), dim 128, 2 layers, 128 sampled negatives on the rank (16 per sequence), item table
+    sharded over 8 ranks. The model's ``dense`` attention form: its graph has one size
+    symbol, the rank's token count, which the simulator re-costs per sequence."""
 
     world: int = 8
     num_items: int = 5000
@@ -55,6 +57,7 @@ class HSTUSpec:
     layers: int = 2
     max_len: int = 64
     negatives: int = 128
+    """On the rank: ``negatives // sequences`` (at least 1) per sequence."""
     sequences: int = 8
     mean_length: float = 50.0
     seed: int = 0
@@ -69,23 +72,20 @@ def hstu_step(spec: HSTUSpec) -> tuple[torch.nn.Module, list[Any]]:
     """The model and one rank's inputs (token dimension marked dynamic, as in training).
     Needs a process group of ``spec.world`` ranks."""
     from examples.hstu.data import synthetic_histories
-    from examples.hstu.model import HSTU, HSTUConfig, collate, sample_negatives, scale_tensor
+    from examples.hstu.model import HSTU, HSTUConfig, model_inputs, read_batch, scale_tensor
 
     histories = synthetic_histories(num_users=max(4 * spec.sequences, 16), num_items=spec.num_items,
                                     seed=spec.seed, mean_length=spec.mean_length, max_length=4 * spec.max_len)
-    users = range(spec.sequences)
-    batch = collate([histories.items[u] for u in users], [histories.ratings[u] for u in users],
-                    [histories.timestamps[u] for u in users], spec.max_len)
     cfg = HSTUConfig(num_items=spec.num_items, dim=spec.dim, heads=spec.heads, qk_dim=spec.qk_dim,
-                     v_dim=spec.v_dim, layers=spec.layers, max_len=spec.max_len, num_negatives=spec.negatives,
-                     seed=spec.seed)
+                     v_dim=spec.v_dim, layers=spec.layers, max_len=spec.max_len,
+                     num_negatives=max(1, spec.negatives // spec.sequences), seed=spec.seed, attention="dense")
+    batch = read_batch(histories, range(spec.sequences), cfg, seed=spec.seed, step=0)
     model = HSTU(cfg)
-    tensors = list(batch.tensors())
-    for t in tensors:
-        torch._dynamo.mark_dynamic(t, 0)
-    negatives = sample_negatives(spec.num_items, spec.negatives, spec.seed, 0, 0)
     trained = float((batch.targets > 0).sum()) * spec.world
-    return model, [*tensors, negatives, scale_tensor(trained)]
+    inputs = model_inputs(batch, scale_tensor(trained), cfg)
+    for t in inputs[:6]:  # the token count only: the sequence count stays static
+        torch._dynamo.mark_dynamic(t, 0)
+    return model, inputs
 
 
 def compile_hstu(spec: HSTUSpec, record: Callable[[Callable[..., Any], list[Any]], Any]) -> Any:

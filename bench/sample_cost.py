@@ -2,7 +2,9 @@
 graphs (:meth:`fsc.CompileRecord.sample_cost`), against measured step times on this CPU.
 
 One process, one thread, the unsharded model compiled once with ``backend="freescale"``
-(inner Inductor) on single-sample batches with the token dimension dynamic; for each length
+(inner Inductor) on single-sample batches with the token dimension dynamic (the ``dense``
+attention form: on one sample it is per-sequence attention, and its graph has the one
+length symbol the derivation needs; 16 negatives per sample); for each length
 L, the median of ``--repeats`` forward+backward steps. The fit: measured ~ alpha * predicted
 (least squares through the origin, alpha absorbs the profile's absolute error), reported as
 R^2 and the worst relative error, next to a free quadratic fit a L^2 + b L + c of the
@@ -31,35 +33,35 @@ def _r2(measured: np.ndarray, fitted: np.ndarray) -> float:
 
 def measure(lengths: tuple[int, ...], repeats: int, dim: int, layers: int) -> dict:
     import fsc
-    from examples.hstu.model import HSTU, HSTUConfig, collate, sample_negatives, scale_tensor
+    from examples.hstu.model import HSTU, HSTUConfig, collate, model_inputs, sample_negatives, scale_tensor
 
     torch.set_num_threads(1)
     torch._dynamo.config.capture_scalar_outputs = True
     max_len = max(lengths)
     cfg = HSTUConfig(num_items=5000, dim=dim, heads=2, qk_dim=dim // 2, v_dim=dim // 2, layers=layers,
-                     max_len=max_len, num_negatives=128, sharded=False)
+                     max_len=max_len, num_negatives=16, sharded=False, attention="dense")
     model = HSTU(cfg)
     compiled = torch.compile(model, backend="freescale", fullgraph=True)
     rng = np.random.default_rng(0)
-    negatives = sample_negatives(cfg.num_items, cfg.num_negatives, 0, 0, 0)
 
-    def batch(n: int):
+    def batch(n: int) -> list[torch.Tensor]:
         b = collate([rng.integers(1, cfg.num_items + 1, n + 1)], [rng.integers(0, 10, n + 1)],
-                    [np.cumsum(rng.integers(1, 1000, n + 1))], max_len)
-        return b.tensors()
+                    [np.cumsum(rng.integers(1, 1000, n + 1))], max_len,
+                    negatives=sample_negatives(cfg.num_items, cfg.num_negatives, 0, 0, [0]))
+        return model_inputs(b, scale_tensor(1.0), cfg)
 
     first = batch(lengths[len(lengths) // 2])
-    for t in first:
+    for t in first[:6]:
         torch._dynamo.mark_dynamic(t, 0)
-    compiled(*first, negatives, scale_tensor(1.0)).backward()
+    compiled(*first).backward()
     cost = fsc.last_compile().sample_cost()
     times = []
     for n in lengths:
-        tensors = batch(n)
+        inputs = batch(n)
         samples = []
         for i in range(repeats + 2):
             start = time.perf_counter()
-            compiled(*tensors, negatives, scale_tensor(1.0)).backward()
+            compiled(*inputs).backward()
             if i >= 2:  # warm-up
                 samples.append(time.perf_counter() - start)
         model.zero_grad(set_to_none=True)
@@ -71,7 +73,7 @@ def measure(lengths: tuple[int, ...], repeats: int, dim: int, layers: int) -> di
     quad_fit = np.polyval(quad, np.asarray(lengths, dtype=float))
     return {
         "benchmark": "sample-cost",
-        "config": {"dim": dim, "layers": layers, "heads": 2, "max_len": max_len, "negatives": 128,
+        "config": {"dim": dim, "layers": layers, "heads": 2, "max_len": max_len, "negatives_per_sample": 16,
                    "threads": 1, "repeats": repeats},
         "flops_polynomial": str(cost.flops_polynomial().as_expr()),
         "bytes_polynomial": str(cost.bytes_polynomial().as_expr()),

@@ -3,12 +3,12 @@ exchange's waits, measured for real on CPU ranks, per backend.
 
 Setup: ``--ranks`` (default 2) processes spawned on this machine, a gloo group over
 127.0.0.1 (``GLOO_SOCKET_IFNAME=lo`` when the loopback interface is called ``lo``), one
-compute thread each. Each trains the HSTU example the way ``examples/hstu/train.py`` does
-with its default ``--balance none`` (same model, batches, sharded item table, bucketed
-gradient all-reduce, Adam; its pieces are imported from ``examples/``, so run from a source
-checkout) with a small config
-(default: dim 64, 2 heads, 2 layers, max_len 50, 128 negatives, global batch 32
-sequences) on synthetic histories (2000 users, 5000 items, lognormal lengths), or on the
+compute thread each. Each trains the HSTU example with the example's own training step
+(``examples.hstu.train.Trainer``: same model, batches, sharded item table, bucketed
+gradient all-reduce, Adam; ``--balance none``; imported from ``examples/``, so run from a
+source checkout) with a small config (default: dim 64, 2 heads, 2 layers, max_len 50,
+padded per-sequence attention, 8 negatives per sample, global batch 32 sequences) on
+synthetic histories (2000 users, 5000 items, lognormal lengths), or on the
 histories of a MovieLens ratings file with ``--lengths-from`` (read in place, never
 copied). Backends, each with its own copy of the model (same initial weights) in the same
 ranks:
@@ -115,8 +115,8 @@ def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace)
     from torch._dynamo.utils import counters
 
     from examples.hstu.data import leave_one_out, load_movielens, synthetic_histories
-    from examples.hstu.model import HSTU, HSTUConfig, collate, global_batch_users, sample_negatives, scale_tensor
-    from examples.hstu.sharded import GradientBuckets
+    from examples.hstu.model import HSTUConfig, global_batch_users, model_inputs, read_batch, scale_tensor
+    from examples.hstu.train import Trainer
 
     if args.lengths_from:
         histories = load_movielens(args.lengths_from)
@@ -126,13 +126,9 @@ def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace)
     train_h, _ = leave_one_out(histories)
     cfg = HSTUConfig(num_items=histories.num_items, num_ratings=histories.num_ratings, dim=args.dim,
                      heads=args.heads, layers=args.layers, max_len=args.max_len, num_negatives=args.negatives,
-                     seed=args.seed)
-    runs = {}
-    for backend in backends:
-        model = HSTU(cfg)  # seeded: every backend starts from the same weights
-        step_fn, context = _compile(model, backend)
-        runs[backend] = (step_fn, context, GradientBuckets(model.dense_parameters()),
-                         torch.optim.Adam(model.parameters(), lr=1e-3))
+                     seed=args.seed, attention=args.attention)
+    # the example's training step, one trainer (same initial weights) per backend
+    trainers = {b: Trainer.create(cfg, lr=1e-3, compile=lambda model, b=b: _compile(model, b)) for b in backends}
     per_rank = args.batch_size // world
     step_ms: dict[str, list[float]] = {b: [] for b in backends}
     losses: dict[str, float] = {}
@@ -146,31 +142,19 @@ def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace)
             profiler.start()
         # as examples/hstu/train.py's loop
         users = global_batch_users(len(train_h), args.batch_size, args.seed, step)
-        users = users[rank * per_rank : (rank + 1) * per_rank]
-        batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
-                        [train_h.timestamps[u] for u in users], cfg.max_len)
+        batch = read_batch(train_h, users[rank * per_rank : (rank + 1) * per_rank], cfg, seed=args.seed, step=step)
         trained = torch.tensor([float((batch.targets > 0).sum())])
         dist.all_reduce(trained)
-        tensors = list(batch.tensors())
-        if step == 0:
-            for t in tensors:  # the token count changes every step: compile for any
-                torch._dynamo.mark_dynamic(t, 0)
-        negatives = sample_negatives(cfg.num_items, cfg.num_negatives, args.seed, step, rank)
+        inputs = model_inputs(batch, scale_tensor(trained.item()), cfg)
         # Rotate who goes first, so no backend always runs right after the same other one.
         order = backends[step % len(backends) :] + backends[: step % len(backends)]
         for backend in order:
-            step_fn, context, buckets, opt = runs[backend]
             marker = (torch.profiler.record_function(f"{STEP}.{backend}.{measured}") if measured >= 0
                       else contextlib.nullcontext())
             start = time.perf_counter()
-            with context(), marker:
-                loss = step_fn(*tensors, negatives, scale_tensor(trained.item()))
-                loss.backward()
-                with torch.profiler.record_function(ALLREDUCE_WAIT):
-                    buckets.wait()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-                total = loss.detach().clone()
+            with marker:
+                loss = trainers[backend].step(inputs, sync=lambda: torch.profiler.record_function(ALLREDUCE_WAIT))
+                total = loss.clone()
                 dist.all_reduce(total)
                 losses[backend] = total.item()
             if measured >= 0:
@@ -179,8 +163,8 @@ def _train(rank: int, world: int, backends: list[str], args: argparse.Namespace)
             tokens.append(batch.num_tokens)
     profiler.stop()
     waits = _per_step(profiler, backends, args.steps)
-    for _, _, buckets, _ in runs.values():
-        buckets.remove()
+    for trainer in trainers.values():
+        trainer.close()
     return {
         "backends": {
             b: {"wait_ms": waits[b][0], "allreduce_wait_ms": waits[b][1], "step_ms": step_ms[b],
@@ -229,7 +213,9 @@ def run(argv: list[str], json_path: str) -> int:
     parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--max-len", type=int, default=50)
-    parser.add_argument("--negatives", type=int, default=128)
+    parser.add_argument("--negatives", type=int, default=8, help="sampled negatives per sample")
+    parser.add_argument("--attention", choices=("padded", "jagged", "dense"), default="padded",
+                        help="the example's attention form (dense: over all of a rank's tokens)")
     parser.add_argument("--synthetic-users", type=int, default=2000)
     parser.add_argument("--synthetic-items", type=int, default=5000)
     parser.add_argument("--lengths-from", default=None, metavar="RATINGS_FILE",
@@ -262,8 +248,9 @@ def run(argv: list[str], json_path: str) -> int:
     data = "synthetic" if not args.lengths_from else f"MovieLens histories from {args.lengths_from}"
     result = {
         "benchmark": "waits",
-        "setup": (f"HSTU example, {args.ranks} gloo ranks on 127.0.0.1, 1 thread each; dim={args.dim} "
-                  f"heads={args.heads} layers={args.layers} max_len={args.max_len} negatives={args.negatives} "
+        "setup": (f"HSTU example ({args.attention} attention), {args.ranks} gloo ranks on 127.0.0.1, 1 thread each; "
+                  f"dim={args.dim} heads={args.heads} layers={args.layers} max_len={args.max_len} "
+                  f"negatives={args.negatives} per sample "
                   f"global batch={args.batch_size} sequences; {data}; backends interleaved step by step; "
                   f"warm-up {args.warmup} steps, {args.steps} measured under torch.profiler (CPU)"),
         "machine": f"{platform.machine()} {os.cpu_count()} cpus, torch {torch.__version__}",

@@ -11,8 +11,9 @@ validate --ranks 2 --measured DIR/bubbles.json`` then rebuilds the run's exact b
 (the example's synthetic data and ``global_batch_users`` with the run's seed), captures
 the example's graphs at the run's model size on a fake group of the run's world, schedules
 them with the freescale pipeline (the run's backend), costs them on the ``cpu`` profile
-with jagged attention (what the freescale backend runs: its default pipeline lowers the
-example's attention; ``--attention dense`` for eager or inductor runs), stretches compute
+with per-sequence attention (``jagged``: what the example's default padded and jagged
+forms compute, and what the freescale backend makes of the dense form; ``--attention
+dense`` for eager or inductor runs of ``train.py --attention dense``), stretches compute
 by ranks / cores when the ranks time-share fewer cores than there are ranks (one thread
 each), simulates every metered step and compares the medians.
 
@@ -95,8 +96,10 @@ def validate(world: int, measured: str, links_file: str, *, batch_size: int, see
              heads: int, max_len: int, negatives: int, attention: str = "jagged",
              host_cores: int | None = None) -> dict[str, Any]:
     """One row of the comparison. ``attention``: what the run computed -- ``jagged`` for
-    ``--backend freescale`` (its default pipeline lowers the example's attention), ``dense``
-    for eager or inductor. ``host_cores``: the cores the run's ranks shared (default: this
+    per-sequence attention (the example's padded and jagged forms; the dense form under
+    ``--backend freescale``, whose default pipeline lowers it), ``dense`` for eager or
+    inductor runs of the dense form. ``negatives``: per sample, as ``train.py --negatives``.
+    ``host_cores``: the cores the run's ranks shared (default: this
     machine's); with more ranks than cores each rank's compute stretches by ranks / cores."""
     from fsc.runtime.bubble_trace import load_steps, summarize
     from sim.engine import Compute, simulate
@@ -116,7 +119,8 @@ def validate(world: int, measured: str, links_file: str, *, batch_size: int, see
     topo = Topology.of(world, "cpu", links=links)
     # train.py leaves HSTUConfig's qk_dim and v_dim at their defaults (32)
     scale = HSTUScale(dim=dim, heads=heads, qk_dim=32, v_dim=32, layers=layers, max_len=max_len,
-                      negatives=negatives, batch_per_rank=batch_size // world, num_items=5000)
+                      negatives=negatives * (batch_size // world), batch_per_rank=batch_size // world,
+                      num_items=5000)
     step = HSTUStep.capture(scale, plan_profile="cpu", world=world)
     steps = sorted({s.step for s in real})
     per_step = run_lengths(world, steps, batch_size=batch_size, seed=seed, max_len=max_len)
@@ -202,9 +206,10 @@ def add_commands(sub: Any) -> None:
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
     p.add_argument("--max-len", type=int, default=50)
-    p.add_argument("--negatives", type=int, default=128)
+    p.add_argument("--negatives", type=int, default=16, help="negatives per sample, as train.py's --negatives")
     p.add_argument("--attention", choices=("jagged", "dense"), default="jagged",
-                   help="what the runs computed: jagged for --backend freescale (lowered), dense otherwise")
+                   help="what the runs computed: jagged for per-sequence attention (train.py's default padded or "
+                        "jagged form, or the dense form lowered by --backend freescale), dense otherwise")
     p.add_argument("--host-cores", type=int, default=None,
                    help="cores the runs' ranks shared (default: this machine's)")
     p.add_argument("--json", default="results/sim-validation.json")

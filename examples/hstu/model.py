@@ -1,12 +1,23 @@
 """HSTU (Zhai et al. 2024, "Actions Speak Louder than Words") on jagged batches.
 
 A batch is jagged: the tokens of all sequences are concatenated (``[T, d]``) with
-``offsets [B+1]``; per-token ``seq_ids`` and ``positions`` are computed on the host so
-the graph has no data-dependent shapes besides the embedding exchange. Attention is
-pointwise SiLU attention over a block-diagonal causal mask on the token axis (tokens
-attend to earlier tokens of their own sequence only): nothing is padded to a maximum
-length. Its cost is quadratic in the batch's token count; the jagged Triton kernel
-(``fsc.kernels``) is what makes it linear in sequences.
+``offsets [B+1]``; per-token ``seq_ids`` and ``positions`` and the attention layout are
+computed on the host, so the graph has no data-dependent shapes besides the embedding
+exchange. Everything per token (projections, norms, the loss) runs on the jagged tokens;
+attention runs per sequence, in one of three forms (``HSTUConfig.attention``):
+
+``padded`` (default)
+    What generative-recommenders' PyTorch reference does: every sequence padded to the
+    batch's longest (``[B, H, N, D]``), causal and padding masks. The form users write.
+``jagged``
+    Length-grouped: sequences sorted by length and cut into ``attention_groups`` groups
+    (a small dynamic program minimises the padded work), each group padded to its own
+    longest sequence. Same maths, less padding when lengths are skewed.
+``dense``
+    NOT a form anyone writes: one ``[T, T]`` product over all of a rank's tokens with a
+    block-diagonal causal mask, quadratic in the rank's token count. Kept because the
+    ``lower-attention`` pass recognises it, and to reproduce earlier numbers; never a
+    peer's form in a benchmark.
 
 One HSTU layer, with X the input [T, d]:
 
@@ -15,14 +26,18 @@ One HSTU layer, with X the input [T, d]:
     Y = X + Linear(LayerNorm(A V) * U)
 
 rab is a learned per-head bias by clipped relative position plus one by log2-bucketed
-timestamp difference. Training is next-item prediction with a sampled softmax over the
-positive and K random negatives drawn uniformly from all items (shared by the tokens of
-a rank), on L2-normalised embeddings with a temperature, as in the public HSTU setup.
+timestamp difference; every form computes it with the same tables and the same index
+functions (:meth:`HSTU._relative_position`, :meth:`HSTU._time_bucket`). Training is
+next-item prediction with a sampled softmax over the positive and K random negatives
+per sample (every token of a sequence is scored against its own sequence's draw, keyed
+by seed, step and the sample's key, so moving a sample to another rank never changes
+its loss), on L2-normalised embeddings with a temperature, as in the public HSTU setup.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -30,6 +45,9 @@ from torch import nn
 from torch.nn import functional as F
 
 from examples.hstu.sharded import RowShardedEmbedding
+from fsc.runtime.balancer import QuadraticCost
+
+ATTENTION_FORMS = ("padded", "jagged", "dense")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -43,18 +61,52 @@ class HSTUConfig:
     layers: int = 2
     max_len: int = 200
     time_buckets: int = 32
-    num_negatives: int = 128
+    num_negatives: int = 16
+    """Sampled negatives per sample (sequence); a rank looks up this many times its samples."""
     temperature: float = 0.05
     dropout: float = 0.0
     seed: int = 0
     sharded: bool = True
     """Shard the item table over the ranks (False: every rank holds it all)."""
+    attention: str = "padded"
+    """padded, jagged or dense (see the module docstring)."""
+    attention_groups: int = 4
+    """Groups of the jagged form (a fixed count, so the compiled graph's inputs do not change)."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ATTENTION_FORMS:
+            raise ValueError(f"HSTUConfig.attention must be one of {', '.join(ATTENTION_FORMS)}, "
+                             f"got {self.attention!r}")
+        if self.attention_groups < 1:
+            raise ValueError(f"HSTUConfig.attention_groups must be >= 1, got {self.attention_groups}")
+        if self.num_negatives < 1:
+            raise ValueError(f"HSTUConfig.num_negatives must be >= 1, got {self.num_negatives}")
+
+
+def sample_cost(cfg: HSTUConfig) -> QuadraticCost:
+    """The balancer's per-sample cost for this model: forward FLOPs of one layer with
+    per-sequence attention, ``a * L**2 + b * L`` (what a user passes as ``Balancer(cost=...)``).
+
+    Per token: uvqk ``2*d*h*(2*v + 2*qk)`` and out ``2*h*v*d``; per causal pair (``L*(L+1)/2``
+    of them) q.k ``2*h*qk`` and a.v ``2*h*v``, so ``a = h*(qk + v)`` and ``b = per token + a``
+    (at the defaults: a = 128, b = 41088). Layers, backward (about 2x forward) and the
+    device's speed scale every sample alike, so they do not change the assignment; the
+    pointwise work (SiLU, norms, the relative bias) and the loss are left out. The padded
+    form pads to the batch's longest sequence, which this per-sample sum does not see."""
+    h, d, qk, v = cfg.heads, cfg.dim, cfg.qk_dim, cfg.v_dim
+    a = float(h * (qk + v))
+    return QuadraticCost(a=a, b=float(2 * d * h * (2 * v + 2 * qk) + 2 * h * v * d) + a)
+
+
+#: :func:`sample_cost` at HSTUConfig's defaults (dim 64, 2 heads, qk_dim = v_dim = 32).
+EXAMPLE_COST = QuadraticCost(a=128.0, b=41088.0)
 
 
 @dataclasses.dataclass(kw_only=True, slots=True)
 class JaggedBatch:
     """Tokens of B sequences, concatenated. ``targets[t]`` is the next item after token t
-    (0: none, not trained on)."""
+    (0: none, not trained on). Per sample: ``keys`` (who it is: the user id) and its
+    ``negatives [B, K]`` (drawn for that key, so they travel with the sample)."""
 
     items: torch.Tensor
     ratings: torch.Tensor
@@ -63,21 +115,29 @@ class JaggedBatch:
     seq_ids: torch.Tensor
     targets: torch.Tensor
     offsets: torch.Tensor
+    keys: torch.Tensor
+    negatives: torch.Tensor
 
     @property
     def num_tokens(self) -> int:
         return int(self.items.shape[0])
+
+    @property
+    def num_samples(self) -> int:
+        return int(self.offsets.shape[0]) - 1
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         return (self.items, self.ratings, self.timestamps, self.positions, self.seq_ids, self.targets)
 
 
 def collate(items: list[np.ndarray], ratings: list[np.ndarray], timestamps: list[np.ndarray],
-            max_len: int, *, with_targets: bool = True) -> JaggedBatch:
+            max_len: int, *, with_targets: bool = True, keys: Sequence[int] | None = None,
+            negatives: torch.Tensor | None = None) -> JaggedBatch:
     """Jagged batch of the most recent ``max_len`` interactions of each sequence.
 
     With targets, token t's target is the item at t+1 (so a sequence of n items yields
-    n-1 tokens); without (evaluation), all items are inputs and targets are 0."""
+    n-1 tokens); without (evaluation), all items are inputs and targets are 0. ``keys``
+    default to 0..B-1; ``negatives`` (``[B, K]``) default to none (``[B, 0]``)."""
     cols: dict[str, list[np.ndarray]] = {k: [] for k in ("items", "ratings", "timestamps", "positions", "seq_ids", "targets")}
     lengths = []
     for b, (it, ra, ts) in enumerate(zip(items, ratings, timestamps)):
@@ -100,7 +160,85 @@ def collate(items: list[np.ndarray], ratings: list[np.ndarray], timestamps: list
                for k, v in cols.items()}
     offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
     offsets[1:] = torch.tensor(lengths, dtype=torch.int64).cumsum(0) if lengths else offsets[1:]
-    return JaggedBatch(offsets=offsets, **tensors)
+    key_tensor = torch.as_tensor(np.asarray(keys if keys is not None else np.arange(len(lengths)), dtype=np.int64))
+    if key_tensor.shape != (len(lengths),):
+        raise ValueError(f"collate: {len(lengths)} sequences but keys of shape {tuple(key_tensor.shape)}")
+    if negatives is None:
+        negatives = torch.zeros(len(lengths), 0, dtype=torch.int64)
+    if negatives.ndim != 2 or negatives.shape[0] != len(lengths):
+        raise ValueError(f"collate: negatives must be [{len(lengths)}, K] (one row per sequence), "
+                         f"got {tuple(negatives.shape)}")
+    return JaggedBatch(offsets=offsets, keys=key_tensor, negatives=negatives, **tensors)
+
+
+# ----------------------------------------------------------------------------- attention layout
+
+
+def plan_groups(lengths: np.ndarray, groups: int) -> list[np.ndarray]:
+    """The non-empty sequences in exactly ``groups`` groups of similar length (some may be
+    empty), minimising the padded attention work ``sum max(2, rows) * max(2, longest)**2``
+    (every group is at least 2 x 2: see :func:`attention_layout`). Contiguous in length order,
+    solved exactly by dynamic programming."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.argsort(lengths, kind="stable")
+    order = order[lengths[order] > 0]
+    n = len(order)
+    size = lengths[order]
+
+    def cost(i: int, j: int) -> float:  # order[i:j] as one group
+        rows = max(2, j - i)
+        longest = max(2, int(size[j - 1])) if j > i else 2
+        return float(rows * longest * longest)
+
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(groups + 1)]
+    cut = [[0] * (n + 1) for _ in range(groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, groups + 1):
+        for j in range(n + 1):
+            for i in range(j + 1):
+                if best[g - 1][i] < inf and best[g - 1][i] + cost(i, j) < best[g][j]:
+                    best[g][j], cut[g][j] = best[g - 1][i] + cost(i, j), i
+    out, j = [], n
+    for g in range(groups, 0, -1):
+        i = cut[g][j]
+        out.append(order[i:j])
+        j = i
+    return out[::-1]
+
+
+def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tensor, ...]:
+    """The host-side index tensors the model's attention form needs, appended to its inputs.
+
+    ``dense``: none. ``padded`` and ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
+    per group (padded: one group, all sequences, N = the batch's longest). ``pad_index[r, i]``
+    is the token at position i of the group's r-th sequence, -1 past its end; ``token_index[t]``
+    is token t's place in the groups' outputs, flattened and concatenated. Every group has at
+    least 2 rows and 2 columns (extra rows are all padding): a size-1 dimension would be
+    specialised by the compiler and recompile when it grows."""
+    if cfg.attention == "dense":
+        return ()
+    starts = offsets[:-1].numpy()
+    lengths = (offsets[1:] - offsets[:-1]).numpy()
+    if cfg.attention == "padded":
+        groups = [np.flatnonzero(lengths > 0)]
+    else:
+        groups = plan_groups(lengths, cfg.attention_groups)
+    token_index = np.zeros(int(lengths.sum()), dtype=np.int64)
+    pads, base = [], 0
+    for members in groups:
+        longest = max(2, int(lengths[members].max()) if len(members) else 2)
+        pad = np.full((max(2, len(members)), longest), -1, dtype=np.int64)
+        for row, s in enumerate(members):
+            n, start = int(lengths[s]), int(starts[s])
+            pad[row, :n] = np.arange(start, start + n)
+            token_index[start : start + n] = base + row * longest + np.arange(n)
+        pads.append(torch.from_numpy(pad))
+        base += pad.size
+    return (torch.from_numpy(token_index), *pads)
+
+
+# ----------------------------------------------------------------------------- model
 
 
 class HSTULayer(nn.Module):
@@ -118,7 +256,7 @@ class HSTULayer(nn.Module):
         self.out = nn.Linear(h * cfg.v_dim, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor, rel_pos: torch.Tensor, time_bucket: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, attention: tuple) -> torch.Tensor:
         cfg = self.cfg
         h, dv, dqk = cfg.heads, cfg.v_dim, cfg.qk_dim
         tokens = x.shape[0]
@@ -127,11 +265,29 @@ class HSTULayer(nn.Module):
         q = q.view(tokens, h, dqk)
         k = k.view(tokens, h, dqk)
         v = v.view(tokens, h, dv)
+        if cfg.attention == "dense":
+            av = self._dense(q, k, v, *attention)
+        else:
+            av = self._per_sequence(q, k, v, *attention)
+        return x + self.dropout(self.out(self.out_norm(av) * u))
+
+    def _dense(self, q, k, v, mask, rel_pos, time_bucket) -> torch.Tensor:
+        """All of the rank's tokens at once, block-diagonal causal mask (the ``dense`` form)."""
         scores = torch.einsum("thd,shd->hts", q, k)
         rab = (self.position_bias(rel_pos) + self.time_bias(time_bucket)).permute(2, 0, 1)
-        attn = F.silu(scores + rab) / cfg.max_len * mask
-        av = torch.einsum("hts,shd->thd", attn, v).reshape(tokens, h * dv)
-        return x + self.dropout(self.out(self.out_norm(av) * u))
+        attn = F.silu(scores + rab) / self.cfg.max_len * mask
+        return torch.einsum("hts,shd->thd", attn, v).reshape(q.shape[0], -1)
+
+    def _per_sequence(self, q, k, v, token_index, groups) -> torch.Tensor:
+        """Each group of sequences padded to ``[n, H, N, N]`` (``padded``: one group)."""
+        outs = []
+        for index, mask, rel_pos, time_bucket in groups:
+            scores = torch.einsum("bihd,bjhd->bhij", q[index], k[index])
+            rab = (self.position_bias(rel_pos) + self.time_bias(time_bucket)).permute(0, 3, 1, 2)
+            attn = F.silu(scores + rab) / self.cfg.max_len * mask.unsqueeze(1)
+            outs.append(torch.einsum("bhij,bjhd->bihd", attn, v[index]).reshape(-1, q.shape[1] * v.shape[2]))
+        padded = outs[0] if len(outs) == 1 else torch.cat(outs)
+        return padded[token_index]
 
 
 class HSTU(nn.Module):
@@ -151,44 +307,86 @@ class HSTU(nn.Module):
     def dense_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("item.")]
 
+    # The relative bias's indices, shared by every form: clipped position difference and
+    # log2-bucketed timestamp difference.
+    def _relative_position(self, dist: torch.Tensor) -> torch.Tensor:
+        return dist.clamp(0, self.cfg.max_len - 1)
+
+    def _time_bucket(self, dt: torch.Tensor) -> torch.Tensor:
+        # float64: log2 is exact on integer differences below 2**46 (float32 rounds up near 2**k, k >= 21)
+        return torch.log2(dt.abs().to(torch.float64) + 1.0).floor().long().clamp(0, self.cfg.time_buckets - 1)
+
     def _attention_inputs(self, positions, seq_ids, timestamps):
+        """The dense form's mask and bias indices over all token pairs ``[T, T]``."""
         same = seq_ids.unsqueeze(1) == seq_ids.unsqueeze(0)
         dist = positions.unsqueeze(1) - positions.unsqueeze(0)
         mask = (same & (dist >= 0)).to(torch.float32)
-        rel_pos = dist.clamp(0, self.cfg.max_len - 1)
-        # float64: log2 is exact on integer differences below 2**46 (float32 rounds up near 2**k, k >= 21)
-        dt = (timestamps.unsqueeze(1) - timestamps.unsqueeze(0)).abs().to(torch.float64)
-        time_bucket = torch.log2(dt + 1.0).floor().long().clamp(0, self.cfg.time_buckets - 1)
+        rel_pos = self._relative_position(dist)
+        time_bucket = self._time_bucket(timestamps.unsqueeze(1) - timestamps.unsqueeze(0))
         return mask, rel_pos, time_bucket
 
-    def encode(self, item_emb, ratings, timestamps, positions, seq_ids) -> torch.Tensor:
+    def _group_inputs(self, pad_index: torch.Tensor, timestamps: torch.Tensor):
+        """One padded group's gather index, mask and bias indices (``[n, N]``, ``[n, N, N]``;
+        the position part is the same for every row, ``[N, N]``)."""
+        valid = pad_index >= 0
+        index = pad_index.clamp(min=0)  # padding reads token 0: masked out, never written back
+        steps = torch.arange(pad_index.shape[1], device=pad_index.device)
+        dist = steps.unsqueeze(1) - steps.unsqueeze(0)
+        mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & (dist >= 0)).to(torch.float32)
+        stamps = timestamps[index]
+        time_bucket = self._time_bucket(stamps.unsqueeze(2) - stamps.unsqueeze(1))
+        return index, mask, self._relative_position(dist), time_bucket
+
+    def encode(self, item_emb, ratings, timestamps, positions, seq_ids, *layout) -> torch.Tensor:
         x = item_emb + self.rating(ratings) + self.position(positions)
-        mask, rel_pos, time_bucket = self._attention_inputs(positions, seq_ids, timestamps)
+        if self.cfg.attention == "dense":
+            attention = self._attention_inputs(positions, seq_ids, timestamps)
+        else:
+            token_index, *pads = layout
+            attention = (token_index, [self._group_inputs(p, timestamps) for p in pads])
         for layer in self.layers:
-            x = layer(x, mask, rel_pos, time_bucket)
+            x = layer(x, attention)
         return F.normalize(self.final_norm(x), dim=-1)
 
-    def forward(self, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale):
+    def forward(self, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale, *layout):
         """Sum of this rank's sampled-softmax losses divided by ``loss_scale`` (a 0-d
         tensor: the number of trained tokens over all ranks), so that summing gradients
-        over ranks gives the gradient of the global mean."""
+        over ranks gives the gradient of the global mean. ``negatives [B, K]``: each
+        sample's negatives; ``layout``: :func:`attention_layout`'s tensors."""
         # one sharded lookup for history, targets and negatives: one exchange each way
-        emb = self.item(torch.cat([items, targets, negatives]))
-        return self.loss(emb, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale)
+        emb = self.item(torch.cat([items, targets, negatives.reshape(-1)]))
+        return self.loss(emb, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale, *layout)
 
-    def loss(self, emb, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale):
+    def loss(self, emb, items, ratings, timestamps, positions, seq_ids, targets, negatives, loss_scale, *layout):
         """The forward after its item lookup: ``emb`` holds the rows of ``cat([items, targets,
-        negatives])`` (a model whose table lives elsewhere, e.g. TorchRec's, calls this)."""
+        negatives.reshape(-1)])`` (a model whose table lives elsewhere, e.g. TorchRec's, calls this)."""
         tokens = items.shape[0]
-        hidden = self.encode(emb[:tokens], ratings, timestamps, positions, seq_ids)
+        hidden = self.encode(emb[:tokens], ratings, timestamps, positions, seq_ids, *layout)
         target_emb = F.normalize(emb[tokens : 2 * tokens], dim=-1)
-        negative_emb = F.normalize(emb[2 * tokens :], dim=-1)
+        negative_emb = F.normalize(emb[2 * tokens :], dim=-1).view(negatives.shape[0], negatives.shape[1], -1)
         positive = (hidden * target_emb).sum(-1, keepdim=True)
-        negative = hidden @ negative_emb.t()
-        negative = negative.masked_fill(negatives.unsqueeze(0) == targets.unsqueeze(1), float("-inf"))
+        # every token against its own sequence's negatives
+        negative = torch.einsum("td,tkd->tk", hidden, negative_emb[seq_ids])
+        negative = negative.masked_fill(negatives[seq_ids] == targets.unsqueeze(1), float("-inf"))
         logits = torch.cat([positive, negative], dim=-1) / self.cfg.temperature
         per_token = F.cross_entropy(logits, torch.zeros_like(targets), reduction="none")
         return (per_token * (targets > 0)).sum() / loss_scale
+
+
+def model_inputs(batch: JaggedBatch, loss_scale: torch.Tensor, cfg: HSTUConfig) -> list[torch.Tensor]:
+    """:meth:`HSTU.forward`'s positional inputs for this batch."""
+    return [*batch.tensors(), batch.negatives, loss_scale, *attention_layout(batch.offsets, cfg)]
+
+
+def mark_dynamic(inputs: Sequence[torch.Tensor]) -> None:
+    """Compile for any token count, sample count and padded length: every dimension of
+    :func:`model_inputs` is marked dynamic (where not size 1) except the negatives per
+    sample and the 0-d loss scale."""
+    for i, t in enumerate(inputs):
+        dims = () if i == 7 else (0,) if i == 6 else range(t.ndim)
+        for dim in dims:
+            if t.shape[dim] > 1:
+                torch._dynamo.mark_dynamic(t, dim)
 
 
 def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,10 +402,24 @@ def rank_metrics(scores: torch.Tensor, targets: torch.Tensor, k: int = 10) -> tu
     return hit, ndcg
 
 
-def sample_negatives(num_items: int, count: int, seed: int, step: int, rank: int) -> torch.Tensor:
-    """K negatives for one rank and step, uniform over all items, reproducible."""
-    rng = np.random.default_rng([seed, step, rank, 1])
-    return torch.from_numpy(rng.integers(1, num_items + 1, size=count).astype(np.int64))
+def sample_negatives(num_items: int, count: int, seed: int, step: int, keys: Sequence[int]) -> torch.Tensor:
+    """``[len(keys), count]``: each sample's negatives, uniform over all items, drawn from a
+    generator keyed by (seed, step, the sample's key): the same whichever rank reads or
+    trains the sample."""
+    out = np.empty((len(keys), count), dtype=np.int64)
+    for row, key in enumerate(keys):
+        out[row] = np.random.default_rng([seed, step, int(key), 1]).integers(1, num_items + 1, size=count)
+    return torch.from_numpy(out)
+
+
+def read_batch(histories, users: Sequence[int], cfg: HSTUConfig, *, seed: int, step: int) -> JaggedBatch:
+    """What a data loader yields for these users at this step: their collated samples (keyed
+    by user id), each with its negatives. ``histories``: anything with ``items``, ``ratings``
+    and ``timestamps`` indexable by user (:class:`examples.hstu.data.Histories`)."""
+    users = [int(u) for u in users]
+    return collate([histories.items[u] for u in users], [histories.ratings[u] for u in users],
+                   [histories.timestamps[u] for u in users], cfg.max_len, keys=users,
+                   negatives=sample_negatives(cfg.num_items, cfg.num_negatives, seed, step, users))
 
 
 def global_batch_users(num_users: int, global_batch: int, seed: int, step: int) -> np.ndarray:
@@ -218,4 +430,3 @@ def global_batch_users(num_users: int, global_batch: int, seed: int, step: int) 
 
 def scale_tensor(count: float) -> torch.Tensor:
     return torch.tensor(float(max(count, 1.0)))
-

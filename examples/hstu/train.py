@@ -1,7 +1,8 @@
 """Train the HSTU example: ``torchrun --nproc_per_node=N examples/hstu/train.py ...``.
 
     --backend {eager,inductor,freescale}  --steps S  --batch-size B (global, sequences)
-    --seed K  [--data RATINGS_FILE]  [--out DIR]  [--eval]  [--bubbles DIR]
+    --seed K  [--attention {padded,jagged,dense}]  [--data RATINGS_FILE]  [--out DIR]  [--eval]
+    [--bubbles DIR]  [--balance METHOD]
 
 CPU ranks use gloo, GPU ranks NCCL. Without torchrun it runs as a single process. Rank 0
 writes ``DIR/summary.json`` (final_loss, losses, median_step_ms, recompiles, world_size,
@@ -9,11 +10,17 @@ backend, and hr@10/ndcg@10 with --eval) and, for freescale, the compile record u
 ``DIR/compile_record/``. ``--bubbles DIR`` turns the bubble meter on (``fsc.runtime.bubbles``):
 rank 0 writes ``DIR/bubbles.json``, ``DIR/trace.json`` (Perfetto) and ``DIR/bubbles.png``,
 and the summary gains ``bubble_fraction``, ``exposed_comm_ms`` and ``idle_ms``.
+
+The step itself (forward, backward, gradient all-reduce, optimizer) is :class:`Trainer`'s,
+which the benchmarks drive too. Every sample brings its own negatives, drawn for (seed,
+step, user), so ``--balance`` (which moves samples between ranks) trains the same maths.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import pathlib
@@ -21,6 +28,7 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -28,12 +36,17 @@ import torch.distributed as dist
 
 from examples.hstu.data import Histories, leave_one_out, load_movielens, synthetic_histories
 from examples.hstu.model import (
+    ATTENTION_FORMS,
     HSTU,
     HSTUConfig,
+    attention_layout,
     collate,
     global_batch_users,
+    mark_dynamic,
+    model_inputs,
     rank_metrics,
-    sample_negatives,
+    read_batch,
+    sample_cost,
     scale_tensor,
 )
 from examples.hstu.sharded import GradientBuckets
@@ -44,14 +57,70 @@ def token_lengths(histories: Histories, users: np.ndarray, max_len: int) -> np.n
     return np.array([max(min(len(histories.items[u]), max_len + 1) - 1, 0) for u in users], dtype=np.int64)
 
 
-def make_router(args: argparse.Namespace, world: int):
-    if args.balance == "none":
+def token_cost(lengths: np.ndarray) -> np.ndarray:
+    """A sample's cost as its token count (for the dense form, whose attention grows with the
+    rank's whole token count, not per sample)."""
+    return np.asarray(lengths, dtype=np.float64)
+
+
+def make_router(balance: str, cost: Callable[[np.ndarray], np.ndarray], world: int):
+    """A router whose balancer (``balance``: a :data:`fsc.runtime.balancer.METHODS` name, or
+    ``none``) assigns samples by ``cost``; None for ``none``."""
+    if balance == "none":
         return None
     from examples.hstu.routing import Router
-    from fsc.runtime.balancer import HSTU_EXAMPLE_COST, Balancer
+    from fsc.runtime.balancer import Balancer
 
-    cost = (lambda lengths: np.asarray(lengths, dtype=np.float64)) if args.balance_cost == "tokens" else HSTU_EXAMPLE_COST
-    return Router(Balancer(ranks=world, method=args.balance, cost=cost))
+    return Router(Balancer(ranks=world, method=balance, cost=cost))
+
+
+@dataclasses.dataclass(kw_only=True)
+class Trainer:
+    """One copy of the model in training and the example's training step: forward, backward,
+    the dense gradients' bucketed all-reduce, the optimizer. ``train`` below and the
+    benchmarks (``bench.e2e``, ``bench.waits``) drive this same step; they differ only in
+    what they measure around it."""
+
+    model: HSTU
+    step_fn: Callable[..., torch.Tensor]
+    """The model, compiled or not."""
+    buckets: GradientBuckets
+    opt: torch.optim.Optimizer
+    context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    """Entered around every call of the step function (compiles happen at calls)."""
+    marked: bool = False
+
+    @classmethod
+    def create(cls, cfg: HSTUConfig, *, lr: float, device: torch.device | None = None,
+               compile: Callable[[HSTU], tuple[Callable[..., torch.Tensor],
+                                              Callable[[], contextlib.AbstractContextManager]]] | None = None,
+               ) -> Trainer:
+        """A fresh model (seeded: every trainer starts from the same weights) with Adam;
+        ``compile(model) -> (step_fn, context)`` (default: eager)."""
+        model = HSTU(cfg).to(device or torch.device("cpu"))
+        step_fn, context = compile(model) if compile is not None else (model, contextlib.nullcontext)
+        return cls(model=model, step_fn=step_fn, buckets=GradientBuckets(model.dense_parameters()),
+                   opt=torch.optim.Adam(model.parameters(), lr=lr), context=context)
+
+    def step(self, inputs: Sequence[torch.Tensor], *,
+             sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
+        """One step on :func:`examples.hstu.model.model_inputs`; returns this rank's loss
+        (detached). ``sync()`` is entered around the gradient all-reduce's wait, where ranks
+        that finished early wait for the slowest (a meter's or profiler's marker)."""
+        if not self.marked:  # the token count changes every step: compile for any
+            mark_dynamic(inputs)
+            self.marked = True
+        with self.context():
+            loss = self.step_fn(*inputs)
+            loss.backward()
+            with sync():
+                self.buckets.wait()
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    def close(self) -> None:
+        self.buckets.remove()
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -70,7 +139,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dim", type=int, default=64)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=2)
-    p.add_argument("--negatives", type=int, default=128)
+    p.add_argument("--negatives", type=int, default=16,
+                   help="sampled negatives per sample (a rank looks up this many per sequence it trains)")
+    p.add_argument("--attention", choices=ATTENTION_FORMS, default="padded",
+                   help="attention form: padded per sequence (default), jagged (length-grouped), or dense over "
+                        "all of a rank's tokens (not a form users write; the one lower-attention recognises)")
+    p.add_argument("--attention-groups", type=int, default=4, help="groups of the jagged form")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.0,
                    help="HSTU uses 0.2 on MovieLens; compiled code draws different random numbers than eager")
@@ -80,9 +154,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--balance", choices=("none", "freescale", "kk-equal", "lpt", "round-robin", "random"), default="none",
                    help="assign the global batch's samples to ranks by cost (fsc.runtime.balancer); none: each "
                         "rank trains the samples it read")
-    p.add_argument("--balance-cost", choices=("tokens", "quadratic"), default="tokens",
-                   help="per-sample cost: tokens (this model's attention is dense over a rank's tokens, so its "
-                        "cost grows with the rank's token count) or a*L^2+b*L (jagged attention)")
+    p.add_argument("--balance-cost", choices=("tokens", "quadratic"), default="quadratic",
+                   help="per-sample cost: a*L^2+b*L from the model's config (per-sequence attention; "
+                        "examples.hstu.model.sample_cost), or tokens (for --attention dense, whose cost grows "
+                        "with the rank's whole token count)")
     p.add_argument("--bubbles", default=None, metavar="DIR",
                    help="measure compute / exposed communication / straggler idle per rank and step "
                         "(fsc.runtime.bubbles; step 0 and every 4th step after it are not metered); rank 0 "
@@ -161,13 +236,13 @@ def train(args: argparse.Namespace) -> dict:
     train_h, held_out = leave_one_out(histories)
     cfg = HSTUConfig(num_items=histories.num_items, num_ratings=histories.num_ratings, dim=args.dim,
                      heads=args.heads, layers=args.layers, max_len=args.max_len, num_negatives=args.negatives,
-                     dropout=args.dropout, seed=args.seed)
-    model = HSTU(cfg).to(device)
-    step_fn = compile_model(model, args)
-    buckets = GradientBuckets(model.dense_parameters())
-    opt = torch.optim.Adam(model.parameters(), lr=args.lr)
+                     dropout=args.dropout, seed=args.seed, attention=args.attention,
+                     attention_groups=args.attention_groups)
+    trainer = Trainer.create(cfg, lr=args.lr, device=device,
+                             compile=lambda model: (compile_model(model, args), contextlib.nullcontext))
+    model = trainer.model
     per_rank = args.batch_size // world
-    router = make_router(args, world)
+    router = make_router(args.balance, token_cost if args.balance_cost == "tokens" else sample_cost(cfg), world)
 
     def my_users(step: int) -> np.ndarray:
         return global_batch_users(len(train_h), args.batch_size, args.seed, step)[rank * per_rank : (rank + 1) * per_rank]
@@ -180,12 +255,18 @@ def train(args: argparse.Namespace) -> dict:
     graphs_after_first = 0
     progress = Progress(args.steps, rank == 0 and not args.quiet)
     meter = make_meter(args, rank, world)
+
+    @contextlib.contextmanager
+    def gradient_sync():
+        waited = time.perf_counter()
+        with meter.sync_wait("dense grad all-reduce"):  # ranks that finished early wait for the slowest
+            yield
+        wait_ms.append((time.perf_counter() - waited) * 1e3)
+
     for step in range(args.steps):
         with meter.step(step):
             start = time.perf_counter()
-            users = my_users(step)
-            batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
-                            [train_h.timestamps[u] for u in users], cfg.max_len)
+            batch = read_batch(train_h, my_users(step), cfg, seed=args.seed, step=step)
             if router is not None:
                 with meter.sync_wait("balance plan"):
                     plan = pending.result()
@@ -197,20 +278,9 @@ def train(args: argparse.Namespace) -> dict:
             trained = torch.tensor([float((batch.targets > 0).sum())])
             with meter.sync_wait("token count all-reduce"):
                 dist.all_reduce(trained)
-            tensors = [t.to(device) for t in batch.tensors()]
-            if step == 0:
-                for t in tensors:  # the token count changes every step: compile for any
-                    torch._dynamo.mark_dynamic(t, 0)
-            negatives = sample_negatives(cfg.num_items, cfg.num_negatives, args.seed, step, rank).to(device)
-            loss = step_fn(*tensors, negatives, scale_tensor(trained.item()).to(device))
-            loss.backward()
-            waited = time.perf_counter()
-            with meter.sync_wait("dense grad all-reduce"):
-                buckets.wait()  # ranks that finished their backward early wait here for the slowest
-            wait_ms.append((time.perf_counter() - waited) * 1e3)
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            total = loss.detach().clone()
+            inputs = [t.to(device) for t in model_inputs(batch, scale_tensor(trained.item()), cfg)]
+            loss = trainer.step(inputs, sync=gradient_sync)
+            total = loss.clone()
             with meter.sync_wait("loss all-reduce"):
                 dist.all_reduce(total)
             losses.append(total.item())
@@ -228,6 +298,7 @@ def train(args: argparse.Namespace) -> dict:
     dist.all_gather(waits, my_wait)
     summary = {
         "backend": args.backend,
+        "attention": cfg.attention,
         "world_size": world,
         "steps": args.steps,
         "batch_size": args.batch_size,
@@ -261,7 +332,7 @@ def train(args: argparse.Namespace) -> dict:
             import fsc
 
             fsc.last_compile().dump(out / "compile_record")
-    buckets.remove()
+    trainer.close()
     if router is not None:
         router.close()
     dist.barrier()
@@ -288,8 +359,9 @@ def evaluate(model: HSTU, train_h: Histories, held_out: np.ndarray, cfg: HSTUCon
         batch = collate([train_h.items[u] for u in users], [train_h.ratings[u] for u in users],
                         [train_h.timestamps[u] for u in users], cfg.max_len, with_targets=False)
         emb = model.item(batch.items.to(device))
+        layout = [t.to(device) for t in attention_layout(batch.offsets, cfg)]
         hidden = model.encode(emb, batch.ratings.to(device), batch.timestamps.to(device),
-                              batch.positions.to(device), batch.seq_ids.to(device))
+                              batch.positions.to(device), batch.seq_ids.to(device), *layout)
         last = hidden[(batch.offsets[1:] - 1).to(device)]
         if real:
             hit, ndcg = rank_metrics(last @ table.t(), torch.from_numpy(held_out[users]).to(device))

@@ -64,7 +64,6 @@ from fsc.runtime.balance_bounds import LowerBound, lower_bound
 
 __all__ = [
     "COUNT_RULES",
-    "HSTU_EXAMPLE_COST",
     "METHODS",
     "Assignment",
     "BalanceError",
@@ -94,17 +93,6 @@ class QuadraticCost:
     def __call__(self, lengths: np.ndarray) -> np.ndarray:
         length = np.asarray(lengths, dtype=np.float64)
         return self.a * length * length + self.b * length
-
-
-# Forward FLOPs of one layer of the HSTU example (examples/hstu/model.py) at HSTUConfig's
-# defaults (dim d=64, heads h=2, qk_dim=v_dim=32) with jagged causal attention:
-#   per token: uvqk 2*d*h*(2*v+2*qk) = 32768, out 2*h*v*d = 8192;
-#   per causal pair (L*(L+1)/2 of them): q.k 2*h*qk + a.v 2*h*v = 256.
-# a = 256/2 = 128, b = 32768 + 8192 + 128 = 41088. Layers, backward (about 2x forward) and
-# the device's speed scale every sample alike, so they do not change the assignment.
-# Pointwise work (SiLU, norms, the relative bias) is left out. The example's eager
-# attention is dense over all of a rank's tokens; these numbers assume the jagged kernel.
-HSTU_EXAMPLE_COST = QuadraticCost(a=128.0, b=41088.0)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -151,7 +139,10 @@ class Balancer:
     counts: str = "equal"  # "equal": n // R or one more per rank; "free": any, up to max_per_rank
     max_per_rank: int | None = None  # with counts="free" only
     method: str = "freescale"
-    cost: Callable[[np.ndarray], np.ndarray] = HSTU_EXAMPLE_COST  # lengths -> costs, for assign_lengths
+    # lengths -> costs, for assign_lengths: the model's own (e.g. QuadraticCost(a, b), or
+    # fsc.last_compile().sample_cost().evaluate for a model compiled on one sample); no default,
+    # since no constant fits every model
+    cost: Callable[[np.ndarray], np.ndarray] | None = None
     exact_max_samples: int = 12  # batches this small are solved exactly (branch and bound)
     search_nodes: int = 4_000  # the exact search's budget (~10 ms); a count, not a clock, keeps ranks in step
     refine_rounds: int = 12
@@ -184,6 +175,12 @@ class Balancer:
 
     def assign_lengths(self, lengths: np.ndarray, *, home: np.ndarray | None = None) -> Assignment:
         """:meth:`assign` with ``costs = self.cost(lengths)``."""
+        if self.cost is None:
+            raise BalanceError(
+                "assign_lengths needs a cost function: Balancer(cost=...), e.g. QuadraticCost(a=..., b=...) "
+                "for attention quadratic in a sample's length, or fsc.last_compile().sample_cost().evaluate; "
+                "or call assign() with per-sample costs"
+            )
         length = np.asarray(lengths)
         if length.ndim != 1:
             raise BalanceError(f"lengths must be 1-D (one per sample), got shape {length.shape}")

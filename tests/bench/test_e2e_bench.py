@@ -1,5 +1,7 @@
 """``python -m bench e2e``: a quick 2-rank run of a few backends (schema, finite numbers,
-README section, plot), option errors, and the TorchRec peer's model equivalence."""
+same first loss with and without balancing, README section, plot), the per-step shuffled
+order, ratios and verdicts over repeats, option errors, and the TorchRec peer's model
+equivalence."""
 
 from __future__ import annotations
 
@@ -10,9 +12,9 @@ import pathlib
 import pytest
 import torch
 
-from bench import e2e, e2e_torchrec
+from bench import e2e, e2e_report, e2e_torchrec
 
-ROW_KEYS = {"backend", "ranks", "median_step_ms", "samples_per_s", "bubble_fraction", "exposed_comm_ms",
+ROW_KEYS = {"backend", "ranks", "attention", "median_step_ms", "samples_per_s", "bubble_fraction", "exposed_comm_ms",
             "recompiles", "peak_mem_mb", "compile_s"}
 README = "# x\n\nbefore\n\n<!-- bench:e2e -->\nold table\n<!-- /bench:e2e -->\n\nafter\n"
 
@@ -25,7 +27,7 @@ def quick(tmp_path_factory):
     backends = ["eager", "fs-all"] + (["torchrec"] if e2e_torchrec.unavailable() is None else [])
     # freescale's inner compiler eager: the passes run, Inductor's C++ build (minutes on 2 cores) does not
     argv = ["--quick", "--backends", ",".join(backends), "--fs-inner", "eager", "--readme", str(readme),
-            "--timeout", "240"]
+            "--timeout", "240", "--twin", "eager"]
     assert e2e.run(argv, str(tmp / "e2e.json")) == 0
     return json.loads((tmp / "e2e.json").read_text()), readme.read_text(), tmp, backends
 
@@ -37,7 +39,7 @@ def _finite(value) -> bool:
 @pytest.mark.ranks
 def test_quick_run_writes_one_row_per_backend_with_the_issue_schema(quick):
     result, _, _, backends = quick
-    assert [r["backend"] for r in result["rows"]] == backends
+    assert [r["backend"] for r in result["rows"]] == [*backends, "eager-twin"]
     for row in result["rows"]:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
         assert row["ranks"] == 2
@@ -49,6 +51,7 @@ def test_quick_run_writes_one_row_per_backend_with_the_issue_schema(quick):
         assert row["recompiles"] == 0  # the token dimension is marked dynamic at the first step
         assert row["samples_per_s"] == pytest.approx(8 / (row["median_step_ms"] / 1e3))
         assert row["timed_steps"] == 4 and row["metered_steps"] == 2
+        assert row["attention"] == (e2e.PEER_FORMS.get(row["backend"].removesuffix("-twin")) or e2e.PEER_FORMS["inductor"])
 
 
 @pytest.mark.ranks
@@ -62,7 +65,25 @@ def test_freescale_all_compiles_with_every_technique(quick):
     assert {"overlap-schedule", "sm-free-collectives"} <= set(forward["passes"])
     assert rows["eager"]["graphs_compiled"] == 0
     assert any("inner compiler 'eager'" in note for note in result["notes"])
-    # (first losses differ from eager's: a rank draws its own negatives, and balancing moves samples)
+    assert fs["attention_lowering"].startswith(("lowered", "not lowered"))
+
+
+@pytest.mark.ranks
+def test_balanced_rows_start_from_the_same_loss_as_the_others(quick):
+    """Negatives travel with their sample: balancing moves samples, not the maths."""
+    result, _, _, _ = quick
+    rows = {r["backend"]: r for r in result["rows"]}
+    assert rows["fs-all"]["first_loss"] == pytest.approx(rows["eager"]["first_loss"], rel=1e-5)
+
+
+@pytest.mark.ranks
+def test_the_twin_runs_and_reports_its_ratio_to_the_original(quick):
+    result, _, _, _ = quick
+    twin = next(r for r in result["rows"] if r["backend"] == "eager-twin")
+    assert twin["twin_of"] == "eager" and len(twin["twin_ratio_per_repeat"]) == 1
+    assert twin["first_loss"] == pytest.approx(next(r for r in result["rows"] if r["backend"] == "eager")["first_loss"])
+    assert any(note.startswith("twin check, 2 ranks: eager-twin / eager") and "not checked: one repeat" in note
+               for note in result["notes"])
 
 
 @pytest.mark.ranks
@@ -81,10 +102,14 @@ def test_readme_section_is_rewritten_between_the_markers_only(quick):
     assert readme.startswith("# x\n\nbefore\n\n<!-- bench:e2e -->\n")
     assert readme.endswith("<!-- /bench:e2e -->\n\nafter\n")
     assert "old table" not in readme
-    assert "| backend | step ms | samples/s |" in readme
+    assert "| backend | attention | step ms | samples/s |" in readme
+    assert "| technique | row | step vs best peer (spread) |" in readme
     for name in backends:
         assert f"| {name} |" in readme
     assert "python -m bench e2e --json" in readme and "--quick" in readme and "load average" in readme
+    assert "2 ranks: fs-all takes" in readme and "best fair peer" in readme
+    assert "What these numbers do not show: there is no GPU here" in readme
+    assert "- 2 ranks, repeat 1:" in readme
 
 
 @pytest.mark.ranks
@@ -104,6 +129,10 @@ def test_plots_are_png_files(quick):
     (["--steps", "0"], "--steps"),
     (["--metered", "-1"], "--metered"),
     (["--data", "/nonexistent/ratings.csv"], "--data"),
+    (["--backends", "eager@flash"], "--backends"),
+    (["--twin", "inductor", "--backends", "eager"], "--twin"),
+    (["--repeats", "0"], "--repeats"),
+    (["--attention", "flash"], "--attention"),
     (["--readme", "/nonexistent/README.md"], "--readme"),
 ])
 def test_bad_options_fail_naming_the_option(argv, option, capsys):
@@ -121,10 +150,66 @@ def test_metered_steps_are_spread_among_timed_ones():
 
 
 def test_table_prints_missing_numbers_as_dashes():
-    row = {"backend": "x", "median_step_ms": 10.0, "samples_per_s": 3200.0, "step_vs_best_competitor": None,
-           "bubble_fraction": None, "exposed_comm_ms": None, "recompiles": 0, "peak_mem_mb": 512.4,
-           "compile_s": float("nan")}
-    assert e2e.table([row]).splitlines()[-1] == "| x | 10.0 | 3200.0 | - | - | - | 0 | 512 | - |"
+    row = {"backend": "x", "attention": "padded", "median_step_ms": 10.0, "samples_per_s": 3200.0,
+           "step_vs_best_competitor": None, "bubble_fraction": None, "exposed_comm_ms": None, "recompiles": 0,
+           "peak_mem_mb": 512.4, "compile_s": float("nan")}
+    assert e2e_report.table([row]).splitlines()[-1] == "| x | padded | 10.0 | 3200.0 | - | - | - | - | 0 | 512 | - |"
+
+
+def test_step_order_is_shuffled_per_step_the_same_on_every_rank():
+    orders = [e2e.step_order(5, 0, 0, step) for step in range(40)]
+    assert all(sorted(o) == list(range(5)) for o in orders)
+    assert orders == [e2e.step_order(5, 0, 0, step) for step in range(40)]  # a pure function: every rank agrees
+    assert orders != [e2e.step_order(5, 0, 1, step) for step in range(40)]  # another repeat, another order
+    # unlike a rotation, a configuration is preceded by different ones from step to step
+    before = {tuple(o[o.index(2) - 1 : o.index(2)]) for o in orders}
+    assert len(before) >= 4
+
+
+def _fake_rank(times: dict[str, list[float]]) -> dict:
+    names = list(times)
+    return {"step_ms": times, "warmup_ms": {n: [100.0] for n in names}, "graphs": dict.fromkeys(names, 1),
+            "recompiles": dict.fromkeys(names, 0), "first_loss": dict.fromkeys(names, 5.0),
+            "final_loss": dict.fromkeys(names, 4.0), "peak_rss_mb": 100.0, "peak_rss_after_warmup": True,
+            "bubbles": None, "passes": {}}
+
+
+def test_ratios_against_the_best_fair_peer_carry_their_spread_and_verdict():
+    args = e2e.parse(["--quick", "--backends", "eager,inductor,inductor@dense,fs-none,fs-all", "--twin", "inductor"])
+    # per repeat (two ranks each): inductor 10 ms; inductor@dense is faster but not a fair peer;
+    # fs-all 8-9 ms (faster in every repeat); fs-none straddles inductor; the twin matches it
+    per_repeat = [{"eager": 20, "inductor": 10, "inductor@dense": 5, "fs-none": 9.5, "fs-all": 8, "inductor-twin": 10.2},
+                  {"eager": 21, "inductor": 10, "inductor@dense": 5, "fs-none": 10.5, "fs-all": 9, "inductor-twin": 9.9},
+                  {"eager": 19, "inductor": 11, "inductor@dense": 5, "fs-none": 11, "fs-all": 9, "inductor-twin": 11}]
+    repeats = [[_fake_rank({n: [t, t, t] for n, t in rep.items()}) for _ in range(2)] for rep in per_repeat]
+    rows = {r["backend"]: r for r in e2e_report.world_rows(2, args.rows, repeats, {}, args)}
+    assert rows["inductor"]["verdict"] == "the reference" and rows["fs-all"]["best_competitor"] == "inductor"
+    assert rows["inductor@dense"]["attention"] == "dense"
+    assert rows["fs-all"]["ratio_spread"] == pytest.approx([0.8, 0.9]) and rows["fs-all"]["verdict"] == "faster"
+    assert rows["fs-all"]["step_vs_best_competitor"] == pytest.approx(9 / 11)
+    assert rows["fs-none"]["verdict"] == e2e_report.NO_DIFFERENCE
+    assert rows["eager"]["verdict"] == "slower"
+    assert rows["inductor-twin"]["twin_check"].startswith("ok")
+    assert e2e_report.verdict([0.9]) == "one repeat: no spread"
+    text = e2e_report.technique_table(list(rows.values()))
+    assert "| all (balancer, every pass, SM-free transport) | fs-all | 0.82 (0.80-0.90) | faster |" in text
+    assert e2e_report.repeat_figures(list(rows.values()))[0].startswith("inductor 10.0 ms; eager 2.00")
+
+
+def test_a_twin_that_differs_from_its_original_fails_the_check():
+    args = e2e.parse(["--quick", "--backends", "eager", "--twin", "eager"])
+    repeats = [[_fake_rank({"eager": [10.0] * 3, "eager-twin": [t] * 3})] for t in (11.0, 11.5)]
+    twin = e2e_report.world_rows(2, args.rows, repeats, {}, args)[1]
+    assert twin["twin_check"].startswith("FAILED")
+
+
+def test_peers_get_their_measured_forms_and_freescale_rows_the_inductor_peers():
+    args = e2e.parse(["--quick", "--backends", "eager,torchrec,inductor@padded,fs-all"])
+    forms = {r.name: r.attention for r in args.rows}
+    assert forms == {"eager": e2e.PEER_FORMS["eager"], "torchrec": e2e.PEER_FORMS["torchrec"],
+                     "inductor@padded": "padded", "fs-all": e2e.PEER_FORMS["inductor"]}
+    assert set(e2e.PEER_FORMS.values()) <= {"padded", "jagged"}  # never the dense form
+    assert {r.name: r.attention for r in e2e.parse(["--quick", "--attention", "dense"]).rows}["fs-all"] == "dense"
 
 
 def test_torchrec_peer_loads_the_example_initial_table():

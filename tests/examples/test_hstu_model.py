@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -17,8 +18,10 @@ from examples.hstu.model import (
     HSTUConfig,
     collate,
     global_batch_users,
+    mark_dynamic,
+    model_inputs,
     rank_metrics,
-    sample_negatives,
+    read_batch,
     scale_tensor,
 )
 
@@ -38,23 +41,26 @@ def tiny_histories(users: int = 24, seed: int = 5):
 
 
 def config(**kw) -> HSTUConfig:
-    base = dict(num_items=NUM_ITEMS, dim=16, heads=2, qk_dim=8, v_dim=8, layers=2, max_len=16, num_negatives=12, seed=3)
+    base = dict(num_items=NUM_ITEMS, dim=16, heads=2, qk_dim=8, v_dim=8, layers=2, max_len=16, num_negatives=5, seed=3)
     return HSTUConfig(**(base | kw))
 
 
-def step_inputs(step: int, rank: int, world: int, cfg: HSTUConfig):
-    """(tensors, negatives, global trained-token count) of one rank's share of a step."""
+def step_batches(step: int, world: int, cfg: HSTUConfig):
+    """Every rank's share of a step's global batch (as its loader reads it) and the global
+    trained-token count."""
     items, ratings, stamps = tiny_histories()
+    histories = types.SimpleNamespace(items=items, ratings=ratings, timestamps=stamps)
     users = global_batch_users(len(items), GLOBAL_BATCH, 0, step)
-    counts = []
-    out = []
     per = GLOBAL_BATCH // world
-    for r in range(world):
-        mine = users[r * per : (r + 1) * per]
-        batch = collate([items[u] for u in mine], [ratings[u] for u in mine], [stamps[u] for u in mine], cfg.max_len)
-        counts.append(float((batch.targets > 0).sum()))
-        out.append((batch.tensors(), sample_negatives(NUM_ITEMS, cfg.num_negatives, 0, step, r)))
-    return out[rank], out, sum(counts)
+    batches = [read_batch(histories, users[r * per : (r + 1) * per], cfg, seed=0, step=step) for r in range(world)]
+    return batches, sum(float((b.targets > 0).sum()) for b in batches)
+
+
+def step_inputs(step: int, rank: int, world: int, cfg: HSTUConfig):
+    """(model inputs of this rank, of every rank, global trained-token count) of one step."""
+    batches, count = step_batches(step, world, cfg)
+    everyone = [model_inputs(b, scale_tensor(count), cfg) for b in batches]
+    return everyone[rank], everyone, count
 
 
 def _sharded_vs_single(rank: int, world: int, steps: int):
@@ -74,13 +80,13 @@ def _sharded_vs_single(rank: int, world: int, steps: int):
     ref_params = dict(reference.named_parameters())
     worst_loss = worst_grad = 0.0
     for step in range(steps):
-        (tensors, negatives), everyone, count = step_inputs(step, rank, world, cfg)
-        loss = sharded(*tensors, negatives, scale_tensor(count))
+        inputs, everyone, count = step_inputs(step, rank, world, cfg)
+        loss = sharded(*inputs)
         loss.backward()
         buckets.wait()
         total = loss.detach().clone()
         dist.all_reduce(total)
-        ref_total = sum(reference(*t, n, scale_tensor(count)) for t, n in everyone)
+        ref_total = sum(reference(*i) for i in everyone)
         ref_total.backward()
         for name, p in sharded.named_parameters():
             ref_grad = ref_params[name].grad
@@ -132,13 +138,12 @@ def _compiled_vs_eager(rank: int, world: int, steps: int, backend: str, inner: s
     opts = [torch.optim.SGD(m.parameters(), lr=0.5) for m in (model, eager)]
     worst_loss = worst_grad = 0.0
     for step in range(steps):
-        (tensors, negatives), _, count = step_inputs(step, rank, world, cfg)
+        inputs, _, _ = step_inputs(step, rank, world, cfg)
         if step == 0:
-            for t in tensors:
-                torch._dynamo.mark_dynamic(t, 0)
-        ref = eager(*tensors, negatives, scale_tensor(count))
+            mark_dynamic(inputs)
+        ref = eager(*inputs)
         ref.backward()
-        got = compiled(*tensors, negatives, scale_tensor(count))
+        got = compiled(*inputs)
         got.backward()
         worst_loss = max(worst_loss, abs(got.item() - ref.item()))
         for p, q in zip(model.parameters(), eager.parameters()):
@@ -191,11 +196,10 @@ def _recompiles(rank: int, world: int, steps: int) -> tuple[int, int]:
     counters.clear()
     first = 0
     for step in range(steps):
-        (tensors, negatives), _, count = step_inputs(step, rank, world, cfg)
+        inputs, _, _ = step_inputs(step, rank, world, cfg)
         if step == 0:
-            for t in tensors:
-                torch._dynamo.mark_dynamic(t, 0)
-        compiled(*tensors, negatives, scale_tensor(count)).backward()
+            mark_dynamic(inputs)
+        compiled(*inputs).backward()
         if step == 0:
             first = counters["stats"]["unique_graphs"]
     return first, counters["stats"]["unique_graphs"]
@@ -282,6 +286,32 @@ def test_train_script_under_torchrun_writes_the_summary(tmp_path):
     assert summary["median_step_ms"] > 0 and summary["recompiles"] == 0
     assert 0.0 <= summary["hr@10"] <= 1.0 and 0.0 <= summary["ndcg@10"] <= summary["hr@10"]
     assert summary["eval_users"] == 40
+
+
+def _train_script(out, *extra: str) -> dict:
+    import json
+    import subprocess
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "examples.hstu.train", "--backend", "eager", "--steps", "2", "--batch-size", "8", "--seed", "2",
+        "--synthetic-users", "40", "--synthetic-items", "300", "--dim", "16", "--max-len", "12",
+        "--negatives", "4", "--quiet", "--out", str(out), *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.ranks
+def test_balanced_and_unbalanced_runs_start_from_the_same_loss(tmp_path):
+    """Negatives travel with their sample, so moving samples between ranks changes where
+    the work is done, not what is computed (it did, when negatives were drawn per rank)."""
+    plain = _train_script(tmp_path / "plain")
+    balanced = _train_script(tmp_path / "balanced", "--balance", "freescale")
+    assert plain["attention"] == balanced["attention"] == "padded"
+    assert balanced["median_max_over_lb"] is not None  # the balancer ran
+    assert balanced["losses"][0] == pytest.approx(plain["losses"][0], rel=1e-6)
 
 
 @pytest.mark.ranks

@@ -8,26 +8,22 @@ import numpy as np
 import pytest
 import torch
 from dist_harness import run_ranks
-from test_hstu_model import GLOBAL_BATCH, config, tiny_histories
+from test_hstu_model import config, step_batches
 
-from examples.hstu.model import HSTU, collate, global_batch_users, sample_negatives, scale_tensor
+from examples.hstu.model import HSTU, model_inputs, scale_tensor
 
 pytestmark = pytest.mark.ranks
 
 
-def _read(rank: int, world: int, step: int, max_len: int):
-    items, ratings, stamps = tiny_histories()
-    users = global_batch_users(len(items), GLOBAL_BATCH, 0, step)
-    per = GLOBAL_BATCH // world
-    mine = users[rank * per : (rank + 1) * per]
-    return collate([items[u] for u in mine], [ratings[u] for u in mine], [stamps[u] for u in mine], max_len)
+def _read(rank: int, world: int, step: int, cfg):
+    return step_batches(step, world, cfg)[0][rank]
 
 
-def _grads(model, batch, negatives, count):
+def _grads(model, batch, count):
     import torch.distributed as dist
 
     model.zero_grad()
-    loss = model(*batch.tensors(), negatives, scale_tensor(count))
+    loss = model(*model_inputs(batch, scale_tensor(count), model.cfg))
     loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total)
@@ -49,17 +45,16 @@ def _routing_worker(rank: int, world: int):
     cfg = config()
     model = HSTU(cfg)
     router = Router(Balancer(ranks=world, cost=lambda n: np.asarray(n, dtype=np.float64) ** 2))
-    negatives = sample_negatives(cfg.num_items, cfg.num_negatives, 0, 0, 0)  # the same on every rank
     results = []
     for step in range(2):
-        batch = _read(rank, world, step, cfg.max_len)
+        batch = _read(rank, world, step, cfg)
         lengths = (batch.offsets[1:] - batch.offsets[:-1]).numpy()
         plan = router.plan_async(lengths).result()
         routed = router.route(batch, plan)
         count = torch.tensor([float((batch.targets > 0).sum())])
         dist.all_reduce(count)
-        loss_read, grads_read = _grads(model, batch, negatives, count.item())
-        loss_routed, grads_routed = _grads(model, routed, negatives, count.item())
+        loss_read, grads_read = _grads(model, batch, count.item())
+        loss_routed, grads_routed = _grads(model, routed, count.item())
         worst = max((grads_read[n] - grads_routed[n]).abs().max().item() for n in grads_read)
         # every sample arrived: the routed batch's items sum to the assigned samples' lengths
         assigned = plan.assignment.samples_of(rank)
@@ -68,6 +63,8 @@ def _routing_worker(rank: int, world: int):
             "tokens": int(routed.num_tokens), "expected_tokens": int(plan.lengths[assigned].sum()),
             "loss_gap": abs(loss_read - loss_routed), "worst_grad": worst,
             "items": sorted(routed.items.tolist()),
+            # every sample arrives with its own key and negatives
+            "samples": {k: n for k, n in zip(routed.keys.tolist(), routed.negatives.tolist())},
         })
     router.close()
     return results
@@ -83,19 +80,21 @@ def test_routed_batches_give_the_same_gradients_as_unrouted_ones(world):
         assert all(r["loss_gap"] <= 1e-5 and r["worst_grad"] <= 1e-5 for r in rows), rows
         # the union of what ranks train is the global batch
         everything = sorted(i for r in rows for i in r["items"])
-        read = sorted(i for r in range(world) for i in _read(r, world, step, config().max_len).items.tolist())
-        assert everything == read
+        read = [_read(r, world, step, config()) for r in range(world)]
+        assert everything == sorted(i for b in read for i in b.items.tolist())
+        arrived = {k: n for r in rows for k, n in r["samples"].items()}
+        assert arrived == {k: n for b in read for k, n in zip(b.keys.tolist(), b.negatives.tolist())}
 
 
 def _mismatch_worker(rank: int, world: int) -> str | None:
     from examples.hstu.routing import Router
     from fsc.runtime.balancer import Balancer
 
-    router = Router(Balancer(ranks=world))
-    batch = _read(rank, world, 0, 16)
+    router = Router(Balancer(ranks=world, cost=lambda n: np.asarray(n, dtype=np.float64)))
+    batch = _read(rank, world, 0, config())
     plan = router.plan((batch.offsets[1:] - batch.offsets[:-1]).numpy())
     try:
-        router.route(_read(rank, world, 1, 16), plan)
+        router.route(_read(rank, world, 1, config()), plan)
     except ValueError as exc:
         return str(exc)
     finally:

@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from fsc.runtime import (
-    HSTU_EXAMPLE_COST,
     METHODS,
     BalanceError,
     Balancer,
@@ -21,6 +20,10 @@ from fsc.runtime import (
     balance_search,
     lower_bound,
 )
+
+#: a per-sample cost of the shape attention models have (the HSTU example's per-layer
+#: forward FLOPs at its defaults); the library itself has no default cost
+COST = QuadraticCost(a=128.0, b=41088.0)
 
 
 def brute_force_optimum(costs: np.ndarray, ranks: int, lo: int, hi: int) -> float:
@@ -126,7 +129,7 @@ def heavy_tailed_lengths(kind: str, n: int, seed: int, max_len: int = 200) -> np
 def test_max_over_lower_bound_is_within_one_percent_on_heavy_tailed_batches(kind, ranks, counts):
     for seed in range(3):
         lengths = heavy_tailed_lengths(kind, 32 * ranks, seed)
-        result = Balancer(ranks=ranks, counts=counts).assign_lengths(lengths)
+        result = Balancer(cost=COST, ranks=ranks, counts=counts).assign_lengths(lengths)
         assert result.max_over_lb <= 1.01
         assert result.bound.name == "mean"  # no sample is heavy enough to set the bound here
         if counts == "equal":
@@ -177,14 +180,14 @@ def test_a_batch_where_one_start_leads_refinement_astray_is_still_balanced():
     from bench.balance import draw_lengths
 
     lengths = np.minimum(draw_lengths("lognormal", 256, np.random.default_rng([0, 9, 8, 1])), 2000)
-    assert Balancer(ranks=8).assign_lengths(lengths).max_over_lb <= 1.001
+    assert Balancer(cost=COST, ranks=8).assign_lengths(lengths).max_over_lb <= 1.001
 
 
 @pytest.mark.parametrize("counts", ["equal", "free"])
 def test_refinement_never_raises_the_largest_load_of_its_starting_point(counts):
     start_method = "kk-equal" if counts == "equal" else "lpt"
     for seed in range(5):
-        costs = HSTU_EXAMPLE_COST(heavy_tailed_lengths("zipf", 96, seed))
+        costs = COST(heavy_tailed_lengths("zipf", 96, seed))
         ours = Balancer(ranks=8, counts=counts).assign(costs)
         start = Balancer(ranks=8, counts=counts, method=start_method).assign(costs)
         assert ours.max_load <= start.max_load
@@ -194,7 +197,7 @@ def test_refinement_never_raises_the_largest_load_of_its_starting_point(counts):
 
 
 def test_assignment_is_a_pure_function_of_the_costs():
-    costs = HSTU_EXAMPLE_COST(heavy_tailed_lengths("zipf", 512, 3))
+    costs = COST(heavy_tailed_lengths("zipf", 512, 3))
     first = Balancer(ranks=16).assign(costs)
     again = Balancer(ranks=16).assign(list(costs))  # another container, another call
     assert np.array_equal(first.rank_of, again.rank_of)
@@ -218,7 +221,7 @@ def test_random_method_is_seeded():
 
 @pytest.mark.parametrize("method", METHODS)
 def test_every_method_gives_equal_counts_within_one_when_ranks_do_not_divide_the_batch(method):
-    costs = HSTU_EXAMPLE_COST(heavy_tailed_lengths("lognormal", 37, 0))
+    costs = COST(heavy_tailed_lengths("lognormal", 37, 0))
     result = Balancer(ranks=8, method=method).assign(costs)
     assert sorted(result.counts.tolist()) == [4] * 3 + [5] * 5
     assert sorted(np.concatenate([result.samples_of(r) for r in range(8)]).tolist()) == list(range(37))
@@ -275,7 +278,7 @@ def test_refinement_with_moves_unloads_a_rank_onto_another_beyond_its_starting_w
 
 
 def test_home_relabels_ranks_so_most_samples_stay_without_changing_loads():
-    costs = HSTU_EXAMPLE_COST(heavy_tailed_lengths("lognormal", 64, 1))
+    costs = COST(heavy_tailed_lengths("lognormal", 64, 1))
     home = np.repeat(np.arange(4), 16)
     plain = Balancer(ranks=4).assign(costs)
     kept = Balancer(ranks=4).assign(costs, home=home)
@@ -308,21 +311,21 @@ def test_more_ranks_than_samples_gives_each_sample_its_own_rank(counts):
 
 def test_more_ranks_than_samples_on_a_batch_too_large_for_exact_search():
     lengths = heavy_tailed_lengths("lognormal", 40, 2)
-    result = Balancer(ranks=64, exact_max_samples=0).assign_lengths(lengths)
+    result = Balancer(cost=COST, ranks=64, exact_max_samples=0).assign_lengths(lengths)
     assert result.counts.max() == 1
-    assert result.max_load == HSTU_EXAMPLE_COST(lengths).max() and result.max_over_lb == 1.0
+    assert result.max_load == COST(lengths).max() and result.max_over_lb == 1.0
 
 
 def test_zero_length_samples_are_assigned_and_cost_nothing():
     lengths = np.array([0, 50, 0, 0, 10, 0, 200, 0, 0, 30])
-    result = Balancer(ranks=3).assign_lengths(lengths)
+    result = Balancer(cost=COST, ranks=3).assign_lengths(lengths)
     assert sorted(np.concatenate([result.samples_of(r) for r in range(3)]).tolist()) == list(range(10))
-    assert result.loads.sum() == pytest.approx(HSTU_EXAMPLE_COST(lengths).sum())
+    assert result.loads.sum() == pytest.approx(COST(lengths).sum())
 
 
 @pytest.mark.parametrize("method", METHODS)
 def test_a_batch_of_only_zero_length_samples_is_balanced_by_definition(method):
-    result = Balancer(ranks=4, method=method).assign_lengths(np.zeros(64, dtype=np.int64))
+    result = Balancer(cost=COST, ranks=4, method=method).assign_lengths(np.zeros(64, dtype=np.int64))
     assert result.max_load == 0.0 and result.max_over_lb == 1.0
     assert (result.counts == 16).all()
 
@@ -435,7 +438,12 @@ def test_bad_costs_are_rejected(costs, message):
 )
 def test_bad_lengths_are_rejected(lengths, message):
     with pytest.raises(BalanceError, match=message):
-        Balancer(ranks=2).assign_lengths(lengths)
+        Balancer(cost=COST, ranks=2).assign_lengths(lengths)
+
+
+def test_assign_lengths_without_a_cost_function_says_how_to_give_one():
+    with pytest.raises(BalanceError, match=r"assign_lengths needs a cost function: Balancer\(cost=...\)"):
+        Balancer(ranks=2).assign_lengths(np.array([1, 2, 3]))
 
 
 def test_a_cost_function_returning_the_wrong_shape_is_rejected():

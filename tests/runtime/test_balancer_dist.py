@@ -52,7 +52,7 @@ def _worker(rank: int, world: int) -> dict:
     out: dict = {}
     # Identical assignments: each rank balances the all-gathered batch on its own.
     gathered = gather_lengths(local_lengths(rank))
-    assignment = Balancer(ranks=world).assign_lengths(gathered)
+    assignment = Balancer(ranks=world, cost=QuadraticCost(a=1.0, b=1.0)).assign_lengths(gathered)
     out["gathered"] = gathered
     out["rank_of"] = assignment.rank_of.copy()
 
