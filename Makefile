@@ -25,9 +25,10 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q --durations=25 tests
 
-# While you work: everything but the tests that start processes (marker `ranks`), in about a minute.
+# While you work: everything but the tests that start processes (marker `ranks`) or compile
+# through Inductor (marker `inductor`: g++ per graph); about 4 minutes warm on 2 cores.
 test-fast: $(STAMP)
-	$(PY) -m pytest -q -m "not ranks" tests
+	$(PY) -m pytest -q -m "not ranks and not inductor" tests
 
 # make bench: the end-to-end benchmark (results/e2e.json, results/e2e*.png, README table).
 # TorchRec 1.8.0 + fbgemm-gpu-cpu 1.8.0 install with --no-deps on torch 2.13 CPU (their own

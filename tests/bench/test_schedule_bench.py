@@ -37,6 +37,7 @@ def table(hstu) -> list[dict]:
         return schedule.score(zoo, "h100") + schedule.score(hstu, "h100", HSTU_SCHEDULERS)
 
 
+@pytest.mark.inductor
 def test_hstu_capture_gives_post_grad_aten_graphs_with_functional_all_to_alls(hstu):
     graphs = {g.kind: g.gm for g in hstu}
     assert set(graphs) == {"forward", "backward"}
@@ -54,6 +55,7 @@ def test_hstu_capture_gives_post_grad_aten_graphs_with_functional_all_to_alls(hs
     assert torch.ops.aten.silu.default not in targets
 
 
+@pytest.mark.inductor
 def test_rows_are_well_formed_and_every_scheduler_runs(table):
     expected = {("comm-first", s) for s in schedule.SCHEDULERS}
     expected |= {(g, s) for g in ("hstu-forward", "hstu-backward") for s in HSTU_SCHEDULERS}
@@ -69,6 +71,7 @@ def test_rows_are_well_formed_and_every_scheduler_runs(table):
     assert len(lines) == 1 and lines[0].split()[:2] == ["h100", "comm-first"]
 
 
+@pytest.mark.inductor
 def test_inductor_overlap_hides_the_exchange_that_program_order_exposes(table):
     by = {(r["graph"], r["scheduler"]): r for r in table}
     assert by["comm-first", "none"]["exposed_comm_ms"] > 0

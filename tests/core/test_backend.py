@@ -20,7 +20,7 @@ from examples.tinyrec import TinyRec
 from fsc.backend import InductorPass
 from fsc.inspect import SubgraphRecord
 
-INNERS = ["eager", "inductor"]
+INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.inductor)]
 
 
 def tiny_rec():
@@ -85,6 +85,7 @@ def test_unexpected_backend_argument_is_named():
         fsc.freescale(gm, [torch.ones(2)], dynamic=True)
 
 
+@pytest.mark.inductor
 def test_inductor_mode_is_forwarded():
     f = torch.compile(lambda x: x * 2 + 1, backend="freescale", mode="max-autotune-no-cudagraphs")
     torch.testing.assert_close(f(torch.arange(3.0)), torch.arange(3.0) * 2 + 1)
@@ -232,6 +233,7 @@ def test_inductor_pass_uuid_is_stable_and_tracks_the_configuration():
     assert len({a.uuid(), c.uuid(), d.uuid()}) == 3
 
 
+@pytest.mark.inductor
 def test_inductor_cache_hit_still_has_a_record(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     from torch._inductor import config as inductor_config
@@ -507,6 +509,7 @@ def test_backward_served_from_cache_joins_a_record_whose_forward_ran_here(tmp_pa
     assert here.graphs["backward"].graph_after == "ours"
 
 
+@pytest.mark.inductor
 def test_record_with_inductor_cache_off_neither_reads_nor_writes_files(tmp_path, monkeypatch):
     """dump_dir (like verify and explain) turns Inductor's FX graph cache off: no entry is
     made, so no record is kept beside one, and none from an earlier run is shown."""
@@ -523,6 +526,7 @@ def test_record_with_inductor_cache_off_neither_reads_nor_writes_files(tmp_path,
     assert sorted(record.graphs()) == ["forward"]  # forward only ran: no backward from the earlier file
 
 
+@pytest.mark.inductor
 def test_aten_graphs_another_dynamo_graph_cached_still_have_their_records(tmp_path, monkeypatch):
     """Inductor's FX graph cache is keyed by the aten graph: two Dynamo graphs that differ
     only in names share their aten graphs, so the second is served entirely from the first's

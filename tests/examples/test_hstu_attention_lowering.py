@@ -68,7 +68,7 @@ def check(result) -> None:
     assert worst_grad <= 1e-5
 
 
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
+@pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
 def test_hstu_attention_is_lowered_and_training_equals_eager(inner):
     check(_compare(0, 1, 2, False, inner))
 

@@ -271,6 +271,7 @@ def test_grouped_path_is_exact_however_the_sequences_are_grouped(case, group_cos
     test_cpu_op_runs_the_grouped_path_matching_float64_reference(case, monkeypatch)
 
 
+@pytest.mark.inductor
 def test_grouped_path_takes_non_contiguous_inputs_and_returns_contiguous_gradients():
     """q, k, v as transposes of [H, T, D] tensors: the op's gradients are contiguous, as its
     fake implementation declares, so Inductor-compiled code can rely on them."""

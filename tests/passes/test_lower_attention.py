@@ -17,7 +17,7 @@ from fsc.kernels import jagged_attention
 from fsc.pass_manager import parse_pipeline, passes_for_stage
 from fsc.passes import LowerAttention
 
-INNERS = ["eager", "inductor"]
+INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.inductor)]
 
 
 class SasRecBlock(nn.Module):

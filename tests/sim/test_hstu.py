@@ -11,6 +11,9 @@ from sim.hstu import HSTUScale, HSTUStep
 from sim.lengths import LengthDistribution
 from sim.topology import Topology
 
+# Every test here compiles the HSTU example through Inductor (the capture, up to its post-grad graphs).
+pytestmark = pytest.mark.inductor
+
 TINY = HSTUScale(dim=32, heads=1, qk_dim=16, v_dim=16, layers=1, max_len=128, negatives=16, batch_per_rank=4,
                  num_items=1000)
 
