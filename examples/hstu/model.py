@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -271,14 +272,16 @@ class HSTULayer(nn.Module):
             av = self._per_sequence(q, k, v, *attention)
         return x + self.dropout(self.out(self.out_norm(av) * u))
 
-    def _dense(self, q, k, v, mask, rel_pos, time_bucket) -> torch.Tensor:
+    def _dense(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, rel_pos: torch.Tensor,
+               time_bucket: torch.Tensor) -> torch.Tensor:
         """All of the rank's tokens at once, block-diagonal causal mask (the ``dense`` form)."""
         scores = torch.einsum("thd,shd->hts", q, k)
         rab = (self.position_bias(rel_pos) + self.time_bias(time_bucket)).permute(2, 0, 1)
         attn = F.silu(scores + rab) / self.cfg.max_len * mask
         return torch.einsum("hts,shd->thd", attn, v).reshape(q.shape[0], -1)
 
-    def _per_sequence(self, q, k, v, token_index, groups) -> torch.Tensor:
+    def _per_sequence(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, token_index: torch.Tensor,
+                      groups: list[tuple[torch.Tensor, ...]]) -> torch.Tensor:
         """Each group of sequences padded to ``[n, H, N, N]`` (``padded``: one group)."""
         outs = []
         for index, mask, rel_pos, time_bucket in groups:
@@ -325,7 +328,7 @@ class HSTU(nn.Module):
         time_bucket = self._time_bucket(timestamps.unsqueeze(1) - timestamps.unsqueeze(0))
         return mask, rel_pos, time_bucket
 
-    def _group_inputs(self, pad_index: torch.Tensor, timestamps: torch.Tensor):
+    def _group_inputs(self, pad_index: torch.Tensor, timestamps: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """One padded group's gather index, mask and bias indices (``[n, N]``, ``[n, N, N]``;
         the position part is the same for every row, ``[N, N]``)."""
         valid = pad_index >= 0
@@ -412,7 +415,7 @@ def sample_negatives(num_items: int, count: int, seed: int, step: int, keys: Seq
     return torch.from_numpy(out)
 
 
-def read_batch(histories, users: Sequence[int], cfg: HSTUConfig, *, seed: int, step: int) -> JaggedBatch:
+def read_batch(histories: Any, users: Sequence[int], cfg: HSTUConfig, *, seed: int, step: int) -> JaggedBatch:
     """What a data loader yields for these users at this step: their collated samples (keyed
     by user id), each with its negatives. ``histories``: anything with ``items``, ``ratings``
     and ``timestamps`` indexable by user (:class:`examples.hstu.data.Histories`)."""
