@@ -203,6 +203,12 @@ def test_a_twin_that_differs_from_its_original_fails_the_check():
     assert twin["twin_check"].startswith("FAILED")
 
 
+def test_a_full_run_twins_inductor_unless_told_not_to():
+    assert [r.name for r in e2e.parse([]).rows][-1] == "inductor-twin"
+    assert "inductor-twin" not in [r.name for r in e2e.parse(["--twin", "none"]).rows]
+    assert "inductor-twin" not in [r.name for r in e2e.parse(["--quick"]).rows]
+
+
 def test_peers_get_their_measured_forms_and_freescale_rows_the_inductor_peers():
     args = e2e.parse(["--quick", "--backends", "eager,torchrec,inductor@padded,fs-all"])
     forms = {r.name: r.attention for r in args.rows}
