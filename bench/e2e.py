@@ -475,12 +475,26 @@ def _rank(rank: int, world: int, rows: list[Row], args: argparse.Namespace, mete
         return _train(rank, world, rows, args, metered, repeat)
 
 
+def phase_timeout(args: argparse.Namespace, world: int) -> float:
+    """``--timeout``, scaled by how many ranks share each cpu when there are more ranks than cpus."""
+    return args.timeout * max(1.0, world / (os.cpu_count() or 1))
+
+
+def rows_at(args: argparse.Namespace, rows: list[Row], world: int) -> list[Row]:
+    """Every row at an ablation world size; elsewhere the headline: peers, fs-all, twins."""
+    if world in args.ablate_ranks:
+        return rows
+    return [r for r in rows if r.variant.compiler != "freescale" or r.twin_of
+            or r.name.partition("@")[0] == "fs-all"]
+
+
 def _run_ranks(world: int, rows: list[Row], args: argparse.Namespace, metered: bool, cache: str,
                repeat: int = 0) -> list[dict[str, Any]]:
     """Train ``rows`` on ``world`` spawned ranks; ``cache``: the Inductor cache directory
     (``{rank}`` is replaced by the rank)."""
-    return run_gloo_ranks(_rank, world, rows, args, metered, cache, repeat, timeout=args.timeout,
-                          label=f"e2e ({', '.join(r.name for r in rows)}; --timeout)")
+    return run_gloo_ranks(_rank, world, rows, args, metered, cache, repeat, timeout=phase_timeout(args, world),
+                          label=f"e2e ({', '.join(r.name for r in rows)}; --timeout, scaled to "
+                                f"{phase_timeout(args, world):.0f} s at {world} ranks)")
 
 
 # ----------------------------------------------------------------------------- entry point
@@ -512,6 +526,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action=argparse.BooleanOptionalAction, default=None,
                    help="also run each row alone for compile time and peak memory (default on; quick off)")
     p.add_argument("--isolate-steps", type=int, default=4, help="steps after warm-up in the isolation pass")
+    p.add_argument("--ablate-ranks", type=int, nargs="+", default=None,
+                   help="world sizes that run every row; the others run the headline only: the peers, fs-all "
+                        "and the twin (default: the first --ranks value; 'all' rows everywhere: repeat --ranks)")
     p.add_argument("--isolate-ranks", type=int, nargs="+", default=[2],
                    help="world sizes that get the isolation pass (default 2; others report the shared run's)")
     p.add_argument("--batch-size", type=int, default=None, help="global batch, sequences (default 32; quick 8)")
@@ -527,7 +544,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--synthetic-users", type=int, default=None, help="default 2000; quick 200")
     p.add_argument("--synthetic-items", type=int, default=None, help="default 5000; quick 500")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--timeout", type=float, default=1500.0, help="seconds before one phase's ranks are killed")
+    p.add_argument("--timeout", type=float, default=1500.0,
+                   help="seconds before one phase's ranks are killed, at a world size no larger than the cpu "
+                        "count; scaled by world / cpus above it (ranks share cores, compiles take longer)")
     p.add_argument("--verbose", action="store_true", help="rank 0 prints every configuration's every step")
     p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:e2e --> section")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --json, e2e.png)")
@@ -585,6 +604,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
         parser.error(f"--metered must be >= 0, got {args.metered}")
     if args.timeout <= 0:
         parser.error(f"--timeout must be > 0, got {args.timeout}")
+    if args.ablate_ranks is None:
+        args.ablate_ranks = args.ranks[:1]
+    elif not set(args.ablate_ranks) <= set(args.ranks):
+        parser.error(f"--ablate-ranks {args.ablate_ranks} must be among --ranks {args.ranks}")
     for world in args.ranks:
         if world < 2:
             parser.error(f"--ranks: world sizes must be >= 2 (a sharded table needs two ranks), got {world}")
@@ -651,40 +674,73 @@ def run(argv: list[str], json_path: str) -> int:
     phases = []
     caches = tempfile.TemporaryDirectory(prefix="fsc-e2e-cache-")
     shared = os.path.join(caches.name, "shared")
+    failure: BaseException | None = None
     for world in args.ranks:
-        isolated: dict[str, list[dict[str, Any]]] = {}
-        if args.isolate and world in args.isolate_ranks:
-            alone = argparse.Namespace(**{**vars(args), "steps": args.isolate_steps, "metered": 0})
-            for row in rows:
-                load, t0 = os.getloadavg(), time.perf_counter()
-                own = os.path.join(caches.name, f"{world}-{row.name}")  # empty: a cold compile per rank
-                isolated[row.name] = _run_ranks(world, [row], alone, metered=False,
-                                                cache=os.path.join(own, "rank{rank}"))
-                phases.append({"ranks": world, "phase": f"isolated {row.name}", "wall_s": time.perf_counter() - t0,
-                               "load_before": load, "load_after": os.getloadavg()})
-                for rank_dir in pathlib.Path(own).glob("rank*"):  # content-addressed: merging is safe
-                    shutil.copytree(rank_dir, shared, dirs_exist_ok=True)
-        repeats = []
-        for repeat in range(args.repeats):
+        here = rows_at(args, rows, world)
+        try:
+            tables[world] = _world(world, here, args, caches.name, shared, phases, bubble_steps)
+        except (TimeoutError, RuntimeError) as e:  # keep what earlier world sizes measured
+            failure = e
+            notes.append(f"{world} ranks: not measured: {e}")
+            print(f"e2e: {notes[-1]}", file=sys.stderr)
+            if tables:
+                _write(args, argv, json_path, tables, bubble_steps, phases, notes, started, load_before)
+            break
+        if world not in args.ablate_ranks:
+            notes.append(f"{world} ranks: the headline only ({', '.join(r.name for r in here)}); the technique "
+                         f"rows run at {' and '.join(map(str, args.ablate_ranks))} ranks (--ablate-ranks).")
+        # written after every world size, so a later one that fails loses nothing measured before it
+        _write(args, argv, json_path, tables, bubble_steps, phases, notes, started, load_before)
+    caches.cleanup()
+    if failure is not None:
+        raise SystemExit(f"e2e: {failure}" + (f" (the world sizes before it are in {json_path})" if tables else ""))
+    return 0
+
+
+def _world(world: int, rows: list[Row], args: argparse.Namespace, caches: str, shared: str,
+           phases: list[dict[str, Any]], bubble_steps: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """The isolation pass (where asked) and the interleaved repeats at one world size; its rows."""
+    isolated: dict[str, list[dict[str, Any]]] = {}
+    if args.isolate and world in args.isolate_ranks:
+        alone = argparse.Namespace(**{**vars(args), "steps": args.isolate_steps, "metered": 0})
+        for row in rows:
             load, t0 = os.getloadavg(), time.perf_counter()
-            # one cache for every rank and world size, as a torchrun job on one host has by default
-            repeats.append(_run_ranks(world, rows, args, metered=True, cache=shared, repeat=repeat))
-            phases.append({"ranks": world, "phase": f"interleaved, repeat {repeat + 1}",
-                           "wall_s": time.perf_counter() - t0, "load_before": load, "load_after": os.getloadavg()})
-        tables[world] = e2e_report.world_rows(world, rows, repeats, isolated, args)
-        if world == args.ranks[0]:
-            for name in (r.name for r in rows):
-                bubble_steps[name] = [b for ranks in repeats for b in (ranks[0]["bubbles"] or {}).get(name, [])]
-        print(f"\n{world} ranks:\n{e2e_report.table(tables[world])}", flush=True)
-        for row in tables[world]:
-            if row.get("twin_check"):
-                print(f"twin: {row['backend']} / {row['twin_of']} = "
-                      f"{', '.join(f'{x:.3f}' for x in row['twin_ratio_per_repeat'])}: {row['twin_check']}")
+            own = os.path.join(caches, f"{world}-{row.name}")  # empty: a cold compile per rank
+            isolated[row.name] = _run_ranks(world, [row], alone, metered=False, cache=os.path.join(own, "rank{rank}"))
+            phases.append({"ranks": world, "phase": f"isolated {row.name}", "wall_s": time.perf_counter() - t0,
+                           "load_before": load, "load_after": os.getloadavg()})
+            for rank_dir in pathlib.Path(own).glob("rank*"):  # content-addressed: merging is safe
+                shutil.copytree(rank_dir, shared, dirs_exist_ok=True)
+    repeats = []
+    for repeat in range(args.repeats):
+        load, t0 = os.getloadavg(), time.perf_counter()
+        # one cache for every rank and world size, as a torchrun job on one host has by default
+        repeats.append(_run_ranks(world, rows, args, metered=True, cache=shared, repeat=repeat))
+        phases.append({"ranks": world, "phase": f"interleaved, repeat {repeat + 1}",
+                       "wall_s": time.perf_counter() - t0, "load_before": load, "load_after": os.getloadavg()})
+    table = e2e_report.world_rows(world, rows, repeats, isolated, args)
+    if not bubble_steps:
+        for name in (r.name for r in rows):
+            bubble_steps[name] = [b for ranks in repeats for b in (ranks[0]["bubbles"] or {}).get(name, [])]
+    print(f"\n{world} ranks:\n{e2e_report.table(table)}", flush=True)
+    for row in table:
+        if row.get("twin_check"):
+            print(f"twin: {row['backend']} / {row['twin_of']} = "
+                  f"{', '.join(f'{x:.3f}' for x in row['twin_ratio_per_repeat'])}: {row['twin_check']}")
+    return table
+
+
+def _write(args: argparse.Namespace, argv: list[str], json_path: str, tables: dict[int, list[dict[str, Any]]],
+           bubble_steps: dict[str, list[Any]], phases: list[dict[str, Any]], notes: list[str], started: float,
+           load_before: tuple[float, float, float]) -> None:
+    """results/e2e.json, the plots and the README section, from the world sizes measured so far."""
     data = f"MovieLens lengths ({args.data})" if args.data else (
         f"synthetic lognormal histories ({args.synthetic_users} users, {args.synthetic_items} items)")
     json_path = str(json_path)
     plot_path = args.plot or str(pathlib.Path(json_path).with_name("e2e.png"))
-    notes += _notes(args, tables)
+    for path in (json_path, plot_path):
+        pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    notes = notes + _notes(args, tables)
     result: dict[str, Any] = {
         "benchmark": "e2e",
         "setup": (f"{data}, dim={args.dim} heads={args.heads} layers={args.layers} max_len={args.max_len} "
@@ -736,9 +792,7 @@ def run(argv: list[str], json_path: str) -> int:
             print(f"wrote {bubbles_path}")
         except ImportError as e:
             result["notes"].append(f"no bubbles plot: {e}")
-    caches.cleanup()
     write_json(json_path, {k: v for k, v in result.items() if k != "tables"})
     if args.readme:
         replace_section(args.readme, "e2e", e2e_report.readme_section(result))
         print(f"updated {args.readme}")
-    return 0

@@ -134,6 +134,7 @@ def test_plots_are_png_files(quick):
     (["--repeats", "0"], "--repeats"),
     (["--attention", "flash"], "--attention"),
     (["--readme", "/nonexistent/README.md"], "--readme"),
+    (["--ablate-ranks", "4"], "--ablate-ranks"),
 ])
 def test_bad_options_fail_naming_the_option(argv, option, capsys):
     with pytest.raises(SystemExit) as exc:
@@ -240,3 +241,19 @@ def test_every_freescale_variant_builds_its_pipeline(name):
     assert any(isinstance(p, SmFreeCollectives) for p in passes) == ("smfree" in name or name == "fs-all"), names
     assert ("lower-attention" in names) == (name in ("fs-attn", "fs-all")), names
     assert ("overlap-schedule" in names) == (name in ("fs-overlap", "fs-all")), names
+
+
+def test_larger_world_sizes_run_the_headline_only_unless_asked():
+    args = e2e.parse(["--ranks", "2", "4"])
+    full = [r.name for r in e2e.rows_at(args, args.rows, 2)]
+    assert full == [r.name for r in args.rows] and "fs-lb" in full
+    assert [r.name for r in e2e.rows_at(args, args.rows, 4)] == [
+        "eager", "inductor", "inductor-overlap", "torchrec", "fs-all", "inductor-twin"]
+    both = e2e.parse(["--ranks", "2", "4", "--ablate-ranks", "2", "4"])
+    assert e2e.rows_at(both, both.rows, 4) == both.rows
+
+
+def test_the_phase_timeout_grows_when_ranks_outnumber_cpus(monkeypatch):
+    monkeypatch.setattr(e2e.os, "cpu_count", lambda: 2)
+    args = e2e.parse(["--timeout", "100"])
+    assert e2e.phase_timeout(args, 2) == 100 and e2e.phase_timeout(args, 4) == 200
