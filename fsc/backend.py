@@ -37,6 +37,7 @@ except ImportError:  # not POSIX
 import torch
 import torch.fx as fx
 
+from fsc import agreement, invariants
 from fsc.analysis.cost_model import CostModel, exchange_size_estimates, graph_cost
 from fsc.analysis.symbolic import NoHintError
 from fsc.analysis.timeline import estimate_timeline
@@ -69,6 +70,7 @@ def freescale(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> A
     if mode not in (None, "default") and config.inner != "inductor":
         raise OptionError(f"mode={mode!r} needs inner='inductor'; inner={config.inner!r} has no modes")
     record = STORE.new_subgraph(config, readable(gm))
+    record.frame = _frame_id(record)
     if passes_for_stage(config.passes, "pre-grad"):
         rewrite_graph(gm, PRE_GRAD, config, record)
     if config.inner == "eager":
@@ -78,6 +80,18 @@ def freescale(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> A
 
 PRE_GRAD = "pre-grad"
 """Kind of the Dynamo (torch IR) graph in records; the pre-grad passes run on it."""
+
+
+def _frame_id(record: SubgraphRecord) -> str:
+    """Dynamo's frame id of the graph being compiled (the same on every rank running the
+    same program; a recompile keeps it), or the record's serial outside Dynamo."""
+    from torch._guards import CompileContext
+
+    compile_id = CompileContext.current_compile_id()
+    if compile_id is None or compile_id.frame_id is None:
+        return f"call{record.serial}"
+    extra = "" if compile_id.compiled_autograd_id is None else f"ca{compile_id.compiled_autograd_id}."
+    return f"{extra}{compile_id.frame_id}"
 
 
 def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: SubgraphRecord) -> GraphRecord:
@@ -108,6 +122,8 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
                                       "lowering's layout checks); the aten graphs are verified")
     else:
         graph_record.estimate_before, _ = _estimate(gm, cost_model, graph_record)
+    if not pre_grad:
+        invariants.stamp_collective_ids(gm.graph)  # before the copy: both forms name collectives alike
     saved = clone_graph_module(gm)
     verifier = Verifier(gm, kind) if config.verify and not pre_grad else None
     try:
@@ -116,6 +132,8 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
         raise
     except PassFailedError as exc:
         if config.on_error == "raise":
+            if not pre_grad:  # the peers must not wait for this rank, nor run without it
+                _agree_on_graph(gm, saved, kind, config, record, graph_record, raised=str(exc))
             raise
         log.warning("freescale: %s; compiling the %s graph unrewritten", exc, kind)
         if pre_grad:
@@ -126,6 +144,8 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     finally:
         if verifier is not None:
             graph_record.notes.extend(verifier.notes)
+    if not pre_grad:
+        _agree_on_graph(gm, saved, kind, config, record, graph_record)
     gm.recompile()
     graph_record.graph_after = readable(gm)
     if pre_grad and graph_record.fallback is None and not any(p.modified or p.reasons for p in graph_record.passes):
@@ -151,6 +171,50 @@ def _note_size_estimates(record: SubgraphRecord, gm: fx.GraphModule) -> None:
         record.size_estimates = exchange_size_estimates(gm.graph)
     except Exception as exc:  # noqa: BLE001
         log.debug("freescale: no split-size estimates for the backward graph: %s", exc)
+
+
+def _agree_on_graph(
+    gm: fx.GraphModule | None,
+    saved: fx.GraphModule | None,
+    kind: str,
+    config: Config,
+    record: SubgraphRecord,
+    graph_record: GraphRecord,
+    *,
+    raised: str | None = None,
+    cached: bool = False,
+    wait: bool = True,
+) -> None:
+    """Agree with the peers of this graph's process groups on what it communicates
+    (:mod:`fsc.agreement`) before it first runs: fall back with them when a peer's passes
+    failed, raise with them on any difference. ``saved`` is the graph before the passes
+    (None when the code came from a cache and cannot change)."""
+    after = getattr(graph_record, "collectives", None) if cached else agreement.fingerprint(gm.graph)
+    before = agreement.fingerprint(saved.graph) if saved is not None else None
+    graph_record.collectives = after
+    if kind in record.agreed or not agreement.needed(after or before):
+        return
+    record.agreed.add(kind)
+    name = f"the {kind} graph of Dynamo frame {record.frame} (subgraph {record.serial})"
+    payload = agreement.Payload(
+        rank=torch.distributed.get_rank(),
+        rewritten=after if cached else None if graph_record.fallback is not None or raised is not None else after,
+        unrewritten=before,
+        fallback=graph_record.fallback,
+        raised=raised,
+        shapes=agreement.input_shapes((saved or gm).graph) if (saved or gm) is not None else [],
+        pipeline=config.pipeline,
+        cached=cached,
+    )
+    decision = agreement.agree(f"{record.frame}.{kind}", name, payload, timeout_s=config.agreement_timeout_s,
+                               wait=wait)
+    if decision.fall_back and graph_record.fallback is None and saved is not None:
+        log.warning("freescale: %s: %s", name, decision.why)
+        replace_graph_contents(gm.graph, saved.graph)
+        gm.recompile()
+        graph_record.fallback = decision.why
+        graph_record.collectives = before
+    graph_record.notes.append(f"collectives agreed across ranks in {decision.waited_s * 1e3:.1f} ms")
 
 
 def _restore_keeping_inputs(dst: fx.Graph, src: fx.Graph) -> None:
@@ -341,7 +405,24 @@ def _compile_inductor(
     compiled = compile_fx(gm, example_inputs, inner_compile=_noting_served(record, uuid, mode), config_patches=patches)
     if record.cache_path is not None and all(g.kind == PRE_GRAD for g in record.graphs.values()):
         _load_record(record)  # Inductor served the aten graphs from its cache: our passes did not run
+        # The backward runs after the forward: its peers may compile it only then, so publish it without waiting.
+        _agree_on_cached(record, ("forward", "inference"))
+        _agree_on_cached(record, ("backward",), wait=False)
     return compiled
+
+
+def _agree_on_cached(record: SubgraphRecord, kinds: tuple[str, ...], gm: fx.GraphModule | None = None,
+                     wait: bool = True) -> None:
+    """Agree on graphs whose code a cache served (their collectives come from the record
+    kept beside the entry; without one there is nothing to compare, and the record says so)."""
+    for kind in kinds:
+        graph_record = record.graphs.get(kind)
+        if graph_record is None or kind in record.agreed:
+            continue
+        if getattr(graph_record, "collectives", None) is None:
+            graph_record.notes.append("served from a cache without a record of its collectives: not agreed across ranks")
+            continue
+        _agree_on_graph(gm, None, kind, record.config, record, graph_record, cached=True, wait=wait)
 
 
 def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
@@ -374,6 +455,8 @@ def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
         made = any(id(g) not in before and g.kind != PRE_GRAD for g in record.graphs.values())
         if path is not None and not made and _adopt_cached_graph(record, path):
             _save_record(record)  # the Dynamo graph's record gains it too (for AOTAutograd cache hits)
+        if not made:  # served from the cache: our pass did not agree for it, so agree here
+            _agree_on_cached(record, ("backward",) if backward else ("forward", "inference"), gm)
         return out
 
     return inner

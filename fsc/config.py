@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from fsc.agreement import DEFAULT_TIMEOUT_S as DEFAULT_AGREEMENT_TIMEOUT_S
 from fsc.analysis.cost_model import DEVICE_PROFILES, DeviceProfile
 from fsc.errors import OptionError
 from fsc.pass_manager import default_pipeline, format_pipeline, parse_pipeline
@@ -35,6 +36,9 @@ class Config:
     verify: bool = False
     dump_dir: str | None = None
     on_error: str = "fallback"
+    agreement_timeout_s: float = DEFAULT_AGREEMENT_TIMEOUT_S
+    """How long a rank waits for its peers to agree on a newly compiled graph's collectives
+    (:mod:`fsc.agreement`) before raising."""
 
     @property
     def profile(self) -> DeviceProfile:
@@ -43,7 +47,8 @@ class Config:
 
     @staticmethod
     def option_names() -> tuple[str, ...]:
-        return ("passes", "inner", "device_profile", "memory_budget_gb", "verify", "dump_dir", "on_error")
+        return ("passes", "inner", "device_profile", "memory_budget_gb", "verify", "dump_dir", "on_error",
+                "agreement_timeout_s")
 
     @classmethod
     def from_options(cls, options: Mapping[str, Any] | None = None) -> Config:
@@ -51,6 +56,11 @@ class Config:
 
         Raises :class:`fsc.errors.OptionError` naming the first bad option and what is valid.
         """
+        if options is not None and not isinstance(options, Mapping):
+            raise OptionError(
+                f"options must be a dict of option names to values, got {type(options).__name__} {options!r}: "
+                "write options={'verify': True}, not options='verify=True'"
+            )
         options = dict(options or {})
         valid = cls.option_names()
         unknown = sorted(set(options) - set(valid))
@@ -77,6 +87,9 @@ class Config:
         on_error = options.get("on_error", "fallback")
         if not isinstance(on_error, str) or on_error not in ON_ERROR:
             raise OptionError(f"option 'on_error'={on_error!r} is not one of {', '.join(ON_ERROR)}")
+        timeout = options.get("agreement_timeout_s", DEFAULT_AGREEMENT_TIMEOUT_S)
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise OptionError(f"option 'agreement_timeout_s'={timeout!r} must be a number of seconds > 0")
         spec = options.get("passes")
         if spec is None:
             passes = default_pipeline()
@@ -98,6 +111,7 @@ class Config:
             verify=verify,
             dump_dir=dump_dir,
             on_error=on_error,
+            agreement_timeout_s=float(timeout),
         )
 
 

@@ -29,3 +29,9 @@ class InvariantError(PassFailedError):
 
 class VerificationError(PassFailedError):
     """``verify=True`` found that a pass changed the values a graph computes."""
+
+
+class AgreementError(FscError, RuntimeError):
+    """The ranks of a process group compiled a graph whose collectives differ, or could not
+    agree within the timeout. The message names the graph, the first difference and the
+    cause when known."""

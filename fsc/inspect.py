@@ -43,6 +43,9 @@ class GraphRecord:
     """:class:`fsc.analysis.cost_model.GraphCost` of the rewritten graph (sympy in its size symbols)."""
     notes: list[str] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
+    collectives: dict[str, list[str]] | None = None
+    """What the compiled graph communicates, per process group (:func:`fsc.agreement.fingerprint`):
+    what its ranks agreed on, kept so that a rank served this graph from a cache can agree too."""
 
     def pass_record(self, name: str) -> PassRecord:
         for record in self.passes:
@@ -85,6 +88,11 @@ class SubgraphRecord:
     dynamo_graph: str
     serial: int = 0
     """Process-wide number of this backend call (names its ``dump_dir`` folder)."""
+    frame: str = ""
+    """Dynamo's id of the frame this graph came from (identical on every rank that runs the
+    same program): with the graph's kind, the key under which ranks agree on it."""
+    agreed: set = dataclasses.field(default_factory=set)
+    """Kinds of this subgraph's aten graphs whose collectives this process has agreed on."""
     graphs: dict[str, GraphRecord] = dataclasses.field(default_factory=dict)
     notes: list[str] = dataclasses.field(default_factory=list)
     cache_path: Any = None

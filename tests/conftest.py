@@ -2,9 +2,12 @@
 modules import helpers from ``dist_harness``."""
 
 import logging
+import os
+import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
 
 
 @pytest.fixture(autouse=True)
@@ -22,6 +25,19 @@ def _one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def one_rank_group():
+    """The default process group on one gloo rank in this process (created if absent), so
+    graphs with real functional collectives can be traced and run; yields its name."""
+    created = not dist.is_initialized()
+    if created:
+        store = os.path.join(tempfile.mkdtemp(), "store")
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield dist.group.WORLD.group_name
+    if created:
+        dist.destroy_process_group()
 
 
 logging.getLogger("fsc").setLevel(logging.INFO)

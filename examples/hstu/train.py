@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import pathlib
@@ -158,23 +159,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-sample cost: a*L^2+b*L from the model's config (per-sequence attention; "
                         "examples.hstu.model.sample_cost), or tokens (for --attention dense, whose cost grows "
                         "with the rank's whole token count)")
+    p.add_argument("--pg-timeout", type=float, default=600.0, metavar="S",
+                   help="seconds any collective may wait for a peer before the process group raises "
+                        "(default 600; gloo's and NCCL's own default is 30 minutes)")
     p.add_argument("--bubbles", default=None, metavar="DIR",
                    help="measure compute / exposed communication / straggler idle per rank and step "
                         "(fsc.runtime.bubbles; step 0 and every 4th step after it are not metered); rank 0 "
                         "writes DIR/bubbles.json, DIR/trace.json, DIR/bubbles.png")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if not args.pg_timeout > 0:
+        p.error(f"--pg-timeout must be > 0, got {args.pg_timeout}")
+    return args
 
 
-def init_distributed() -> tuple[int, int, torch.device]:
-    """torchrun's environment when present; else one process."""
+def init_distributed(timeout_s: float = 600.0) -> tuple[int, int, torch.device]:
+    """torchrun's environment when present; else one process. ``timeout_s`` bounds every
+    wait of the process group (a frozen peer), instead of gloo's and NCCL's 30 minutes."""
     cuda = torch.cuda.is_available()
     # NCCL for the model's CUDA tensors, gloo for the small host-side counters
     backend = "cpu:gloo,cuda:nccl" if cuda else "gloo"
+    timeout = datetime.timedelta(seconds=timeout_s)
     if "RANK" in os.environ:
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timeout)
     else:
         store = tempfile.mktemp(prefix="hstu_store_")
-        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1)
+        dist.init_process_group(backend, init_method=f"file://{store}", rank=0, world_size=1, timeout=timeout)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     if cuda:
@@ -229,7 +238,7 @@ class Progress:
 def train(args: argparse.Namespace) -> dict:
     from torch._dynamo.utils import counters
 
-    rank, world, device = init_distributed()
+    rank, world, device = init_distributed(args.pg_timeout)
     if args.batch_size % world:
         raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the world size {world}")
     histories = load(args)

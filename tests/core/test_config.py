@@ -10,6 +10,7 @@ import pytest
 import fsc
 from fsc.analysis.cost_model import DEVICE_PROFILES
 from fsc.config import INNER_COMPILERS, ON_ERROR, Config
+from fsc.errors import OptionError
 from fsc.pass_manager import format_pipeline, parse_pipeline
 from fsc.passes import REGISTRY, OverlapSchedule
 
@@ -234,3 +235,15 @@ def test_passes_list_mixes_names_and_instances_in_order():
 def test_pipeline_rejects_an_option_given_twice():
     with pytest.raises(fsc.PipelineError, match="option 'sink_waits' is given twice"):
         fsc.parse_pipeline("overlap-schedule{sink_waits=false,sink_waits=true}")
+
+
+@pytest.mark.parametrize("options", ["verify=True", ["verify"], 3])
+def test_options_that_are_not_a_dict_get_an_option_error_saying_so(options):
+    with pytest.raises(OptionError, match="options must be a dict"):
+        Config.from_options(options)
+
+
+@pytest.mark.parametrize("value", [0, -1.0, "300", True])
+def test_agreement_timeout_must_be_a_positive_number(value):
+    with pytest.raises(OptionError, match="agreement_timeout_s"):
+        Config.from_options({"agreement_timeout_s": value})

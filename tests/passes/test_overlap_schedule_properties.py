@@ -4,8 +4,6 @@ the per-group collective order is kept, and the estimated peak stays within budg
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 import pytest
 import torch
@@ -27,16 +25,10 @@ OPS = ("relu", "mm", "add", "exchange_a", "exchange_b", "view", "rand")
 
 
 @pytest.fixture(scope="module")
-def groups():
+def groups(one_rank_group):
     """Two one-rank groups, so graphs can mix process groups."""
-    created = not dist.is_initialized()
-    if created:
-        store = os.path.join(tempfile.mkdtemp(), "store")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
     other = dist.new_group([0], backend="gloo")
-    yield dist.group.WORLD.group_name, other.group_name
-    if created:
-        dist.destroy_process_group()
+    return one_rank_group, other.group_name
 
 
 def build(program: list[tuple[str, int, int]], names: tuple[str, str]):

@@ -4,12 +4,9 @@ so chunking and reassembly are exercised end to end; several ranks: tests/exampl
 
 from __future__ import annotations
 
-import os
-import tempfile
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.fx.experimental.proxy_tensor import make_fx
 
 import fsc
@@ -22,14 +19,8 @@ c10d = torch.ops._c10d_functional
 
 
 @pytest.fixture(scope="module")
-def group():
-    created = not dist.is_initialized()
-    if created:
-        store = os.path.join(tempfile.mkdtemp(), "store")
-        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
-    yield dist.group.WORLD.group_name
-    if created:
-        dist.destroy_process_group()
+def group(one_rank_group):
+    return one_rank_group
 
 
 def ctx() -> fsc.PassContext:

@@ -481,3 +481,81 @@ def test_process_starttime_tells_live_from_gone():
 
     assert process_starttime(os.getpid()) > 0
     assert process_starttime(2**22 + 12345) is None
+
+
+# ------------------------------------------------------- stale segments of dead jobs
+
+
+def _dead_pid() -> int:
+    import subprocess
+
+    child = subprocess.Popen(["true"])
+    child.wait()
+    return child.pid
+
+
+def _segment(name: str, head: bytes, age_s: float) -> str:
+    path = os.path.join("/dev/shm", name)
+    with open(path, "wb") as f:
+        f.write(head + bytes(4096 - len(head)))
+    os.chmod(path, 0o600)
+    then = time.time() - age_s
+    os.utime(path, (then, then))
+    return name
+
+
+def test_stale_segments_are_removed_only_when_ours_with_a_dead_owner_and_old():
+    from fsc.runtime.transport import shm
+
+    dead, magic = _dead_pid(), shm._MAGIC.to_bytes(8, "little")
+    token = f"{os.getpid():x}abc"
+    stale = _segment(f"fsc-{token}-0-{dead}", magic, 120)
+    never_written = _segment(f"fsc-{token}-1-{dead}", b"", 120)
+    young = _segment(f"fsc-{token}-2-{dead}", magic, 0)
+    live = _segment(f"fsc-{token}-3-{os.getpid()}", magic, 120)
+    foreign = _segment(f"fsc-{token}-4-{dead}", b"not ours", 120)
+    other_name = _segment(f"fsc-notatoken-{dead}", magic, 120)
+    try:
+        removed = shm.remove_stale_segments()
+        assert sorted(n for n in removed if token in n) == sorted([stale, never_written])
+        left = _shm_names()
+        assert {young, live, foreign, other_name} <= left and not {stale, never_written} & left
+    finally:
+        for name in (stale, never_written, young, live, foreign, other_name):
+            shm._unlink(name)
+
+
+def _all_killed_in_setup_worker(rank: int, world: int) -> str:
+    from fsc.runtime.transport import shm
+
+    def die(*args: Any) -> None:  # every rank dies with its segment created, none unlinked
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    shm.agree = die
+    import torch.distributed as dist
+
+    import fsc.runtime.ops  # noqa: F401
+
+    _even(dist.group.WORLD)
+    return "survived"
+
+
+def _next_job_worker(rank: int, world: int) -> Any:
+    import torch.distributed as dist
+
+    import fsc.runtime.ops  # noqa: F401
+    from fsc.runtime.transport import shm
+
+    shm.STALE_AFTER_S = 0.0  # the dead job's segments are seconds old here, not minutes
+    return _even(dist.group.WORLD).sum().item()
+
+
+@pytest.mark.ranks
+def test_a_job_killed_in_setup_on_every_rank_leaves_segments_the_next_job_removes():
+    before = _shm_names()
+    results = _spawn(_all_killed_in_setup_worker, 2)
+    assert results == [("died", -signal.SIGKILL)] * 2
+    left = _shm_names() - before
+    assert len(left) == 2, left  # what the issue saw: 2 segments nobody removes
+    assert [_ok(r) for r in _spawn(_next_job_worker, 2)] == [8.0, 8.0]
+    assert not (_shm_names() & left)

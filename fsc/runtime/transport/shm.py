@@ -9,7 +9,9 @@ Every rank maps every peer's segment; once all have (a gather over the group), e
 unlinks its own name. From then on /dev/shm holds nothing of ours, whatever happens to the
 processes: the kernel frees the memory when the last mapping goes. Setup that fails after
 creating a segment unlinks its own name and, best effort, every peer's (a peer killed
-during setup cannot).
+during setup cannot). When every rank died during set-up, nobody could: the next set-up on
+the host removes such segments (:func:`remove_stale_segments`: our names, this user's, owner
+pid gone, older than ``STALE_AFTER_S``).
 
 **Layout of rank r's segment.** A control block (magic, pid, status, error message, the
 futex *doorbell* of rank r, and one counter per 64-byte line: ``head[p]``, bytes rank r has
@@ -63,6 +65,7 @@ import math
 import mmap
 import os
 import platform
+import re
 import struct
 import threading
 import time
@@ -119,6 +122,53 @@ def _pad(n: int) -> int:
 
 def segment_names(token: str, infos: Sequence[PeerInfo]) -> list[str]:
     return [f"{NAME_PREFIX}{token}-{info.rank}-{info.pid}" for info in infos]
+
+
+STALE_AFTER_S = 60.0
+"""A segment whose owner is gone is removed at the next set-up once it is this old (a live
+set-up unlinks its segment within seconds; the age also spares a set-up running in another
+pid namespace that shares /dev/shm)."""
+
+_SEGMENT_NAME = re.compile(rf"^{re.escape(NAME_PREFIX)}[0-9a-f]+-\d+-(\d+)$")
+
+
+def remove_stale_segments(min_age_s: float | None = None) -> list[str]:
+    """Unlink the segments whose owner died before unlinking them (every rank killed during
+    set-up): only names of our pattern, owned by this user, holding our header (or none yet),
+    whose owner pid is gone, older than ``min_age_s`` (default :data:`STALE_AFTER_S`).
+    Returns the names removed. Best effort: what cannot be read is left alone."""
+    min_age_s = STALE_AFTER_S if min_age_s is None else min_age_s
+    try:
+        names = os.listdir(SHM_DIR)
+    except OSError:
+        return []
+    removed = []
+    now = time.time()
+    for name in names:
+        match = _SEGMENT_NAME.match(name)
+        if match is None or process_starttime(int(match.group(1))) is not None:
+            continue
+        path = os.path.join(SHM_DIR, name)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            head = os.pread(fd, 8, 0)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        ours = head in (b"", bytes(8)) or int.from_bytes(head.ljust(8, b"\0"), "little") == _MAGIC
+        if st.st_uid != os.getuid() or not ours or now - st.st_mtime < min_age_s:
+            continue
+        _unlink(name)
+        removed.append(name)
+    if removed:
+        log.info("freescale: removed %d stale shared-memory segment(s) of dead processes: %s", len(removed),
+                 ", ".join(removed))
+    return removed
 
 
 def _unlink(name: str) -> None:
@@ -372,6 +422,7 @@ class ShmTransport(CopyEngineTransport):
         None and the reason when any rank could not set up, in which case all agree."""
         world = len(infos)
         names = segment_names(infos[0].token, infos)
+        remove_stale_segments()  # of earlier jobs whose ranks all died during set-up
         own: mmap.mmap | None = None
         peers: dict[int, mmap.mmap] = {}
         try:
