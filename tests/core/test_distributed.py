@@ -73,7 +73,9 @@ def _verify_worker(rank: int, world: int) -> list[tuple[str, bool, int]]:
         graphs = {k: g for k, g in fsc.last_compile().graphs().items() if k != "pre-grad"}
         assert set(graphs) == {"forward", "backward"}, sorted(graphs)
         modified = all(g.pass_record("overlap-schedule").modified for g in graphs.values())
-        out.append((inner, modified, sum(len(g.notes) for g in graphs.values())))
+        # notes other than the ranks' agreement on the collectives say what verify could not run
+        out.append((inner, modified, [n for g in graphs.values() for n in g.notes
+                                      if not n.startswith("collectives agreed across ranks")]))
     return out
 
 
@@ -81,7 +83,7 @@ def test_verify_runs_graphs_with_collectives_on_two_ranks():
     for rank_results in run_ranks(_verify_worker, 2):
         for inner, modified, notes in rank_results:
             assert modified, inner  # the pass rewrote both graphs and verification accepted them
-            assert notes == 0, inner  # verification ran (no "could not run" notes)
+            assert notes == [], inner  # verification ran (no "could not run" notes)
 
 
 @pytest.fixture(scope="module")
