@@ -188,7 +188,11 @@ def agree(
     fps = payload.rewritten if payload.rewritten is not None else payload.unrewritten
     groups = sorted(g for g in (fps or {}) if g != "(opaque)")
     ranks = _groups_ranks(groups) or list(range(dist.get_world_size()))
-    store = dist.distributed_c10d._get_default_store()
+    try:
+        store = dist.distributed_c10d._get_default_store()
+    except (RuntimeError, ValueError) as exc:  # a process group without a store: nothing to agree through
+        log.warning("freescale: %s: collectives not checked across ranks (no default store: %s)", graph_name, exc)
+        return Decision(fall_back=payload.rewritten is None)
     gen = _generations.get(slot, 0)
     _generations[slot] = gen + 1
     me = payload.rank
