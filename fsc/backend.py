@@ -214,7 +214,8 @@ def _agree_on_graph(
         gm.recompile()
         graph_record.fallback = decision.why
         graph_record.collectives = before
-    graph_record.notes.append(f"collectives agreed across ranks in {decision.waited_s * 1e3:.1f} ms")
+    graph_record.notes.append(f"collectives agreed across ranks in {decision.waited_s * 1e3:.1f} ms" if wait else
+                              "collectives published for the peers to check (a cached backward does not wait)")
 
 
 def _restore_keeping_inputs(dst: fx.Graph, src: fx.Graph) -> None:
