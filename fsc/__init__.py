@@ -9,7 +9,7 @@ from fsc.analysis.calibration import calibrate
 from fsc.analysis.cost_model import DEVICE_PROFILES, DeviceProfile
 from fsc.backend import freescale
 from fsc.config import Config
-from fsc.errors import AgreementError, FscError, InvariantError, OptionError, PassFailedError, PipelineError, VerificationError
+from fsc.errors import AgreementError, FscError, InvariantError, OptionError, PassFailedError, PipelineError, UnverifiedError, VerificationError
 from fsc.explain import explain
 from fsc.inspect import CompileRecord, compile_records, last_compile
 from fsc.pass_manager import PassManager, parse_pipeline
@@ -32,6 +32,7 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PipelineError",
+    "UnverifiedError",
     "VerificationError",
     "calibrate",
     "compile_records",

@@ -147,6 +147,10 @@ class Decision:
     """Every rank compiles the graph unrewritten (some rank's passes failed)."""
     why: str = ""
     waited_s: float = 0.0
+    alone: bool = False
+    """This rank and some peer do not run this compile together (one recompiled alone and
+    committed to it): anything that would run the graph's collectives outside a real step,
+    such as ``verify``'s check, would pair them with the peer's step."""
 
 
 def _groups_ranks(groups: Sequence[str]) -> list[int] | None:
@@ -240,7 +244,8 @@ def agree(
         sleep = min(sleep * 2, _POLL_S[1])
     accepted = {r: p for r, p in stale.items() if r not in got}  # only what the commit path accepted is left
     decision = decide(graph_name, me, got, accepted, committed)
-    return dataclasses.replace(decision, waited_s=time.monotonic() - start)
+    alone = bool(accepted) or any(r != me for r in committed)
+    return dataclasses.replace(decision, waited_s=time.monotonic() - start, alone=alone)
 
 
 def decide(graph_name: str, me: int, got: dict[int, Payload], accepted: dict[int, Payload] | None = None,

@@ -42,12 +42,12 @@ from fsc.analysis.cost_model import CostModel, exchange_size_estimates, graph_co
 from fsc.analysis.symbolic import NoHintError
 from fsc.analysis.timeline import estimate_timeline
 from fsc.config import Config
-from fsc.errors import OptionError, PassFailedError, VerificationError
+from fsc.errors import OptionError, PassFailedError
 from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
 from fsc.inspect import CACHE_NOTE, STORE, CompileRecord, GraphRecord, SubgraphRecord
 from fsc.pass_manager import PassManager, passes_for_stage
 from fsc.passes.base import PassContext
-from fsc.verify import Verifier
+from fsc.verify import CheckedOnFirstCall, Verifier, checked_on_first_call
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +74,11 @@ def freescale(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> A
     if passes_for_stage(config.passes, "pre-grad"):
         rewrite_graph(gm, PRE_GRAD, config, record)
     if config.inner == "eager":
-        return _compile_eager(gm, example_inputs, config, record)
-    return _compile_inductor(gm, example_inputs, config, record, mode)
+        compiled = _compile_eager(gm, example_inputs, config, record)
+    else:
+        compiled = _compile_inductor(gm, example_inputs, config, record, mode)
+    verifier = record.pending_checks.pop(PRE_GRAD, None)
+    return compiled if verifier is None else checked_on_first_call(compiled, verifier)
 
 
 PRE_GRAD = "pre-grad"
@@ -100,10 +103,11 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     graph (``forward``, ``backward``, ``inference``).
 
     A pass that fails (raises, or breaks an invariant) makes the graph compile unrewritten
-    with the reason logged and recorded, unless ``on_error="raise"``. A verification
-    failure always raises: the user asked for it. The pre-grad graph gets no timeline
-    estimate, cost, memory budget or verification (those read aten graphs), and is recorded
-    only when a pre-grad pass changed it or declined something.
+    with the reason logged and recorded, unless ``on_error="raise"``. With ``verify`` the
+    chain of rewrites is kept in ``record.pending_checks`` for the caller to check on the
+    graph's first call (:mod:`fsc.verify`). The pre-grad graph gets no timeline estimate,
+    cost or memory budget (those read aten graphs), and is recorded only when a pre-grad
+    pass changed it or declined something.
     """
     start = time.perf_counter()
     pre_grad = kind == PRE_GRAD
@@ -117,19 +121,14 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
     record.add(graph_record)
     if pre_grad:
         graph_record.notes.append("torch IR before AOTAutograd: no estimate or cost (those read the aten graphs)")
-        if config.verify:
-            graph_record.notes.append("verify does not run on the pre-grad graph (made-up inputs would break a "
-                                      "lowering's layout checks); the aten graphs are verified")
     else:
         graph_record.estimate_before, _ = _estimate(gm, cost_model, graph_record)
     if not pre_grad:
         invariants.stamp_collective_ids(gm.graph)  # before the copy: both forms name collectives alike
     saved = clone_graph_module(gm)
-    verifier = Verifier(gm, kind) if config.verify and not pre_grad else None
+    verifier = Verifier(kind, graph_record.notes, mode=config.verify, with_grads=pre_grad) if config.verify else None
     try:
         PassManager(passes, verifier=verifier).run(gm, ctx, graph_record.passes)
-    except VerificationError:
-        raise
     except PassFailedError as exc:
         if config.on_error == "raise":
             if not pre_grad:  # the peers must not wait for this rank, nor run without it
@@ -141,11 +140,19 @@ def rewrite_graph(gm: fx.GraphModule, kind: str, config: Config, record: Subgrap
         else:
             replace_graph_contents(gm.graph, saved.graph)
         graph_record.fallback = str(exc)
-    finally:
-        if verifier is not None:
-            graph_record.notes.extend(verifier.notes)
-    if not pre_grad:
-        _agree_on_graph(gm, saved, kind, config, record, graph_record)
+    alone = _agree_on_graph(gm, saved, kind, config, record, graph_record) if not pre_grad else False
+    if alone and config.verify:  # the Dynamo graph's check would run the same collectives alone too
+        for pending in (verifier, record.pending_checks.pop(PRE_GRAD, None)):
+            if pending is not None:
+                pending.unverifiable(f"this rank compiled the {kind} graph again without its peers (they run an "
+                                     "earlier compile with the same collectives): checking it would run its "
+                                     "collectives without them. Mark the varying sizes dynamic so the ranks "
+                                     "compile together")
+    elif verifier is not None:
+        if graph_record.fallback is not None:
+            verifier.discard("the graph compiles unrewritten")
+        elif verifier.pending:
+            record.pending_checks[kind] = verifier
     gm.recompile()
     graph_record.graph_after = readable(gm)
     if pre_grad and graph_record.fallback is None and not any(p.modified or p.reasons for p in graph_record.passes):
@@ -184,16 +191,17 @@ def _agree_on_graph(
     raised: str | None = None,
     cached: bool = False,
     wait: bool = True,
-) -> None:
+) -> bool:
     """Agree with the peers of this graph's process groups on what it communicates
     (:mod:`fsc.agreement`) before it first runs: fall back with them when a peer's passes
     failed, raise with them on any difference. ``saved`` is the graph before the passes
-    (None when the code came from a cache and cannot change)."""
+    (None when the code came from a cache and cannot change). True when this rank runs the
+    graph without its peers compiling it too (see :attr:`fsc.agreement.Decision.alone`)."""
     after = getattr(graph_record, "collectives", None) if cached else agreement.fingerprint(gm.graph)
     before = agreement.fingerprint(saved.graph) if saved is not None else None
     graph_record.collectives = after
     if kind in record.agreed or not agreement.needed(after or before):
-        return
+        return False
     record.agreed.add(kind)
     name = f"the {kind} graph of Dynamo frame {record.frame} (subgraph {record.serial})"
     payload = agreement.Payload(
@@ -216,6 +224,16 @@ def _agree_on_graph(
         graph_record.collectives = before
     graph_record.notes.append(f"collectives agreed across ranks in {decision.waited_s * 1e3:.1f} ms" if wait else
                               "collectives published for the peers to check (a cached backward does not wait)")
+    return decision.alone
+
+
+def _checked(compiled: Any, record: SubgraphRecord, kinds: tuple[str, ...]) -> Any:
+    """``compiled`` (boxed), checked on its first call when ``verify`` kept a rewrite of it."""
+    for kind in kinds:
+        verifier = record.pending_checks.pop(kind, None)
+        if verifier is not None:
+            return CheckedOnFirstCall(compiled, verifier)
+    return compiled
 
 
 def _restore_keeping_inputs(dst: fx.Graph, src: fx.Graph) -> None:
@@ -258,7 +276,7 @@ def _compile_eager(gm: fx.GraphModule, example_inputs: list[Any], config: Config
     def compiler(kind: str) -> Any:
         def compile_graph(graph_module: fx.GraphModule, _inputs: list[Any]) -> Any:
             rewrite_graph(graph_module, kind, config, record)
-            return make_boxed_func(graph_module.forward)
+            return _checked(make_boxed_func(graph_module.forward), record, (kind,))
 
         return compile_graph
 
@@ -458,7 +476,7 @@ def _noting_served(record: SubgraphRecord, uuid: Any, mode: str | None) -> Any:
             _save_record(record)  # the Dynamo graph's record gains it too (for AOTAutograd cache hits)
         if not made:  # served from the cache: our pass did not agree for it, so agree here
             _agree_on_cached(record, ("backward",) if backward else ("forward", "inference"), gm)
-        return out
+        return _checked(out, record, ("backward",) if backward else ("forward", "inference"))
 
     return inner
 

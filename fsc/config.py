@@ -33,7 +33,9 @@ class Config:
     """A profile name, or a :class:`fsc.analysis.cost_model.DeviceProfile` (e.g. from
     :func:`fsc.calibrate`)."""
     memory_budget_gb: float | None = None
-    verify: bool = False
+    verify: bool | str = False
+    """True: check each rewritten graph on its first call's inputs (:mod:`fsc.verify`), and
+    raise when a graph cannot be checked; ``"warn"``: warn instead of raising then."""
     dump_dir: str | None = None
     on_error: str = "fallback"
     agreement_timeout_s: float = DEFAULT_AGREEMENT_TIMEOUT_S
@@ -79,8 +81,8 @@ class Config:
             )
         budget = check_memory_budget("option 'memory_budget_gb'", options.get("memory_budget_gb"))
         verify = options.get("verify", False)
-        if not isinstance(verify, bool):
-            raise OptionError(f"option 'verify'={verify!r} must be True or False")
+        if not isinstance(verify, bool) and verify != "warn":
+            raise OptionError(f"option 'verify'={verify!r} must be True, False or 'warn'")
         dump_dir = options.get("dump_dir")
         if dump_dir is not None and not isinstance(dump_dir, str):
             raise OptionError(f"option 'dump_dir'={dump_dir!r} must be a path string or None")

@@ -31,6 +31,11 @@ class VerificationError(PassFailedError):
     """``verify=True`` found that a pass changed the values a graph computes."""
 
 
+class UnverifiedError(FscError, RuntimeError):
+    """``verify=True`` could not check a rewritten graph (the graph before the passes
+    itself failed on the first call's inputs). ``verify="warn"`` warns instead."""
+
+
 class AgreementError(FscError, RuntimeError):
     """The ranks of a process group compiled a graph whose collectives differ, or could not
     agree within the timeout. The message names the graph, the first difference and the

@@ -111,6 +111,10 @@ class SubgraphRecord:
     process (never written back: the file's copy is the writer's). A graph this process
     rewrites later replaces the cached one."""
 
+    pending_checks: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+    """``verify``: per graph kind, the :class:`fsc.verify.Verifier` of a rewrite made in this
+    process, until the backend wraps that graph's compiled code to check it on its first call."""
+
     aten_path: Any = None
     """While Inductor compiles one aten graph of this subgraph: where that graph's own
     record goes (see ``fsc.backend._noting_served``); None otherwise."""

@@ -131,7 +131,8 @@ class PassManager:
     After every pass it lints the graph and checks the static invariants
     (:mod:`fsc.invariants`). A pass that raises, or breaks an invariant, raises
     :class:`PassFailedError` naming it, with the original exception as ``__cause__``.
-    With a ``verifier``, every pass that modified the graph is checked for values too.
+    With a ``verifier``, every pass that modified the graph is handed to it (``verify``
+    keeps the chain and checks it on the graph's first call: :mod:`fsc.verify`).
     """
 
     def __init__(self, passes: Iterable[Pass], *, verifier: Verifier | None = None) -> None:

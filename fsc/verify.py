@@ -1,65 +1,46 @@
-"""``verify=True``: run a graph before and after each pass on the same inputs and compare.
+"""``verify=True``: check on the first call's real inputs that no pass changed a graph's values.
 
-Inputs are materialised from the example values AOTAutograd and Inductor attach to
-placeholders: floating tensors are drawn from a fixed-seed normal, integer and boolean
-tensors are zeros (valid indices and split sizes), symbolic sizes take their hints. The
-random-number state is the same for both runs. Graphs that contain collectives run them
-for real, once per run, on every rank alike (every rank compiles the same graph).
+While the passes run, the verifier keeps a copy of the graph before the first pass and after
+every pass that modified it. Nothing runs at compile time: made-up inputs cannot satisfy the
+layouts a lowering checks at run time, integer inputs made up as zeros hide a wrong index,
+and a backward whose inputs have data-dependent sizes cannot be made up at all. Instead the
+compiled graph is wrapped, and its first call runs the chain on copies of its real inputs:
+the graph before the passes, then after each pass, each compared with the one before within
+that pass's declared tolerance (exact for passes that only reorder). The first pass that
+changes a value raises :class:`fsc.errors.VerificationError` naming it, before the compiled
+code runs. Later calls go straight to the compiled code.
+
+* aten graphs (forward, backward, inference): their first call's inputs (for the backward,
+  the saved activations and the incoming gradients).
+* the pre-grad (Dynamo) graph, when a pre-grad pass such as ``lower-attention`` rewrote it:
+  outputs and the gradients of every input that requires one (for a random cotangent of
+  fixed seed), so a lowering's backward is checked too.
+
+The random-number state is the same for every run of the chain. Graphs with collectives
+run them for real, once per run, on every rank alike (the ranks agreed on the graph; see
+:mod:`fsc.agreement`). A graph that cannot be checked (the unrewritten graph itself raises on
+the real inputs) raises :class:`fsc.errors.UnverifiedError`, or with ``verify="warn"`` logs
+a warning, issues a Python warning and notes it in the record.
 """
 
 from __future__ import annotations
 
 import logging
+import time
+import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._subclasses.fake_tensor import unset_fake_temporarily
 from torch.utils._pytree import tree_flatten
 
-from fsc.analysis.symbolic import NoHintError, has_hint, hint
-from fsc.errors import VerificationError
+from fsc.errors import UnverifiedError, VerificationError
+from fsc.graph_utils import clone_graph_module
 
 log = logging.getLogger(__name__)
 
-
-class MissingExampleError(ValueError):
-    pass
-
-
-def _concrete(size: Any, what: str) -> int:
-    if not has_hint(size):
-        raise MissingExampleError(f"{what} has a data-dependent size {size.node.expr}; verify needs concrete sizes")
-    return int(hint(size))
-
-
-def materialize(value: Any, generator: torch.Generator, what: str = "input") -> Any:
-    if isinstance(value, torch.Tensor):
-        shape = [_concrete(s, what) for s in value.shape]
-        device = value.device if value.device.type != "meta" else torch.device("cpu")
-        if value.dtype.is_floating_point or value.dtype.is_complex:
-            out = torch.randn(shape, generator=generator, dtype=torch.float32).to(value.dtype)
-        else:
-            out = torch.zeros(shape, dtype=value.dtype)
-        return out.to(device).requires_grad_(False)
-    if isinstance(value, torch.SymInt):
-        return _concrete(value, what)
-    if isinstance(value, torch.SymFloat):
-        return float(hint(value))
-    if isinstance(value, torch.SymBool):
-        return bool(value.node.hint)
-    return value
-
-
-def example_inputs(gm: fx.GraphModule) -> list[Any]:
-    generator = torch.Generator().manual_seed(0)
-    inputs = []
-    with unset_fake_temporarily():
-        for node in gm.graph.find_nodes(op="placeholder"):
-            if "val" not in node.meta:
-                raise MissingExampleError(f"input {node.name} has no example value (meta['val'])")
-            inputs.append(materialize(node.meta["val"], generator, f"input {node.name}"))
-    return inputs
+Tolerance = tuple[float, float]
 
 
 def rng_devices() -> list[int]:
@@ -69,15 +50,42 @@ def rng_devices() -> list[int]:
     return []
 
 
-def _run(gm: fx.GraphModule, inputs: list[Any]) -> list[Any]:
+def _copy(x: Any, *, grad: bool = False) -> Any:
+    if not isinstance(x, torch.Tensor):
+        return x
+    out = x.detach().clone()
+    return out.requires_grad_(grad and x.requires_grad)
+
+
+def run_values(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
     """Outputs of ``gm`` on copies of ``inputs``, then those copies (a graph may write
     into its inputs, and those writes are results too)."""
-    cloned = [x.clone() if isinstance(x, torch.Tensor) else x for x in inputs]
+    cloned = [_copy(x) for x in inputs]
     with torch.random.fork_rng(devices=rng_devices()), torch.no_grad():
         torch.manual_seed(1234)
         out = gm(*cloned)
     flat, _ = tree_flatten(out)
     return flat + [x for x in cloned if isinstance(x, torch.Tensor)]
+
+
+def run_values_and_grads(gm: fx.GraphModule, inputs: Sequence[Any]) -> list[Any]:
+    """Like :func:`run_values`, plus the gradient of every input that requires one for a
+    fixed-seed random cotangent on every differentiable output (zeros where unused)."""
+    cloned = [_copy(x, grad=True) for x in inputs]
+    with torch.random.fork_rng(devices=rng_devices()), torch.enable_grad():
+        torch.manual_seed(1234)
+        out = gm(*cloned)
+        flat, _ = tree_flatten(out)
+        outputs = [o for o in flat if isinstance(o, torch.Tensor) and o.requires_grad]
+        leaves = [x for x in cloned if isinstance(x, torch.Tensor) and x.requires_grad]
+        grads: list[Any] = []
+        if outputs and leaves:
+            generator = torch.Generator().manual_seed(0)
+            cotangents = [torch.randn(o.shape, generator=generator).to(o.dtype).to(o.device) for o in outputs]
+            got = torch.autograd.grad(outputs, leaves, cotangents, allow_unused=True)
+            grads = [torch.zeros_like(x) if g is None else g for x, g in zip(leaves, got)]
+    values = [o.detach() if isinstance(o, torch.Tensor) else o for o in flat]
+    return values + [x.detach() for x in cloned if isinstance(x, torch.Tensor)] + grads
 
 
 def compare(before: list[Any], after: list[Any], rtol: float, atol: float) -> str | None:
@@ -104,33 +112,114 @@ def compare(before: list[Any], after: list[Any], rtol: float, atol: float) -> st
 
 
 class Verifier:
-    """Called by the pass manager after every pass that modified the graph."""
+    """Called by the pass manager after every pass that modified the graph: keeps the
+    chain of graphs, which :meth:`check` runs on the first call's inputs.
 
-    def __init__(self, gm: fx.GraphModule, graph_kind: str) -> None:
+    ``notes`` is the list the outcome is written to (the graph's record), ``mode`` is
+    ``True`` (a graph that cannot be checked raises) or ``"warn"``; ``with_grads`` checks
+    the gradients of the inputs too (the pre-grad graph, whose backward is not a graph of
+    its own yet)."""
+
+    def __init__(self, graph_kind: str, notes: list[str], *, mode: bool | str = True, with_grads: bool = False) -> None:
         self.graph_kind = graph_kind
-        self.notes: list[str] = []
-        try:
-            self.inputs: list[Any] | None = example_inputs(gm)
-        except (MissingExampleError, NoHintError) as exc:
-            self.inputs = None
-            self.notes.append(f"verify could not run on the {graph_kind} graph: {exc}")
-            log.warning("freescale: %s", self.notes[-1])
+        self.notes = notes
+        self.mode = mode
+        self.with_grads = with_grads
+        self.original: fx.GraphModule | None = None
+        self.steps: list[tuple[str, Tolerance, fx.GraphModule]] = []
 
-    def __call__(self, before: fx.GraphModule, after: fx.GraphModule, pass_name: str, tolerance: tuple[float, float] = (0.0, 0.0)) -> None:
-        if self.inputs is None:
+    def __call__(self, before: fx.GraphModule, after: fx.GraphModule, pass_name: str, tolerance: Tolerance = (0.0, 0.0)) -> None:
+        if self.original is None:
+            self.original = before  # the pass manager's own copy, taken before this pass
+        self.steps.append((pass_name, tolerance, clone_graph_module(after)))
+
+    @property
+    def pending(self) -> bool:
+        """True while there is a rewrite to check (not yet checked, not fallen back)."""
+        return bool(self.steps)
+
+    def discard(self, why: str) -> None:
+        """The graph compiles unrewritten after all: nothing to check."""
+        if self.steps:
+            self.notes.append(f"verify: nothing to check, {why}")
+        self.original, self.steps = None, []
+
+    def check(self, inputs: Sequence[Any]) -> None:
+        """Run the chain on copies of ``inputs``; raise at the first pass that changed a value."""
+        original, steps = self.original, self.steps
+        self.original, self.steps = None, []  # once: later calls go straight to the compiled code
+        if original is None or not steps:
             return
-        # Inductor calls passes under its fake mode; verification needs real tensors.
-        with unset_fake_temporarily():
+        run = run_values_and_grads if self.with_grads else run_values
+        what = f"the {self.graph_kind} graph" + (" (outputs and input gradients)" if self.with_grads else "")
+        start = time.perf_counter()
+        try:
+            expected = run(original, inputs)
+        except Exception as exc:  # noqa: BLE001 - the user's graph itself, not a pass
+            self._unverified(f"{what} before the passes raised on the first call's inputs "
+                             f"({type(exc).__name__}: {exc}); {', '.join(s[0] for s in steps)} unverified")
+            return
+        checked = []
+        for pass_name, tolerance, gm in steps:
             try:
-                expected = _run(before, self.inputs)
-            except Exception as exc:  # made-up inputs the graph cannot take: say so, don't guess
-                self.inputs = None
-                self.notes.append(
-                    f"verify could not run the {self.graph_kind} graph on made-up inputs "
-                    f"({type(exc).__name__}: {exc}); {pass_name} and later passes unverified"
-                )
-                log.warning("freescale: %s", self.notes[-1])
-                return
-            problem = compare(expected, _run(after, self.inputs), *tolerance)
-        if problem is not None:
-            raise VerificationError(pass_name, f"changed the values of the {self.graph_kind} graph: {problem}")
+                got = run(gm, inputs)
+            except Exception as exc:
+                raise VerificationError(pass_name, f"made {what} raise on the first call's inputs, which the graph "
+                                                   f"before it accepts: {type(exc).__name__}: {exc}") from exc
+            problem = compare(expected, got, *tolerance)
+            if problem is not None:
+                raise VerificationError(pass_name, f"changed the values of {what} on the first call's inputs: {problem}")
+            checked.append(pass_name)
+            expected = got
+        self.notes.append(f"verified on the first call's inputs ({len(expected)} values, "
+                          f"{(time.perf_counter() - start) * 1e3:.0f} ms): {', '.join(checked)} kept {what}'s values")
+
+    def unverifiable(self, message: str) -> None:
+        """The rewrite cannot be checked: raise :class:`UnverifiedError` now (or warn), and
+        keep nothing to check."""
+        steps = ", ".join(s[0] for s in self.steps)
+        self.original, self.steps = None, []
+        if steps:
+            self._unverified(f"{message}; {steps} unverified")
+
+    def _unverified(self, message: str) -> None:
+        if self.mode != "warn":
+            raise UnverifiedError(message)
+        self.notes.append(f"verify could not check: {message}")
+        log.warning("freescale: verify could not check: %s", message)
+        warnings.warn(f"freescale: verify could not check: {message}", RuntimeWarning, stacklevel=3)
+
+
+class CheckedOnFirstCall:
+    """A compiled aten graph (boxed calling convention: one list of arguments) whose first
+    call runs ``verifier.check`` on its inputs before the compiled code. Other attributes
+    are the compiled object's."""
+
+    def __init__(self, compiled: Callable[[list[Any]], Any], verifier: Verifier) -> None:
+        self._compiled = compiled
+        self._verifier: Verifier | None = verifier
+        # on the instance: wrappers (torch._dynamo.disable's functools.wraps) copy its __dict__
+        self._boxed_call = True
+
+    def __call__(self, args: list[Any]) -> Any:
+        verifier, self._verifier = self._verifier, None
+        if verifier is not None:
+            verifier.check(args)  # before the compiled code, which may free the arguments
+        return self._compiled(args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._compiled, name)
+
+
+def checked_on_first_call(compiled: Callable[..., Any], verifier: Verifier) -> Callable[..., Any]:
+    """The Dynamo-level callable (positional arguments) whose first call checks the
+    pre-grad rewrite on its inputs."""
+    state: dict[str, Verifier | None] = {"verifier": verifier}
+
+    def run(*args: Any) -> Any:
+        pending, state["verifier"] = state["verifier"], None
+        if pending is not None:
+            pending.check(args)
+        return compiled(*args)
+
+    return run

@@ -793,16 +793,17 @@ def _hstu_offsets(e: _Emitter, positions: fx.Node, seq_ids: fx.Node, n: int, che
     starts = e(operator.getitem, e(torch.sort, starts), 0)
     offsets = e(torch.cat, (starts, e(torch.full, (1,), t, dtype=torch.int64, device=device)))
     if check:
-        head, tail = slice(None, -1), slice(1, None)
-        pos_prev, pos_next = e(operator.getitem, positions, head), e(operator.getitem, positions, tail)
-        seq_prev, seq_next = e(operator.getitem, seq_ids, head), e(operator.getitem, seq_ids, tail)
-        cont = e(torch.logical_and, e(torch.eq, pos_next, e(operator.add, pos_prev, 1)),
-                 e(torch.eq, seq_next, seq_prev))
-        new = e(torch.logical_and, e(torch.eq, pos_next, 0), e(torch.gt, seq_next, seq_prev))
-        ok = e(torch.all, e(torch.logical_or, cont, new))
-        first = e(torch.all, e(torch.eq, e(operator.getitem, positions, slice(None, 1)), 0))
+        # Each token against the one before it, rolled rather than sliced: a [T - 1] slice
+        # would make Dynamo guard on T >= 3 (a contiguity test on fewer than 2 elements)
+        # and recompile for a batch of two tokens. Token 0 must start a sequence.
+        pos_prev, seq_prev = e(torch.roll, positions, 1), e(torch.roll, seq_ids, 1)
+        starts_seq = e(torch.eq, positions, 0)
+        cont = e(torch.logical_and, e(torch.eq, positions, e(operator.add, pos_prev, 1)),
+                 e(torch.eq, seq_ids, seq_prev))
+        new = e(torch.logical_and, starts_seq, e(torch.gt, seq_ids, seq_prev))
+        each = e(torch.where, e(torch.eq, idx, 0), starts_seq, e(torch.logical_or, cont, new))
         bounded = e(torch.all, e(torch.lt, positions, n))
-        ok = e(torch.logical_and, e(torch.logical_and, ok, first), bounded)
+        ok = e(torch.logical_and, e(torch.all, each), bounded)
         e(torch._assert_async, ok,
           "lower-attention: the HSTU attention was lowered to the jagged kernel assuming each sequence's "
           f"tokens are contiguous with positions 0, 1, 2, ... below N={n} and sequence ids rising from one "

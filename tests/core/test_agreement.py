@@ -146,17 +146,23 @@ def test_one_rank_recompiling_alone_raises_within_the_timeout_and_its_peer_fails
     assert r1["second"]["seconds"] < PG_TIMEOUT_S, r1
 
 
-def _lone_same_worker(rank: int, world: int) -> dict:
-    import fsc
-
+def _eager_and_static(**options) -> tuple[TwoExchanges, torch.nn.Module]:
+    """An eager model and a compiled copy with the same weights that recompiles for every
+    new length (no automatic dynamic shapes)."""
     torch._dynamo.config.automatic_dynamic_shapes = False
     torch.manual_seed(0)
     eager = TwoExchanges()
     module = TwoExchanges()
     module.load_state_dict(eager.state_dict())
     model = torch.compile(module, backend="freescale", fullgraph=True,
-                          options={"inner": "eager", "passes": "prioritize-collectives",
-                                   "agreement_timeout_s": NO_WAIT_S})
+                          options={"inner": "eager", "agreement_timeout_s": NO_WAIT_S} | options)
+    return eager, model
+
+
+def _lone_same_worker(rank: int, world: int) -> dict:
+    import fsc
+
+    eager, model = _eager_and_static(passes="prioritize-collectives")
     first = _attempt(lambda: model(*_inputs(rank, LONG)).item())
     inputs = _inputs(rank, LONG + 1 if rank == 0 else LONG)  # rank 0 recompiles; same order of exchanges
     second = _attempt(lambda: model(*inputs).item())
@@ -173,6 +179,45 @@ def test_one_rank_recompiling_alone_with_the_same_collectives_runs_on_after_a_gr
         assert abs(r["second"]["value"] - r["eager"]) <= 1e-4 * max(1.0, abs(r["eager"])), r
     assert STALE_GRACE_S <= r0["second"]["seconds"] < NO_WAIT_S / 2, r0
     assert any(n.startswith("collectives agreed across ranks in") for n in r0["notes"]), r0["notes"]
+
+
+def _lone_verify_worker(rank: int, world: int, verify) -> dict:
+    import warnings
+
+    import fsc
+
+    eager, model = _eager_and_static(passes="prioritize-collectives,overlap-schedule", verify=verify)
+    first = _attempt(lambda: model(*_inputs(rank, LONG)).item())
+    first_notes = fsc.last_compile().graphs()["forward"].notes
+    inputs = _inputs(rank, LONG + 1 if rank == 0 else LONG)  # rank 0 recompiles alone, same collectives
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        second = _attempt(lambda: model(*inputs).item())
+    if second["error"] is not None:  # the job is over: the peer is gone, no more collectives
+        return {"first": first, "first_notes": first_notes, "second": second}
+    notes = fsc.last_compile().graphs()["forward"].notes
+    return {"first": first, "first_notes": first_notes, "second": second, "eager": eager(*inputs).item(),
+            "notes": notes, "warnings": [str(w.message) for w in caught]}
+
+
+@pytest.mark.parametrize("verify", [True, "warn"])
+def test_verify_never_runs_the_collectives_of_a_lone_recompile(verify):
+    # checking rank 0's new graph would run its two all-to-alls while rank 1 runs its step:
+    # gloo would pair them with rank 1's. verify=True raises instead; "warn" runs unchecked.
+    r0, r1 = _run(_lone_verify_worker, 2, verify)
+    for r in (r0, r1):  # the first compile is checked on both ranks together
+        assert r["first"]["error"] is None, r
+        assert any(n.startswith("verified on the first call's inputs") for n in r["first_notes"]), r["first_notes"]
+    if verify is True:
+        assert r0["second"]["error"] == "UnverifiedError", r0
+        assert "without its peers" in r0["second"]["message"] and "overlap-schedule" in r0["second"]["message"]
+        assert r1["second"]["error"] is not None and r1["second"]["seconds"] < PG_TIMEOUT_S + 10, r1
+    else:
+        for r in (r0, r1):
+            assert r["second"]["error"] is None, r
+            assert abs(r["second"]["value"] - r["eager"]) <= 1e-4 * max(1.0, abs(r["eager"])), r
+        assert any("verify could not check" in n and "without its peers" in n for n in r0["notes"]), r0["notes"]
+        assert any("without its peers" in w for w in r0["warnings"]), r0["warnings"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

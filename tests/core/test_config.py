@@ -101,7 +101,11 @@ def test_config_rejects_non_positive_or_non_numeric_memory_budget(budget):
 
 @pytest.mark.parametrize("verify", [1, 0, "true", None])
 def test_config_rejects_non_bool_verify(verify):
-    option_error({"verify": verify}, "'verify'", repr(verify), "True or False")
+    option_error({"verify": verify}, "'verify'", repr(verify), "True, False or 'warn'")
+
+
+def test_config_accepts_verify_warn():
+    assert Config.from_options({"verify": "warn"}).verify == "warn"
 
 
 @pytest.mark.parametrize("dump_dir", [123, b"/tmp/x", ["/tmp"]])

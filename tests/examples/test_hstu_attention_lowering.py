@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 from dist_harness import run_ranks
-from test_hstu_model import config, step_inputs
+from test_hstu_model import NUM_ITEMS, config, step_inputs
 
 import fsc
-from examples.hstu.model import HSTU, mark_dynamic
+from examples.hstu.model import HSTU, collate, mark_dynamic, model_inputs, sample_negatives, scale_tensor
 from fsc.passes import LowerAttention
 
 
@@ -79,7 +80,8 @@ def test_hstu_attention_is_lowered_on_two_sharded_gloo_ranks():
         check(result)
 
 
-def test_hstu_lowering_checks_the_token_layout_at_run_time():
+@pytest.mark.parametrize("token", [1, 0])  # positions 0, 2, ...; a first token that starts at position 1
+def test_hstu_lowering_checks_the_token_layout_at_run_time(token):
     cfg = dataclasses.replace(lowering_config(), sharded=False)
     model = HSTU(cfg)
     compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
@@ -87,9 +89,42 @@ def test_hstu_lowering_checks_the_token_layout_at_run_time():
     compiled(*inputs)
     bad = list(inputs)
     bad[3] = bad[3].clone()
-    bad[3][1] += 1  # positions 0, 2, ...: not the layout the lowering assumed
+    bad[3][token] += 1  # not the layout the lowering assumed
     with pytest.raises(RuntimeError, match="lower-attention: the HSTU attention was lowered .* Remove 'lower-attention'"):
         compiled(*bad)
+
+
+def _batch_of(lengths: list[int], seed: int, cfg) -> list[torch.Tensor]:
+    rng = np.random.default_rng(seed)
+    keys = list(range(len(lengths)))
+    batch = collate([rng.integers(1, NUM_ITEMS, n) for n in lengths], [rng.integers(0, 10, n) for n in lengths],
+                    [np.cumsum(rng.integers(1, 10**6, n)) for n in lengths], cfg.max_len, keys=keys,
+                    negatives=sample_negatives(cfg.num_items, cfg.num_negatives, 0, seed, keys))
+    return model_inputs(batch, scale_tensor(float((batch.targets > 0).sum())), cfg)
+
+
+def _graphs_compiled(passes: str, cfg) -> int:
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    compiled = torch.compile(randomised(HSTU(cfg)), backend="freescale", options={"inner": "eager", "passes": passes},
+                             fullgraph=True)
+    counters.clear()
+    # sequences of n items give n - 1 tokens: 29, 20, 6, 3, then a batch of exactly two tokens, then 3
+    for step, lengths in enumerate([[9, 12, 5, 7], [4, 6, 11, 3], [3, 3, 3], [2, 3], [2, 2], [2, 2, 2]]):
+        inputs = _batch_of(lengths, step, cfg)
+        if step == 0:
+            mark_dynamic(inputs)
+        compiled(*inputs).backward()
+    return counters["stats"]["unique_graphs"]
+
+
+def test_hstu_lowering_adds_no_recompile_at_two_tokens():
+    cfg = dataclasses.replace(lowering_config(), sharded=False)
+    unlowered = _graphs_compiled("", cfg)
+    assert unlowered == 1  # one graph for every batch: the control
+    assert _graphs_compiled("lower-attention", cfg) == unlowered
+    assert fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowered"] == 2
 
 
 class Float32Buckets(HSTU):
