@@ -58,6 +58,7 @@ def rank_payload(rank: int, group: str, depths: list[int], lengths: list[int]) -
                              shapes=agreement.input_shapes(gm.graph), pipeline="prioritize-collectives,overlap-schedule")
 
 
+@pytest.mark.slow  # 25 examples of 2-3 traced ranks, about 6 s on 2 cores; the next test is the fast case
 @settings(max_examples=25, deadline=None)
 @given(depths=st.lists(st.integers(0, 3), min_size=2, max_size=4),
        sizes=st.lists(st.lists(st.sampled_from([1, 2, 64, 4096, 65536]), min_size=4, max_size=4),

@@ -245,6 +245,7 @@ def test_inductor_cache_hit_still_has_a_record(tmp_path, monkeypatch):
     assert os.listdir(tmp_path / "fsc_records")
 
 
+@pytest.mark.slow  # Dynamo and AOT autograd over symbolic shapes: about 11 s on 2 cores
 @pytest.mark.parametrize("inner", INNERS)
 def test_dynamic_lengths_compile_once_with_estimates_at_the_hint(inner):
     from torch._dynamo.utils import counters

@@ -3,6 +3,7 @@ their own measurements differ, and the profile drives compilation."""
 
 from __future__ import annotations
 
+import functools
 import math
 
 import pytest
@@ -10,6 +11,7 @@ import torch
 from dist_harness import run_ranks
 
 import fsc
+from fsc.analysis import calibration
 from fsc.analysis.calibration import agree, calibrate, fit_link, measure_compute, time_collectives
 
 
@@ -19,7 +21,11 @@ def test_measure_compute_returns_positive_finite_numbers():
     assert all(math.isfinite(v) and v > 0 for v in measured.values())
 
 
-def test_calibrate_without_process_group_replaces_compute_numbers_only():
+def test_calibrate_without_process_group_replaces_compute_numbers_only(monkeypatch):
+    # which numbers calibrate replaces does not depend on the measurement's size: a 128^2
+    # matmul and a 1 MiB copy, not the defaults (1024^2 in bf16 and 64 MiB: ~7 s on 2 CPU cores)
+    small = functools.partial(measure_compute, matmul=128, copy_bytes=2**20)
+    monkeypatch.setattr(calibration, "measure_compute", small)
     profile = calibrate("h100", repeats=1)
     base = fsc.DEVICE_PROFILES["h100"]
     assert profile.name == "h100-calibrated-max"

@@ -114,6 +114,7 @@ def test_length_groups_are_the_cheapest_split(seed):
     assert cost == brute_force_groups(lengths, 3)
 
 
+@pytest.mark.slow  # a dynamic-shape Dynamo trace of the whole example: 12-23 s on 2 cores
 @pytest.mark.parametrize("form", ["padded", "jagged"])
 def test_per_sequence_forms_compile_once_and_match_eager_as_batches_change(form):
     torch._dynamo.config.capture_scalar_outputs = True

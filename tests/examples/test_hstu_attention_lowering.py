@@ -69,6 +69,9 @@ def check(result) -> None:
     assert worst_grad <= 1e-5
 
 
+# Every test here traces the whole example (2-9 s each on 2 cores): marked slow, so make
+# test-fast leaves them to make test; tests/passes/test_lower_attention.py is the fast signal.
+@pytest.mark.slow
 @pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
 def test_hstu_attention_is_lowered_and_training_equals_eager(inner):
     check(_compare(0, 1, 2, False, inner))
@@ -80,6 +83,7 @@ def test_hstu_attention_is_lowered_on_two_sharded_gloo_ranks():
         check(result)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("token", [1, 0])  # positions 0, 2, ...; a first token that starts at position 1
 def test_hstu_lowering_checks_the_token_layout_at_run_time(token):
     cfg = dataclasses.replace(lowering_config(), sharded=False)
@@ -119,6 +123,7 @@ def _graphs_compiled(passes: str, cfg) -> int:
     return counters["stats"]["unique_graphs"]
 
 
+@pytest.mark.slow
 def test_hstu_lowering_adds_no_recompile_at_two_tokens():
     cfg = dataclasses.replace(lowering_config(), sharded=False)
     unlowered = _graphs_compiled("", cfg)
@@ -138,6 +143,7 @@ class Float32Buckets(HSTU):
         return mask, rel_pos, time_bucket
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model_cls, buckets, options, lowered", [
     (Float32Buckets, 32, {}, 0),  # can differ: declined by default
     (Float32Buckets, 20, {}, 2),  # the clamp hides the difference

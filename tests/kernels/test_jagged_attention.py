@@ -59,28 +59,52 @@ LOW_PRECISION_CASES = [
 ]
 
 
+# The fast subset (make test-fast) keeps one interpreter case per kernel mode: masks, both bias
+# tables, an empty and a length-1 sequence, and one crossing a block boundary (about 3 s each
+# under the interpreter). The rest of the sweep, the 16-bit cases and opcheck through the
+# interpreter (about 1-8 s each, 67 s together on 2 cores) are marked slow: make test runs them.
+REPRESENTATIVE = (
+    Case(mode="hstu", lengths=(1, 7, 0, 40), **MASKS, **BIAS),
+    Case(mode="softmax", lengths=(1, 7, 0, 40), **MASKS, **BIAS),
+)
+
+
+def slow_unless_representative(sweep: list[Case]) -> list:
+    return [case if case in REPRESENTATIVE else pytest.param(case, marks=pytest.mark.slow) for case in sweep]
+
+
+def test_fast_subset_keeps_an_interpreter_case_per_kernel_mode():
+    assert all(case in FP32_CASES for case in REPRESENTATIVE)
+    assert {case.mode for case in REPRESENTATIVE} == {"hstu", "softmax"}
+
+
 def test_worker_runs_triton_in_interpreter_mode(interpreter):
     assert interpreter.submit(cases.interpreted).result() is True
 
 
-@pytest.mark.parametrize("case", FP32_CASES, ids=str)
+@pytest.mark.parametrize("case", slow_unless_representative(FP32_CASES), ids=str)
 def test_kernels_match_float64_reference_in_float32(interpreter, case):
     for name, (err, _, scale) in interpreter.submit(cases.errors, case).result().items():
         assert err <= 1e-5 * max(scale, 1e-30), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", LOW_PRECISION_CASES, ids=str)
 def test_kernels_in_16_bit_err_at_most_twice_the_16_bit_reference(interpreter, case):
     for name, (err, ref_err, scale) in interpreter.submit(cases.errors, case).result().items():
         assert err <= 2 * ref_err, f"{name}: kernel error {err:.3g} > 2 x reference error {ref_err:.3g}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", ["hstu", "softmax"])
 def test_opcheck_with_triton_impl(interpreter, mode):
     interpreter.submit(cases.opcheck, Case(mode=mode, lengths=(1, 7, 0, 20), **MASKS, **BIAS)).result()
 
 
-@pytest.mark.parametrize("impl", ["auto", "reference"])  # on CPU: the grouped path, the plain reference
+# On CPU: the grouped path, the plain reference (about 1 s each). The schema, fake and autograd
+# registration are the op's, shared by both impls; the fast subset keeps "auto", the path a CPU
+# caller gets, and leaves "reference" (its outputs against the fake's) to make test.
+@pytest.mark.parametrize("impl", ["auto", pytest.param("reference", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("mode", ["hstu", "softmax"])
 def test_opcheck_with_cpu_impls(mode, impl):
     x = cases.make_inputs(Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS))

@@ -65,6 +65,7 @@ def run(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> list[torch.Tens
     return list(gm(*[x.clone() for x in inputs]))
 
 
+@pytest.mark.slow  # 40 traced random graphs, about 3 s on 2 cores; the next test and test_overlap_schedule.py stay fast
 @settings(max_examples=40, deadline=None)
 @given(program=programs, budget=st.sampled_from([None, 1e-9]))
 def test_overlap_schedule_on_random_graphs_keeps_values_order_and_budget(groups, program, budget):
