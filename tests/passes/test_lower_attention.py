@@ -14,10 +14,17 @@ import fsc
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
 from fsc.inspect import STORE
 from fsc.kernels import jagged_attention
-from fsc.pass_manager import parse_pipeline, passes_for_stage
+from fsc.pass_manager import default_pipeline, parse_pipeline, passes_for_stage
 from fsc.passes import LowerAttention
 
 INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.inductor)]
+
+
+def lowering_everywhere(inner: str) -> dict:
+    """The default pipeline, with dense attention lowered on CPU too (where it is kept by
+    default): the tests check the lowering's values here, its speed is another matter."""
+    passes = [LowerAttention(dense_on_cpu=True), *(p for p in default_pipeline() if p.name != "lower-attention")]
+    return {"inner": inner, "passes": passes}
 
 
 class SasRecBlock(nn.Module):
@@ -72,7 +79,7 @@ def check_training_parity(model: nn.Module, compiled, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("inner", INNERS)
 def test_lower_attention_lowers_causal_sdpa_and_training_matches_eager_without_recompiles(inner):
     model = SasRecBlock(is_causal=True)
-    compiled = torch.compile(model, backend="freescale", options={"inner": inner}, dynamic=True)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere(inner), dynamic=True)
     before = STORE.count
     for b, n in ((2, 8), (3, 5)):  # another batch size and length: same compiled graph
         check_training_parity(model, compiled, torch.randn(b, n, 64))
@@ -94,7 +101,7 @@ def test_lower_attention_lowers_causal_sdpa_and_training_matches_eager_without_r
 
 def test_lower_attention_lowers_full_sdpa_with_a_scale():
     model = SasRecBlock(is_causal=False, scale=0.3)
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
     check_training_parity(model, compiled, torch.randn(2, 7, 64))
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert record.stats["lowered"] == 1 and "full softmax, scale=0.3" in record.stats["lowerings"][0]
@@ -103,11 +110,74 @@ def test_lower_attention_lowers_full_sdpa_with_a_scale():
 @pytest.mark.parametrize("causal", [True, False])
 def test_lower_attention_lowers_explicit_softmax_attention(causal):
     model = SoftmaxBlock(is_causal=causal)
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
     check_training_parity(model, compiled, torch.randn(2, 6, 64))
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert record.stats["lowered"] == 1
     assert ("causal" if causal else "full") in record.stats["lowerings"][0]
+
+
+class BmmBlock(SasRecBlock):
+    """[B*H, N, D] attention through bmm, with nn.Dropout on the probabilities (BERT4Rec's habit)."""
+
+    def __init__(self, p: float = 0.1, **kw) -> None:
+        super().__init__(**kw)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2).reshape(b * self.heads, n, -1)
+                   for t in self.qkv(x).split(d, -1))
+        p = torch.bmm(q, k.transpose(1, 2)).div(math.sqrt(q.shape[-1])).softmax(-1)
+        o = torch.bmm(self.drop(p), v)
+        return x + self.out(o.view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, d))
+
+
+def test_lower_attention_lowers_3d_bmm_attention_with_dropout_in_eval_mode():
+    model = BmmBlock(p=0.1).eval()  # eval: the dropout is the identity and is stripped
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(2, 7, 64))
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 1 and "[B*H, N, D]=[4, 7, 32] full softmax" in record.stats["lowerings"][0]
+
+
+def test_lower_attention_declines_dropout_that_drops_and_says_so():
+    pre, _ = run_pass(BmmBlock(p=0.1).train(), torch.randn(2, 4, 64, requires_grad=True), dense_on_cpu=True)
+    record = pre.pass_record("lower-attention")
+    assert record.stats["lowered"] == 0 and record.stats["attention_found"] == 1
+    assert any("dropout(p=0.1) on the attention probabilities: the kernel has no dropout" in r for r in record.reasons)
+
+
+def test_lower_attention_keeps_dense_attention_on_cpu_and_explain_says_why():
+    model = SasRecBlock(is_causal=True)
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    check_training_parity(model, compiled, x)
+    pre = fsc.last_compile().graph("pre-grad")
+    record = pre.pass_record("lower-attention")
+    assert not record.modified and record.stats["kept"] == 1 and record.stats["lowered"] == 0
+    assert pre.graph_after == pre.graph_before
+    (reason,) = record.reasons
+    assert "kept: scaled_dot_product_attention" in reason and "on cpu" in reason and "dense_on_cpu=true" in reason
+    assert reason in str(fsc.explain(model, x, inner="eager"))
+
+
+class MhaBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(64, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+
+def test_explain_names_multihead_attention_the_pass_cannot_see_into():
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    text = str(fsc.explain(MhaBlock(), torch.randn(2, 5, 64), pad, inner="eager"))
+    assert ("declined: multi_head_attention_forward not lowered: nn.MultiheadAttention is one opaque "
+            "F.multi_head_attention_forward call in Dynamo's graph (masks: key_padding_mask") in text
 
 
 class ArbitraryMaskHstu(nn.Module):

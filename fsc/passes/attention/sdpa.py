@@ -1,0 +1,36 @@
+"""``F.scaled_dot_product_attention(q, k, v, is_causal=..., scale=...)`` on ``[B, H, N, D]``
+self-attention (q, k and v of one length), without ``attn_mask``, dropout or GQA."""
+
+from __future__ import annotations
+
+import torch.fx as fx
+from torch.nn import functional as F
+
+from fsc.passes.attention.graph import call, is_call, scalar
+from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
+
+
+def anchors(node: fx.Node) -> bool:
+    return is_call(node, F.scaled_dot_product_attention)
+
+
+def match(node: fx.Node, settings: Settings) -> Lowering | str:
+    args = call(node).args
+    if args is None:
+        return "arguments do not fit scaled_dot_product_attention's signature"
+    if args["attn_mask"] is not None:
+        return "attn_mask is given: the kernel takes only causal/full masks it can prove"
+    if args["dropout_p"] != 0.0:
+        return f"dropout_p={args['dropout_p']}: the kernel has no dropout"
+    if args["enable_gqa"] is not False:
+        return "enable_gqa: the kernel needs as many k/v heads as q heads"
+    if not isinstance(args["is_causal"], bool):
+        return f"is_causal={args['is_causal']!r} is not a constant bool"
+    scale = args["scale"]
+    if scale is not None and scalar(scale) is None:
+        return f"scale={scale!r} is not a constant"
+    return dense_lowering(node, args["query"], args["key"], args["value"], args["is_causal"],
+                          None if scale is None else float(scale), "scaled_dot_product_attention", settings)
+
+
+FAMILY = Family("sdpa", anchors, match)

@@ -1,0 +1,113 @@
+"""Explicit softmax attention: ``softmax(c * (q @ kᵀ) [masked causal], -1) [dropout] @ v``.
+
+q, k, v are ``[B, H, N, D]`` or ``[B*H, N, D]``; the products are ``matmul``, ``@`` or
+``bmm``; kᵀ is ``transpose(-2, -1)`` or ``mT``; c comes from scalar ``*`` and ``/``. The
+causal mask is ``masked_fill(~tril(ones(N, N)), fill)`` or ``masked_fill(triu(ones(N, N),
+1), fill)`` with fill -inf. Dropout on the probabilities is stripped where it is the
+identity (p = 0, or ``training=False``) and declined otherwise: the kernel has no dropout.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.nn import functional as F
+
+from fsc.passes.attention.graph import call, einsum, factors, is_call, same, scale_of, shape, uncast, untransposed
+from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
+
+SOFTMAX = (torch.softmax, F.softmax)
+MATMUL = (torch.matmul, torch.bmm)
+DROPOUT = (F.dropout, torch.dropout)
+
+
+def without_dropout(node: Any) -> tuple[Any, str | None]:
+    """(what a dropout call drops out, None) where the dropout is the identity; (node, why
+    not) where it is not; (node, None) where ``node`` is no dropout."""
+    c = call(node)
+    if c is None or c.fn not in DROPOUT or c.args is None:
+        return node, None
+    p, training = c.get("p", 0.5), c.get("train", c.get("training", True))
+    if p == 0 or training is False:
+        return c.args["input"], None
+    return node, f"dropout(p={p}) on the attention probabilities: the kernel has no dropout"
+
+
+def probabilities(node: Any) -> list[Any]:
+    """The factors of an attention-weights operand, a dropout and dtype conversions looked
+    through."""
+    node = uncast(node)[0]
+    c = call(node)
+    if c is not None and c.fn in DROPOUT and c.args is not None:
+        node = uncast(c.args["input"])[0]
+    return [uncast(f)[0] for f, _ in factors(node)]
+
+
+def anchors(node: fx.Node) -> bool:
+    """A product whose left operand is softmax(...) (through dropout, casts, scalars)."""
+    if is_call(node, *MATMUL):
+        left = call(node).get("input")
+    elif (parsed := einsum(node)) is not None and len(parsed[3]) == 2:
+        left = parsed[3][0]
+    else:
+        return False
+    return any(is_call(f, *SOFTMAX) for f in probabilities(left))
+
+
+def match(node: fx.Node, settings: Settings) -> Lowering | str:
+    c = call(node)
+    if c.fn is torch.einsum:
+        return "softmax attention through einsum: only matmul, @ and bmm products are lowered"
+    p, v = c.args["input"], c.args["other" if c.fn is torch.matmul else "mat2"]
+    p, why = without_dropout(uncast(p)[0])
+    if why:
+        return why
+    fs = factors(uncast(p)[0])
+    if len(fs) != 1:
+        return "softmax(...) @ v with extra factors after the softmax"
+    sm = call(uncast(fs[0][0])[0])
+    args = sm.args or {}
+    x = args.get("input")
+    rank = len(shape(x) or ())
+    if args.get("dim") not in (-1, rank - 1) or args.get("dtype") is not None:
+        return "softmax not over the last dim"
+    causal = False
+    if (fill := call(x)) is not None and fill.fn is torch.masked_fill:
+        if fill.get("value") != float("-inf") or not _is_causal_fill_mask(fill.get("mask"), shape(x)):
+            return "masked_fill with a mask the pass cannot prove causal (or a fill value other than -inf)"
+        x, causal = fill["input"], True
+    scaled = scale_of(factors(x))
+    if scaled is None or len(scaled[1]) != 1 or not is_call(scaled[1][0], *MATMUL):
+        return "softmax input is not c * (q @ k^T)"
+    scale, (scores,) = scaled
+    sc = call(scores)
+    q, kt = sc["input"], sc["other" if sc.fn is torch.matmul else "mat2"]
+    k = untransposed(kt)
+    if k is None:
+        return "the scores' right operand is not k transposed in its last two dims"
+    return dense_lowering(node, q, k, v, causal, scale, "softmax(q @ k^T) @ v", settings)
+
+
+def _is_causal_fill_mask(mask: Any, dims: Any) -> bool:
+    """``~tril(ones(N, N)).bool()`` or ``triu(ones(N, N), 1).bool()`` (dtype casts allowed),
+    N the scores' last dim: True marks the keys after the query."""
+    mask = uncast(mask)[0]
+    negate = is_call(mask, torch.bitwise_not, torch.logical_not)
+    if negate:
+        mask = uncast(call(mask)["input"])[0]
+    c = call(mask)
+    kind = None if c is None else "tril" if c.fn is torch.tril else "triu" if c.fn is torch.triu else None
+    if kind is None or negate != (kind == "tril") or c.args is None:
+        return False
+    if c["diagonal"] != (0 if kind == "tril" else 1):
+        return False
+    ones = uncast(c["input"])[0]
+    if not is_call(ones, torch.ones) or dims is None:
+        return False
+    size = shape(ones)
+    return size is not None and len(size) == 2 and same(size[0], dims[-2]) and same(size[1], dims[-1])
+
+
+FAMILY = Family("softmax", anchors, match)

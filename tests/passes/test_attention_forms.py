@@ -1,0 +1,111 @@
+"""lower-attention, one golden printout per recognised form (``golden/lower_attention/``):
+a small Dynamo graph, the pass alone, the text after it. No compile past Dynamo's trace.
+Rerun with ``FSC_UPDATE_GOLDEN=1`` (this file only) when a change is intended, and review."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_golden_printouts import assert_golden, dynamo_graph, pre_grad_ctx, run_and_print
+from torch import nn
+
+from fsc.passes import LowerAttention
+
+N, D = 4, 16
+
+
+def qkv(*lead: int) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(*lead, N, D, generator=g) for _ in range(3))
+
+
+def sdpa_causal(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+
+
+def sdpa_3d_scaled(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, scale=0.5)
+
+
+def softmax_causal_triu(q, k, v):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(torch.triu(torch.ones(N, N, dtype=torch.bool), 1), float("-inf"))
+    return F.softmax(s, dim=-1) @ v
+
+
+def softmax_bmm_3d_dropout_p0(q, k, v):
+    p = torch.bmm(q, k.transpose(1, 2)).mul(0.25).softmax(-1)
+    return torch.bmm(F.dropout(p, p=0.0, training=True), v)
+
+
+def softmax_dropout(q, k, v):
+    p = (q @ k.mT * 0.25).softmax(-1)
+    return F.dropout(p, p=0.1, training=True) @ v
+
+
+def softmax_einsum(q, k, v):
+    p = torch.einsum("bhnd,bhmd->bhnm", q, k).softmax(-1)
+    return torch.einsum("bhnm,bhmd->bhnd", p, v)
+
+
+def silu_padded(q, k, v):
+    return F.silu(q @ k.transpose(-2, -1)) / N @ v
+
+
+def hstu_silu(q, k, v, pos, seq):
+    mask = (seq.unsqueeze(1) == seq.unsqueeze(0)) & (pos.unsqueeze(1) - pos.unsqueeze(0) >= 0)
+    a = F.silu(torch.einsum("thd,shd->hts", q, k) * 0.5) / N * mask
+    return torch.einsum("hts,shd->thd", a, v)
+
+
+class Mha(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(2 * D, 2, batch_first=True)
+
+    def forward(self, x):
+        return self.attn(x, x, x, need_weights=False, is_causal=True,
+                         attn_mask=nn.Transformer.generate_square_subsequent_mask(N))[0]
+
+
+def hstu_inputs():
+    pos, seq = torch.tensor([0, 1, 2, 0, 1, 0]), torch.tensor([0, 0, 0, 1, 1, 2])
+    g = torch.Generator().manual_seed(0)
+    return (*(torch.randn(6, 2, D, generator=g) for _ in range(3)), pos, seq)
+
+
+CPU_TOO = LowerAttention(dense_on_cpu=True)
+# form: (function, inputs, pass, lowered?, a phrase of the lowering or of the reason)
+FORMS = {
+    "sdpa_causal_kept_on_cpu": (sdpa_causal, qkv(2, 2), LowerAttention(), False, "kept: scaled_dot_product_attention"),
+    "sdpa_3d_scaled": (sdpa_3d_scaled, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full softmax, scale=0.5"),
+    "softmax_causal_triu": (softmax_causal_triu, qkv(2, 2), CPU_TOO, True, "[B, H, N, D]=[2, 2, 4, 16] causal"),
+    "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
+    "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
+                        "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),
+    "softmax_einsum": (softmax_einsum, qkv(2, 2), CPU_TOO, False, "softmax attention through einsum"),
+    "silu_padded": (silu_padded, qkv(2, 2), CPU_TOO, False, "SiLU attention through matmul (padded"),
+    "hstu_silu": (hstu_silu, hstu_inputs(), LowerAttention(), True, "HSTU SiLU attention q [T, H, D]=[6, 2, 16]"),
+    "mha_opaque": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, False,
+                   "nn.MultiheadAttention is one opaque F.multi_head_attention_forward call"),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_lower_attention_form_matches_its_golden_printout(form):
+    f, inputs, p, lowered, phrase = FORMS[form]
+    gm = dynamo_graph(f, *inputs)
+    record, before, text = run_and_print(form, gm, p, pre_grad_ctx())
+    assert record.modified is lowered
+    assert record.stats["attention_found"] == 1 and record.stats["lowered"] == int(lowered)
+    said = record.stats["lowerings"] if lowered else record.reasons
+    assert len(said) == 1 and phrase in said[0], said
+    if lowered:
+        assert "fsc.jagged_attention_fwd" in text.partition("# after")[2]
+    else:
+        assert text.partition("# after\n")[2] == before
+    assert_golden(f"lower_attention/{form}", text)
