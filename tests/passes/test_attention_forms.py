@@ -46,6 +46,11 @@ def softmax_dropout(q, k, v):
     return F.dropout(p, p=0.1, training=True) @ v
 
 
+def softmax_then_masked_fill(q, k, v):
+    p = (q @ k.mT * 0.25).softmax(-1)
+    return p.masked_fill(torch.eye(N, dtype=torch.bool), 0.0) @ v
+
+
 def softmax_einsum(q, k, v):
     p = torch.einsum("bhnd,bhmd->bhnm", q, k).softmax(-1)
     return torch.einsum("bhnm,bhmd->bhnd", p, v)
@@ -87,6 +92,8 @@ FORMS = {
     "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
     "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
                         "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),
+    "softmax_then_masked_fill": (softmax_then_masked_fill, qkv(2, 2), CPU_TOO, False,
+                                 "work between the softmax and the product (masked_fill)"),
     "softmax_einsum": (softmax_einsum, qkv(2, 2), CPU_TOO, False, "softmax attention through einsum"),
     "silu_padded": (silu_padded, qkv(2, 2), CPU_TOO, False, "SiLU attention through matmul (padded"),
     "hstu_silu": (hstu_silu, hstu_inputs(), LowerAttention(), True, "HSTU SiLU attention q [T, H, D]=[6, 2, 16]"),
@@ -109,3 +116,27 @@ def test_lower_attention_form_matches_its_golden_printout(form):
     else:
         assert text.partition("# after\n")[2] == before
     assert_golden(f"lower_attention/{form}", text)
+
+
+def swiglu_like_mlp(x, w1, w2):
+    return F.silu(x @ w1) @ w2
+
+
+def softmax_classifier_head(x, w1, w2):
+    return (x @ w1).softmax(-1) @ w2
+
+
+@pytest.mark.parametrize("f", [swiglu_like_mlp, softmax_classifier_head])
+def test_lower_attention_does_not_take_an_mlp_for_attention(f):
+    gm = dynamo_graph(f, torch.randn(2, 5, 16), torch.randn(16, 24), torch.randn(24, 16))
+    record, before, text = run_and_print(f.__name__, gm, CPU_TOO, pre_grad_ctx())
+    assert record.stats["attention_found"] == 0 and record.reasons == () and not record.modified
+
+
+def test_lower_attention_names_the_encoder_layer_fast_path():
+    layer = nn.TransformerEncoderLayer(2 * D, 2, 64, dropout=0.0, batch_first=True).eval()
+    with torch.no_grad():
+        gm = dynamo_graph(layer, torch.randn(2, N, 2 * D))
+    record, _, _ = run_and_print("encoder_fast_path", gm, CPU_TOO, pre_grad_ctx())
+    (reason,) = record.reasons
+    assert "torch._transformer_encoder_layer_fwd (nn.TransformerEncoderLayer" in reason, reason

@@ -114,6 +114,36 @@ def is_call(node: Any, *fns: Any) -> bool:
     return c is not None and c.fn in fns
 
 
+def upstream(node: Any, hops: int = 6) -> list[fx.Node]:
+    """``node`` and the calls that feed it through at most ``hops`` calls producing the same
+    shape (elementwise work, masking, dropout, casts): where a product's attention weights
+    may have come from."""
+    dims = shape(node)
+    seen: list[fx.Node] = []
+    frontier = [node] if isinstance(node, fx.Node) else []
+    for _ in range(hops + 1):
+        nxt = []
+        for n in frontier:
+            if n in seen or n.op not in ("call_function", "call_method") or shape(n) != dims:
+                continue
+            seen.append(n)
+            nxt.extend(n.all_input_nodes)
+        frontier = nxt
+    return seen
+
+
+def attention_weights(left: Any, *activations: Any) -> bool:
+    """Whether a product's left operand looks like attention weights: square in its last
+    two dims (queries by keys) and made by one of ``activations`` from a matmul, bmm or
+    einsum, through elementwise work. (An MLP's ``silu(x @ w1) @ w2`` is not square.)"""
+    dims = shape(left)
+    if dims is None or len(dims) < 2 or not same(dims[-1], dims[-2]):
+        return False
+    feeding = upstream(left)
+    return (any(is_call(n, *activations) for n in feeding)
+            and any(is_call(n, torch.matmul, torch.bmm, torch.einsum) for n in feeding))
+
+
 def val(arg: Any) -> Any:
     """A node's example value (Dynamo's fake tensor), or the argument itself."""
     return arg.meta.get("example_value", arg.meta.get("val")) if isinstance(arg, fx.Node) else arg

@@ -27,23 +27,31 @@ import torch
 import torch.fx as fx
 from torch.nn import functional as F
 
-from fsc.passes.attention.graph import binary, call, einsum, factors, fmt, is_call, scalar, scale_of, shape, uncast, val
+from fsc.passes.attention.graph import (
+    attention_weights,
+    binary,
+    call,
+    einsum,
+    factors,
+    fmt,
+    is_call,
+    scalar,
+    scale_of,
+    shape,
+    uncast,
+    val,
+)
 from fsc.passes.attention.lowering import OFF_SWITCH, Emitter, Family, Lowering, Settings, check_tensors
-from fsc.passes.attention.softmax import MATMUL, probabilities
+from fsc.passes.attention.softmax import weights
 
 # float log2 of an integer below 2^(k+1) is exact for these dtypes while k is at most this
 _EXACT_LOG2_BELOW = {torch.float32: 20, torch.float64: 46}
 
 
 def anchors(node: fx.Node) -> bool:
-    """An einsum or matmul of SiLU weights and v."""
-    if (parsed := einsum(node)) is not None and len(parsed[3]) == 2:
-        left = parsed[3][0]
-    elif is_call(node, *MATMUL):
-        left = call(node).get("input")
-    else:
-        return False
-    return any(is_call(f, F.silu) for f in probabilities(left))
+    """An einsum or matmul whose weights come from a SiLU (through elementwise work)."""
+    left = weights(node)
+    return left is not None and attention_weights(left, F.silu)
 
 
 def match(node: fx.Node, settings: Settings) -> Lowering | str:

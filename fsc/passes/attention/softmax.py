@@ -15,7 +15,19 @@ import torch
 import torch.fx as fx
 from torch.nn import functional as F
 
-from fsc.passes.attention.graph import call, einsum, factors, is_call, same, scale_of, shape, uncast, untransposed
+from fsc.passes.attention.graph import (
+    attention_weights,
+    call,
+    einsum,
+    factors,
+    is_call,
+    same,
+    scale_of,
+    shape,
+    uncast,
+    untransposed,
+    upstream,
+)
 from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
 
 SOFTMAX = (torch.softmax, F.softmax)
@@ -35,25 +47,19 @@ def without_dropout(node: Any) -> tuple[Any, str | None]:
     return node, f"dropout(p={p}) on the attention probabilities: the kernel has no dropout"
 
 
-def probabilities(node: Any) -> list[Any]:
-    """The factors of an attention-weights operand, a dropout and dtype conversions looked
-    through."""
-    node = uncast(node)[0]
-    c = call(node)
-    if c is not None and c.fn in DROPOUT and c.args is not None:
-        node = uncast(c.args["input"])[0]
-    return [uncast(f)[0] for f, _ in factors(node)]
-
-
 def anchors(node: fx.Node) -> bool:
-    """A product whose left operand is softmax(...) (through dropout, casts, scalars)."""
+    """A product whose left operand comes from a softmax (through elementwise work)."""
+    left = weights(node)
+    return left is not None and attention_weights(left, *SOFTMAX)
+
+
+def weights(node: fx.Node) -> Any:
+    """The attention-weights operand of a matmul, bmm or two-operand einsum."""
     if is_call(node, *MATMUL):
-        left = call(node).get("input")
-    elif (parsed := einsum(node)) is not None and len(parsed[3]) == 2:
-        left = parsed[3][0]
-    else:
-        return False
-    return any(is_call(f, *SOFTMAX) for f in probabilities(left))
+        return call(node).get("input")
+    if (parsed := einsum(node)) is not None and len(parsed[3]) == 2:
+        return parsed[3][0]
+    return None
 
 
 def match(node: fx.Node, settings: Settings) -> Lowering | str:
@@ -64,10 +70,10 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     p, why = without_dropout(uncast(p)[0])
     if why:
         return why
-    fs = factors(uncast(p)[0])
-    if len(fs) != 1:
-        return "softmax(...) @ v with extra factors after the softmax"
-    sm = call(uncast(fs[0][0])[0])
+    sm = call(uncast(p)[0])
+    if sm.fn not in SOFTMAX:
+        between = ", ".join(_name(n) for n in _after_softmax(p))
+        return f"softmax(...) @ v with work between the softmax and the product ({between}) the kernel does not do"
     args = sm.args or {}
     x = args.get("input")
     rank = len(shape(x) or ())
@@ -88,6 +94,23 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     if k is None:
         return "the scores' right operand is not k transposed in its last two dims"
     return dense_lowering(node, q, k, v, causal, scale, "softmax(q @ k^T) @ v", settings)
+
+
+def _after_softmax(p: fx.Node) -> list[fx.Node]:
+    """The calls between a softmax and the product's weights operand ``p``."""
+    feeding = upstream(p)
+    out, stack = [], [p]
+    while stack:
+        n = stack.pop()
+        if n not in feeding or n in out or is_call(n, *SOFTMAX):
+            continue
+        out.append(n)
+        stack.extend(n.all_input_nodes)
+    return out
+
+
+def _name(node: fx.Node) -> str:
+    return str(node.target) if node.op == "call_method" else getattr(call(node).fn, "__name__", str(node.target))
 
 
 def _is_causal_fill_mask(mask: Any, dims: Any) -> bool:
