@@ -36,6 +36,17 @@ def softmax_causal_triu(q, k, v):
     return F.softmax(s, dim=-1) @ v
 
 
+def softmax_causal_fill_1e9(q, k, v):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(~torch.tril(torch.ones(N, N)).bool(), -1e9)
+    return F.softmax(s, dim=-1) @ v
+
+
+def softmax_causal_fill_small(q, k, v):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    return F.softmax(s.masked_fill(~torch.tril(torch.ones(N, N)).bool(), -100.0), dim=-1) @ v
+
+
 def softmax_bmm_3d_dropout_p0(q, k, v):
     p = torch.bmm(q, k.transpose(1, 2)).mul(0.25).softmax(-1)
     return torch.bmm(F.dropout(p, p=0.0, training=True), v)
@@ -89,6 +100,11 @@ FORMS = {
     "sdpa_causal_kept_on_cpu": (sdpa_causal, qkv(2, 2), LowerAttention(), False, "kept: scaled_dot_product_attention"),
     "sdpa_3d_scaled": (sdpa_3d_scaled, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full softmax, scale=0.5"),
     "softmax_causal_triu": (softmax_causal_triu, qkv(2, 2), CPU_TOO, True, "[B, H, N, D]=[2, 2, 4, 16] causal"),
+    "softmax_causal_fill_1e9": (softmax_causal_fill_1e9, qkv(2, 2), CPU_TOO, True,
+                               "causal softmax, scale=0.25, fill -1e+09 as -inf (exact while each row's max score "
+                               ">= fill + 104, checked at run time)"),
+    "softmax_causal_fill_small": (softmax_causal_fill_small, qkv(2, 2), CPU_TOO, False,
+                                  "causal masked_fill with -100.0: lowered are -inf and finite fills <= -10000"),
     "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
     "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
                         "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),

@@ -51,7 +51,7 @@ class SoftmaxBlock(SasRecBlock):
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
         s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         if self.sdpa.get("is_causal"):
-            s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+            s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), self.sdpa.get("fill", float("-inf")))
         o = s.softmax(dim=-1) @ v
         return x + self.out(o.transpose(1, 2).reshape(b, n, d))
 
@@ -178,6 +178,33 @@ def test_explain_names_multihead_attention_the_pass_cannot_see_into():
     text = str(fsc.explain(MhaBlock(), torch.randn(2, 5, 64), pad, inner="eager"))
     assert ("declined: multi_head_attention_forward not lowered: nn.MultiheadAttention is one opaque "
             "F.multi_head_attention_forward call in Dynamo's graph (masks: key_padding_mask") in text
+
+
+@pytest.mark.parametrize("fill", [-1e9, -1e4, torch.finfo(torch.float32).min])
+def test_lower_attention_lowers_a_finite_causal_fill_as_minus_infinity(fill):
+    model = SoftmaxBlock(is_causal=True, fill=fill)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(2, 6, 64))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert f"causal softmax, scale=0.1768, fill {fill:g} as -inf" in lowering and "checked at run time" in lowering
+
+
+def scores_near_the_fill(q, k, v):
+    s = q @ k.mT / 4.0
+    s = s.masked_fill(torch.triu(torch.ones(4, 4, dtype=torch.bool), 1), -1e4)
+    return s.softmax(-1) @ v
+
+
+def test_lower_attention_checks_at_run_time_that_a_finite_fill_underflows():
+    compiled = torch.compile(scores_near_the_fill, backend="freescale",
+                             options={"inner": "eager", "passes": [LowerAttention(dense_on_cpu=True)]})
+    q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
+    torch.testing.assert_close(compiled(q, k, v), scores_near_the_fill(q, k, v))
+    assert fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowered"] == 1
+    # every score about -9950: the masked -1e4 is within 104 of the row max, not an exact zero in eager
+    q, k = torch.full((1, 1, 4, 16), 50.0), torch.full((1, 1, 4, 16), -49.75)
+    with pytest.raises(RuntimeError, match="fill -10000 was lowered as -inf, exact only while"):
+        compiled(q, k, v)
 
 
 class ArbitraryMaskHstu(nn.Module):

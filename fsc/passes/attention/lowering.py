@@ -122,10 +122,20 @@ def check_tensors(q: Any, k: Any, v: Any, settings: Settings) -> str | None:
     return None
 
 
+# float32 exp(x) rounds to 0 below about -103.97 (half the smallest subnormal, 2^-150)
+UNDERFLOW = 104.0
+
+
 def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: float | None, what: str,
-                   settings: Settings) -> Lowering | str:
+                   settings: Settings, fill: float | None = None) -> Lowering | str:
     """Softmax attention over ``[B, H, N, D]`` (or ``[B*H, N, D]``) q, k, v as the jagged
-    kernel with uniform offsets ``arange(B + 1) * N``."""
+    kernel with uniform offsets ``arange(B + 1) * N``.
+
+    ``fill``: the causal mask wrote a finite value, not -inf, into the masked scores. Where
+    every row's largest visible score is at least ``fill + 104``, exp underflows to 0 for
+    the masked ones and the softmax is exactly the causal one; the kernel's log-sum-exp
+    bounds that maximum from below (``max >= lse - log N``), so with ``check_preconditions``
+    the lowering asserts ``lse - log N >= fill + 104`` at run time."""
     shapes = [shape(x) for x in (q, k, v)]
     if any(s is None or len(s) not in (3, 4) for s in shapes) or len({len(s) for s in shapes}) != 1:
         return f"{what} on shapes {shapes}: only [B, H, N, D] and [B*H, N, D] are lowered"
@@ -158,12 +168,21 @@ def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: f
         offsets = e(operator.mul, e(torch.arange, count, dtype=torch.int64, device=device), nn)
         out = e(torch.ops.fsc.jagged_attention_fwd.default, jagged(q, d), jagged(k, d), jagged(v, dv), offsets,
                 None, None, None, None, nn, True, factor, causal, 0, 0, "auto")
+        if fill is not None and settings.check_preconditions:
+            # lse - log N >= fill + 104, as exp(lse - fill - 104) >= N (an overflow to inf passes)
+            margin = e(torch.exp, e(operator.sub, e(operator.getitem, out, 1), fill + UNDERFLOW))
+            e(torch._assert_async, e(torch.all, e(torch.ge, margin, nn)),
+              f"lower-attention: the causal mask's fill {fill:g} was lowered as -inf, exact only while every "
+              f"row's largest visible score is at least the fill + {UNDERFLOW:g} (exp then underflows to 0 in "
+              f"float32); this batch's scores come within that of the fill. {OFF_SWITCH}")
         out = e(operator.getitem, out, 0)
         if lead == 3:
             return e(torch.transpose, e(torch.reshape, out, (bb, nn, hh, dv)), 1, 2)
         return e(torch.reshape, out, (bb, nn, dv))
 
     layout = "[B, H, N, D]" if lead == 3 else "[B*H, N, D]"
+    filled = "" if fill is None else (f", fill {fill:g} as -inf (exact while each row's max score >= fill + "
+                                      f"{UNDERFLOW:g}{', checked at run time' if settings.check_preconditions else ''})")
     found = (f"{what} {layout}={fmt(qshape)} {'causal' if causal else 'full'} softmax, "
-             f"scale={factor:.4g} (jagged, uniform offsets)")
+             f"scale={factor:.4g}{filled} (jagged, uniform offsets)")
     return Lowering(node, found, emit, uniform=True, device=val(q).device)

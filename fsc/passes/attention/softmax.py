@@ -3,7 +3,7 @@
 q, k, v are ``[B, H, N, D]`` or ``[B*H, N, D]``; the products are ``matmul``, ``@`` or
 ``bmm``; kᵀ is ``transpose(-2, -1)`` or ``mT``; c comes from scalar ``*`` and ``/``. The
 causal mask is ``masked_fill(~tril(ones(N, N)), fill)`` or ``masked_fill(triu(ones(N, N),
-1), fill)`` with fill -inf. Dropout on the probabilities is stripped where it is the
+1), fill)`` with fill -inf or a finite fill <= -1e4 (see ``dense_lowering``). Dropout on the probabilities is stripped where it is the
 identity (p = 0, or ``training=False``) and declined otherwise: the kernel has no dropout.
 """
 
@@ -22,6 +22,7 @@ from fsc.passes.attention.graph import (
     factors,
     is_call,
     same,
+    scalar,
     scale_of,
     shape,
     uncast,
@@ -33,6 +34,10 @@ from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowe
 SOFTMAX = (torch.softmax, F.softmax)
 MATMUL = (torch.matmul, torch.bmm)
 DROPOUT = (F.dropout, torch.dropout)
+# Finite fills the causal mask may use (-1e4 is the usual fp16-safe one, -1e9 and
+# finfo.min the others): scores would have to come within 104 of them for the masked
+# weights not to be exact zeros, which the lowering checks at run time.
+MAX_FILL = -1e4
 
 
 def without_dropout(node: Any) -> tuple[Any, str | None]:
@@ -79,11 +84,15 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     rank = len(shape(x) or ())
     if args.get("dim") not in (-1, rank - 1) or args.get("dtype") is not None:
         return "softmax not over the last dim"
-    causal = False
+    causal, finite = False, None
     if (fill := call(x)) is not None and fill.fn is torch.masked_fill:
-        if fill.get("value") != float("-inf") or not _is_causal_fill_mask(fill.get("mask"), shape(x)):
-            return "masked_fill with a mask the pass cannot prove causal (or a fill value other than -inf)"
-        x, causal = fill["input"], True
+        value = scalar(fill.get("value"))
+        if not _is_causal_fill_mask(fill.get("mask"), shape(x)):
+            return "masked_fill with a mask the pass cannot prove causal"
+        if value is None or value > MAX_FILL:
+            return (f"causal masked_fill with {fill.get('value')!r}: lowered are -inf and finite fills <= {MAX_FILL:g} "
+                    "(which softmax turns into exact zeros while the scores stay above fill + 104)")
+        x, causal, finite = fill["input"], True, None if value == float("-inf") else value
     scaled = scale_of(factors(x))
     if scaled is None or len(scaled[1]) != 1 or not is_call(scaled[1][0], *MATMUL):
         return "softmax input is not c * (q @ k^T)"
@@ -93,7 +102,7 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     k = untransposed(kt)
     if k is None:
         return "the scores' right operand is not k transposed in its last two dims"
-    return dense_lowering(node, q, k, v, causal, scale, "softmax(q @ k^T) @ v", settings)
+    return dense_lowering(node, q, k, v, causal, scale, "softmax(q @ k^T) @ v", settings, fill=finite)
 
 
 def _after_softmax(p: fx.Node) -> list[fx.Node]:
