@@ -47,6 +47,20 @@ def softmax_causal_fill_small(q, k, v):
     return F.softmax(s.masked_fill(~torch.tril(torch.ones(N, N)).bool(), -100.0), dim=-1) @ v
 
 
+def softmax_key_padding(q, k, v, ids):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill((ids > 0).unsqueeze(1).unsqueeze(2) == 0, -1e9)
+    return F.softmax(s, dim=-1) @ v
+
+
+def softmax_additive_mask(q, k, v, bias):
+    return F.softmax(q @ k.mT * 0.25 + bias, dim=-1) @ v
+
+
+def sdpa_key_padding(q, k, v, ids):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(ids > 0)[:, None, None, :])
+
+
 def softmax_bmm_3d_dropout_p0(q, k, v):
     p = torch.bmm(q, k.transpose(1, 2)).mul(0.25).softmax(-1)
     return torch.bmm(F.dropout(p, p=0.0, training=True), v)
@@ -105,6 +119,12 @@ FORMS = {
                                ">= fill + 104, checked at run time)"),
     "softmax_causal_fill_small": (softmax_causal_fill_small, qkv(2, 2), CPU_TOO, False,
                                   "causal masked_fill with -100.0: lowered are -inf and finite fills <= -10000"),
+    "softmax_key_padding": (softmax_key_padding, (*qkv(2, 2), torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])), CPU_TOO,
+                            False, "masked_fill with a key-padding mask [2, 1, 1, 4] (per-sequence lengths"),
+    "softmax_additive_mask": (softmax_additive_mask, (*qkv(2, 2), torch.zeros(4, 4)), CPU_TOO, False,
+                              "softmax input is the scores plus a torch.float32 mask [4, 4] (an additive mask"),
+    "sdpa_key_padding": (sdpa_key_padding, (*qkv(2, 2), torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])), CPU_TOO, False,
+                         "attn_mask is given (a key-padding mask [2, 1, 1, 4] (per-sequence lengths"),
     "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
     "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
                         "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),

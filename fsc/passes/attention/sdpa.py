@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch.fx as fx
 from torch.nn import functional as F
 
-from fsc.passes.attention.graph import call, is_call, scalar
-from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
+from fsc.passes.attention.graph import call, is_call, scalar, shape
+from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering, mask_kind
 
 
 def anchors(node: fx.Node) -> bool:
@@ -19,7 +19,10 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     if args is None:
         return "arguments do not fit scaled_dot_product_attention's signature"
     if args["attn_mask"] is not None:
-        return "attn_mask is given: the kernel takes only causal/full masks it can prove"
+        q, k = shape(args["query"]), shape(args["key"])
+        scores = None if q is None or k is None else (*q[:-1], k[-2])
+        return (f"attn_mask is given ({mask_kind(args['attn_mask'], scores)}): the kernel takes only "
+                "causal/full masks it can prove")
     if args["dropout_p"] != 0.0:
         return f"dropout_p={args['dropout_p']}: the kernel has no dropout"
     if args["enable_gqa"] is not False:

@@ -17,6 +17,7 @@ from torch.nn import functional as F
 
 from fsc.passes.attention.graph import (
     attention_weights,
+    binary,
     call,
     einsum,
     factors,
@@ -28,8 +29,9 @@ from fsc.passes.attention.graph import (
     uncast,
     untransposed,
     upstream,
+    val,
 )
-from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
+from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering, mask_kind
 
 SOFTMAX = (torch.softmax, F.softmax)
 MATMUL = (torch.matmul, torch.bmm)
@@ -88,11 +90,14 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     if (fill := call(x)) is not None and fill.fn is torch.masked_fill:
         value = scalar(fill.get("value"))
         if not _is_causal_fill_mask(fill.get("mask"), shape(x)):
-            return "masked_fill with a mask the pass cannot prove causal"
+            return f"masked_fill with {mask_kind(fill.get('mask'), shape(x))}, which the pass cannot prove causal"
         if value is None or value > MAX_FILL:
             return (f"causal masked_fill with {fill.get('value')!r}: lowered are -inf and finite fills <= {MAX_FILL:g} "
                     "(which softmax turns into exact zeros while the scores stay above fill + 104)")
         x, causal, finite = fill["input"], True, None if value == float("-inf") else value
+    if (ops := binary(x, torch.add)) is not None and all(isinstance(val(o), torch.Tensor) for o in ops):
+        added = next((o for o in ops if not any(is_call(n, *MATMUL) for n in upstream(o))), ops[1])
+        return f"softmax input is the scores plus {mask_kind(added, shape(x))} (an additive mask or bias)"
     scaled = scale_of(factors(x))
     if scaled is None or len(scaled[1]) != 1 or not is_call(scaled[1][0], *MATMUL):
         return "softmax input is not c * (q @ k^T)"
