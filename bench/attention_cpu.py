@@ -5,7 +5,9 @@ default) per attention family, written as users write it:
 
 - ``sdpa``: ``F.scaled_dot_product_attention(q, k, v, is_causal=True)`` on ``[B, H, N, D]``;
 - ``softmax``: ``softmax(q @ kᵀ / sqrt(D) masked causal) @ v`` on ``[B, H, N, D]``;
-- ``bmm``: ``bmm(dropout(softmax(bmm(q, kᵀ) / sqrt(D)), p=0), v)`` on ``[B*H, N, D]``.
+- ``bmm``: ``bmm(dropout(softmax(bmm(q, kᵀ) / sqrt(D)), p=0), v)`` on ``[B*H, N, D]``;
+- ``mha``: ``nn.MultiheadAttention(batch_first=True)`` with a causal mask and the
+  ``is_causal`` hint, ``need_weights=False`` (its own projections replace qkv/out).
 
 Each is trained (forward, backward) compiled three ways, all with Inductor generating the
 code: ``inductor`` (plain ``torch.compile``); ``freescale`` (the default pipeline, in
@@ -34,7 +36,7 @@ from torch import nn
 
 from bench.report import markdown_table, write_json
 
-FAMILIES = ("sdpa", "softmax", "bmm")
+FAMILIES = ("sdpa", "softmax", "bmm", "mha")
 VARIANTS = ("inductor", "freescale", "freescale-lowered")
 
 
@@ -43,10 +45,16 @@ class Block(nn.Module):
         super().__init__()
         dim = heads * head_dim
         self.family, self.heads = family, heads
-        self.qkv, self.out = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+        if family == "mha":
+            self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        else:
+            self.qkv, self.out, self.mha = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
+        if self.mha is not None:
+            mask = nn.Transformer.generate_square_subsequent_mask(n, device=x.device)
+            return x + self.mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
         if self.family == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)

@@ -23,11 +23,14 @@ graph says what was lowered and what was declined, and why.
 - :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal masked_fill], -1)
   [dropout that is the identity] @ v`` on the same layouts.
 - :mod:`~fsc.passes.attention.hstu`: the HSTU example's SiLU attention over a rank's tokens.
-- :mod:`~fsc.passes.attention.mha`: ``nn.MultiheadAttention`` and the encoder layer's fast
-  path, which Dynamo leaves as one opaque call: found and declined, with that reason.
+- :mod:`~fsc.passes.attention.mha`: ``nn.MultiheadAttention`` (one opaque
+  ``F.multi_head_attention_forward`` call in Dynamo's graph, also inside
+  ``nn.TransformerEncoderLayer``'s training path), self-attention full or with the
+  ``is_causal`` hint: unpacked into its projections around the kernel. The encoder layer's
+  fast path (one fused op) is found and declined.
 
-**Changes** each match into a call of the kernel op: dense inputs become jagged with
-uniform offsets (softmax mode); HSTU attention gets offsets from the positions and its
+**Changes** each match into a call of the kernel op: dense inputs (and MHA's projected
+q, k, v) become jagged with uniform offsets (softmax mode); HSTU attention gets offsets from the positions and its
 bias tables built from the model's embedding tables (hstu mode). The subgraphs that only
 fed the old attention are erased.
 
@@ -54,7 +57,8 @@ such graphs unless ``inexact_time_buckets=true`` (float64 ``log2``, as the examp
 exact below 2^46). It declines, with the reason: masks it cannot prove (an ``attn_mask``,
 an arbitrary mask tensor), dropout, GQA, head dims outside ``[min_head_dim,
 max_head_dim]``, dtypes other than fp32/bf16/fp16, shapes it does not know (cross-attention
-lengths), other bias constructions, ``nn.MultiheadAttention``. It does not lower attention
+lengths), other bias constructions, key-padding masks (eager computes the padded query
+rows too, which a jagged kernel skips). It does not lower attention
 already written jagged with offsets, nor targets/prefix/window masks.
 """
 
@@ -144,8 +148,8 @@ class LowerAttention(Pass):
                 kept += 1
                 continue
             new = match.emit(Emitter(rewriter, node, mode, shared))
-            node.replace_all_uses_with(new)
-            erase_dead(rewriter, [node])
+            match.node.replace_all_uses_with(new)  # the anchor, or the output it stands for (MHA's [0])
+            erase_dead(rewriter, [match.node])
             lowered.append(f"{node.name}: {match.found} -> {OP}")
             notes.extend(n for n in match.notes if n not in notes)
         stats: dict[str, Any] = {**rewriter.stats(), "attention_found": len(found), "lowered": len(lowered)}

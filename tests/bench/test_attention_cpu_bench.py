@@ -12,14 +12,14 @@ from bench import attention_cpu
 @pytest.mark.inductor
 def test_tiny_run_keeps_dense_attention_by_default_and_lowers_it_when_asked(tmp_path, capsys):
     path = tmp_path / "attention-cpu.json"
-    argv = ["--family", "sdpa", "--family", "bmm", "--lengths", "8", "--batch", "2", "--warmup", "1",
+    argv = ["--family", "sdpa", "--family", "mha", "--lengths", "8", "--batch", "2", "--warmup", "1",
             "--rounds", "2"]
     assert attention_cpu.run(argv, str(path)) == 0
     rows = json.loads(path.read_text())["rows"]
     assert [(r["family"], r["variant"]) for r in rows] == [
-        (f, v) for f in ("sdpa", "bmm") for v in attention_cpu.VARIANTS]
+        (f, v) for f in ("sdpa", "mha") for v in attention_cpu.VARIANTS]
     lowering = {(r["family"], r["variant"]): r["lowering"] for r in rows}
-    for family in ("sdpa", "bmm"):
+    for family in ("sdpa", "mha"):
         assert lowering[family, "inductor"] == "-"
         assert lowering[family, "freescale"] == "kept"
         assert lowering[family, "freescale-lowered"] == "lowered"

@@ -102,6 +102,22 @@ class Mha(nn.Module):
                          attn_mask=nn.Transformer.generate_square_subsequent_mask(N))[0]
 
 
+class MhaKeyPadding(Mha):
+    def forward(self, x, pad):
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+
+def mha_weights():
+    g = torch.Generator().manual_seed(0)
+    return tuple(torch.randn(2 * D, 2 * D, generator=g) / 8 for _ in range(4)) + (torch.zeros(6 * D),)
+
+
+def mha_separate(x, wq, wk, wv, wo, b):
+    return F.multi_head_attention_forward(x, x, x, 2 * D, 2, None, b, None, None, False, 0.0, wo, None,
+                                          need_weights=False, use_separate_proj_weight=True, q_proj_weight=wq,
+                                          k_proj_weight=wk, v_proj_weight=wv)[0]
+
+
 def hstu_inputs():
     pos, seq = torch.tensor([0, 1, 2, 0, 1, 0]), torch.tensor([0, 0, 0, 1, 1, 2])
     g = torch.Generator().manual_seed(0)
@@ -133,8 +149,12 @@ FORMS = {
     "softmax_einsum": (softmax_einsum, qkv(2, 2), CPU_TOO, False, "softmax attention through einsum"),
     "silu_padded": (silu_padded, qkv(2, 2), CPU_TOO, False, "SiLU attention through matmul (padded"),
     "hstu_silu": (hstu_silu, hstu_inputs(), LowerAttention(), True, "HSTU SiLU attention q [T, H, D]=[6, 2, 16]"),
-    "mha_opaque": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, False,
-                   "nn.MultiheadAttention is one opaque F.multi_head_attention_forward call"),
+    "mha_causal_hint": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
+                        "[N, B, E]=[4, 2, 32], 2 heads, causal (is_causal hint) softmax, scale=0.25, packed"),
+    "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,
+                                 "[N, B, E]=[4, 2, 32], 2 heads, full softmax, scale=0.25, separate projections"),
+    "mha_key_padding": (MhaKeyPadding(), (torch.randn(2, N, 2 * D), torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]).bool()),
+                        CPU_TOO, False, "key_padding_mask [2, 4] is given (per-sequence lengths"),
 }
 
 

@@ -176,8 +176,52 @@ def test_explain_names_multihead_attention_the_pass_cannot_see_into():
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
     text = str(fsc.explain(MhaBlock(), torch.randn(2, 5, 64), pad, inner="eager"))
-    assert ("declined: multi_head_attention_forward not lowered: nn.MultiheadAttention is one opaque "
-            "F.multi_head_attention_forward call in Dynamo's graph (masks: key_padding_mask") in text
+    assert ("declined: multi_head_attention_forward not lowered: nn.MultiheadAttention (one "
+            "F.multi_head_attention_forward call in Dynamo's graph): key_padding_mask [2, 5] is given (per-sequence "
+            "lengths: eager also computes the padded query rows") in text
+
+
+class MhaSelfAttention(nn.Module):
+    def __init__(self, batch_first: bool, causal: bool) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(64, 2, batch_first=batch_first)
+        self.causal = causal
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.causal:
+            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1 if self.attn.batch_first else 0])
+            return self.attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
+        out, _ = self.attn(x, x, x)  # need_weights=True, the weights unused
+        return out
+
+
+@pytest.mark.parametrize("batch_first, causal", [(True, True), (False, False)])
+def test_lower_attention_unpacks_multihead_attention_and_training_matches_eager(batch_first, causal):
+    model = MhaSelfAttention(batch_first, causal)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(3, 6, 64))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    n, b = (6, 3) if batch_first else (3, 6)
+    assert f"[N, B, E]=[{n}, {b}, 64], 2 heads, {'causal (is_causal hint)' if causal else 'full'}" in lowering
+
+
+def test_lower_attention_unpacks_a_transformer_encoder_layer_in_training():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 2, 128, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    compiled = torch.compile(lambda x: model(x, mask=mask, is_causal=True), backend="freescale",
+                             options=lowering_everywhere("eager"))
+    x = torch.randn(2, 5, 64)
+    ref = model(x, mask=mask, is_causal=True)
+    grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    got = compiled(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(got.square().sum(), list(model.parameters())), grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 2 == record.stats["attention_found"]
 
 
 @pytest.mark.parametrize("fill", [-1e9, -1e4, torch.finfo(torch.float32).min])

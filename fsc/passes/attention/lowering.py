@@ -38,6 +38,8 @@ class Lowering:
     """A match: a description for the record and the function that rewrites it."""
 
     node: fx.Node
+    """The node whose uses the lowering's result replaces (the anchor, or the one output of
+    a multi-output anchor that the lowering computes)."""
     found: str
     emit: Callable[[Emitter], fx.Node]
     notes: tuple[str, ...] = ()
@@ -102,6 +104,14 @@ def erase_dead(rewriter: GraphRewriter, roots: list[Any]) -> None:
         stack.extend(inputs)
 
 
+def head_dim_problem(name: str, d: Any, settings: Settings) -> str | None:
+    if not isinstance(d, int):
+        return f"{name} head dim is symbolic ({d}); the kernel needs it static"
+    if not settings.min_head_dim <= d <= settings.max_head_dim:
+        return f"{name} head dim {d} not in [{settings.min_head_dim}, {settings.max_head_dim}]"
+    return None
+
+
 def check_tensors(q: Any, k: Any, v: Any, settings: Settings) -> str | None:
     """Why the kernel cannot take these q, k, v (None: it can)."""
     vals = [val(x) for x in (q, k, v)]
@@ -112,14 +122,15 @@ def check_tensors(q: Any, k: Any, v: Any, settings: Settings) -> str | None:
     if len({x.device for x in vals}) != 1:
         return "q, k, v on different devices"
     for name, x in (("q/k", vals[0]), ("v", vals[2])):
-        d = x.shape[-1]
-        if not isinstance(d, int):
-            return f"{name} head dim is symbolic ({d}); the kernel needs it static"
-        if not settings.min_head_dim <= d <= settings.max_head_dim:
-            return f"{name} head dim {d} not in [{settings.min_head_dim}, {settings.max_head_dim}]"
+        if problem := head_dim_problem(name, x.shape[-1], settings):
+            return problem
     if vals[1].shape[-1] != vals[0].shape[-1]:
         return f"q and k head dims differ ({vals[0].shape[-1]} vs {vals[1].shape[-1]})"
     return None
+
+
+KEY_PADDING = ("per-sequence lengths: eager also computes the padded query rows, which a jagged kernel skips, so "
+               "the values there would differ")
 
 
 def mask_kind(mask: Any, sdims: tuple[Any, ...] | None) -> str:
@@ -131,13 +142,18 @@ def mask_kind(mask: Any, sdims: tuple[Any, ...] | None) -> str:
         return "a mask"
     dims = (1,) * (len(sdims) - len(dims)) + tuple(dims)
     if len(sdims) == 4 and dims[1:3] == (1, 1) and same(dims[0], sdims[0]) and same(dims[3], sdims[3]):
-        return (f"a key-padding mask {fmt(shape(mask))} (per-sequence lengths: eager also computes the padded "
-                "query rows, which a jagged kernel skips, so the values there would differ)")
+        return f"a key-padding mask {fmt(shape(mask))} ({KEY_PADDING})"
     return f"a {val(mask).dtype} mask {fmt(shape(mask))}"
 
 
 # float32 exp(x) rounds to 0 below about -103.97 (half the smallest subnormal, 2^-150)
 UNDERFLOW = 104.0
+
+
+def uniform_offsets(e: Emitter, count: Any, length: Any, device: torch.device) -> fx.Node:
+    """``arange(count + 1) * length``: the offsets of ``count`` sequences of one length."""
+    count = e(operator.add, count, 1) if isinstance(count, fx.Node) else count + 1
+    return e(operator.mul, e(torch.arange, count, dtype=torch.int64, device=device), length)
 
 
 def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: float | None, what: str,
@@ -177,9 +193,7 @@ def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: f
             def jagged(x: fx.Node, last: int) -> fx.Node:
                 return e(torch.reshape, x, (-1, 1, last))
 
-        device = val(q).device
-        count = e(operator.add, bb, 1) if isinstance(bb, fx.Node) else bb + 1
-        offsets = e(operator.mul, e(torch.arange, count, dtype=torch.int64, device=device), nn)
+        offsets = uniform_offsets(e, bb, nn, val(q).device)
         out = e(torch.ops.fsc.jagged_attention_fwd.default, jagged(q, d), jagged(k, d), jagged(v, dv), offsets,
                 None, None, None, None, nn, True, factor, causal, 0, 0, "auto")
         if fill is not None and settings.check_preconditions:
