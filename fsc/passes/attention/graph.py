@@ -52,16 +52,24 @@ class Call:
         return self.args[name]
 
 
-def call(node: Any) -> Call | None:
-    """The call ``node`` makes, read as a torch function (None: not a function or method call)."""
+def function(node: Any) -> Any:
+    """The torch function ``node`` calls (None: not a function or method call); cheap, no
+    argument normalisation."""
     if not isinstance(node, fx.Node) or node.op not in ("call_function", "call_method"):
         return None
     if node.op == "call_method":
         fn = getattr(torch, node.target, None)
         if not callable(fn) or isinstance(fn, torch.dtype):  # x.float(): torch.float is a dtype
             fn = getattr(torch.Tensor, node.target, None)
-    else:
-        fn = _OPERATORS.get(node.target, node.target)
+        return fn
+    return _OPERATORS.get(node.target, node.target)
+
+
+def call(node: Any) -> Call | None:
+    """The call ``node`` makes, read as a torch function (None: not a function or method call)."""
+    fn = function(node)
+    if fn is None:
+        return None
     return Call(fn, _normalized(fn, node.args, dict(node.kwargs)), tuple(node.args), node.kwargs)
 
 
@@ -110,8 +118,8 @@ def _type(arg: Any) -> type:
 
 
 def is_call(node: Any, *fns: Any) -> bool:
-    c = call(node)
-    return c is not None and c.fn in fns
+    fn = function(node)
+    return fn is not None and fn in fns
 
 
 def upstream(node: Any, hops: int = 6) -> list[fx.Node]:
@@ -124,7 +132,7 @@ def upstream(node: Any, hops: int = 6) -> list[fx.Node]:
     for _ in range(hops + 1):
         nxt = []
         for n in frontier:
-            if n in seen or n.op not in ("call_function", "call_method") or shape(n) != dims:
+            if n in seen or n.op not in ("call_function", "call_method") or not same_shape(shape(n), dims):
                 continue
             seen.append(n)
             nxt.extend(n.all_input_nodes)
@@ -170,6 +178,12 @@ def same(a: Any, b: Any) -> bool:
                       and bool(statically_known_true(a == b)))
 
 
+def same_shape(a: tuple[Any, ...] | None, b: tuple[Any, ...] | None) -> bool:
+    """Two shapes equal for every value of their symbols (comparing SymInts with ``==``
+    would guard on them and specialise a dynamic graph)."""
+    return a is not None and b is not None and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+
+
 def uncast(node: Any) -> tuple[Any, torch.dtype | None]:
     """(source, dtype of the last conversion) after stripping dtype conversions
     (``.float()``, ``.to(dtype)``, ...); dtype None when there were none."""
@@ -192,8 +206,10 @@ def _is_cast(node: Any) -> bool:
 def binary(node: Any, *fns: Any) -> tuple[Any, Any] | None:
     """The two operands of ``input (op) other`` for one of ``fns`` (``add``/``sub`` only
     with alpha 1)."""
+    if function(node) not in fns:
+        return None
     c = call(node)
-    if c is None or c.fn not in fns or c.args is None or c.get("alpha", 1) != 1:
+    if c.args is None or c.get("alpha", 1) != 1:
         return None
     if c.fn is torch.div and c.get("rounding_mode") is not None:
         return None
@@ -230,8 +246,10 @@ def scale_of(fs: list[tuple[Any, bool]]) -> tuple[float, list[Any]] | None:
 
 def einsum(node: Any) -> tuple[str, list[str], str, list[Any]] | None:
     """(equation, input subscripts, output subscripts, operands) of an explicit ``einsum``."""
+    if function(node) is not torch.einsum:
+        return None
     c = call(node)
-    if c is None or c.fn is not torch.einsum or c.kwargs or not c.raw or not isinstance(c.raw[0], str):
+    if c.kwargs or not c.raw or not isinstance(c.raw[0], str):
         return None
     operands = list(c.raw[1:])
     if len(operands) == 1 and isinstance(operands[0], (list, tuple)):

@@ -141,7 +141,8 @@ def mask_kind(mask: Any, sdims: tuple[Any, ...] | None) -> str:
     if dims is None or sdims is None:
         return "a mask"
     dims = (1,) * (len(sdims) - len(dims)) + tuple(dims)
-    if len(sdims) == 4 and dims[1:3] == (1, 1) and same(dims[0], sdims[0]) and same(dims[3], sdims[3]):
+    if (len(sdims) == 4 and len(dims) == 4 and same(dims[1], 1) and same(dims[2], 1) and same(dims[0], sdims[0])
+            and same(dims[3], sdims[3])):
         return f"a key-padding mask {fmt(shape(mask))} ({KEY_PADDING})"
     return f"a {val(mask).dtype} mask {fmt(shape(mask))}"
 
