@@ -7,7 +7,11 @@ default) per attention family, written as users write it:
 - ``softmax``: ``softmax(q @ kᵀ / sqrt(D) masked causal) @ v`` on ``[B, H, N, D]``;
 - ``bmm``: ``bmm(dropout(softmax(bmm(q, kᵀ) / sqrt(D)), p=0), v)`` on ``[B*H, N, D]``;
 - ``mha``: ``nn.MultiheadAttention(batch_first=True)`` with a causal mask and the
-  ``is_causal`` hint, ``need_weights=False`` (its own projections replace qkv/out).
+  ``is_causal`` hint, ``need_weights=False`` (its own projections replace qkv/out);
+- ``hstu``: the HSTU example's dense SiLU attention over all B*N tokens of the batch
+  (``silu(einsum(q, k) * alpha) / N * same-sequence causal mask``, then ``einsum`` with v),
+  which lower-attention lowers on every device (its jagged form skips the cross-sequence
+  scores), so ``freescale`` and ``freescale-lowered`` both run the jagged op.
 
 Each is trained (forward, backward) compiled three ways, all with Inductor generating the
 code: ``inductor`` (plain ``torch.compile``); ``freescale`` (the default pipeline, in
@@ -36,7 +40,7 @@ from torch import nn
 
 from bench.report import markdown_table, write_json
 
-FAMILIES = ("sdpa", "softmax", "bmm", "mha")
+FAMILIES = ("sdpa", "softmax", "bmm", "mha", "hstu")
 VARIANTS = ("inductor", "freescale", "freescale-lowered")
 
 
@@ -52,6 +56,8 @@ class Block(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, n, d = x.shape
+        if self.family == "hstu":
+            return x + self.out(self._hstu(x.reshape(b * n, d), b, n)).view(b, n, d)
         if self.mha is not None:
             mask = nn.Transformer.generate_square_subsequent_mask(n, device=x.device)
             return x + self.mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
@@ -67,6 +73,16 @@ class Block(nn.Module):
             p = torch.bmm(q, k.transpose(1, 2)).div(math.sqrt(q.shape[-1])).softmax(-1)
             o = torch.bmm(F.dropout(p, p=0.0, training=self.training), v).view(b, self.heads, n, -1)
         return x + self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+    def _hstu(self, x: torch.Tensor, b: int, n: int) -> torch.Tensor:
+        t, d = x.shape
+        q, k, v = (u.view(t, self.heads, -1) for u in self.qkv(x).split(d, -1))
+        pos = torch.arange(n, device=x.device).repeat(b)
+        seq = torch.arange(b, device=x.device).repeat_interleave(n)
+        mask = (seq.unsqueeze(1) == seq.unsqueeze(0)) & (pos.unsqueeze(1) - pos.unsqueeze(0) >= 0)
+        a = F.silu(torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])) / n * mask
+        return torch.einsum("hts,shd->thd", a, v).reshape(t, d)
 
 
 def _compiled(variant: str, model: nn.Module) -> Any:

@@ -40,7 +40,8 @@ that does the work the graph did, slower than Inductor's code for the same atten
 (``python -m bench attention-cpu``: 2.1-3.6x Inductor's training step at N = 50..512),
 so there the pass keeps the user's attention and records ``kept: ...``
 (``dense_on_cpu=true`` lowers it anyway). The HSTU form is lowered everywhere: its dense
-product spans every token of the batch, the jagged op only each sequence's.
+product spans every token of the batch, the jagged op only each sequence's (on CPU, 0.45x and
+0.15x Inductor's training step at B=16 sequences of N=50 and 200, same benchmark).
 
 **Safe because** the kernel computes the same function (module docstring of
 ``fsc.kernels.jagged_attention``), up to float summation order, PROVIDED, for HSTU
