@@ -19,14 +19,15 @@ graph says what was lowered and what was declined, and why.
 **Matches** (each family's module docstring has the details)
 
 - :mod:`~fsc.passes.attention.sdpa`: ``F.scaled_dot_product_attention`` self-attention on
-  ``[B, H, N, D]`` or ``[B*H, N, D]``, causal or full, without ``attn_mask``, dropout or GQA.
-- :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal masked_fill], -1)
+  ``[B, H, N, D]`` or ``[B*H, N, D]``, full or causal (``is_causal``, or an ``attn_mask``
+  proved causal by :mod:`~fsc.passes.attention.masks`), without dropout or GQA.
+- :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal mask], -1)
   [dropout that is the identity] @ v`` on the same layouts.
 - :mod:`~fsc.passes.attention.hstu`: the HSTU example's SiLU attention over a rank's tokens.
 - :mod:`~fsc.passes.attention.mha`: ``nn.MultiheadAttention`` (one opaque
   ``F.multi_head_attention_forward`` call in Dynamo's graph, also inside
-  ``nn.TransformerEncoderLayer``'s training path), self-attention full or with the
-  ``is_causal`` hint: unpacked into its projections around the kernel. The encoder layer's
+  ``nn.TransformerEncoderLayer``'s training path), self-attention full or causal (a proved
+  mask, or the ``is_causal`` hint): unpacked into its projections around the kernel. The encoder layer's
   fast path (one fused op) is found and declined.
 
 **Changes** each match into a call of the kernel op: dense inputs (and MHA's projected
@@ -55,8 +56,8 @@ to turn it off. No collectives are touched.
 float32 ``log2`` rounds up by one bucket for |dt| within a few units below 2^k, k >= 21
 (e.g. dt = 2^21 - 2), so with more than 20 buckets the two can differ and the pass declines
 such graphs unless ``inexact_time_buckets=true`` (float64 ``log2``, as the example uses, is
-exact below 2^46). It declines, with the reason: masks it cannot prove (an ``attn_mask``,
-an arbitrary mask tensor), dropout, GQA, head dims outside ``[min_head_dim,
+exact below 2^46). It declines, with the reason: masks it cannot prove causal (an
+``attn_mask``, an arbitrary mask tensor), dropout, GQA, head dims outside ``[min_head_dim,
 max_head_dim]``, dtypes other than fp32/bf16/fp16, shapes it does not know (cross-attention
 lengths), other bias constructions, key-padding masks (eager computes the padded query
 rows too, which a jagged kernel skips). It does not lower attention

@@ -61,6 +61,15 @@ def sdpa_key_padding(q, k, v, ids):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(ids > 0)[:, None, None, :])
 
 
+def sdpa_bool_causal_mask(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(N, N, dtype=torch.bool).tril())
+
+
+def softmax_additive_causal(q, k, v):
+    s = q @ k.transpose(-2, -1) * 0.25 + nn.Transformer.generate_square_subsequent_mask(N)
+    return s.softmax(-1) @ v
+
+
 def softmax_bmm_3d_dropout_p0(q, k, v):
     p = torch.bmm(q, k.transpose(1, 2)).mul(0.25).softmax(-1)
     return torch.bmm(F.dropout(p, p=0.0, training=True), v)
@@ -102,6 +111,12 @@ class Mha(nn.Module):
                          attn_mask=nn.Transformer.generate_square_subsequent_mask(N))[0]
 
 
+class MhaProvedMask(Mha):
+    def forward(self, x):  # the mask alone, no hint, need_weights=True with the weights unused
+        out, _ = self.attn(x, x, x, attn_mask=nn.Transformer.generate_square_subsequent_mask(N))
+        return out
+
+
 class MhaKeyPadding(Mha):
     def forward(self, x, pad):
         return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
@@ -141,6 +156,11 @@ FORMS = {
                               "softmax input is the scores plus a torch.float32 mask [4, 4] (an additive mask"),
     "sdpa_key_padding": (sdpa_key_padding, (*qkv(2, 2), torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])), CPU_TOO, False,
                          "attn_mask is given (a key-padding mask [2, 1, 1, 4] (per-sequence lengths"),
+    "sdpa_bool_causal_mask": (sdpa_bool_causal_mask, qkv(2, 2), CPU_TOO, True, "[B, H, N, D]=[2, 2, 4, 16] causal"),
+    "softmax_additive_causal": (softmax_additive_causal, qkv(2, 2), CPU_TOO, True,
+                                "[B, H, N, D]=[2, 2, 4, 16] causal softmax, scale=0.25"),
+    "mha_proved_mask": (MhaProvedMask(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
+                        "[N, B, E]=[4, 2, 32], 2 heads, causal"),
     "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
     "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
                         "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),

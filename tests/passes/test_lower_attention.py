@@ -182,28 +182,30 @@ def test_explain_names_multihead_attention_the_pass_cannot_see_into():
 
 
 class MhaSelfAttention(nn.Module):
-    def __init__(self, batch_first: bool, causal: bool) -> None:
+    def __init__(self, batch_first: bool, mask: str) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.attn = nn.MultiheadAttention(64, 2, batch_first=batch_first)
-        self.causal = causal
+        self.mask = mask
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.causal:
-            mask = nn.Transformer.generate_square_subsequent_mask(x.shape[1 if self.attn.batch_first else 0])
-            return self.attn(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
-        out, _ = self.attn(x, x, x)  # need_weights=True, the weights unused
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1 if self.attn.batch_first else 0])
+        if self.mask == "hint":
+            return self.attn(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        # need_weights=True, the weights unused
+        out, _ = self.attn(x, x, x, attn_mask=causal if self.mask == "proved" else None)
         return out
 
 
-@pytest.mark.parametrize("batch_first, causal", [(True, True), (False, False)])
-def test_lower_attention_unpacks_multihead_attention_and_training_matches_eager(batch_first, causal):
-    model = MhaSelfAttention(batch_first, causal)
+@pytest.mark.parametrize("batch_first, mask, how", [(True, "hint", "causal (is_causal hint)"), (False, None, "full"),
+                                                   (True, "proved", "causal (mask proved)")])
+def test_lower_attention_unpacks_multihead_attention_and_training_matches_eager(batch_first, mask, how):
+    model = MhaSelfAttention(batch_first, mask)
     compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
     check_training_parity(model, compiled, torch.randn(3, 6, 64))
     (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
     n, b = (6, 3) if batch_first else (3, 6)
-    assert f"[N, B, E]=[{n}, {b}, 64], 2 heads, {'causal (is_causal hint)' if causal else 'full'}" in lowering
+    assert f"[N, B, E]=[{n}, {b}, 64], 2 heads, {how}" in lowering
 
 
 def test_lower_attention_unpacks_a_transformer_encoder_layer_in_training():
@@ -249,6 +251,31 @@ def test_lower_attention_checks_at_run_time_that_a_finite_fill_underflows():
     q, k = torch.full((1, 1, 4, 16), 50.0), torch.full((1, 1, 4, 16), -49.75)
     with pytest.raises(RuntimeError, match="fill -10000 was lowered as -inf, exact only while"):
         compiled(q, k, v)
+
+
+class CausalMaskBlock(SasRecBlock):
+    """Causal attention through a mask tensor built in the model, as SASRec ports write it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        if self.sdpa["form"] == "sdpa_bool":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool).tril())
+        elif self.sdpa["form"] == "sdpa_additive":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=nn.Transformer.generate_square_subsequent_mask(n))
+        else:
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + nn.Transformer.generate_square_subsequent_mask(n)
+            o = s.softmax(-1) @ v
+        return x + self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("form", ["sdpa_bool", "sdpa_additive", "softmax_additive"])
+def test_lower_attention_proves_causal_mask_tensors_and_training_matches_eager(form):
+    model = CausalMaskBlock(form=form)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(2, 6, 64))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert "[B, H, N, D]=[2, 2, 6, 32] causal softmax" in lowering
 
 
 class ArbitraryMaskHstu(nn.Module):

@@ -129,24 +129,6 @@ def check_tensors(q: Any, k: Any, v: Any, settings: Settings) -> str | None:
     return None
 
 
-KEY_PADDING = ("per-sequence lengths: eager also computes the padded query rows, which a jagged kernel skips, so "
-               "the values there would differ")
-
-
-def mask_kind(mask: Any, sdims: tuple[Any, ...] | None) -> str:
-    """What a mask on scores of shape ``sdims`` that was not proved causal looks like, for a
-    reason: a key-padding mask (one row per batch element, broadcast over heads and
-    queries) says why it is not lowered; others get their shape."""
-    dims = shape(mask)
-    if dims is None or sdims is None:
-        return "a mask"
-    dims = (1,) * (len(sdims) - len(dims)) + tuple(dims)
-    if (len(sdims) == 4 and len(dims) == 4 and same(dims[1], 1) and same(dims[2], 1) and same(dims[0], sdims[0])
-            and same(dims[3], sdims[3])):
-        return f"a key-padding mask {fmt(shape(mask))} ({KEY_PADDING})"
-    return f"a {val(mask).dtype} mask {fmt(shape(mask))}"
-
-
 # float32 exp(x) rounds to 0 below about -103.97 (half the smallest subnormal, 2^-150)
 UNDERFLOW = 104.0
 

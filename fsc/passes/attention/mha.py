@@ -6,9 +6,10 @@ separate q/k/v weights) as ``F.linear``, the attention as the jagged kernel with
 offsets, the out-projection as ``F.linear``.
 
 Lowered: ``query is key is value``; ``need_weights`` False, or True with the weights left
-unused (no ``attn_mask``); ``attn_mask`` None (full attention) or given with the
-``is_causal`` hint and ``need_weights=False``, which is when PyTorch itself ignores the mask
-tensor and runs causal SDPA (the hint is trusted exactly as PyTorch trusts it); dropout 0
+unused; ``attn_mask`` None (full attention), the causal mask proved from the graph
+(:mod:`~fsc.passes.attention.masks`), or any mask given with the ``is_causal`` hint and
+``need_weights=False``, which is when PyTorch itself ignores the mask tensor and runs causal
+SDPA (the hint is trusted exactly as PyTorch trusts it); dropout 0
 or ``training=False``. Declined, with the reason: key-padding masks, other masks,
 ``bias_k``/``bias_v``, ``add_zero_attn``, static k/v, dropout, used weights,
 cross-attention; and the encoder layer's fast path (``torch._transformer_encoder_layer_fwd``,
@@ -26,7 +27,6 @@ from torch.nn import functional as F
 from fsc.kernels.limits import DTYPES
 from fsc.passes.attention.graph import call, fmt, is_call, shape, val
 from fsc.passes.attention.lowering import (
-    KEY_PADDING,
     Emitter,
     Family,
     Lowering,
@@ -34,6 +34,7 @@ from fsc.passes.attention.lowering import (
     head_dim_problem,
     uniform_offsets,
 )
+from fsc.passes.attention.masks import KEY_PADDING, is_causal
 
 _FUSED = (torch._transformer_encoder_layer_fwd, torch._native_multi_head_attention)
 
@@ -65,10 +66,13 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         return f"{what}: query of shape {dims}, not [N, B, E]"
     if a["key_padding_mask"] is not None:
         return f"{what}: key_padding_mask {fmt(shape(a['key_padding_mask']) or ())} is given ({KEY_PADDING})"
-    causal = a["attn_mask"] is not None
-    if causal and not (a["is_causal"] is True and a["need_weights"] is False):
-        return (f"{what}: attn_mask {fmt(shape(a['attn_mask']) or ())} without the is_causal hint and "
-                "need_weights=False: the pass cannot prove it causal")
+    mask = a["attn_mask"]
+    causal = mask is not None
+    hinted = a["is_causal"] is True and a["need_weights"] is False
+    meaning = "masked" if causal and val(mask).dtype == torch.bool else "additive"
+    if causal and not hinted and not is_causal(mask, (dims[0], dims[0]), meaning):
+        return (f"{what}: attn_mask {fmt(shape(mask) or ())} is not the causal mask the pass can prove, and no "
+                "is_causal hint with need_weights=False")
     if any(u.target is not operator.getitem or u.args[1] != 0 for u in node.users):
         return f"{what}: the attention weights (its second output) are used"
     out = next(iter(node.users), None)
@@ -105,7 +109,8 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         o = e(torch.transpose, e(torch.reshape, e(operator.getitem, o, 0), (b, n, e_dim)), 0, 1)
         return e(F.linear, o, out_w, out_b)
 
-    found = (f"{what} [N, B, E]={fmt(dims)}, {heads} heads, {'causal (is_causal hint)' if causal else 'full'} "
+    how = "full" if not causal else "causal (is_causal hint)" if hinted else "causal (mask proved)"
+    found = (f"{what} [N, B, E]={fmt(dims)}, {heads} heads, {how} "
              f"softmax, scale={1.0 / math.sqrt(d):.4g}, {'packed' if packed else 'separate'} projections "
              "(unpacked; jagged, uniform offsets)")
     return Lowering(out, found, emit, uniform=True, device=val(x).device)

@@ -3,7 +3,8 @@
 q, k, v are ``[B, H, N, D]`` or ``[B*H, N, D]``; the products are ``matmul``, ``@`` or
 ``bmm``; kᵀ is ``transpose(-2, -1)`` or ``mT``; c comes from scalar ``*`` and ``/``. The
 causal mask is ``masked_fill(~tril(ones(N, N)), fill)`` or ``masked_fill(triu(ones(N, N),
-1), fill)`` with fill -inf or a finite fill <= -1e4 (see ``dense_lowering``). Dropout on the probabilities is stripped where it is the
+1), fill)`` with fill -inf or a finite fill <= -1e4 (see ``dense_lowering``), or the
+additive ``scores + triu(full((N, N), -inf), 1)``. Dropout on the probabilities is stripped where it is the
 identity (p = 0, or ``training=False``) and declined otherwise: the kernel has no dropout.
 """
 
@@ -31,7 +32,8 @@ from fsc.passes.attention.graph import (
     upstream,
     val,
 )
-from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering, mask_kind
+from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
+from fsc.passes.attention.masks import is_causal, mask_kind
 
 SOFTMAX = (torch.softmax, F.softmax)
 MATMUL = (torch.matmul, torch.bmm)
@@ -89,7 +91,7 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     causal, finite = False, None
     if (fill := call(x)) is not None and fill.fn is torch.masked_fill:
         value = scalar(fill.get("value"))
-        if not _is_causal_fill_mask(fill.get("mask"), shape(x)):
+        if not is_causal(fill.get("mask"), shape(x), "masked"):
             return f"masked_fill with {mask_kind(fill.get('mask'), shape(x))}, which the pass cannot prove causal"
         if value is None or value > MAX_FILL:
             return (f"causal masked_fill with {fill.get('value')!r}: lowered are -inf and finite fills <= {MAX_FILL:g} "
@@ -97,7 +99,9 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         x, causal, finite = fill["input"], True, None if value == float("-inf") else value
     if (ops := binary(x, torch.add)) is not None and all(isinstance(val(o), torch.Tensor) for o in ops):
         added = next((o for o in ops if not any(is_call(n, *MATMUL) for n in upstream(o))), ops[1])
-        return f"softmax input is the scores plus {mask_kind(added, shape(x))} (an additive mask or bias)"
+        if causal or not is_causal(added, shape(x), "additive"):
+            return f"softmax input is the scores plus {mask_kind(added, shape(x))} (an additive mask or bias)"
+        x, causal = ops[1] if added is ops[0] else ops[0], True
     scaled = scale_of(factors(x))
     if scaled is None or len(scaled[1]) != 1 or not is_call(scaled[1][0], *MATMUL):
         return "softmax input is not c * (q @ k^T)"
@@ -125,26 +129,6 @@ def _after_softmax(p: fx.Node) -> list[fx.Node]:
 
 def _name(node: fx.Node) -> str:
     return str(node.target) if node.op == "call_method" else getattr(call(node).fn, "__name__", str(node.target))
-
-
-def _is_causal_fill_mask(mask: Any, dims: Any) -> bool:
-    """``~tril(ones(N, N)).bool()`` or ``triu(ones(N, N), 1).bool()`` (dtype casts allowed),
-    N the scores' last dim: True marks the keys after the query."""
-    mask = uncast(mask)[0]
-    negate = is_call(mask, torch.bitwise_not, torch.logical_not)
-    if negate:
-        mask = uncast(call(mask)["input"])[0]
-    c = call(mask)
-    kind = None if c is None else "tril" if c.fn is torch.tril else "triu" if c.fn is torch.triu else None
-    if kind is None or negate != (kind == "tril") or c.args is None:
-        return False
-    if c["diagonal"] != (0 if kind == "tril" else 1):
-        return False
-    ones = uncast(c["input"])[0]
-    if not is_call(ones, torch.ones) or dims is None:
-        return False
-    size = shape(ones)
-    return size is not None and len(size) == 2 and same(size[0], dims[-2]) and same(size[1], dims[-1])
 
 
 FAMILY = Family("softmax", anchors, match)
