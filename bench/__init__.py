@@ -33,6 +33,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
     _B("sample-cost", "sample_cost", "graph-derived per-sample cost vs measured step times"),
     _B("attention", "attention", "jagged attention kernels vs PyTorch reference, FlexAttention, "
        "generative-recommenders (GPU only)"),
+    _B("attention-cpu", "attention_cpu", "lower-attention on CPU: dense attention training steps (SDPA, softmax, "
+       "bmm) under inductor, freescale (kept) and freescale with dense_on_cpu (lowered), interleaved"),
     _B("transport", "transport", "shared-memory all-to-all vs gloo over message sizes"),
     _B("balance", "balance", "balancer quality (max/LB) and speed per length distribution"),
     _B("e2e", "e2e", "HSTU end to end on 2 and 4 gloo ranks: eager, inductor, inductor-overlap, torchrec and "

@@ -70,6 +70,7 @@ import triton.language as tl
 from torch.nn import functional as F
 
 from fsc.kernels.attention_grouped import grouped_backward, grouped_forward
+from fsc.kernels.limits import DTYPES, MAX_HEAD_DIM, MIN_HEAD_DIM, MODES
 
 log = logging.getLogger(__name__)
 
@@ -78,11 +79,7 @@ OptTensor = Optional[torch.Tensor]
 
 __all__ = ["jagged_attention", "jagged_attention_reference"]
 
-MODES = ("hstu", "softmax")
 IMPLS = ("auto", "triton", "reference")
-MIN_HEAD_DIM = 16  # tl.dot needs K >= 16
-MAX_HEAD_DIM = 256
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 # ---------------------------------------------------------------------------------------

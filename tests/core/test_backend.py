@@ -125,7 +125,7 @@ def test_explain_returns_graphs_before_and_after_each_pass(inner):
     grads_before = [p.grad for p in model.parameters()]
     record = fsc.explain(model, *ids(), inner=inner)
     summary = record.summary()
-    # pre-grad: lower-attention declines TinyRec's single-head [B, N, D] attention, with the reason
+    # pre-grad: lower-attention keeps TinyRec's single-head [B, N, D] attention on CPU, with the reason
     assert set(summary) == {"pre-grad", "forward", "backward"}
     for key in ("forward", "backward"):
         entry = summary[key]

@@ -69,7 +69,7 @@ def _verify_worker(rank: int, world: int) -> list[tuple[str, bool, dict]]:
         compiled = torch.compile(model, backend="freescale", options={"inner": inner, "verify": True}, fullgraph=True)
         ids = torch.randint(0, 128, (4, 12), generator=torch.Generator().manual_seed(rank))
         compiled(ids).backward()
-        # the aten graphs (TinyRec's single-head attention also gets a pre-grad record: declined)
+        # the aten graphs (TinyRec's single-head attention also gets a pre-grad record: kept on CPU)
         graphs = {k: g for k, g in fsc.last_compile().graphs().items() if k != "pre-grad"}
         assert set(graphs) == {"forward", "backward"}, sorted(graphs)
         modified = all(g.pass_record("overlap-schedule").modified for g in graphs.values())

@@ -14,10 +14,17 @@ import fsc
 from fsc.analysis.cost_model import DEVICE_PROFILES, CostModel
 from fsc.inspect import STORE
 from fsc.kernels import jagged_attention
-from fsc.pass_manager import parse_pipeline, passes_for_stage
+from fsc.pass_manager import default_pipeline, parse_pipeline, passes_for_stage
 from fsc.passes import LowerAttention
 
 INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.inductor)]
+
+
+def lowering_everywhere(inner: str) -> dict:
+    """The default pipeline, with dense attention lowered on CPU too (where it is kept by
+    default): the tests check the lowering's values here, its speed is another matter."""
+    passes = [LowerAttention(dense_on_cpu=True), *(p for p in default_pipeline() if p.name != "lower-attention")]
+    return {"inner": inner, "passes": passes}
 
 
 class SasRecBlock(nn.Module):
@@ -44,7 +51,7 @@ class SoftmaxBlock(SasRecBlock):
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
         s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
         if self.sdpa.get("is_causal"):
-            s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), float("-inf"))
+            s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool), 1), self.sdpa.get("fill", float("-inf")))
         o = s.softmax(dim=-1) @ v
         return x + self.out(o.transpose(1, 2).reshape(b, n, d))
 
@@ -72,7 +79,7 @@ def check_training_parity(model: nn.Module, compiled, x: torch.Tensor) -> None:
 @pytest.mark.parametrize("inner", INNERS)
 def test_lower_attention_lowers_causal_sdpa_and_training_matches_eager_without_recompiles(inner):
     model = SasRecBlock(is_causal=True)
-    compiled = torch.compile(model, backend="freescale", options={"inner": inner}, dynamic=True)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere(inner), dynamic=True)
     before = STORE.count
     for b, n in ((2, 8), (3, 5)):  # another batch size and length: same compiled graph
         check_training_parity(model, compiled, torch.randn(b, n, 64))
@@ -94,7 +101,7 @@ def test_lower_attention_lowers_causal_sdpa_and_training_matches_eager_without_r
 
 def test_lower_attention_lowers_full_sdpa_with_a_scale():
     model = SasRecBlock(is_causal=False, scale=0.3)
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
     check_training_parity(model, compiled, torch.randn(2, 7, 64))
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert record.stats["lowered"] == 1 and "full softmax, scale=0.3" in record.stats["lowerings"][0]
@@ -103,11 +110,172 @@ def test_lower_attention_lowers_full_sdpa_with_a_scale():
 @pytest.mark.parametrize("causal", [True, False])
 def test_lower_attention_lowers_explicit_softmax_attention(causal):
     model = SoftmaxBlock(is_causal=causal)
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
     check_training_parity(model, compiled, torch.randn(2, 6, 64))
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert record.stats["lowered"] == 1
     assert ("causal" if causal else "full") in record.stats["lowerings"][0]
+
+
+class BmmBlock(SasRecBlock):
+    """[B*H, N, D] attention through bmm, with nn.Dropout on the probabilities (BERT4Rec's habit)."""
+
+    def __init__(self, p: float = 0.1, **kw) -> None:
+        super().__init__(**kw)
+        self.drop = nn.Dropout(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2).reshape(b * self.heads, n, -1)
+                   for t in self.qkv(x).split(d, -1))
+        p = torch.bmm(q, k.transpose(1, 2)).div(math.sqrt(q.shape[-1])).softmax(-1)
+        o = torch.bmm(self.drop(p), v)
+        return x + self.out(o.view(b, self.heads, n, -1).transpose(1, 2).reshape(b, n, d))
+
+
+def test_lower_attention_lowers_3d_bmm_attention_with_dropout_in_eval_mode():
+    model = BmmBlock(p=0.1).eval()  # eval: the dropout is the identity and is stripped
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(2, 7, 64))
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 1 and "[B*H, N, D]=[4, 7, 32] full softmax" in record.stats["lowerings"][0]
+
+
+def test_lower_attention_declines_dropout_that_drops_and_says_so():
+    pre, _ = run_pass(BmmBlock(p=0.1).train(), torch.randn(2, 4, 64, requires_grad=True), dense_on_cpu=True)
+    record = pre.pass_record("lower-attention")
+    assert record.stats["lowered"] == 0 and record.stats["attention_found"] == 1
+    assert any("dropout(p=0.1) on the attention probabilities: the kernel has no dropout" in r for r in record.reasons)
+
+
+def test_lower_attention_keeps_dense_attention_on_cpu_and_explain_says_why():
+    model = SasRecBlock(is_causal=True)
+    x = torch.randn(2, 5, 64)
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    check_training_parity(model, compiled, x)
+    pre = fsc.last_compile().graph("pre-grad")
+    record = pre.pass_record("lower-attention")
+    assert not record.modified and record.stats["kept"] == 1 and record.stats["lowered"] == 0
+    assert pre.graph_after == pre.graph_before
+    (reason,) = record.reasons
+    assert "kept: scaled_dot_product_attention" in reason and "on cpu" in reason and "dense_on_cpu=true" in reason
+    assert reason in str(fsc.explain(model, x, inner="eager"))
+
+
+class MhaBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(64, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
+
+
+def test_explain_names_multihead_attention_the_pass_cannot_see_into():
+    pad = torch.zeros(2, 5, dtype=torch.bool)
+    pad[1, 3:] = True
+    text = str(fsc.explain(MhaBlock(), torch.randn(2, 5, 64), pad, inner="eager"))
+    assert ("declined: multi_head_attention_forward not lowered: nn.MultiheadAttention (one "
+            "F.multi_head_attention_forward call in Dynamo's graph): key_padding_mask [2, 5] is given (per-sequence "
+            "lengths: eager also computes the padded query rows") in text
+
+
+class MhaSelfAttention(nn.Module):
+    def __init__(self, batch_first: bool, mask: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.attn = nn.MultiheadAttention(64, 2, batch_first=batch_first)
+        self.mask = mask
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        causal = nn.Transformer.generate_square_subsequent_mask(x.shape[1 if self.attn.batch_first else 0])
+        if self.mask == "hint":
+            return self.attn(x, x, x, attn_mask=causal, is_causal=True, need_weights=False)[0]
+        # need_weights=True, the weights unused
+        out, _ = self.attn(x, x, x, attn_mask=causal if self.mask == "proved" else None)
+        return out
+
+
+@pytest.mark.parametrize("batch_first, mask, how", [(True, "hint", "causal (is_causal hint)"), (False, None, "full"),
+                                                   (True, "proved", "causal (mask proved)")])
+def test_lower_attention_unpacks_multihead_attention_and_training_matches_eager(batch_first, mask, how):
+    model = MhaSelfAttention(batch_first, mask)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(3, 6, 64))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    n, b = (6, 3) if batch_first else (3, 6)
+    assert f"[N, B, E]=[{n}, {b}, 64], 2 heads, {how}" in lowering
+
+
+def test_lower_attention_unpacks_a_transformer_encoder_layer_in_training():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(64, 2, 128, dropout=0.0, batch_first=True)
+    model = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False)
+    mask = nn.Transformer.generate_square_subsequent_mask(5)
+    compiled = torch.compile(lambda x: model(x, mask=mask, is_causal=True), backend="freescale",
+                             options=lowering_everywhere("eager"))
+    x = torch.randn(2, 5, 64)
+    ref = model(x, mask=mask, is_causal=True)
+    grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+    got = compiled(x)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    for g, r in zip(torch.autograd.grad(got.square().sum(), list(model.parameters())), grads):
+        torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 2 == record.stats["attention_found"]
+
+
+@pytest.mark.parametrize("fill", [-1e9, -1e4, torch.finfo(torch.float32).min])
+def test_lower_attention_lowers_a_finite_causal_fill_as_minus_infinity(fill):
+    model = SoftmaxBlock(is_causal=True, fill=fill)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(2, 6, 64))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert f"causal softmax, scale=0.1768, fill {fill:g} as -inf" in lowering and "checked at run time" in lowering
+
+
+def scores_near_the_fill(q, k, v):
+    s = q @ k.mT / 4.0
+    s = s.masked_fill(torch.triu(torch.ones(4, 4, dtype=torch.bool), 1), -1e4)
+    return s.softmax(-1) @ v
+
+
+def test_lower_attention_checks_at_run_time_that_a_finite_fill_underflows():
+    compiled = torch.compile(scores_near_the_fill, backend="freescale",
+                             options={"inner": "eager", "passes": [LowerAttention(dense_on_cpu=True)]})
+    q, k, v = (torch.randn(1, 1, 4, 16) for _ in range(3))
+    torch.testing.assert_close(compiled(q, k, v), scores_near_the_fill(q, k, v))
+    assert fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowered"] == 1
+    # every score about -9950: the masked -1e4 is within 104 of the row max, not an exact zero in eager
+    q, k = torch.full((1, 1, 4, 16), 50.0), torch.full((1, 1, 4, 16), -49.75)
+    with pytest.raises(RuntimeError, match="fill -10000 was lowered as -inf, exact only while"):
+        compiled(q, k, v)
+
+
+class CausalMaskBlock(SasRecBlock):
+    """Causal attention through a mask tensor built in the model, as SASRec ports write it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        if self.sdpa["form"] == "sdpa_bool":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(n, n, dtype=torch.bool).tril())
+        elif self.sdpa["form"] == "sdpa_additive":
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=nn.Transformer.generate_square_subsequent_mask(n))
+        else:
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1]) + nn.Transformer.generate_square_subsequent_mask(n)
+            o = s.softmax(-1) @ v
+        return x + self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+@pytest.mark.parametrize("form", ["sdpa_bool", "sdpa_additive", "softmax_additive"])
+def test_lower_attention_proves_causal_mask_tensors_and_training_matches_eager(form):
+    model = CausalMaskBlock(form=form)
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    check_training_parity(model, compiled, torch.randn(2, 6, 64))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert "[B, H, N, D]=[2, 2, 6, 32] causal softmax" in lowering
 
 
 class ArbitraryMaskHstu(nn.Module):
