@@ -177,6 +177,11 @@ STALE_GRACE_S = 1.0
 """How long a rank waits for a peer's compile of the same generation before accepting the
 peer's earlier compile with the same collectives (at most a quarter of the timeout)."""
 
+CHECKED_GRACE_S = 60.0
+"""The grace when the graph will be checked by ``verify`` (at most a quarter of the
+timeout): a peer that is merely compiling slower must not be taken for one that did not
+recompile, since the check runs only when the ranks compiled together."""
+
 
 def agree(
     slot: str,
@@ -185,10 +190,12 @@ def agree(
     *,
     timeout_s: float,
     wait: bool = True,
+    grace_s: float = STALE_GRACE_S,
 ) -> Decision:
     """Publish ``payload`` for ``slot`` and, with ``wait``, decide with every peer of the
-    graph's groups (see the module docstring). Raises :class:`AgreementError` on a
-    mismatch or a timeout, on every rank that waits."""
+    graph's groups (see the module docstring); ``grace_s`` bounds the wait before a peer's
+    earlier compile is accepted. Raises :class:`AgreementError` on a mismatch or a timeout,
+    on every rank that waits."""
     fps = payload.rewritten if payload.rewritten is not None else payload.unrewritten
     groups = sorted(g for g in (fps or {}) if g != "(opaque)")
     ranks = _groups_ranks(groups) or list(range(dist.get_world_size()))
@@ -205,7 +212,7 @@ def agree(
     if payload.raised is not None or not wait:
         return Decision(fall_back=payload.rewritten is None)
     start = time.monotonic()
-    grace = min(STALE_GRACE_S, timeout_s / 4)
+    grace = min(grace_s, timeout_s / 4)
     peers = [r for r in ranks if r != me]
     got: dict[int, Payload] = {me: payload}
     stale: dict[int, Payload] = {}

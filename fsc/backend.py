@@ -47,7 +47,7 @@ from fsc.graph_utils import clone_graph_module, readable, replace_graph_contents
 from fsc.inspect import CACHE_NOTE, STORE, CompileRecord, GraphRecord, SubgraphRecord
 from fsc.pass_manager import PassManager, passes_for_stage
 from fsc.passes.base import PassContext
-from fsc.verify import CheckedOnFirstCall, Verifier, checked_on_first_call
+from fsc.verify import CheckedOnFirstCall, Verifier
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def freescale(gm: fx.GraphModule, example_inputs: list[Any], **kwargs: Any) -> A
     else:
         compiled = _compile_inductor(gm, example_inputs, config, record, mode)
     verifier = record.pending_checks.pop(PRE_GRAD, None)
-    return compiled if verifier is None else checked_on_first_call(compiled, verifier)
+    return compiled if verifier is None else CheckedOnFirstCall(compiled, verifier, boxed=False)
 
 
 PRE_GRAD = "pre-grad"
@@ -215,7 +215,7 @@ def _agree_on_graph(
         cached=cached,
     )
     decision = agreement.agree(f"{record.frame}.{kind}", name, payload, timeout_s=config.agreement_timeout_s,
-                               wait=wait)
+                               wait=wait, grace_s=agreement.CHECKED_GRACE_S if config.verify else agreement.STALE_GRACE_S)
     if decision.fall_back and graph_record.fallback is None and saved is not None:
         log.warning("freescale: %s: %s", name, decision.why)
         replace_graph_contents(gm.graph, saved.graph)
@@ -232,7 +232,7 @@ def _checked(compiled: Any, record: SubgraphRecord, kinds: tuple[str, ...]) -> A
     for kind in kinds:
         verifier = record.pending_checks.pop(kind, None)
         if verifier is not None:
-            return CheckedOnFirstCall(compiled, verifier)
+            return CheckedOnFirstCall(compiled, verifier, boxed=True)
     return compiled
 
 

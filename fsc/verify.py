@@ -191,35 +191,24 @@ class Verifier:
 
 
 class CheckedOnFirstCall:
-    """A compiled aten graph (boxed calling convention: one list of arguments) whose first
-    call runs ``verifier.check`` on its inputs before the compiled code. Other attributes
-    are the compiled object's."""
+    """Compiled code whose first call runs ``verifier.check`` on its inputs before the code.
+    ``boxed``: an aten graph's code, called with one list of arguments (AOTAutograd's
+    convention); otherwise the Dynamo-level callable, called with positional arguments.
+    Other attributes are the compiled object's."""
 
-    def __init__(self, compiled: Callable[[list[Any]], Any], verifier: Verifier) -> None:
+    def __init__(self, compiled: Callable[..., Any], verifier: Verifier, *, boxed: bool) -> None:
         self._compiled = compiled
         self._verifier: Verifier | None = verifier
-        # on the instance: wrappers (torch._dynamo.disable's functools.wraps) copy its __dict__
-        self._boxed_call = True
+        if boxed:  # on the instance: wrappers (torch._dynamo.disable's functools.wraps) copy its __dict__
+            self._boxed_call = True
 
-    def __call__(self, args: list[Any]) -> Any:
+    def __call__(self, *args: Any) -> Any:
         verifier, self._verifier = self._verifier, None
-        if verifier is not None:
-            verifier.check(args)  # before the compiled code, which may free the arguments
-        return self._compiled(args)
+        if verifier is not None:  # before the compiled code, which may free boxed arguments
+            verifier.check(args[0] if getattr(self, "_boxed_call", False) else args)
+        return self._compiled(*args)
 
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name in ("_compiled", "_verifier", "_boxed_call"):
+            raise AttributeError(name)
         return getattr(self._compiled, name)
-
-
-def checked_on_first_call(compiled: Callable[..., Any], verifier: Verifier) -> Callable[..., Any]:
-    """The Dynamo-level callable (positional arguments) whose first call checks the
-    pre-grad rewrite on its inputs."""
-    state: dict[str, Verifier | None] = {"verifier": verifier}
-
-    def run(*args: Any) -> Any:
-        pending, state["verifier"] = state["verifier"], None
-        if pending is not None:
-            pending.check(args)
-        return compiled(*args)
-
-    return run

@@ -38,11 +38,11 @@ fed the old attention are erased.
 **Where it pays.** On CUDA the op runs the Triton kernels. Off CUDA it runs a PyTorch
 implementation; for dense attention (every sequence of length N: SDPA, explicit softmax)
 that does the work the graph did, slower than Inductor's code for the same attention
-(``python -m bench attention-cpu``: 2.1-3.6x Inductor's training step at N = 50..512),
-so there the pass keeps the user's attention and records ``kept: ...``
-(``dense_on_cpu=true`` lowers it anyway). The HSTU form is lowered everywhere: its dense
-product spans every token of the batch, the jagged op only each sequence's (on CPU, 0.45x and
-0.15x Inductor's training step at B=16 sequences of N=50 and 200, same benchmark).
+(``python -m bench attention-cpu`` measures it: results/attention-cpu.json), so there the
+pass keeps the user's attention and records ``kept: ...`` (``dense_on_cpu=true`` lowers it
+anyway). The HSTU form is lowered everywhere: its dense product spans every token of the
+batch, the jagged op only each sequence's (on CPU faster than Inductor's dense form, same
+benchmark with ``--family hstu``: results/attention-cpu-hstu.json).
 
 **Safe because** the kernel computes the same function (module docstring of
 ``fsc.kernels.jagged_attention``), up to float summation order, PROVIDED, for HSTU
@@ -80,13 +80,11 @@ from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 
 
-# Measured with python -m bench attention-cpu (2026-12-05, 2 x86 cores shared with other jobs, torch
-# 2.13, B=16, H=2, D=32, N=50/200/512, interleaved; two runs): lowered, the training step took
-# 2.1-3.5x Inductor's for SDPA, 2.1-2.4x for explicit softmax, 2.1-3.5x for 3-D bmm attention and
-# 2.2-3.6x for nn.MultiheadAttention (one run); kept, 0.89-1.05x (the machine's load, no change).
+# The measurement behind this choice: python -m bench attention-cpu, which writes the ratios per family
+# and length to results/attention-cpu.json (lowered and kept, each against Inductor, interleaved).
 KEPT_OFF_CUDA = ("the jagged op has no kernel here, only a PyTorch implementation that does the same work as this "
-                 "dense attention, slower than Inductor's (measured 2.1-3.6x Inductor's training step at N=50..512: "
-                 "python -m bench attention-cpu); dense_on_cpu=true lowers it anyway")
+                 "dense attention, slower than Inductor's (python -m bench attention-cpu measures it: "
+                 "results/attention-cpu.json); dense_on_cpu=true lowers it anyway")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -9,7 +9,7 @@ import torch
 import torch.fx as fx
 
 import fsc
-from fsc.verify import CheckedOnFirstCall, Verifier, checked_on_first_call
+from fsc.verify import CheckedOnFirstCall, Verifier
 
 
 def traced(fn) -> fx.GraphModule:
@@ -64,7 +64,7 @@ def test_check_runs_once_and_only_on_the_first_call():
         calls.append(len(args))
         return [torch.relu(args[0])]
 
-    wrapped = CheckedOnFirstCall(compiled, verifier)
+    wrapped = CheckedOnFirstCall(compiled, verifier, boxed=True)
     assert wrapped._boxed_call
     for _ in range(3):
         wrapped([torch.randn(4)])
@@ -76,13 +76,13 @@ def test_unverifiable_graph_raises_by_default_and_warns_when_asked(caplog):
     verifier = Verifier("forward", [])
     verifier(traced(checks_positive), traced(checks_positive), "noop")
     with pytest.raises(fsc.UnverifiedError, match="before the passes raised on the first call's inputs"):
-        checked_on_first_call(lambda x: x, verifier)(bad)
+        CheckedOnFirstCall(lambda x: x, verifier, boxed=False)(bad)
 
     notes: list[str] = []
     verifier = Verifier("forward", notes, mode="warn")
     verifier(traced(checks_positive), traced(checks_positive), "noop")
     with pytest.warns(RuntimeWarning, match="verify could not check"):
-        assert torch.equal(checked_on_first_call(lambda x: x + 1, verifier)(bad), bad + 1)  # then runs the code
+        assert torch.equal(CheckedOnFirstCall(lambda x: x + 1, verifier, boxed=False)(bad), bad + 1)  # then runs the code
     assert notes and "noop unverified" in notes[0]
     assert any("verify could not check" in r.getMessage() for r in caplog.records)
 
