@@ -13,7 +13,7 @@ def positions(graph: fx.Graph) -> dict[fx.Node, int]:
     return {node: i for i, node in enumerate(graph.nodes)}
 
 
-_SIZE_OPS = {
+SIZE_OPS = {
     torch.ops.aten.sym_size.int,
     torch.ops.aten.sym_numel.default,
     torch.ops.aten.sym_stride.int,
@@ -26,7 +26,7 @@ def is_free(node: fx.Node) -> bool:
     that launch no work, so moving them costs nothing."""
     if node.op != "call_function":
         return False
-    if is_view(node) or node.target in _SIZE_OPS:
+    if is_view(node) or node.target in SIZE_OPS:
         return True
     return getattr(node.target, "__module__", None) == "_operator" and isinstance(
         node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool, int, float, bool)

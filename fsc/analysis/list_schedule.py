@@ -15,6 +15,7 @@ import torch.fx as fx
 
 from fsc.analysis.collectives import describe, is_collective, is_wait
 from fsc.analysis.cost_model import CostModel, invariant_seconds
+from fsc.analysis.safety import memory_dependencies
 from fsc.analysis.symbolic import UNBACKED_FALLBACK
 
 _FIXED_HEAD = ("placeholder", "get_attr")
@@ -43,7 +44,8 @@ def list_schedule(graph: fx.Graph, cost_model: CostModel, *, size: float = UNBAC
     a producer of a collective not yet issued (earliest collective first); any other
     compute, in program order; and only then a wait: the one on the way to a later
     collective that finishes first, else the one that finishes first. Collectives of one
-    group keep their order, and so do the nodes :func:`keeps_order` marks.
+    group keep their order, and so do the nodes :func:`keeps_order` marks and every access
+    to storage an in-place op writes (:func:`fsc.analysis.safety.memory_dependencies`).
 
     A wait that no later collective depends on is taken only when no compute is ready: it
     then sits just before the first consumer the order needs, with every piece of
@@ -69,6 +71,9 @@ def list_schedule(graph: fx.Graph, cost_model: CostModel, *, size: float = UNBAC
     for seq in groups.values():
         chain(seq)
     chain([n for n in body if keeps_order(n)])
+    for before, after in memory_dependencies(graph):
+        if before in members and after in members:
+            preds[after].add(before)
 
     succs: dict[fx.Node, list[fx.Node]] = {n: [] for n in body}
     for node, sources in preds.items():

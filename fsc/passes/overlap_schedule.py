@@ -19,13 +19,15 @@ smaller estimated makespan (then exposed communication) on the device profile is
 
 **Safe because** every node stays after everything it reads; the issue order on each
 process group is kept (per-group FIFO), random-number ops and other side-effecting ops
-keep their relative order; and every decision reads only graph structure, shapes and
+keep their relative order, every access to storage an in-place op writes stays on its side
+of the write; and every decision reads only graph structure, shapes and
 analytical costs with symbolic sizes set to one fixed value on every rank, so every
 rank builds the same order. An order whose estimated peak memory exceeds the budget (and
 the original peak) is not used, and the reason is recorded.
 
-**Limits.** Graphs with in-place ops or collectives fsc does not understand are left
-alone, with the reason. It never reorders collectives of one group (that is
+**Limits.** Graphs with an in-place op on what a collective reads or returns, or with
+collectives fsc does not understand, are left alone, with the reason (other in-place ops,
+such as AOTAutograd's write-backs into inputs, are fine: :mod:`fsc.analysis.safety`). It never reorders collectives of one group (that is
 ``prioritize-collectives``'s job) and never splits them.
 """
 

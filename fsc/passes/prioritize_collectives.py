@@ -17,8 +17,9 @@ order is a function of graph structure, shapes and rank-invariant costs only (sy
 sizes at one fixed value), so every rank chooses the same order; the pass manager checks
 that by running the pass twice.
 
-**Limits.** Graphs with in-place ops or collectives fsc does not understand are left
-alone, with the reason. It does not move compute to make a collective's inputs ready sooner
+**Limits.** Graphs with an in-place op on what a collective reads or returns, or with
+collectives fsc does not understand, are left alone, with the reason (other in-place ops,
+such as AOTAutograd's write-backs into inputs, are fine: :mod:`fsc.analysis.safety`). It does not move compute to make a collective's inputs ready sooner
 (``overlap-schedule`` does), and does not reorder collectives that depend on each other
 (e.g. the steps of an embedding exchange).
 """

@@ -3,7 +3,7 @@
 gloo threads (CPU ranks on one host).
 
 **Matches** ``_c10d_functional.all_to_all_single`` nodes whose every user is a
-``_c10d_functional.wait_tensor``, on a device a copy-engine transport serves (asked of
+``_c10d_functional.wait_tensor`` or a size query (``sym_size``: it reads no data), on a device a copy-engine transport serves (asked of
 :func:`fsc.runtime.transport.available`: CPU on Linux x86-64; CUDA with symmetric memory
 and ``cuStreamWaitValue32``), and, unless ``swap_all=true``,
 with compute between the collective and its first wait (something for the transfer to
@@ -12,7 +12,8 @@ overlap; without it NCCL/gloo is as good and needs no second transport).
 **Changes** each match into ``fsc::all_to_all_single`` with the same arguments, and
 each of its waits into ``fsc::wait_tensor(handle, <the same arguments>)`` (see
 :mod:`fsc.runtime.ops` for why the wait restates them: among others, the input stays live
-and unwritten until the wait). Positions do not change; the collective keeps
+and unwritten until the wait). A size query on the result is computed from the arguments
+instead (the sum of the output split sizes, or the input's size). Positions do not change; the collective keeps
 its identity (``fsc_collective_id``).
 
 **Safe because** the fsc ops compute the same values as the ones they replace
@@ -32,7 +33,8 @@ pipeline (``in_default_pipeline = False``).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+import operator
+from typing import Any, ClassVar
 
 import torch
 import torch.fx as fx
@@ -46,12 +48,36 @@ from fsc.runtime.transport import available
 
 FSC_ALL_TO_ALL = torch.ops.fsc.all_to_all_single.default
 FSC_WAIT = torch.ops.fsc.wait_tensor.default
+SYM_SIZE = torch.ops.aten.sym_size.int
 
 
 def _carried(meta: dict) -> dict:
     """The meta a replacement node inherits: not ``eager_input_vals``, which describes the
     old op's arguments (Inductor would constrain the new op's inputs to them)."""
     return {k: v for k, v in meta.items() if k != "eager_input_vals"}
+
+
+def _size_from_arguments(rewriter: GraphRewriter, query: fx.Node, args: tuple) -> fx.Node:
+    """A node computing ``sym_size(all_to_all_result, dim)`` from the all-to-all's
+    arguments: the sum of the output split sizes for dim 0 (the input's rows when they
+    are not given), the input's size for any other dim. A size query reads no data, so it
+    needs neither the result nor the wait."""
+    source, output_splits = args[0], args[1]
+    dim = query.args[1]
+    if dim < 0:
+        dim += query.args[0].meta["val"].dim()
+    if dim != 0 or not output_splits:
+        return rewriter.insert_before(query, SYM_SIZE, (source, dim), meta={"val": query.meta.get("val")})
+    def value(x: Any) -> Any:
+        return x.meta.get("val") if isinstance(x, fx.Node) else x
+
+    total = output_splits[0]
+    for split in output_splits[1:]:
+        total = rewriter.insert_before(query, operator.add, (total, split),
+                                       meta={"val": value(total) + value(split)})
+    if not isinstance(total, fx.Node):  # a single static split: still a node, for the query's users
+        total = rewriter.insert_before(query, operator.add, (total, 0), meta={"val": total})
+    return total
 
 
 def _is_compute(node: fx.Node) -> bool:
@@ -98,8 +124,13 @@ class SmFreeCollectives(Pass):
     def _decline(self, coll: Collective, order: dict[fx.Node, int], nodes: list[fx.Node]) -> str | None:
         if coll.kind != "all_to_all_single":
             return "the copy-engine transports implement all_to_all_single only"
-        if not coll.waits or len(coll.waits) != len(coll.node.users):
-            return "its result is read by something other than wait_tensor"
+        if not coll.waits:
+            return "nothing waits on its result"
+        others = [u for u in coll.node.users if u not in coll.waits]
+        unsized = [u for u in others if u.target is not SYM_SIZE]
+        if unsized:
+            return (f"its result is read by {unsized[0].name} ({unsized[0].target}), not by wait_tensor "
+                    "or a size query")
         val = coll.node.meta.get("val")
         if not isinstance(val, torch.Tensor):
             return "it has no tensor metadata (was the graph traced with fake tensors?)"
@@ -125,4 +156,6 @@ class SmFreeCollectives(Pass):
             # The wait restates the all-to-all: its input stays live (and unwritten) until here.
             new_wait = rewriter.insert_before(wait, FSC_WAIT, (new, *args), meta=_carried(wait.meta))
             rewriter.replace(wait, new_wait)
+        for query in [u for u in node.users if u.target is SYM_SIZE]:
+            rewriter.replace(query, _size_from_arguments(rewriter, query, args))
         rewriter.erase(node)

@@ -36,7 +36,8 @@ sizes unknown"), results whose first consumer mixes rows (``index_select``, redu
 matmuls with the rows on the right, attention) so nothing could start on the first chunk,
 messages below ``min_bytes``, exchanges where the cost model estimates that the overlap
 gained is smaller than the chunks' extra latency and copies (``force=true`` skips that),
-and graphs with in-place ops or collectives fsc does not understand. It splits along rows
+and graphs with an in-place op on what a collective reads or returns or with collectives
+fsc does not understand (:mod:`fsc.analysis.safety`). It splits along rows
 (dim 0) only, and does not split all-gather, reduce-scatter or all-reduce.
 """
 

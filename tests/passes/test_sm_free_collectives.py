@@ -95,7 +95,7 @@ def test_sm_free_collectives_declines_a_result_read_without_a_wait():
     gm = trace(unwaited, (64, 64), (64, 64))
     record = run(gm, swap_all=True)
     assert record.modified is False
-    assert record.reasons[0].endswith("its result is read by something other than wait_tensor")
+    assert record.reasons[0].endswith("its result is read by mm (aten.mm.default), not by wait_tensor or a size query")
 
 
 def test_sm_free_collectives_declines_devices_without_a_transport():
