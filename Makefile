@@ -21,8 +21,17 @@ setup: $(STAMP)
 demo: $(STAMP)
 	$(PY) examples/hstu/demo.py
 
+# TorchRec 1.8.0 + fbgemm-gpu-cpu 1.8.0 (TORCHREC_PKGS below) for the fsc.integrations.torchrec
+# tests and the benchmark's TorchRec peer, with --no-deps (their own requirements would pull
+# another torch). Best effort for the tests: without a package index they skip, saying why.
+TORCHREC_STAMP := $(VENV)/.fsc-torchrec-installed
+$(TORCHREC_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --no-deps $(TORCHREC_PKGS) \
+		&& touch $(TORCHREC_STAMP) \
+		|| echo "make: TorchRec not installed (no package index?): its tests will skip"
+
 # Everything, with the 25 slowest tests listed at the end (CI runs this).
-test: $(STAMP)
+test: $(STAMP) $(TORCHREC_STAMP)
 	$(PY) -m pytest -q --durations=25 tests
 
 # While you work: everything but the tests that start processes (marker `ranks`), compile
@@ -48,7 +57,7 @@ TORCHREC_PKGS := fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 tensordict==0.15.3 cloudp
 $(BENCH_STAMP): $(STAMP) pyproject.toml
 	$(PY) -m pip install --quiet -e ".[test,bench]"
 	$(PY) -m pip install --quiet --no-deps $(TORCHREC_PKGS)
-	touch $(BENCH_STAMP)
+	touch $(TORCHREC_STAMP) $(BENCH_STAMP)
 
 bench-setup: $(BENCH_STAMP)
 
