@@ -33,8 +33,10 @@ names of those applied are in :func:`applied_fixes`. Remove a fix when upstream 
     ``SequenceEmbeddingsAllToAll`` (EmbeddingCollection's output exchange) branches on
     ``len(set(batch_size_per_rank)) > 1``, sizes that are data-dependent in a graph. The
     fix asserts equal batch sizes at run time (``torch._check``) and takes the equal-batch
-    path: a step whose ranks hold different batch sizes fails with the fix's name instead
-    of computing wrong rows. Variable batch sizes across ranks are not supported compiled.
+    path: a step whose ranks hold different batch sizes fails (``TorchRecError`` naming
+    the fix; a shape assertion derived from the same sizes may be the one that fires)
+    instead of computing wrong rows. Variable batch sizes across ranks are not supported
+    compiled.
 ``sequence-all-to-all-nonempty``
     ``all2all_sequence_sync`` branches on ``local_T > 0`` (the lengths this rank received),
     data-dependent too; asserted at run time the same way (an empty batch fails).
@@ -51,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -321,6 +324,10 @@ def prepare_inputs(args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     return tuple(convert(a) for a in args), {k: convert(v) for k, v in kwargs.items()}
 
 
+#: a failed run-time assertion on unbacked sizes (Dynamo's message, or Inductor's bare expression)
+_ASSERTION = re.compile(r"Runtime assertion failed|batch sizes differ|no sequence lengths|^(Eq|Ne|Mod)\(.*\bu\d+\b")
+
+
 class Compiled(torch.nn.Module):
     """The compiled model; its forward prepares KeyedJaggedTensor arguments for tracing."""
 
@@ -331,7 +338,16 @@ class Compiled(torch.nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         args, kwargs = prepare_inputs(args, kwargs)
-        return self._compiled(*args, **kwargs)
+        try:
+            return self._compiled(*args, **kwargs)
+        except RuntimeError as exc:
+            if not _ASSERTION.search(str(exc)):
+                raise
+            raise TorchRecError(
+                f"a run-time assertion of the compiled TorchRec model failed ({exc}). The graph holds for "
+                "what its fixes assert: the same batch size on every rank and no empty batch "
+                "('sequence-all-to-all-equal-batches', 'sequence-all-to-all-nonempty'); a shape check "
+                "derived from them may fire first") from exc
 
 
 def compile(model: torch.nn.Module, example_inputs: tuple, *, options: dict[str, Any] | None = None,

@@ -126,6 +126,12 @@ def _worker(rank: int, world: int, model_name: str, plan_types: dict[str, str], 
             opt.step()
             opt.zero_grad()
     ref_state, got_state = _state(eager), _state(model)
+    unequal = None
+    if model_name == "sequence":  # ranks with different batch sizes: refused, not computed wrong
+        try:
+            compiled(*_batch(99, rank, 3 + rank))
+        except Exception as exc:
+            unequal = f"{type(exc).__name__}: {exc}"
     record = fsc.last_compile()
     graphs = record.graphs()
     return {
@@ -133,6 +139,7 @@ def _worker(rank: int, world: int, model_name: str, plan_types: dict[str, str], 
         "params": max((got_state[n] - ref_state[n]).abs().max().item() for n in ref_state),
         "tables_moved": max((ref_state[n] - initial[n]).abs().max().item() for n in ref_state if "embedding" in n),
         "fixes": fsc_torchrec.applied_fixes(),
+        "unequal_batches": unequal,
         "subgraphs": len(record.subgraphs),
         "graphs": sorted(graphs),
         "fallbacks": {k: g.fallback for k, g in graphs.items()},
@@ -159,6 +166,10 @@ def test_torchrec_model_compiles_through_fsc_and_trains_like_eager(case, inner):
         assert result["params"] <= 1e-5, result
         assert result["tables_moved"] > 1e-4, result  # the fused optimizer trained the tables, 10x over the tolerance
         assert {"fbgemm-fake-kernels", "resize-awaitables-loop", "warm-up"} <= set(result["fixes"]), result
+        if case == "sequence":
+            assert (result["unequal_batches"] or "").startswith("TorchRecError: a run-time assertion"), \
+                result["unequal_batches"]
+            assert "the same batch size on every rank" in result["unequal_batches"]
         for kind in ("forward", "backward"):
             assert result["collectives"][kind] > 0, result
             for name, (_, reasons) in result["passes"][kind].items():
