@@ -163,3 +163,69 @@ def opcheck(case: Case) -> None:
 
 def interpreted() -> bool:
     return ja._is_interpreted(ja._fwd_kernel)
+
+
+# --- split sequences: each sequence cut in two chunks, run as two calls with separate key extents
+
+
+def chunk_extents(case: Case, lengths: list[int], cuts: tuple[int, ...], chunk: int) -> list[tuple[int, int, int]]:
+    """Per sequence, the chunk's (first query, end of queries, end of keys): queries [0, p) or
+    [p, L) of a sequence cut at p, keys from 0 to as far as those queries see. Causal rows see
+    keys up to themselves; prefix rows (and every row when causal=False) see to the end."""
+    extents = []
+    for n, p in zip(lengths, cuts):
+        a, e = (0, p) if chunk == 0 else (p, n)
+        sees_ahead = not case.causal or (case.contextual_len > a and e > a)
+        extents.append((a, e, n if sees_ahead else e))
+    return extents
+
+
+def split_results(case: Case, x: dict, cuts: tuple[int, ...], dtype: torch.dtype, impl: str) -> list[torch.Tensor]:
+    """[out, dq, dk, dv, table grads...] of the op run chunk by chunk with ``kv_offsets`` and
+    ``q_start`` (impl ``"reference"``: the reference function), the outputs put back in the
+    unsplit layout; autograd sums k's and v's gradients over the chunks that read them."""
+    leaves, options = _leaves(x, dtype)
+    q, k, v = leaves[:3]
+    targets = options.pop("num_targets", None)
+    timestamps = options.pop("timestamps", None)
+    starts = x["offsets"][:-1].tolist()
+    lengths = (x["offsets"][1:] - x["offsets"][:-1]).tolist()
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=dtype)
+    for chunk in (0, 1):
+        extents = chunk_extents(case, lengths, cuts, chunk)
+        q_rows = [s + i for s, (a, e, _) in zip(starts, extents) for i in range(a, e)]
+        kv_rows = [s + j for s, (_, _, m) in zip(starts, extents) for j in range(m)]
+        q_offsets = torch.tensor([0] + [e - a for a, e, _ in extents]).cumsum(0)
+        kv_offsets = torch.tensor([0] + [m for _, _, m in extents]).cumsum(0)
+        chunk_options = dict(options)
+        if targets is not None:
+            # the targets among the chunk's keys: the sequence's last ones, where the keys reach them
+            chunk_options["num_targets"] = torch.tensor(
+                [max(0, int(t) - (n - m)) for t, n, (_, _, m) in zip(targets, lengths, extents)], dtype=targets.dtype)
+        if timestamps is not None:
+            chunk_options["timestamps"] = timestamps[kv_rows]
+        # the second chunk leaves q_start out: its queries end with its keys unless a prefix row
+        # or causal=False made the keys reach further
+        first = torch.tensor([a for a, _, _ in extents])
+        if chunk == 0 or any(e != m for _, e, m in extents):
+            chunk_options["q_start"] = first
+        q_rows_t, kv_rows_t = torch.tensor(q_rows, dtype=torch.long), torch.tensor(kv_rows, dtype=torch.long)
+        args = (q[q_rows_t], k[kv_rows_t], v[kv_rows_t], q_offsets, x["max_seq_len"])
+        if impl == "reference":
+            o = ja.jagged_attention_reference(*args, kv_offsets=kv_offsets, **chunk_options)
+        else:
+            o = ja.jagged_attention(*args, kv_offsets=kv_offsets, impl=impl, **chunk_options)
+        out = out.index_put((q_rows_t,), o)
+    return [out.detach(), *_grads(out, leaves, x["dout"])]
+
+
+def split_errors(case: Case, cuts: tuple[int, ...], impl: str) -> dict[str, tuple[float, float]]:
+    """Per output: (max abs error of the split run in the case's dtype against the unsplit
+    float64 reference, max |float64 value|)."""
+    x = make_inputs(case)
+    truth = reference_results(x, torch.float64)
+    ours = split_results(case, x, cuts, torch.float64 if impl == "reference" else getattr(torch, case.dtype), impl)
+    names = [n for n in TENSORS if n[:2] != "d_" or n[2:] in x["options"]]
+    assert len(ours) == len(truth) == len(names)
+    return {name: (_max_abs(o, t), float(t.abs().max()) if t.numel() else 0.0)
+            for name, t, o in zip(names, truth, ours)}
