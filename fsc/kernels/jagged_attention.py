@@ -147,6 +147,23 @@ def _narrow(x, dtype, PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT: tl.constexpr):
+    # (first query row, query count, first key row, key count, first query position). Without
+    # separate key extents the keys are the queries and positions start at 0.
+    q_seq_start = tl.load(OFFSETS + b).to(tl.int64)
+    q_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - q_seq_start).to(tl.int32)
+    if SPLIT:
+        seq_start = tl.load(KV_OFFSETS + b).to(tl.int64)
+        seq_len = (tl.load(KV_OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
+        q0 = tl.load(Q_START + b).to(tl.int32)
+    else:
+        seq_start = q_seq_start
+        seq_len = q_len
+        q0 = q_len * 0
+    return q_seq_start, q_len, seq_start, seq_len, q0
+
+
+@triton.jit
 def _id_cap(NUM_TARGETS, b, seq_len, contextual_len, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr):
     # E: the id of the first target (L - n), shifted like every id when there is a prefix
     e_max = seq_len
@@ -298,33 +315,37 @@ def _fwd_loop(acc, m_i, l_i, n_lo, n_hi, q, offs_m, ids_m, t_m, mask_m, seq_star
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OFFSETS, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W, OUT, LSE,
+    Q, K, V, OFFSETS, KV_OFFSETS, Q_START, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W, OUT, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pw, stride_tw,
     H, D, DV, scale, inv_n, contextual_len, max_attn_len, pos_p, n_buckets, AUTOTUNE_N,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
-    # grid: (query blocks of the longest sequence, B * H); one program = one query block of one head
+    # grid: (query blocks of the longest sequence, B * H); one program = one query block of one
+    # head. Positions (offs_m, offs_n) are absolute: a query block starts at q0 + a multiple of
+    # BLOCK_M, so with q0 > 0 its rows are not aligned to the key blocks; _key_range does not
+    # need them to be.
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    seq_start = tl.load(OFFSETS + b).to(tl.int64)
-    seq_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
-    start_m = tl.program_id(0) * BLOCK_M
-    if start_m >= seq_len:
+    q_seq_start, q_len, seq_start, seq_len, q0 = _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT)
+    if tl.program_id(0) * BLOCK_M >= q_len:
         return
+    start_m = q0 + tl.program_id(0) * BLOCK_M
     e_max = _id_cap(NUM_TARGETS, b, seq_len, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_len
-    rows_m = seq_start + offs_m
+    mask_m = offs_m < q0 + q_len
+    rows_m = (q_seq_start - q0) + offs_m
     ids_m = _mask_ids(offs_m, contextual_len, e_max, HAS_CONTEXT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
     if HAS_TIME:
-        t_m = tl.load(TIMESTAMPS + rows_m, mask=mask_m, other=0).to(tl.int64)
+        # timestamps are per key token: a query's is the key's at its position
+        t_m = tl.load(TIMESTAMPS + seq_start + offs_m, mask=mask_m, other=0).to(tl.int64)
     else:
         t_m = offs_m
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -395,28 +416,28 @@ def _dq_loop(dq, n_lo, n_hi, q, do, lse, delta, offs_m, ids_m, t_m, mask_m, seq_
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, OUT, DOUT, LSE, DELTA, DQ, OFFSETS, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W,
+    Q, K, V, OUT, DOUT, LSE, DELTA, DQ, OFFSETS, KV_OFFSETS, Q_START, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_pw, stride_tw,
     H, D, DV, scale, inv_n, contextual_len, max_attn_len, pos_p, n_buckets, AUTOTUNE_N,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     # dQ = c * dS K, one query block per program (same grid as the forward). In softmax mode it
     # also writes delta = rowsum(dO * O), which the dk/dv kernel (launched after) reads.
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    seq_start = tl.load(OFFSETS + b).to(tl.int64)
-    seq_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
-    start_m = tl.program_id(0) * BLOCK_M
-    if start_m >= seq_len:
+    q_seq_start, q_len, seq_start, seq_len, q0 = _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT)
+    if tl.program_id(0) * BLOCK_M >= q_len:
         return
+    start_m = q0 + tl.program_id(0) * BLOCK_M
     e_max = _id_cap(NUM_TARGETS, b, seq_len, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_len
-    rows_m = seq_start + offs_m
+    mask_m = offs_m < q0 + q_len
+    rows_m = (q_seq_start - q0) + offs_m
     ids_m = _mask_ids(offs_m, contextual_len, e_max, HAS_CONTEXT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -433,7 +454,7 @@ def _bwd_dq_kernel(
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         lse = delta
     if HAS_TIME:
-        t_m = tl.load(TIMESTAMPS + rows_m, mask=mask_m, other=0).to(tl.int64)
+        t_m = tl.load(TIMESTAMPS + seq_start + offs_m, mask=mask_m, other=0).to(tl.int64)
     else:
         t_m = offs_m
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -457,7 +478,7 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, e_max, h,
+def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, q_base, seq_start, e_max, h,
                Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
                stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
                H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
@@ -469,7 +490,7 @@ def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, 
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
-        rows_m = seq_start + offs_m
+        rows_m = q_base + offs_m  # query rows; positions index the key extent
         q = tl.load(Q + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(DOUT + rows_m[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
@@ -479,7 +500,7 @@ def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, 
         visible = _is_visible(offs_m[None, :], offs_n[:, None], ids_m[None, :], ids_n[:, None], e_max,
                               mask_m[None, :] & mask_n[:, None], max_attn_len, CAUSAL, HAS_CONTEXT, HAS_WINDOW)
         if HAS_TIME:
-            t_m = tl.load(TIMESTAMPS + rows_m, mask=mask_m, other=0).to(tl.int64)
+            t_m = tl.load(TIMESTAMPS + seq_start + offs_m, mask=mask_m, other=0).to(tl.int64)
         else:
             t_m = offs_m
         st = _dot(k, tl.trans(q), PRECISION) * scale
@@ -510,21 +531,25 @@ def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOUT, LSE, DELTA, DK, DV_OUT, DPOS, DTIME, OFFSETS, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W,
+    Q, K, V, DOUT, LSE, DELTA, DK, DV_OUT, DPOS, DTIME, OFFSETS, KV_OFFSETS, Q_START, NUM_TARGETS, TIMESTAMPS,
+    POS_W, TIME_W,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pw, stride_tw,
     H, D, DV, scale, inv_n, contextual_len, max_attn_len, pos_p, n_buckets, AUTOTUNE_N,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     # dV = P^T dO and dK = c * dS^T Q, one key block per program; bias-table gradients are
-    # accumulated with fp32 atomics (DPOS, DTIME must start at zero).
+    # accumulated with fp32 atomics (DPOS, DTIME must start at zero). The query ranges are
+    # clipped to the chunk's queries [q0, q0 + q_len).
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    seq_start = tl.load(OFFSETS + b).to(tl.int64)
-    seq_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
+    q_seq_start, q_len, seq_start, seq_len, q0 = _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT)
+    q_base = q_seq_start - q0
+    q_end = q0 + q_len
     start_n = tl.program_id(0) * BLOCK_N
     if start_n >= seq_len:
         return
@@ -551,13 +576,15 @@ def _bwd_dkdv_kernel(
         if CAUSAL:
             # prefix rows see every non-target key, wherever it sits
             dk, dv = _dkdv_loop(
-                dk, dv, 0, tl.minimum(contextual_len, lo), k, v, offs_n, ids_n, t_n, mask_n, seq_start, e_max, h,
+                dk, dv, q0, tl.minimum(tl.minimum(contextual_len, lo), q_end), k, v, offs_n, ids_n, t_n, mask_n,
+                q_base, seq_start, e_max, h,
                 Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
                 stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
                 H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
                 SOFTMAX, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_POS, HAS_TIME, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
     dk, dv = _dkdv_loop(
-        dk, dv, lo, hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, e_max, h,
+        dk, dv, tl.maximum(lo, q0), tl.minimum(hi, q_end), k, v, offs_n, ids_n, t_n, mask_n, q_base, seq_start,
+        e_max, h,
         Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
         stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
         H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
@@ -583,7 +610,7 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 _FWD_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)])
-_TUNE_KEY = ["AUTOTUNE_N", "BLOCK_D", "BLOCK_DV", "SOFTMAX", "HAS_POS", "HAS_TIME", "HAS_WINDOW"]
+_TUNE_KEY = ["AUTOTUNE_N", "BLOCK_D", "BLOCK_DV", "SOFTMAX", "HAS_POS", "HAS_TIME", "HAS_WINDOW", "SPLIT"]
 
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
 _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)(_bwd_dq_kernel)
@@ -634,14 +661,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flags(softmax: bool, causal: bool, num_targets: OptTensor, contextual_len: int, max_attn_len: int,
-           pos_w: OptTensor, time_w: OptTensor, dtype: torch.dtype, d: int, dv: int) -> dict:
+           pos_w: OptTensor, time_w: OptTensor, dtype: torch.dtype, d: int, dv: int, split: bool) -> dict:
     # fp32: exact fp32 dots, not TF32; 16-bit: the precision argument does not apply
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if dtype == torch.bfloat16 and _is_interpreted(_fwd_kernel):
         precision = "interpret-bf16"
     return dict(
         SOFTMAX=softmax, CAUSAL=causal, HAS_TARGETS=num_targets is not None, HAS_CONTEXT=contextual_len > 0,
-        HAS_WINDOW=max_attn_len > 0, HAS_POS=pos_w is not None, HAS_TIME=time_w is not None,
+        HAS_WINDOW=max_attn_len > 0, HAS_POS=pos_w is not None, HAS_TIME=time_w is not None, SPLIT=split,
         PRECISION=precision,
         BLOCK_D=max(triton.next_power_of_2(d), MIN_HEAD_DIM), BLOCK_DV=max(triton.next_power_of_2(dv), MIN_HEAD_DIM),
     )
@@ -660,11 +687,10 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_target
                     contextual_len: int, max_attn_len: int, blocks: Optional[tuple[int, int]] = None,
                     kv_offsets: OptTensor = None, q_start: OptTensor = None) -> tuple[Tensor, Tensor]:
     """(out, lse); ``blocks`` fixes (BLOCK_M, BLOCK_N) instead of autotuning."""
-    if kv_offsets is not None:
-        raise NotImplementedError("the Triton kernels do not take separate key extents yet")
     t, h, d = q.shape
     dv = v.shape[2]
     b = offsets.shape[0] - 1
+    kv_offsets, q_start = _key_extents(offsets, kv_offsets, q_start)
     q, k, v = _rows(q), _rows(k), _rows(v)
     pos_w = pos_w.contiguous() if pos_w is not None else None
     time_w = time_w.contiguous() if time_w is not None else None
@@ -678,13 +704,14 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_target
         return (triton.cdiv(max_seq_len, meta["BLOCK_M"]), b * h)
 
     kernel[grid](
-        q, k, v, offsets, num_targets if num_targets is not None else offsets,
+        q, k, v, offsets, kv_offsets, q_start, num_targets if num_targets is not None else offsets,
         timestamps if timestamps is not None else offsets,
         pos_w if pos_w is not None else q, time_w if time_w is not None else q, out, lse if softmax else out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         pos_w.stride(0) if pos_w is not None else 0, time_w.stride(0) if time_w is not None else 0,
         *_scalars(h, d, dv, scale, max_seq_len, contextual_len, max_attn_len, pos_w, time_w),
-        **_flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv),
+        **_flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv,
+                 kv_offsets is not offsets),
         **block_args,
     )
     return out, lse
@@ -696,11 +723,10 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
                      max_attn_len: int, blocks: Optional[tuple[int, int]] = None, kv_offsets: OptTensor = None,
                      q_start: OptTensor = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv, d pos table, d time table): the dq kernel first (it writes delta), then dk/dv."""
-    if kv_offsets is not None:
-        raise NotImplementedError("the Triton kernels do not take separate key extents yet")
     t, h, d = q.shape
     dv_dim = v.shape[2]
     b = offsets.shape[0] - 1
+    kv_offsets, q_start = _key_extents(offsets, kv_offsets, q_start)
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     pos_w = pos_w.contiguous() if pos_w is not None else None
     time_w = time_w.contiguous() if time_w is not None else None
@@ -712,7 +738,8 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     delta = torch.empty((t, h) if softmax else (1,), **f32)
     if t > 0 and b > 0:
         scalars = _scalars(h, d, dv_dim, scale, max_seq_len, contextual_len, max_attn_len, pos_w, time_w)
-        flags = _flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv_dim)
+        flags = _flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv_dim,
+                       kv_offsets is not offsets)
         targets = num_targets if num_targets is not None else offsets
         stamps = timestamps if timestamps is not None else offsets
         pw, tw = (pos_w if pos_w is not None else q), (time_w if time_w is not None else q)
@@ -725,7 +752,7 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
             return (triton.cdiv(max_seq_len, meta["BLOCK_M"]), b * h)
 
         kernel[dq_grid](
-            q, k, v, out, dout, aux, delta, dq, offsets, targets, stamps, pw, tw,
+            q, k, v, out, dout, aux, delta, dq, offsets, kv_offsets, q_start, targets, stamps, pw, tw,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), spw, stw,
             *scalars, **flags, **block_args,
@@ -737,12 +764,22 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
             return (triton.cdiv(max_seq_len, meta["BLOCK_N"]), b * h)
 
         kernel[dkdv_grid](
-            q, k, v, dout, aux, delta, dk, dv, dpos, dtime, offsets, targets, stamps, pw, tw,
+            q, k, v, dout, aux, delta, dk, dv, dpos, dtime, offsets, kv_offsets, q_start, targets, stamps, pw, tw,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), spw, stw,
             *scalars, **flags, **block_args,
         )
     return dq, dk, dv, *_table_grads(q, pos_w, dpos, time_w, dtime)
+
+
+def _key_extents(offsets: Tensor, kv_offsets: OptTensor, q_start: OptTensor) -> tuple[Tensor, Tensor]:
+    """(KV_OFFSETS, Q_START) for the kernels: ``offsets`` itself (SPLIT off, neither is read)
+    without key extents; else q_start, by default where the queries end with the keys."""
+    if kv_offsets is None:
+        return offsets, offsets
+    if q_start is None:
+        q_start = _query_starts(offsets, kv_offsets, None)
+    return kv_offsets, q_start
 
 
 def _table_grads(q: Tensor, pos_w: OptTensor, dpos: OptTensor, time_w: OptTensor,
