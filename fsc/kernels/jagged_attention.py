@@ -690,7 +690,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_target
     t, h, d = q.shape
     dv = v.shape[2]
     b = offsets.shape[0] - 1
-    kv_offsets, q_start = _key_extents(offsets, kv_offsets, q_start)
+    kv_offsets, q_start, split = _key_extents(offsets, kv_offsets, q_start)
     q, k, v = _rows(q), _rows(k), _rows(v)
     pos_w = pos_w.contiguous() if pos_w is not None else None
     time_w = time_w.contiguous() if time_w is not None else None
@@ -710,8 +710,7 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_target
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         pos_w.stride(0) if pos_w is not None else 0, time_w.stride(0) if time_w is not None else 0,
         *_scalars(h, d, dv, scale, max_seq_len, contextual_len, max_attn_len, pos_w, time_w),
-        **_flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv,
-                 kv_offsets is not offsets),
+        **_flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv, split),
         **block_args,
     )
     return out, lse
@@ -726,7 +725,7 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     t, h, d = q.shape
     dv_dim = v.shape[2]
     b = offsets.shape[0] - 1
-    kv_offsets, q_start = _key_extents(offsets, kv_offsets, q_start)
+    kv_offsets, q_start, split = _key_extents(offsets, kv_offsets, q_start)
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     pos_w = pos_w.contiguous() if pos_w is not None else None
     time_w = time_w.contiguous() if time_w is not None else None
@@ -739,7 +738,7 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     if t > 0 and b > 0:
         scalars = _scalars(h, d, dv_dim, scale, max_seq_len, contextual_len, max_attn_len, pos_w, time_w)
         flags = _flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv_dim,
-                       kv_offsets is not offsets)
+                       split)
         targets = num_targets if num_targets is not None else offsets
         stamps = timestamps if timestamps is not None else offsets
         pw, tw = (pos_w if pos_w is not None else q), (time_w if time_w is not None else q)
@@ -772,14 +771,14 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     return dq, dk, dv, *_table_grads(q, pos_w, dpos, time_w, dtime)
 
 
-def _key_extents(offsets: Tensor, kv_offsets: OptTensor, q_start: OptTensor) -> tuple[Tensor, Tensor]:
-    """(KV_OFFSETS, Q_START) for the kernels: ``offsets`` itself (SPLIT off, neither is read)
-    without key extents; else q_start, by default where the queries end with the keys."""
+def _key_extents(offsets: Tensor, kv_offsets: OptTensor, q_start: OptTensor) -> tuple[Tensor, Tensor, bool]:
+    """(KV_OFFSETS, Q_START, SPLIT) for the kernels: without key extents, ``offsets`` for both
+    (neither is read); else q_start, by default where the queries end with the keys."""
     if kv_offsets is None:
-        return offsets, offsets
+        return offsets, offsets, False
     if q_start is None:
         q_start = _query_starts(offsets, kv_offsets, None)
-    return kv_offsets, q_start
+    return kv_offsets, q_start, True
 
 
 def _table_grads(q: Tensor, pos_w: OptTensor, dpos: OptTensor, time_w: OptTensor,
