@@ -979,9 +979,10 @@ def _pairs_times_two(q_shape: Any, k_shape: Any, causal: bool) -> Any:
     """Twice the query-key pairs an attention of ``Tq`` queries over ``Tk`` keys visits, from
     the token counts alone: causal, ``Tq (2 Tk - Tq)`` (the last Tq of Tk positions see
     their position + 1 keys: Tq Tk - Tq(Tq-1)/2 pairs, rounded), so T^2 when the queries are
-    the keys (T(T+1)/2 pairs); ``2 Tq Tk`` otherwise. Exact for one sequence; for several
-    the true count is data-dependent and this is an upper bound (also for split sequences,
-    as every key extent holds its queries)."""
+    the keys (T(T+1)/2 pairs); ``2 Tq Tk`` otherwise. Exact for one sequence whose queries
+    end with its keys; for several the true count is data-dependent and this is an upper
+    bound, as every key extent holds its queries. Not a bound for the prefix rows of a
+    chunk whose keys reach past its queries (they see every non-target key)."""
     tq, tk = q_shape[0], k_shape[0]
     return tq * (2 * tk - tq) if causal else 2 * tq * tk
 
