@@ -604,3 +604,24 @@ def test_flops_of_a_chunk_count_its_queries_against_its_keys():
     # (as T^2 is for T(T+1)/2 pairs)
     assert fwd(*head, True, *split, out_val=None) == tq * (2 * tk - tq) * h * (d + dv)
     assert fwd(*head, False, *split, out_val=None) == 2 * tq * tk * h * (d + dv)
+
+
+def test_compiled_split_matches_eager_on_cpu():
+    """Traced, the op runs the reference (padding to max_seq_len) with the key extents."""
+    case = Case(mode="softmax", lengths=(1, 7, 0, 12), **MASKS, **BIAS)
+    x = cases.make_inputs(case)
+    # the second chunk of each sequence: queries from positions 0, 3, 0, 5 against all keys
+    _, (q_rows, kv_rows, q_offsets, kv_offsets, chunk_options) = cases._chunks(
+        case, x, (0, 3, 0, 5), x["options"]["num_targets"], x["options"]["timestamps"], {})
+    assert kv_rows.numel() > q_rows.numel() > 0
+
+    def run(fn):
+        leaves, options = cases._leaves(x, torch.float32)
+        options = {**options, **chunk_options}
+        out = fn(leaves[0][q_rows], leaves[1][kv_rows], leaves[2][kv_rows], q_offsets, x["max_seq_len"],
+                 kv_offsets=kv_offsets, **options)
+        return [out, *torch.autograd.grad(out, leaves, x["dout"][q_rows].float())]
+
+    compiled = torch.compile(jagged_attention, backend="aot_eager", fullgraph=True)
+    for c, e in zip(run(compiled), run(jagged_attention)):
+        torch.testing.assert_close(c, e)
