@@ -509,7 +509,8 @@ def test_cpu_op_split_sequence_matches_unsplit_float64_reference(case, cuts, mon
     assert calls == ["grouped_forward", "grouped_forward", "grouped_backward", "grouped_backward"]
 
 
-# under the interpreter, the two first cases of each mode (about 3-6 s each); the rest in make test
+# under the interpreter, one case per mode with every mask and both tables in the fast subset (2-4 s
+# each); the rest in make test
 SPLIT_REPRESENTATIVE = (SPLITS[2], SPLITS[3])
 
 
