@@ -2,7 +2,8 @@
 
 - :func:`jagged_attention`: jagged generalized dot-product attention (HSTU's SiLU attention
   and softmax attention; causal, target, contextual-prefix and window masks; in-kernel
-  relative position and time bias), forward and backward, registered as the
+  relative position and time bias; separate key/value extents, ``kv_offsets`` and
+  ``q_start``, for a chunk of a split sequence), forward and backward, registered as the
   ``torch.ops.fsc.jagged_attention_fwd`` / ``jagged_attention_bwd`` triton ops; the
   ``lower-attention`` pass lowers user attention to them. :func:`jagged_attention_reference`
   is its plain PyTorch reference; ``fsc.kernels.attention_grouped`` is what the op runs on

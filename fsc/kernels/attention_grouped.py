@@ -18,6 +18,9 @@ same maths with less work:
 - **Time buckets** come from the exponent bits of the differences as float64, exact below
   2**53; larger differences take the shift-corrected path.
 
+With separate key/value extents (a chunk of a split sequence), sequences are grouped by
+their key extent's length; each group pads its queries and its keys separately.
+
 The semantics are the module docstring's of :mod:`fsc.kernels.jagged_attention`; the tests
 hold this implementation to the reference in float64.
 """
@@ -88,48 +91,19 @@ def plan_groups(lengths: np.ndarray, heads: int, dim: int) -> list[np.ndarray]:
     return groups[::-1]
 
 
-class _Group:
-    """One group's padded index tensors, mask and bias index (built again by the backward)."""
+class _Slots:
+    """One side (queries or keys) of a group: each member's tokens padded to ``n`` slots."""
 
-    def __init__(self, members: np.ndarray, starts: Tensor, lengths: Tensor, t_len: int, *, causal: bool,
-                 num_targets: OptTensor, contextual_len: int, max_attn_len: int, timestamps: OptTensor,
-                 pos_cols: int, n_buckets: int) -> None:
-        device = starts.device
-        idx = torch.from_numpy(members).to(device)
+    def __init__(self, idx: Tensor, starts: Tensor, lengths: Tensor, t_len: int) -> None:
         lens = lengths[idx]
-        n = int(lens.max())
-        p = torch.arange(n, device=device)
+        self.size, self.n = len(idx), int(lens.max())
+        p = torch.arange(self.n, device=idx.device)
         valid = p[None, :] < lens[:, None]  # [G, n]
         tok = (starts[idx][:, None] + p[None, :]).clamp_max(max(t_len - 1, 0))  # padding reads a real token
-        self.n, self.size = n, len(members)
+        self.valid = valid
         self.tok = tok.reshape(-1)
         self.valid_at = valid.reshape(-1).nonzero().squeeze(1)  # padded slots that hold tokens
-        self.rows = tok.reshape(-1)[self.valid_at]  # the tokens they hold
-
-        c = contextual_len
-        e_max = lens - (num_targets[idx].long() if num_targets is not None else 0) + (1 - c if c > 0 else 0)
-        ids = (p - c + 1).clamp_min(0) if c > 0 else p
-        ids = torch.minimum(ids[None, :], e_max[:, None])  # [G, n]
-        d = ids[:, :, None] - ids[:, None, :]
-        if not causal:
-            d = d.abs()
-        visible = (d > 0) | torch.eye(n, dtype=torch.bool, device=device)
-        if max_attn_len > 0:
-            visible &= d <= max_attn_len
-        if c > 0:
-            visible |= (ids[:, :, None] == 0) & (ids[:, None, :] < e_max[:, None, None])
-        visible &= valid[:, :, None] & valid[:, None, :]
-        self.visible = visible  # [G, n, n]
-
-        index: OptTensor = None
-        if pos_cols:
-            half = (pos_cols - 1) // 2
-            index = (ids[:, None, :] - ids[:, :, None]).clamp(-half, half) + half
-        if timestamps is not None:
-            ts = timestamps.long()[tok]
-            bucket = time_bucket(ts[:, :, None] - ts[:, None, :], n_buckets)
-            index = bucket if index is None else index * n_buckets + bucket
-        self.bias_index = None if index is None else index.reshape(-1)
+        self.rows = self.tok[self.valid_at]  # the tokens they hold
 
     def pad(self, x: Tensor) -> Tensor:
         """``[T, H, E]`` -> ``[H, G, n, E]`` (padding slots hold some real token's values)."""
@@ -141,6 +115,63 @@ class _Group:
         heads, e = xp.shape[0], xp.shape[3]
         flat = xp.permute(1, 2, 0, 3).reshape(self.size * self.n, heads, e)
         dst.index_copy_(0, self.rows, flat[self.valid_at])
+
+
+class _Group:
+    """One group's padded index tensors, mask and bias index (built again by the backward).
+    Scores are ``[nq, nk]`` per member: its queries (``self.q``) against its keys
+    (``self.kv``); without separate key extents the two sides are one."""
+
+    def __init__(self, members: np.ndarray, starts: Tensor, lengths: Tensor, t_len: int, *, causal: bool,
+                 num_targets: OptTensor, contextual_len: int, max_attn_len: int, timestamps: OptTensor,
+                 pos_cols: int, n_buckets: int, kv: Optional[tuple[Tensor, Tensor, int, Tensor]] = None) -> None:
+        device = starts.device
+        idx = torch.from_numpy(members).to(device)
+        self.q = _Slots(idx, starts, lengths, t_len)
+        self.kv = self.q if kv is None else _Slots(idx, kv[0], kv[1], kv[2])
+        self.size, self.n = self.q.size, self.q.n
+        pk = torch.arange(self.kv.n, device=device)
+        pos_q = pk[None, :self.q.n] if kv is None else kv[3][idx][:, None] + torch.arange(self.q.n, device=device)
+
+        c = contextual_len
+        kv_lens = (lengths if kv is None else kv[1])[idx]
+        e_max = kv_lens - (num_targets[idx].long() if num_targets is not None else 0) + (1 - c if c > 0 else 0)
+
+        def mask_ids(p: Tensor) -> Tensor:
+            ids = (p - c + 1).clamp_min(0) if c > 0 else p
+            return torch.minimum(ids, e_max[:, None])  # [G, n]
+
+        ids = mask_ids(pk[None, :])
+        ids_q = ids if kv is None else mask_ids(pos_q)
+        d = ids_q[:, :, None] - ids[:, None, :]
+        if not causal:
+            d = d.abs()
+        if kv is None:
+            visible = (d > 0) | torch.eye(self.n, dtype=torch.bool, device=device)
+        else:
+            visible = (d > 0) | (pos_q[:, :, None] == pk[None, None, :])
+        if max_attn_len > 0:
+            visible &= d <= max_attn_len
+        if c > 0:
+            visible |= (ids_q[:, :, None] == 0) & (ids[:, None, :] < e_max[:, None, None])
+        visible &= self.q.valid[:, :, None] & self.kv.valid[:, None, :]
+        self.visible = visible  # [G, nq, nk]
+
+        index: OptTensor = None
+        if pos_cols:
+            half = (pos_cols - 1) // 2
+            index = (ids[:, None, :] - ids_q[:, :, None]).clamp(-half, half) + half
+        if timestamps is not None:
+            # one timestamp per key token; a query's is the key token's at its position
+            ts = timestamps.long()[self.kv.tok.view(self.size, -1)]
+            if kv is None:
+                ts_q = ts
+            else:
+                at = (kv[0][idx][:, None] + pos_q).clamp_max(max(kv[2] - 1, 0))
+                ts_q = timestamps.long()[at]
+            bucket = time_bucket(ts_q[:, :, None] - ts[:, None, :], n_buckets)
+            index = bucket if index is None else index * n_buckets + bucket
+        self.bias_index = None if index is None else index.reshape(-1)
 
 
 def _bias_table(position_bias: OptTensor, time_bias: OptTensor, dtype: torch.dtype) -> OptTensor:
@@ -155,26 +186,34 @@ def _bias_table(position_bias: OptTensor, time_bias: OptTensor, dtype: torch.dty
     return (position_bias.to(dtype)[:, :, None] + time_bias.to(dtype)[:, None, :]).reshape(heads, -1)
 
 
-def _groups(q: Tensor, offsets: Tensor, causal: bool, num_targets: OptTensor, contextual_len: int,
-            max_attn_len: int, position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor) -> list[_Group]:
+def _groups(q: Tensor, k: Tensor, offsets: Tensor, causal: bool, num_targets: OptTensor, contextual_len: int,
+            max_attn_len: int, position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor,
+            kv_offsets: OptTensor, q_start: OptTensor) -> list[_Group]:
     starts = offsets[:-1].long()
     lengths = offsets[1:].long() - starts
-    members = plan_groups(lengths.cpu().numpy(), q.shape[1], q.shape[2])
+    kv = None
+    if kv_offsets is not None:
+        kv_starts = kv_offsets[:-1].long()
+        kv_lengths = kv_offsets[1:].long() - kv_starts
+        first = q_start.long() if q_start is not None else kv_lengths - lengths
+        kv = (kv_starts, kv_lengths, k.shape[0], first)
+    # grouped by key extent; a sequence with keys but no queries costs a group's padding only
+    members = plan_groups((lengths if kv is None else kv[1]).cpu().numpy(), q.shape[1], q.shape[2])
     return [
         _Group(m, starts, lengths, q.shape[0], causal=causal, num_targets=num_targets, contextual_len=contextual_len,
                max_attn_len=max_attn_len, timestamps=timestamps,
                pos_cols=position_bias.shape[1] if position_bias is not None else 0,
-               n_buckets=time_bias.shape[1] if time_bias is not None else 1)
+               n_buckets=time_bias.shape[1] if time_bias is not None else 1, kv=kv)
         for m in members
     ]
 
 
 def _scores(g: _Group, qp: Tensor, kp: Tensor, scale: float, table: OptTensor) -> Tensor:
-    """``[H, G, n, n]`` scores with the relative bias added."""
+    """``[H, G, nq, nk]`` scores with the relative bias added."""
     heads = qp.shape[0]
     s = torch.matmul(qp, kp.transpose(-1, -2)).mul_(scale)
     if table is not None:
-        s.add_(table.index_select(1, g.bias_index).view(heads, g.size, g.n, g.n))
+        s.add_(table.index_select(1, g.bias_index).view(heads, g.size, g.q.n, g.kv.n))
     return s
 
 
@@ -189,37 +228,39 @@ def _softmax_probs(s: Tensor, visible: Tensor) -> tuple[Tensor, Tensor]:
 
 def grouped_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_len: int, *, softmax: bool,
                     scale: float, causal: bool, num_targets: OptTensor, contextual_len: int, max_attn_len: int,
-                    position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor) -> tuple[Tensor, Tensor]:
+                    position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor,
+                    kv_offsets: OptTensor = None, q_start: OptTensor = None) -> tuple[Tensor, Tensor]:
     """``(out [T, H, Dv], lse [T, H] in softmax mode, else empty)``."""
     t_len, heads, _ = q.shape
     out = q.new_zeros(t_len, heads, v.shape[2])
     lse_out = q.new_zeros(t_len, heads) if softmax else q.new_zeros(0)
     table = _bias_table(position_bias, time_bias, q.dtype)
-    for g in _groups(q, offsets, causal, num_targets, contextual_len, max_attn_len, position_bias, timestamps,
-                     time_bias):
-        s = _scores(g, g.pad(q), g.pad(k), scale, table)
+    for g in _groups(q, k, offsets, causal, num_targets, contextual_len, max_attn_len, position_bias, timestamps,
+                     time_bias, kv_offsets, q_start):
+        s = _scores(g, g.q.pad(q), g.kv.pad(k), scale, table)
         if softmax:
             probs, lse = _softmax_probs(s, g.visible)
-            g.unpad_into(lse_out.unsqueeze(2), lse.unsqueeze(3))
+            g.q.unpad_into(lse_out.unsqueeze(2), lse.unsqueeze(3))
         else:
             probs = F.silu(s, inplace=True).mul_(g.visible.to(s.dtype).div_(max_seq_len))
-        g.unpad_into(out, torch.matmul(probs, g.pad(v)))
+        g.q.unpad_into(out, torch.matmul(probs, g.kv.pad(v)))
     return out, lse_out
 
 
 def grouped_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_len: int, *,
                      softmax: bool, scale: float, causal: bool, num_targets: OptTensor, contextual_len: int,
                      max_attn_len: int, position_bias: OptTensor, timestamps: OptTensor,
-                     time_bias: OptTensor) -> tuple[Tensor, Tensor, Tensor, OptTensor, OptTensor]:
+                     time_bias: OptTensor, kv_offsets: OptTensor = None,
+                     q_start: OptTensor = None) -> tuple[Tensor, Tensor, Tensor, OptTensor, OptTensor]:
     """``(dq, dk, dv, d position_bias or None, d time_bias or None)``, recomputing the scores."""
     t_len, heads, _ = q.shape
     # contiguous, whatever the inputs' strides: the op's fake implementation says so
     dq, dk, dv = (torch.zeros(x.shape, dtype=x.dtype, device=x.device) for x in (q, k, v))
     table = _bias_table(position_bias, time_bias, q.dtype)
     dtable = torch.zeros_like(table) if table is not None else None
-    for g in _groups(q, offsets, causal, num_targets, contextual_len, max_attn_len, position_bias, timestamps,
-                     time_bias):
-        qp, kp, vp, dop = g.pad(q), g.pad(k), g.pad(v), g.pad(dout)
+    for g in _groups(q, k, offsets, causal, num_targets, contextual_len, max_attn_len, position_bias, timestamps,
+                     time_bias, kv_offsets, q_start):
+        qp, kp, vp, dop = g.q.pad(q), g.kv.pad(k), g.kv.pad(v), g.q.pad(dout)
         s = _scores(g, qp, kp, scale, table)
         dp = torch.matmul(dop, vp.transpose(-1, -2))
         if softmax:
@@ -231,9 +272,9 @@ def grouped_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, offsets: Ten
             probs = s * sig * w  # silu(s) / N on visible pairs
             # d silu(x)/dx = sig(x) (1 + x (1 - sig(x)))
             ds = torch.sub(1, sig).mul_(s).add_(1).mul_(sig).mul_(w).mul_(dp)
-        g.unpad_into(dv, torch.matmul(probs.transpose(-1, -2), dop))
-        g.unpad_into(dq, torch.matmul(ds, kp).mul_(scale))
-        g.unpad_into(dk, torch.matmul(ds.transpose(-1, -2), qp).mul_(scale))
+        g.kv.unpad_into(dv, torch.matmul(probs.transpose(-1, -2), dop))
+        g.q.unpad_into(dq, torch.matmul(ds, kp).mul_(scale))
+        g.kv.unpad_into(dk, torch.matmul(ds.transpose(-1, -2), qp).mul_(scale))
         if dtable is not None:
             dtable.index_add_(1, g.bias_index, ds.reshape(heads, -1))
     return (dq, dk, dv, *_split_table_grad(dtable, position_bias, time_bias))

@@ -3,6 +3,7 @@ forward and backward, as one Triton kernel family parameterized by the score act
 
 Inputs are jagged: ``q, k [T, H, D]``, ``v [T, H, Dv]``, and ``offsets [B+1]``; sequence b
 holds tokens ``offsets[b] .. offsets[b+1] - 1``. ``N = max_seq_len`` bounds every length.
+(Queries may also come with keys/values of their own extents: see "Split sequences".)
 
 **Scores.** For a query i and a key j of one sequence and a head h,
 ``s_ij = c * <q_i, k_j> + rab_h(i, j)``: the dot product is scaled first (c is ``alpha`` in
@@ -45,6 +46,38 @@ gradients for the tables), after the HSTU paper's rab^{p,t}:
   bias differs (one table for all heads, the next item's timestamp for the query, a
   configurable log or sqrt bucketing).
 
+**Split sequences** (separate key/value extents). A sequence too long for one rank is cut
+into contiguous chunks; a chunk holds the queries at positions ``[p, p + n)`` of its sequence
+and attends to the keys/values at ``[0, m)`` of it, ``m >= p + n``. Pass ``kv_offsets [B+1]``
+(the key extents, jagged like ``offsets``: ``k [Tk, H, D]``, ``v [Tk, H, Dv]``) and
+``q_start [B]`` (each chunk's p; left out, ``p = m - n``: the queries end where the keys do).
+``offsets`` then delimits the queries only. Everything above is stated over positions in the
+sequence, and those are absolute: a query's position is ``q_start[b]`` + its index in the
+chunk, a key's is its index in the key extent (keys always start at position 0). So:
+
+- the sequence's length L, wherever it enters the masks (the target cap E), is the key
+  extent's, m; ``num_targets[b]`` counts the targets among the chunk's keys, i.e. the last
+  ``num_targets[b]`` of them. For a sequence of length L with n_t targets cut so that its keys
+  end at m, that is ``max(0, n_t - (L - m))``: then ``E = m - that = L - n_t`` whenever the
+  keys reach a target, and when they do not, no id reaches the cap. No total length is
+  needed;
+- the position bias uses the ids of those absolute positions;
+- ``timestamps [Tk]`` holds one timestamp per key token; a query's timestamp is that of
+  the key token at its position (the key extent holds every query position).
+
+A chunk's output rows equal the unsplit op's rows, and its gradients sum (over the chunks
+that read a key) to the unsplit op's, exactly when its keys hold every key its queries see
+in the whole sequence. Rule by rule: causal rows see keys at or before themselves (``m =
+p + n`` suffices), targets see the prefix, the history and themselves, all at or before
+them, a window only narrows what rows see, but prefix rows see every non-target and rows of
+a non-causal attention see in both directions: a chunk with prefix rows, or any chunk when
+``causal=False``, needs the whole sequence's keys (``m = L``). Given that, no merging across
+chunks is needed in softmax mode either: each row's normalization runs over all the keys
+the row sees, in one chunk. Key/value gradients of a chunk are those of its own queries;
+summing them over the chunks that hold a key gives the key's gradient, and the bias tables'
+gradients likewise sum over chunks. ``kv_offsets=None`` is the unsplit op (``q_start`` must
+then be left out).
+
 **Dispatch** is explicit: ``impl="auto"`` runs the Triton kernels on CUDA tensors and,
 elsewhere, the length-grouped PyTorch implementation of :mod:`fsc.kernels.attention_grouped`
 (the reference's maths with sequences grouped by length and one bias gather; the reference
@@ -54,8 +87,10 @@ before triton is first imported), which is how the tests run them; ``impl="refer
 always runs the reference.
 
 **Preconditions** not checked on the GPU (checking would synchronize): every length is at
-most max_seq_len and 0 <= num_targets[b] <= length; otherwise results are unspecified. Both
-are checked when offsets live on the CPU and we are not being traced.
+most max_seq_len and 0 <= num_targets[b] <= length; with key extents, 0 <= q_start[b] and
+q_start[b] + (query length) <= (key length) <= max_seq_len, and num_targets[b] <= key
+length; otherwise results are unspecified. They are checked when offsets live on the CPU
+and we are not being traced.
 
 fp32 inputs use exact fp32 dot products (no TF32), like ``torch.matmul``'s default.
 """
@@ -109,6 +144,23 @@ def _narrow(x, dtype, PRECISION: tl.constexpr):
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         x = bits.to(tl.float32, bitcast=True)
     return x.to(dtype)
+
+
+@triton.jit
+def _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT: tl.constexpr):
+    # (first query row, query count, first key row, key count, first query position). Without
+    # separate key extents the keys are the queries and positions start at 0.
+    q_seq_start = tl.load(OFFSETS + b).to(tl.int64)
+    q_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - q_seq_start).to(tl.int32)
+    if SPLIT:
+        seq_start = tl.load(KV_OFFSETS + b).to(tl.int64)
+        seq_len = (tl.load(KV_OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
+        q0 = tl.load(Q_START + b).to(tl.int32)
+    else:
+        seq_start = q_seq_start
+        seq_len = q_len
+        q0 = q_len * 0
+    return q_seq_start, q_len, seq_start, seq_len, q0
 
 
 @triton.jit
@@ -263,33 +315,37 @@ def _fwd_loop(acc, m_i, l_i, n_lo, n_hi, q, offs_m, ids_m, t_m, mask_m, seq_star
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, OFFSETS, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W, OUT, LSE,
+    Q, K, V, OFFSETS, KV_OFFSETS, Q_START, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W, OUT, LSE,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh, stride_pw, stride_tw,
     H, D, DV, scale, inv_n, contextual_len, max_attn_len, pos_p, n_buckets, AUTOTUNE_N,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
-    # grid: (query blocks of the longest sequence, B * H); one program = one query block of one head
+    # grid: (query blocks of the longest sequence, B * H); one program = one query block of one
+    # head. Positions (offs_m, offs_n) are absolute: a query block starts at q0 + a multiple of
+    # BLOCK_M, so with q0 > 0 its rows are not aligned to the key blocks; _key_range does not
+    # need them to be.
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    seq_start = tl.load(OFFSETS + b).to(tl.int64)
-    seq_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
-    start_m = tl.program_id(0) * BLOCK_M
-    if start_m >= seq_len:
+    q_seq_start, q_len, seq_start, seq_len, q0 = _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT)
+    if tl.program_id(0) * BLOCK_M >= q_len:
         return
+    start_m = q0 + tl.program_id(0) * BLOCK_M
     e_max = _id_cap(NUM_TARGETS, b, seq_len, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_len
-    rows_m = seq_start + offs_m
+    mask_m = offs_m < q0 + q_len
+    rows_m = (q_seq_start - q0) + offs_m
     ids_m = _mask_ids(offs_m, contextual_len, e_max, HAS_CONTEXT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
     q = tl.load(Q + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                 mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
     if HAS_TIME:
-        t_m = tl.load(TIMESTAMPS + rows_m, mask=mask_m, other=0).to(tl.int64)
+        # timestamps are per key token: a query's is the key's at its position
+        t_m = tl.load(TIMESTAMPS + seq_start + offs_m, mask=mask_m, other=0).to(tl.int64)
     else:
         t_m = offs_m
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -360,28 +416,28 @@ def _dq_loop(dq, n_lo, n_hi, q, do, lse, delta, offs_m, ids_m, t_m, mask_m, seq_
 
 @triton.jit
 def _bwd_dq_kernel(
-    Q, K, V, OUT, DOUT, LSE, DELTA, DQ, OFFSETS, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W,
+    Q, K, V, OUT, DOUT, LSE, DELTA, DQ, OFFSETS, KV_OFFSETS, Q_START, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ot, stride_oh,
     stride_dot, stride_doh, stride_dqt, stride_dqh, stride_pw, stride_tw,
     H, D, DV, scale, inv_n, contextual_len, max_attn_len, pos_p, n_buckets, AUTOTUNE_N,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     # dQ = c * dS K, one query block per program (same grid as the forward). In softmax mode it
     # also writes delta = rowsum(dO * O), which the dk/dv kernel (launched after) reads.
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    seq_start = tl.load(OFFSETS + b).to(tl.int64)
-    seq_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
-    start_m = tl.program_id(0) * BLOCK_M
-    if start_m >= seq_len:
+    q_seq_start, q_len, seq_start, seq_len, q0 = _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT)
+    if tl.program_id(0) * BLOCK_M >= q_len:
         return
+    start_m = q0 + tl.program_id(0) * BLOCK_M
     e_max = _id_cap(NUM_TARGETS, b, seq_len, contextual_len, HAS_TARGETS, HAS_CONTEXT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    mask_m = offs_m < seq_len
-    rows_m = seq_start + offs_m
+    mask_m = offs_m < q0 + q_len
+    rows_m = (q_seq_start - q0) + offs_m
     ids_m = _mask_ids(offs_m, contextual_len, e_max, HAS_CONTEXT)
     offs_d = tl.arange(0, BLOCK_D)
     offs_dv = tl.arange(0, BLOCK_DV)
@@ -398,7 +454,7 @@ def _bwd_dq_kernel(
         delta = tl.zeros([BLOCK_M], dtype=tl.float32)
         lse = delta
     if HAS_TIME:
-        t_m = tl.load(TIMESTAMPS + rows_m, mask=mask_m, other=0).to(tl.int64)
+        t_m = tl.load(TIMESTAMPS + seq_start + offs_m, mask=mask_m, other=0).to(tl.int64)
     else:
         t_m = offs_m
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
@@ -422,7 +478,7 @@ def _bwd_dq_kernel(
 
 
 @triton.jit
-def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, e_max, h,
+def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, q_base, seq_start, e_max, h,
                Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
                stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
                H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
@@ -434,7 +490,7 @@ def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, 
     for start_m in range(m_lo, m_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         mask_m = offs_m < m_hi
-        rows_m = seq_start + offs_m
+        rows_m = q_base + offs_m  # query rows; positions index the key extent
         q = tl.load(Q + rows_m[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
                     mask=mask_m[:, None] & (offs_d[None, :] < D), other=0.0)
         do = tl.load(DOUT + rows_m[:, None] * stride_dot + h * stride_doh + offs_dv[None, :],
@@ -444,7 +500,7 @@ def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, 
         visible = _is_visible(offs_m[None, :], offs_n[:, None], ids_m[None, :], ids_n[:, None], e_max,
                               mask_m[None, :] & mask_n[:, None], max_attn_len, CAUSAL, HAS_CONTEXT, HAS_WINDOW)
         if HAS_TIME:
-            t_m = tl.load(TIMESTAMPS + rows_m, mask=mask_m, other=0).to(tl.int64)
+            t_m = tl.load(TIMESTAMPS + seq_start + offs_m, mask=mask_m, other=0).to(tl.int64)
         else:
             t_m = offs_m
         st = _dot(k, tl.trans(q), PRECISION) * scale
@@ -475,21 +531,25 @@ def _dkdv_loop(dk, dv, m_lo, m_hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, 
 
 @triton.jit
 def _bwd_dkdv_kernel(
-    Q, K, V, DOUT, LSE, DELTA, DK, DV_OUT, DPOS, DTIME, OFFSETS, NUM_TARGETS, TIMESTAMPS, POS_W, TIME_W,
+    Q, K, V, DOUT, LSE, DELTA, DK, DV_OUT, DPOS, DTIME, OFFSETS, KV_OFFSETS, Q_START, NUM_TARGETS, TIMESTAMPS,
+    POS_W, TIME_W,
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_dot, stride_doh,
     stride_dkt, stride_dkh, stride_dvt, stride_dvh, stride_pw, stride_tw,
     H, D, DV, scale, inv_n, contextual_len, max_attn_len, pos_p, n_buckets, AUTOTUNE_N,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_TARGETS: tl.constexpr, HAS_CONTEXT: tl.constexpr,
-    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr, HAS_POS: tl.constexpr, HAS_TIME: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
 ):
     # dV = P^T dO and dK = c * dS^T Q, one key block per program; bias-table gradients are
-    # accumulated with fp32 atomics (DPOS, DTIME must start at zero).
+    # accumulated with fp32 atomics (DPOS, DTIME must start at zero). The query ranges are
+    # clipped to the chunk's queries [q0, q0 + q_len).
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
-    seq_start = tl.load(OFFSETS + b).to(tl.int64)
-    seq_len = (tl.load(OFFSETS + b + 1).to(tl.int64) - seq_start).to(tl.int32)
+    q_seq_start, q_len, seq_start, seq_len, q0 = _extents(OFFSETS, KV_OFFSETS, Q_START, b, SPLIT)
+    q_base = q_seq_start - q0
+    q_end = q0 + q_len
     start_n = tl.program_id(0) * BLOCK_N
     if start_n >= seq_len:
         return
@@ -516,13 +576,15 @@ def _bwd_dkdv_kernel(
         if CAUSAL:
             # prefix rows see every non-target key, wherever it sits
             dk, dv = _dkdv_loop(
-                dk, dv, 0, tl.minimum(contextual_len, lo), k, v, offs_n, ids_n, t_n, mask_n, seq_start, e_max, h,
+                dk, dv, q0, tl.minimum(tl.minimum(contextual_len, lo), q_end), k, v, offs_n, ids_n, t_n, mask_n,
+                q_base, seq_start, e_max, h,
                 Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
                 stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
                 H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
                 SOFTMAX, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_POS, HAS_TIME, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
     dk, dv = _dkdv_loop(
-        dk, dv, lo, hi, k, v, offs_n, ids_n, t_n, mask_n, seq_start, e_max, h,
+        dk, dv, tl.maximum(lo, q0), tl.minimum(hi, q_end), k, v, offs_n, ids_n, t_n, mask_n, q_base, seq_start,
+        e_max, h,
         Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
         stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
         H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
@@ -548,7 +610,7 @@ def _configs(pairs: list[tuple[int, int, int, int]]) -> list[triton.Config]:
 _FWD_CONFIGS = _configs([(128, 64, 8, 2), (128, 32, 4, 3), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _DQ_CONFIGS = _configs([(128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3), (32, 32, 4, 2)])
 _DKDV_CONFIGS = _configs([(64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (32, 32, 4, 2)])
-_TUNE_KEY = ["AUTOTUNE_N", "BLOCK_D", "BLOCK_DV", "SOFTMAX", "HAS_POS", "HAS_TIME", "HAS_WINDOW"]
+_TUNE_KEY = ["AUTOTUNE_N", "BLOCK_D", "BLOCK_DV", "SOFTMAX", "HAS_POS", "HAS_TIME", "HAS_WINDOW", "SPLIT"]
 
 _fwd_tuned = triton.autotune(configs=_FWD_CONFIGS, key=_TUNE_KEY)(_fwd_kernel)
 _dq_tuned = triton.autotune(configs=_DQ_CONFIGS, key=_TUNE_KEY)(_bwd_dq_kernel)
@@ -599,14 +661,14 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
 
 
 def _flags(softmax: bool, causal: bool, num_targets: OptTensor, contextual_len: int, max_attn_len: int,
-           pos_w: OptTensor, time_w: OptTensor, dtype: torch.dtype, d: int, dv: int) -> dict:
+           pos_w: OptTensor, time_w: OptTensor, dtype: torch.dtype, d: int, dv: int, split: bool) -> dict:
     # fp32: exact fp32 dots, not TF32; 16-bit: the precision argument does not apply
     precision = "ieee" if dtype == torch.float32 else "tf32"
     if dtype == torch.bfloat16 and _is_interpreted(_fwd_kernel):
         precision = "interpret-bf16"
     return dict(
         SOFTMAX=softmax, CAUSAL=causal, HAS_TARGETS=num_targets is not None, HAS_CONTEXT=contextual_len > 0,
-        HAS_WINDOW=max_attn_len > 0, HAS_POS=pos_w is not None, HAS_TIME=time_w is not None,
+        HAS_WINDOW=max_attn_len > 0, HAS_POS=pos_w is not None, HAS_TIME=time_w is not None, SPLIT=split,
         PRECISION=precision,
         BLOCK_D=max(triton.next_power_of_2(d), MIN_HEAD_DIM), BLOCK_DV=max(triton.next_power_of_2(dv), MIN_HEAD_DIM),
     )
@@ -622,12 +684,13 @@ def _scalars(h: int, d: int, dv: int, scale: float, max_seq_len: int, contextual
 
 def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: OptTensor, timestamps: OptTensor,
                     pos_w: OptTensor, time_w: OptTensor, max_seq_len: int, softmax: bool, scale: float, causal: bool,
-                    contextual_len: int, max_attn_len: int,
-                    blocks: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
+                    contextual_len: int, max_attn_len: int, blocks: Optional[tuple[int, int]] = None,
+                    kv_offsets: OptTensor = None, q_start: OptTensor = None) -> tuple[Tensor, Tensor]:
     """(out, lse); ``blocks`` fixes (BLOCK_M, BLOCK_N) instead of autotuning."""
     t, h, d = q.shape
     dv = v.shape[2]
     b = offsets.shape[0] - 1
+    kv_offsets, q_start, split = _key_extents(offsets, kv_offsets, q_start)
     q, k, v = _rows(q), _rows(k), _rows(v)
     pos_w = pos_w.contiguous() if pos_w is not None else None
     time_w = time_w.contiguous() if time_w is not None else None
@@ -641,13 +704,13 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_target
         return (triton.cdiv(max_seq_len, meta["BLOCK_M"]), b * h)
 
     kernel[grid](
-        q, k, v, offsets, num_targets if num_targets is not None else offsets,
+        q, k, v, offsets, kv_offsets, q_start, num_targets if num_targets is not None else offsets,
         timestamps if timestamps is not None else offsets,
         pos_w if pos_w is not None else q, time_w if time_w is not None else q, out, lse if softmax else out,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         pos_w.stride(0) if pos_w is not None else 0, time_w.stride(0) if time_w is not None else 0,
         *_scalars(h, d, dv, scale, max_seq_len, contextual_len, max_attn_len, pos_w, time_w),
-        **_flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv),
+        **_flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv, split),
         **block_args,
     )
     return out, lse
@@ -656,11 +719,13 @@ def _launch_forward(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_target
 def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, offsets: Tensor,
                      num_targets: OptTensor, timestamps: OptTensor, pos_w: OptTensor, time_w: OptTensor,
                      max_seq_len: int, softmax: bool, scale: float, causal: bool, contextual_len: int,
-                     max_attn_len: int, blocks: Optional[tuple[int, int]] = None) -> tuple[Tensor, ...]:
+                     max_attn_len: int, blocks: Optional[tuple[int, int]] = None, kv_offsets: OptTensor = None,
+                     q_start: OptTensor = None) -> tuple[Tensor, ...]:
     """(dq, dk, dv, d pos table, d time table): the dq kernel first (it writes delta), then dk/dv."""
     t, h, d = q.shape
     dv_dim = v.shape[2]
     b = offsets.shape[0] - 1
+    kv_offsets, q_start, split = _key_extents(offsets, kv_offsets, q_start)
     q, k, v, out, dout = _rows(q), _rows(k), _rows(v), _rows(out), _rows(dout)
     pos_w = pos_w.contiguous() if pos_w is not None else None
     time_w = time_w.contiguous() if time_w is not None else None
@@ -672,7 +737,8 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
     delta = torch.empty((t, h) if softmax else (1,), **f32)
     if t > 0 and b > 0:
         scalars = _scalars(h, d, dv_dim, scale, max_seq_len, contextual_len, max_attn_len, pos_w, time_w)
-        flags = _flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv_dim)
+        flags = _flags(softmax, causal, num_targets, contextual_len, max_attn_len, pos_w, time_w, q.dtype, d, dv_dim,
+                       split)
         targets = num_targets if num_targets is not None else offsets
         stamps = timestamps if timestamps is not None else offsets
         pw, tw = (pos_w if pos_w is not None else q), (time_w if time_w is not None else q)
@@ -685,7 +751,7 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
             return (triton.cdiv(max_seq_len, meta["BLOCK_M"]), b * h)
 
         kernel[dq_grid](
-            q, k, v, out, dout, aux, delta, dq, offsets, targets, stamps, pw, tw,
+            q, k, v, out, dout, aux, delta, dq, offsets, kv_offsets, q_start, targets, stamps, pw, tw,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             out.stride(0), out.stride(1), dout.stride(0), dout.stride(1), dq.stride(0), dq.stride(1), spw, stw,
             *scalars, **flags, **block_args,
@@ -697,12 +763,22 @@ def _launch_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor,
             return (triton.cdiv(max_seq_len, meta["BLOCK_N"]), b * h)
 
         kernel[dkdv_grid](
-            q, k, v, dout, aux, delta, dk, dv, dpos, dtime, offsets, targets, stamps, pw, tw,
+            q, k, v, dout, aux, delta, dk, dv, dpos, dtime, offsets, kv_offsets, q_start, targets, stamps, pw, tw,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
             dout.stride(0), dout.stride(1), dk.stride(0), dk.stride(1), dv.stride(0), dv.stride(1), spw, stw,
             *scalars, **flags, **block_args,
         )
     return dq, dk, dv, *_table_grads(q, pos_w, dpos, time_w, dtime)
+
+
+def _key_extents(offsets: Tensor, kv_offsets: OptTensor, q_start: OptTensor) -> tuple[Tensor, Tensor, bool]:
+    """(KV_OFFSETS, Q_START, SPLIT) for the kernels: without key extents, ``offsets`` for both
+    (neither is read); else q_start, by default where the queries end with the keys."""
+    if kv_offsets is None:
+        return offsets, offsets, False
+    if q_start is None:
+        q_start = _query_starts(offsets, kv_offsets, None)
+    return kv_offsets, q_start, True
 
 
 def _table_grads(q: Tensor, pos_w: OptTensor, dpos: OptTensor, time_w: OptTensor,
@@ -723,10 +799,10 @@ def _use_reference(q: torch.Tensor, impl: str) -> bool:
     return impl == "reference" or (impl == "auto" and q.device.type != "cuda")
 
 
-def _use_grouped(q: torch.Tensor, impl: str, offsets: torch.Tensor, num_targets: OptTensor) -> bool:
+def _use_grouped(q: torch.Tensor, impl: str, *index: OptTensor) -> bool:
     """``impl="auto"`` off CUDA on real tensors runs :mod:`fsc.kernels.attention_grouped`
     (length groups, data-dependent shapes); traced, it runs the reference."""
-    return impl == "auto" and q.device.type != "cuda" and not _is_traced(q, offsets, num_targets)
+    return impl == "auto" and q.device.type != "cuda" and not _is_traced(q, *index)
 
 
 def _check_launchable(q: torch.Tensor, *tensors: Optional[torch.Tensor]) -> None:
@@ -746,32 +822,36 @@ def _attention_fwd(
     num_targets: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
     position_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor],
     max_seq_len: int, softmax: bool, scale: float, causal: bool, contextual_len: int, max_attn_len: int, impl: str,
+    kv_offsets: Optional[torch.Tensor] = None, q_start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns ``(out [T, H, Dv], lse)``; lse is ``[T, H]`` fp32 in softmax mode (the row
-    log-sum-exp the backward needs) and empty in HSTU mode."""
-    if _use_grouped(q, impl, offsets, num_targets):
+    log-sum-exp the backward needs) and empty in HSTU mode. ``kv_offsets`` and ``q_start``
+    come last, after ``impl``, so that callers without them keep their positional form."""
+    if _use_grouped(q, impl, offsets, num_targets, kv_offsets, q_start):
         out, lse = grouped_forward(
             _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale, causal=causal,
             num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
-            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias),
+            kv_offsets=kv_offsets, q_start=q_start)
         return out.to(q.dtype), lse.float() if softmax else lse.new_zeros(0, dtype=torch.float32)
     if _use_reference(q, impl):
-        offsets, num_targets = _drop_empty_sequences(offsets, num_targets)
+        offsets, num_targets, kv_offsets, q_start = _drop_empty_sequences(offsets, num_targets, kv_offsets, q_start)
         out, lse = _reference_forward(
             _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale, causal=causal,
             num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
-            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias),
+            kv_offsets=kv_offsets, q_start=q_start)
         return out.to(q.dtype), lse.float() if softmax else lse.new_zeros(0, dtype=torch.float32)
     _check_launchable(q, k, v, offsets)
     return _launch_forward(q, k, v, offsets, num_targets, timestamps, position_bias, time_bias, max_seq_len, softmax,
-                           scale, causal, contextual_len, max_attn_len)
+                           scale, causal, contextual_len, max_attn_len, kv_offsets=kv_offsets, q_start=q_start)
 
 
 @_attention_fwd.register_fake
 def _attention_fwd_fake(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, num_targets: OptTensor,
                         timestamps: OptTensor, position_bias: OptTensor, time_bias: OptTensor, max_seq_len: int,
                         softmax: bool, scale: float, causal: bool, contextual_len: int, max_attn_len: int,
-                        impl: str) -> tuple[Tensor, Tensor]:
+                        impl: str, kv_offsets: OptTensor = None, q_start: OptTensor = None) -> tuple[Tensor, Tensor]:
     t, h, _ = q.shape
     return q.new_empty(t, h, v.shape[2]), q.new_empty((t, h) if softmax else (0,), dtype=torch.float32)
 
@@ -782,52 +862,65 @@ def _attention_bwd(
     offsets: torch.Tensor, num_targets: Optional[torch.Tensor], timestamps: Optional[torch.Tensor],
     position_bias: Optional[torch.Tensor], time_bias: Optional[torch.Tensor],
     max_seq_len: int, softmax: bool, scale: float, causal: bool, contextual_len: int, max_attn_len: int, impl: str,
+    kv_offsets: Optional[torch.Tensor] = None, q_start: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, d position_bias, d time_bias)``; a table's gradient is empty
     when the table is absent."""
-    if _use_grouped(q, impl, offsets, num_targets):
+    if _use_grouped(q, impl, offsets, num_targets, kv_offsets, q_start):
         grads = grouped_backward(
             _upcast(dout), _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale,
             causal=causal, num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
-            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias),
+            kv_offsets=kv_offsets, q_start=q_start)
     elif _use_reference(q, impl):
-        offsets, num_targets = _drop_empty_sequences(offsets, num_targets)
+        offsets, num_targets, kv_offsets, q_start = _drop_empty_sequences(offsets, num_targets, kv_offsets, q_start)
         grads = _reference_backward(
             _upcast(dout), _upcast(q), _upcast(k), _upcast(v), offsets, max_seq_len, softmax=softmax, scale=scale,
             causal=causal, num_targets=num_targets, contextual_len=contextual_len, max_attn_len=max_attn_len,
-            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias))
+            position_bias=_upcast(position_bias), timestamps=timestamps, time_bias=_upcast(time_bias),
+            kv_offsets=kv_offsets, q_start=q_start)
     if _use_reference(q, impl):
         dq, dk, dv, dpos, dtime = grads
         return (dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype),
                 *_table_grads(q, position_bias, dpos, time_bias, dtime))
     _check_launchable(q, k, v, dout)
     return _launch_backward(dout, q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias,
-                            max_seq_len, softmax, scale, causal, contextual_len, max_attn_len)
+                            max_seq_len, softmax, scale, causal, contextual_len, max_attn_len, kv_offsets=kv_offsets,
+                            q_start=q_start)
 
 
 @_attention_bwd.register_fake
 def _attention_bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor, offsets: Tensor,
                         num_targets: OptTensor, timestamps: OptTensor, position_bias: OptTensor,
                         time_bias: OptTensor, max_seq_len: int, softmax: bool, scale: float, causal: bool,
-                        contextual_len: int, max_attn_len: int, impl: str) -> tuple[Tensor, ...]:
+                        contextual_len: int, max_attn_len: int, impl: str, kv_offsets: OptTensor = None,
+                        q_start: OptTensor = None) -> tuple[Tensor, ...]:
     def table(w: OptTensor) -> Tensor:
         return w.new_empty(w.shape) if w is not None else q.new_empty(0)
 
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), table(position_bias), table(time_bias)
 
 
-def _drop_empty_sequences(offsets: Tensor, num_targets: OptTensor) -> tuple[Tensor, OptTensor]:
-    """Offsets without their empty sequences, when running on real tensors: the reference
-    pads every sequence to max_seq_len, and callers such as ``lower-attention`` pass a
-    static bound of T sequences of which most are empty. Traced, nothing changes (the
-    shapes would be data-dependent)."""
-    if _is_traced(offsets, num_targets) or offsets.shape[0] < 2:
-        return offsets, num_targets
-    keep = offsets[1:] > offsets[:-1]
+def _drop_empty_sequences(offsets: Tensor, num_targets: OptTensor, kv_offsets: OptTensor = None,
+                          q_start: OptTensor = None) -> tuple[Tensor, OptTensor, OptTensor, OptTensor]:
+    """Offsets without their empty sequences (no keys, hence no queries), when running on
+    real tensors: the reference pads every sequence to max_seq_len, and callers such as
+    ``lower-attention`` pass a static bound of T sequences of which most are empty. Traced,
+    nothing changes (the shapes would be data-dependent)."""
+    extents = offsets if kv_offsets is None else kv_offsets
+    if _is_traced(offsets, num_targets, kv_offsets, q_start) or offsets.shape[0] < 2:
+        return offsets, num_targets, kv_offsets, q_start
+    keep = extents[1:] > extents[:-1]
     if bool(keep.all()):
-        return offsets, num_targets
-    return (torch.cat([offsets[:1], offsets[1:][keep]]),
-            num_targets[keep] if num_targets is not None else None)
+        return offsets, num_targets, kv_offsets, q_start
+
+    def drop(t: OptTensor) -> OptTensor:
+        return t[keep] if t is not None else None
+
+    def drop_offsets(t: OptTensor) -> OptTensor:
+        return torch.cat([t[:1], t[1:][keep]]) if t is not None else None
+
+    return drop_offsets(offsets), drop(num_targets), drop_offsets(kv_offsets), drop(q_start)
 
 
 def _keep_reference_opaque(op: Any) -> None:
@@ -842,7 +935,8 @@ def _keep_reference_opaque(op: Any) -> None:
 
     def rule(mode: Any, func: Any, types: Any, args: tuple, kwargs: dict) -> Any:
         q = args[1] if func._schema.name.endswith("_bwd") else args[0]
-        if _use_reference(q, args[-1]):
+        at = [a.name for a in func._schema.arguments].index("impl")
+        if _use_reference(q, args[at] if len(args) > at else kwargs["impl"]):
             return mode.__torch_dispatch__(func, types, args, kwargs)
         return decompose(mode, func, types, args, kwargs)
 
@@ -853,38 +947,50 @@ _keep_reference_opaque(_attention_fwd)
 _keep_reference_opaque(_attention_bwd)
 
 
+_PARAMS = 7  # max_seq_len .. impl, between the tables and kv_offsets
+
+
 def _setup_context(ctx: Any, inputs: tuple, output: tuple[Tensor, Tensor]) -> None:
-    (q, k, v, offsets, num_targets, timestamps, position_bias, time_bias, *params) = inputs
+    (q, k, v, offsets, num_targets, timestamps, position_bias, time_bias, *rest) = inputs
+    params, (kv_offsets, q_start) = rest[:_PARAMS], (rest[_PARAMS:] + [None, None])[:2]
     out, lse = output
     ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias)
+    ctx.save_for_backward(q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias, kv_offsets,
+                          q_start)
     ctx.params = params
+    ctx.n_inputs = len(inputs)
 
 
 def _backward(ctx: Any, dout: Tensor, _dlse: OptTensor) -> tuple[OptTensor, ...]:
-    q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias = ctx.saved_tensors
+    q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias, kv_offsets, q_start = \
+        ctx.saved_tensors
+    split = () if kv_offsets is None else (kv_offsets, q_start)  # the fwd's form, so the bwd prints alike
     dq, dk, dv, dpos, dtime = torch.ops.fsc.jagged_attention_bwd(
-        dout, q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias, *ctx.params)
-    return (dq, dk, dv, None, None, None,
-            dpos if position_bias is not None else None, dtime if time_bias is not None else None,
-            *([None] * len(ctx.params)))
+        dout, q, k, v, out, lse, offsets, num_targets, timestamps, position_bias, time_bias, *ctx.params, *split)
+    grads = (dq, dk, dv, None, None, None,
+             dpos if position_bias is not None else None, dtime if time_bias is not None else None)
+    return grads + (None,) * (ctx.n_inputs - len(grads))
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _pairs_times_two(q_shape: Any, causal: bool) -> Any:
-    """Twice the query-key pairs an attention over ``T`` tokens visits, from T alone: T^2
-    causal (T(T+1)/2 pairs, rounded), 2 T^2 otherwise. Exact for one sequence; for several
-    the true count (their squared lengths) is data-dependent and this is an upper bound."""
-    t = q_shape[0]
-    return t * t if causal else 2 * t * t
+def _pairs_times_two(q_shape: Any, k_shape: Any, causal: bool) -> Any:
+    """Twice the query-key pairs an attention of ``Tq`` queries over ``Tk`` keys visits, from
+    the token counts alone: causal, ``Tq (2 Tk - Tq)`` (the last Tq of Tk positions see
+    their position + 1 keys: Tq Tk - Tq(Tq-1)/2 pairs, rounded), so T^2 when the queries are
+    the keys (T(T+1)/2 pairs); ``2 Tq Tk`` otherwise. Exact for one sequence whose queries
+    end with its keys; for several the true count is data-dependent and this is an upper
+    bound, as every key extent holds its queries. Not a bound for the prefix rows of a
+    chunk whose keys reach past its queries (they see every non-target key)."""
+    tq, tk = q_shape[0], k_shape[0]
+    return tq * (2 * tk - tq) if causal else 2 * tq * tk
 
 
 def _forward_flops(q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> Any:
     causal = kwargs["causal"] if "causal" in kwargs else args[8]
     _, h, d = q_shape
-    return _pairs_times_two(q_shape, causal) * h * (d + v_shape[2])  # 2 flops per pair: q.k, then p.v
+    return _pairs_times_two(q_shape, k_shape, causal) * h * (d + v_shape[2])  # 2 flops per pair: q.k, then p.v
 
 
 def _backward_flops(dout_shape: Any, q_shape: Any, k_shape: Any, v_shape: Any, *args: Any, out_shape: Any = None,
@@ -892,7 +998,7 @@ def _backward_flops(dout_shape: Any, q_shape: Any, k_shape: Any, v_shape: Any, *
     causal = kwargs["causal"] if "causal" in kwargs else args[10]
     _, h, d = q_shape
     # per pair, 2 flops each: scores recomputed (d), dP = dO.v (dv), dS.k (d), dS^T.q (d), P^T.dO (dv)
-    return _pairs_times_two(q_shape, causal) * h * (3 * d + 2 * v_shape[2])
+    return _pairs_times_two(q_shape, k_shape, causal) * h * (3 * d + 2 * v_shape[2])
 
 
 def _register_flop_formulas() -> None:
@@ -930,6 +1036,8 @@ def jagged_attention(
     position_bias: Optional[torch.Tensor] = None,
     time_bias: Optional[torch.Tensor] = None,
     timestamps: Optional[torch.Tensor] = None,
+    kv_offsets: Optional[torch.Tensor] = None,
+    q_start: Optional[torch.Tensor] = None,
     impl: str = "auto",
 ) -> torch.Tensor:
     """Jagged attention ``[T, H, Dv]`` of ``q, k [T, H, D]`` and ``v [T, H, Dv]`` over the
@@ -939,22 +1047,31 @@ def jagged_attention(
     (``scale`` scales q.k); both default to 1/sqrt(D). ``num_targets [B]``: targets at the
     end of each sequence. ``contextual_len``: prefix length (0: none). ``max_attn_len``:
     window in ids (0: none). ``position_bias [H, 2P-1]``, ``time_bias [H, NB]`` with
-    ``timestamps [T]``: learned relative-bias tables (they get gradients). ``impl``:
+    ``timestamps [Tk]``: learned relative-bias tables (they get gradients). ``kv_offsets [B+1]``
+    and ``q_start [B]``: separate key/value extents, for a chunk of a split sequence (``k, v``
+    are then ``[Tk, H, *]``; see "Split sequences" in the module docstring). ``impl``:
     ``"auto"`` | ``"triton"`` | ``"reference"`` (see the module docstring).
     """
     softmax, factor = _check_arguments(
         q, k, v, offsets, max_seq_len, mode=mode, alpha=alpha, scale=scale, num_targets=num_targets,
         contextual_len=contextual_len, max_attn_len=max_attn_len, position_bias=position_bias, time_bias=time_bias,
-        timestamps=timestamps, impl=impl, dtypes=DTYPES)
+        timestamps=timestamps, kv_offsets=kv_offsets, q_start=q_start, impl=impl, dtypes=DTYPES)
+    if kv_offsets is None:
+        # the op's schema as before: graphs that never split keep their printout
+        out, _ = torch.ops.fsc.jagged_attention_fwd(
+            q, k, v, offsets, num_targets, timestamps, position_bias, time_bias, max_seq_len, softmax, factor, causal,
+            contextual_len, max_attn_len, impl)
+        return out
     out, _ = torch.ops.fsc.jagged_attention_fwd(
         q, k, v, offsets, num_targets, timestamps, position_bias, time_bias, max_seq_len, softmax, factor, causal,
-        contextual_len, max_attn_len, impl)
+        contextual_len, max_attn_len, impl, kv_offsets, q_start)
     return out
 
 
 def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, mode: str, alpha: Any, scale: Any,
                      num_targets: Any, contextual_len: Any, max_attn_len: Any, position_bias: Any, time_bias: Any,
-                     timestamps: Any, impl: str, dtypes: tuple[torch.dtype, ...]) -> tuple[bool, float]:
+                     timestamps: Any, kv_offsets: Any = None, q_start: Any = None, impl: str,
+                     dtypes: tuple[torch.dtype, ...]) -> tuple[bool, float]:
     """Raise naming the first bad argument; return (softmax?, the q.k scale factor)."""
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -968,10 +1085,12 @@ def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, 
     t_len, heads, d = q.shape
     if heads < 1:
         raise ValueError(f"q must have at least one head, got shape {tuple(q.shape)}")
-    if k.shape != q.shape:
+    if kv_offsets is None and k.shape != q.shape:
         raise ValueError(f"k must have q's shape {tuple(q.shape)}, got {tuple(k.shape)}")
-    if v.shape[:2] != q.shape[:2]:
-        raise ValueError(f"v must be [T, H, Dv] with q's T and H {tuple(q.shape[:2])}, got {tuple(v.shape)}")
+    if kv_offsets is not None and k.shape[1:] != q.shape[1:]:
+        raise ValueError(f"k must be [Tk, H, D] with q's H and D {tuple(q.shape[1:])}, got {tuple(k.shape)}")
+    if v.shape[:2] != k.shape[:2]:
+        raise ValueError(f"v must be [T, H, Dv] with k's T and H {tuple(k.shape[:2])}, got {tuple(v.shape)}")
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     for name, dim in (("q", d), ("v", v.shape[2])):
@@ -988,6 +1107,12 @@ def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, 
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
     if num_targets is not None:
         _check_index_tensor("num_targets", num_targets, q.device, batch)
+    if kv_offsets is not None:
+        _check_index_tensor("kv_offsets", kv_offsets, q.device, batch + 1)
+    if q_start is not None:
+        if kv_offsets is None:
+            raise ValueError("q_start needs kv_offsets: without separate key extents queries start at 0")
+        _check_index_tensor("q_start", q_start, q.device, batch)
     if position_bias is not None:
         _check_table("position_bias", position_bias, q.device, heads)
         if position_bias.shape[1] % 2 == 0:
@@ -997,7 +1122,7 @@ def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, 
         raise ValueError("time_bias and timestamps go together: pass both or neither")
     if time_bias is not None:
         _check_table("time_bias", time_bias, q.device, heads)
-        _check_index_tensor("timestamps", timestamps, q.device, t_len)
+        _check_index_tensor("timestamps", timestamps, q.device, k.shape[0])
     if mode == "hstu" and scale is not None:
         raise ValueError("scale is the softmax-mode factor; in mode='hstu' pass alpha")
     if mode == "softmax" and alpha is not None:
@@ -1008,7 +1133,9 @@ def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, 
     if not isinstance(factor, (int, float)) or isinstance(factor, bool):
         raise TypeError(f"{'alpha' if mode == 'hstu' else 'scale'} must be a float, got {factor!r}")
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
-        _check_offset_values(offsets, t_len, max_seq_len, num_targets)
+        _check_offset_values(offsets, t_len, max_seq_len, num_targets if kv_offsets is None else None)
+        if kv_offsets is not None:
+            _check_kv_offset_values(offsets, kv_offsets, q_start, k.shape[0], max_seq_len, num_targets)
     return mode == "softmax", float(factor)
 
 
@@ -1048,6 +1175,27 @@ def _check_offset_values(offsets: torch.Tensor, t_len: int, max_seq_len: int,
                          f"for lengths {lengths.tolist()}")
 
 
+def _check_kv_offset_values(offsets: Tensor, kv_offsets: Tensor, q_start: OptTensor, kv_tokens: int,
+                            max_seq_len: int, num_targets: OptTensor) -> None:
+    kv_lengths = kv_offsets[1:] - kv_offsets[:-1]
+    if int(kv_offsets[0]) != 0 or int(kv_offsets[-1]) != kv_tokens or bool((kv_lengths < 0).any()):
+        raise ValueError(f"kv_offsets must rise from 0 to Tk={kv_tokens} (k's tokens), got {kv_offsets.tolist()}")
+    if kv_lengths.numel() and int(kv_lengths.max()) > max_seq_len:
+        raise ValueError(f"kv_offsets has a key extent of length {int(kv_lengths.max())} > max_seq_len={max_seq_len}")
+    q_lengths = (offsets[1:] - offsets[:-1]).to(kv_lengths.device)
+    first = q_start.to(kv_lengths.device) if q_start is not None else kv_lengths - q_lengths
+    if q_start is not None and bool((q_start < 0).any()):
+        raise ValueError(f"q_start must be >= 0, got {q_start.tolist()}")
+    if bool(((first < 0) | (first + q_lengths > kv_lengths)).any()):
+        what = "q_start + query length" if q_start is not None else "query length"
+        raise ValueError(f"the key extents must hold the queries' positions: {what} must be <= key length, got "
+                         f"queries {q_lengths.tolist()}" + (f" from {q_start.tolist()}" if q_start is not None else "")
+                         + f" for key lengths {kv_lengths.tolist()}")
+    if num_targets is not None and bool(((num_targets < 0) | (num_targets.to(kv_lengths.device) > kv_lengths)).any()):
+        raise ValueError(f"num_targets must lie in [0, key length] (the targets among the keys), got "
+                         f"{num_targets.tolist()} for key lengths {kv_lengths.tolist()}")
+
+
 # ---------------------------------------------------------------------------------------
 # Plain PyTorch reference: pad to [B, N], build the [B, N, N] mask and the [B, H, N, N]
 # scores, apply the activation, unpad. Quadratic in N and memory-hungry; it is the
@@ -1060,18 +1208,20 @@ def jagged_attention_reference(
     mode: str = "hstu", alpha: Optional[float] = None, scale: Optional[float] = None, causal: bool = True,
     num_targets: Optional[torch.Tensor] = None, contextual_len: int = 0, max_attn_len: int = 0,
     position_bias: Optional[torch.Tensor] = None, time_bias: Optional[torch.Tensor] = None,
-    timestamps: Optional[torch.Tensor] = None,
+    timestamps: Optional[torch.Tensor] = None, kv_offsets: Optional[torch.Tensor] = None,
+    q_start: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """:func:`jagged_attention` in plain, differentiable PyTorch, computed in the inputs'
     dtype (float64 allowed)."""
     softmax, factor = _check_arguments(
         q, k, v, offsets, max_seq_len, mode=mode, alpha=alpha, scale=scale, num_targets=num_targets,
         contextual_len=contextual_len, max_attn_len=max_attn_len, position_bias=position_bias, time_bias=time_bias,
-        timestamps=timestamps, impl="reference", dtypes=DTYPES + (torch.float64,))
+        timestamps=timestamps, kv_offsets=kv_offsets, q_start=q_start, impl="reference",
+        dtypes=DTYPES + (torch.float64,))
     out, _ = _reference_forward(
         q, k, v, offsets, max_seq_len, softmax=softmax, scale=factor, causal=causal, num_targets=num_targets,
         contextual_len=contextual_len, max_attn_len=max_attn_len, position_bias=position_bias,
-        timestamps=timestamps, time_bias=time_bias)
+        timestamps=timestamps, time_bias=time_bias, kv_offsets=kv_offsets, q_start=q_start)
     return out
 
 
@@ -1084,29 +1234,54 @@ def _reference_time_bucket(dt: torch.Tensor, n_buckets: int) -> torch.Tensor:
     return b.clamp_max(n_buckets - 1)
 
 
+def _query_starts(offsets: Tensor, kv_offsets: OptTensor, q_start: OptTensor) -> OptTensor:
+    """Each sequence's first query position ``[B]`` (int64), or None without separate key
+    extents: ``q_start`` when given, else where the queries end with the keys."""
+    if kv_offsets is None:
+        return None
+    if q_start is not None:
+        return q_start.long()
+    return (kv_offsets[1:].long() - kv_offsets[:-1].long()) - (offsets[1:].long() - offsets[:-1].long())
+
+
 def _reference_scores(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_len: int, *, scale: float,
                       causal: bool, num_targets: OptTensor, contextual_len: int, max_attn_len: int,
-                      position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor) -> dict:
-    """Scores [B, H, N, N] with bias, the mask [B, 1, N, N], padded inputs and the bias columns."""
+                      position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor,
+                      kv_offsets: OptTensor = None, q_start: OptTensor = None) -> dict:
+    """Scores [B, H, N, N] with bias, the mask [B, 1, N, N], padded inputs and the bias columns.
+    Rows and columns are absolute positions in the sequence: a query sits at its position
+    (``q_start`` + its index), a key at its index in the key extent."""
     t_len, heads, _ = q.shape
     batch, n, c = offsets.shape[0] - 1, max_seq_len, contextual_len
     device = q.device
     starts = offsets[:-1].long()
     lengths = offsets[1:].long() - starts
-    if batch > 0 and not _is_traced(q, offsets):
+    first = _query_starts(offsets, kv_offsets, q_start)
+    kv_starts = kv_offsets[:-1].long() if kv_offsets is not None else starts
+    kv_lengths = kv_offsets[1:].long() - kv_starts if kv_offsets is not None else lengths
+    if batch > 0 and not _is_traced(q, offsets, kv_offsets):
         # pad to the longest sequence present, not to max_seq_len: positions past a sequence's
         # end are invisible, and N enters the maths only as HSTU's 1/N (not through n)
-        n = max(int(lengths.max()), 1)
+        n = max(int(kv_lengths.max()), 1)
     # token -> (sequence, position); output_size keeps the shape static for tracing
     seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=t_len)
     pos = torch.arange(t_len, device=device) - starts[seq]
+    kv_seq, kv_pos = seq, pos
+    if first is not None:
+        pos = pos + first[seq]
+        kv_seq = torch.repeat_interleave(torch.arange(batch, device=device), kv_lengths, output_size=k.shape[0])
+        kv_pos = torch.arange(k.shape[0], device=device) - kv_starts[kv_seq]
 
     def pad(x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros((batch, n) + tuple(x.shape[1:])).index_put((seq, pos), x)
 
-    # mask ids: prefix -> 0, history from 1, capped at E (the first target's id)
+    def pad_kv(x: torch.Tensor) -> torch.Tensor:
+        return x.new_zeros((batch, n) + tuple(x.shape[1:])).index_put((kv_seq, kv_pos), x)
+
+    # mask ids: prefix -> 0, history from 1, capped at E (the first target's id); the
+    # sequence's length is its key extent's
     p = torch.arange(n, device=device)
-    e_max = lengths - (num_targets.long() if num_targets is not None else 0) + (1 - c if c > 0 else 0)
+    e_max = kv_lengths - (num_targets.long() if num_targets is not None else 0) + (1 - c if c > 0 else 0)
     ids = (p - c + 1).clamp_min(0) if c > 0 else p
     ids = torch.minimum(ids[None, :], e_max[:, None])  # [B, N]
     d = ids[:, :, None] - ids[:, None, :]  # query i along dim 1, key j along dim 2
@@ -1117,19 +1292,22 @@ def _reference_scores(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_
         visible = visible & (d <= max_attn_len)
     if c > 0:
         visible = visible | ((ids[:, :, None] == 0) & (ids[:, None, :] < e_max[:, None, None]))
-    in_seq = p[None, :] < lengths[:, None]
-    visible = visible & in_seq[:, :, None] & in_seq[:, None, :]  # [B, N, N]
+    in_seq = p[None, :] < kv_lengths[:, None]
+    in_query = in_seq if first is None else (p[None, :] >= first[:, None]) & (p[None, :] < (first + lengths)[:, None])
+    visible = visible & in_query[:, :, None] & in_seq[:, None, :]  # [B, N, N]
 
-    qp, kp, vp = pad(q), pad(k), pad(v)
+    qp, kp, vp = pad(q), pad_kv(k), pad_kv(v)
     s = torch.einsum("bihd,bjhd->bhij", qp, kp) * scale
-    parts = {"seq": seq, "pos": pos, "pad": pad, "visible": visible[:, None], "qp": qp, "kp": kp, "vp": vp}
+    parts = {"seq": seq, "pos": pos, "kv_seq": kv_seq, "kv_pos": kv_pos, "pad": pad, "visible": visible[:, None],
+             "qp": qp, "kp": kp, "vp": vp}
     if position_bias is not None:
         half = (position_bias.shape[1] - 1) // 2
         col = (ids[:, None, :] - ids[:, :, None]).clamp(-half, half) + half  # [B, N, N]
         s = s + position_bias.to(s.dtype)[:, col].transpose(0, 1)
         parts["pos_col"] = col
     if time_bias is not None:
-        tp = pad(timestamps.long())
+        # one timestamp per key token; a query's is the key token's at its position
+        tp = pad_kv(timestamps.long())
         bucket = _reference_time_bucket(tp[:, :, None] - tp[:, None, :], time_bias.shape[1])
         s = s + time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
         parts["time_col"] = bucket
@@ -1174,6 +1352,7 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, offsets: 
         ds = dp * sig * (1 + s * (1 - sig)) / max_seq_len * visible  # d silu(x)/dx = s(x)(1 + x(1 - s(x)))
     dq = torch.einsum("bhij,bjhd->bihd", ds, parts["kp"]) * scale
     dk = torch.einsum("bhij,bihd->bjhd", ds, parts["qp"]) * scale
+    kv_seq, kv_pos = parts["kv_seq"], parts["kv_pos"]
     heads = q.shape[1]
     flat = ds.transpose(0, 1).reshape(heads, -1)
 
@@ -1182,5 +1361,5 @@ def _reference_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, offsets: 
             return None
         return flat.new_zeros(table.shape).index_add(1, parts[col_key].reshape(-1), flat)
 
-    return (dq[seq, pos].contiguous(), dk[seq, pos].contiguous(), dv[seq, pos].contiguous(),
+    return (dq[seq, pos].contiguous(), dk[kv_seq, kv_pos].contiguous(), dv[kv_seq, kv_pos].contiguous(),
             table_grad(options["position_bias"], "pos_col"), table_grad(options["time_bias"], "time_col"))

@@ -163,3 +163,112 @@ def opcheck(case: Case) -> None:
 
 def interpreted() -> bool:
     return ja._is_interpreted(ja._fwd_kernel)
+
+
+# --- split sequences: each sequence cut in two chunks, run as two calls with separate key extents
+
+
+def chunk_extents(case: Case, lengths: list[int], cuts: tuple[int, ...], chunk: int) -> list[tuple[int, int, int]]:
+    """Per sequence, the chunk's (first query, end of queries, end of keys): queries [0, p) or
+    [p, L) of a sequence cut at p, keys from 0 to as far as those queries see. Causal rows see
+    keys up to themselves; prefix rows (and every row when causal=False) see to the end."""
+    extents = []
+    for n, p in zip(lengths, cuts):
+        a, e = (0, p) if chunk == 0 else (p, n)
+        sees_ahead = not case.causal or (case.contextual_len > a and e > a)
+        extents.append((a, e, n if sees_ahead else e))
+    return extents
+
+
+def split_results(case: Case, x: dict, cuts: tuple[int, ...], dtype: torch.dtype, impl: str) -> list[torch.Tensor]:
+    """[out, dq, dk, dv, table grads...] of the op run chunk by chunk with ``kv_offsets`` and
+    ``q_start`` (impl ``"reference"``: the reference function; a case with blocks: the
+    launchers), the outputs put back in the unsplit layout; autograd sums k's and v's
+    gradients over the chunks that read them."""
+    leaves, options = _leaves(x, dtype)
+    q, k, v = leaves[:3]
+    targets = options.pop("num_targets", None)
+    timestamps = options.pop("timestamps", None)
+    chunks = _chunks(case, x, cuts, targets, timestamps, options)
+    if case.blocks is not None:
+        return _split_through_launchers(case, x, leaves, options, chunks)
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=dtype)
+    for chunk, (q_rows, kv_rows, q_offsets, kv_offsets, chunk_options) in enumerate(chunks):
+        # the second chunk leaves q_start out where it is the default: its queries end with
+        # its keys (unless a prefix row or causal=False made the keys reach further)
+        if chunk == 1 and int(q_offsets[-1]) and bool(
+                (chunk_options["q_start"] == (kv_offsets.diff() - q_offsets.diff())).all()):
+            del chunk_options["q_start"]
+        args = (q[q_rows], k[kv_rows], v[kv_rows], q_offsets, x["max_seq_len"])
+        if impl == "reference":
+            o = ja.jagged_attention_reference(*args, kv_offsets=kv_offsets, **chunk_options)
+        else:
+            o = ja.jagged_attention(*args, kv_offsets=kv_offsets, impl=impl, **chunk_options)
+        out = out.index_put((q_rows,), o)
+    return [out.detach(), *_grads(out, leaves, x["dout"])]
+
+
+def _chunks(case: Case, x: dict, cuts: tuple[int, ...], targets: Optional[torch.Tensor],
+            timestamps: Optional[torch.Tensor], options: dict) -> list[tuple]:
+    """(query rows, key rows, offsets, kv_offsets, options) of both chunks, as split_results."""
+    starts = x["offsets"][:-1].tolist()
+    lengths = (x["offsets"][1:] - x["offsets"][:-1]).tolist()
+    result = []
+    for chunk in (0, 1):
+        extents = chunk_extents(case, lengths, cuts, chunk)
+        q_rows = torch.tensor([s + i for s, (a, e, _) in zip(starts, extents) for i in range(a, e)], dtype=torch.long)
+        kv_rows = torch.tensor([s + j for s, (_, _, m) in zip(starts, extents) for j in range(m)], dtype=torch.long)
+        chunk_options = dict(options, q_start=torch.tensor([a for a, _, _ in extents]))
+        if targets is not None:
+            chunk_options["num_targets"] = torch.tensor(
+                [max(0, int(t) - (n - m)) for t, n, (_, _, m) in zip(targets, lengths, extents)], dtype=targets.dtype)
+        if timestamps is not None:
+            chunk_options["timestamps"] = timestamps[kv_rows]
+        result.append((q_rows, kv_rows, torch.tensor([0] + [e - a for a, e, _ in extents]).cumsum(0),
+                       torch.tensor([0] + [m for _, _, m in extents]).cumsum(0), chunk_options))
+    return result
+
+
+def _split_through_launchers(case: Case, x: dict, leaves: list[torch.Tensor], options: dict,
+                             chunks: list[tuple]) -> list[torch.Tensor]:
+    """split_results through the launchers with the case's blocks: gradients by hand, k's and
+    v's (and the tables') summed over the chunks."""
+    q, k, v = (t.detach() for t in leaves[:3])
+    dout = x["dout"].to(q.dtype)
+    tables = [_detach(options.get(n)) for n in ("position_bias", "time_bias")]
+    out = torch.zeros(q.shape[0], q.shape[1], v.shape[2], dtype=q.dtype)
+    dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
+    dtables = [torch.zeros_like(t) if t is not None else None for t in tables]
+    for q_rows, kv_rows, q_offsets, kv_offsets, o in chunks:
+        args = (q_offsets, o.get("num_targets"), o.get("timestamps"), *tables, x["max_seq_len"],
+                case.mode == "softmax", 1.0 / case.d ** 0.5, case.causal, case.contextual_len, case.max_attn_len)
+        split = dict(blocks=case.blocks, kv_offsets=kv_offsets, q_start=o["q_start"])
+        o_chunk, lse = ja._launch_forward(q[q_rows], k[kv_rows], v[kv_rows], *args, **split)
+        grads = ja._launch_backward(dout[q_rows], q[q_rows], k[kv_rows], v[kv_rows], o_chunk, lse, *args, **split)
+        out[q_rows] = o_chunk
+        dq[q_rows] = grads[0]
+        dk.index_add_(0, kv_rows, grads[1])
+        dv.index_add_(0, kv_rows, grads[2])
+        for acc, g in zip(dtables, grads[3:]):
+            if acc is not None:
+                acc += g
+    return [out, dq, dk, dv, *(t for t in dtables if t is not None)]
+
+
+def split_errors(case: Case, cuts: tuple[int, ...], impl: str) -> dict[str, tuple[float, Optional[float], float]]:
+    """Per output: (max abs error of the split run in the case's dtype against the unsplit
+    float64 reference, the unsplit PyTorch reference's own error in that dtype (None for
+    float32 and float64), max |float64 value|)."""
+    x = make_inputs(case)
+    dtype = torch.float64 if impl == "reference" else getattr(torch, case.dtype)
+    truth = reference_results(x, torch.float64)
+    ours = split_results(case, x, cuts, dtype, impl)
+    baseline = reference_results(x, dtype) if dtype in (torch.bfloat16, torch.float16) else [None] * len(truth)
+    names = [n for n in TENSORS if n[:2] != "d_" or n[2:] in x["options"]]
+    assert len(ours) == len(truth) == len(names)
+    result = {}
+    for name, t, o, r in zip(names, truth, ours, baseline):
+        assert o.shape == t.shape and o.dtype == dtype, (name, o.shape, t.shape, o.dtype)
+        result[name] = (_max_abs(o, t), _max_abs(r, t) if r is not None else None,
+                        float(t.abs().max()) if t.numel() else 0.0)
+    return result

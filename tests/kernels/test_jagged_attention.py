@@ -393,6 +393,8 @@ def _good() -> dict:
                 offsets=torch.tensor([0, 2, 5]), max_seq_len=4)
 
 
+KV = {"k": torch.randn(6, 2, 16), "v": torch.randn(6, 2, 16), "kv_offsets": torch.tensor([0, 2, 6])}
+
 BAD = [
     ({"mode": "relu"}, ValueError, "mode must be one of"),
     ({"impl": "cuda"}, ValueError, "impl must be one of"),
@@ -429,6 +431,21 @@ BAD = [
     ({"offsets": torch.tensor([0, 3, 2, 5])}, ValueError, "offsets must rise from 0 to T=5"),
     ({"offsets": torch.tensor([0, 5])}, ValueError, "length 5 > max_seq_len=4"),
     ({"num_targets": torch.tensor([1, 4])}, ValueError, "num_targets must lie in"),
+    # separate key extents: q has 5 tokens in sequences of 2 and 3; k and v have 6 (2 and 4)
+    ({"kv_offsets": torch.tensor([0, 6])}, ValueError, "kv_offsets must have 3 entries"),
+    ({"kv_offsets": torch.tensor([0, 2, 6]).float()}, TypeError, "kv_offsets must be int32 or int64"),
+    ({"q_start": torch.tensor([0, 0])}, ValueError, "q_start needs kv_offsets"),
+    ({**KV, "q_start": torch.tensor([0])}, ValueError, "q_start must have 2 entries"),
+    ({**KV, "k": torch.randn(6, 2, 32)}, ValueError, "k must be \\[Tk, H, D\\] with q's H and D"),
+    ({**KV, "v": torch.randn(5, 2, 16)}, ValueError, "v must be \\[T, H, Dv\\] with k's T and H"),
+    ({**KV, "kv_offsets": torch.tensor([0, 2, 5])}, ValueError, "kv_offsets must rise from 0 to Tk=6"),
+    ({**KV, "kv_offsets": torch.tensor([0, 1, 6])}, ValueError, "key extent of length 5 > max_seq_len=4"),
+    ({**KV, "kv_offsets": torch.tensor([0, 1, 6]), "max_seq_len": 8}, ValueError, "query length must be <= key length"),
+    ({**KV, "q_start": torch.tensor([1, 0])}, ValueError, "q_start \\+ query length must be <= key length"),
+    ({**KV, "q_start": torch.tensor([-1, 0])}, ValueError, "q_start must be >= 0"),
+    ({**KV, "num_targets": torch.tensor([3, 0])}, ValueError, "num_targets must lie in \\[0, key length\\]"),
+    ({**KV, "time_bias": torch.randn(2, 4), "timestamps": torch.arange(5)}, ValueError,
+     "timestamps must have 6 entries"),
 ]
 
 
@@ -444,3 +461,168 @@ def test_reference_rejects_bad_arguments_too():
     args = _good()
     with pytest.raises(ValueError, match="k must have q's shape"):
         jagged_attention_reference(args["q"], args["q"][:, :, :8], args["v"], args["offsets"], 4)
+
+
+# --- split sequences: separate key/value extents ----------------------------------------
+# A sequence cut at p into chunks [0, p) and [p, L), each run with its queries against keys
+# [0, end) (the whole sequence for prefix rows and causal=False), gives the unsplit op's
+# outputs, and gradients once k's and v's are summed over the chunks that read them.
+
+SPLITS = [
+    # cuts: at 0 (first chunk empty), mid-block, at the end (second chunk has keys, no queries)
+    (Case(mode="hstu", lengths=(7, 40, 0, 1)), (3, 17, 0, 1)),
+    (Case(mode="softmax", lengths=(7, 40, 0, 1)), (0, 17, 0, 0)),
+    # targets (40 - 3 = 37: a cut at 38 falls among them), prefix, window, both bias tables
+    (Case(mode="hstu", lengths=(1, 7, 0, 40), **MASKS, **BIAS), (0, 5, 0, 38)),
+    (Case(mode="softmax", lengths=(1, 7, 0, 40), **MASKS, **BIAS), (1, 2, 0, 20)),
+    (Case(mode="hstu", lengths=(3, 70), contextual_len=20, max_attn_len=17, targets=(1, 6), **BIAS), (2, 33)),
+    (Case(mode="softmax", lengths=(5, 33), targets=(5, 1), max_attn_len=4, pos_p=3), (2, 32)),
+    (Case(mode="hstu", lengths=(1, 7, 0, 40), causal=False, **MASKS, pos_p=6), (1, 4, 0, 25)),
+    (Case(mode="softmax", lengths=(1, 7, 0, 40), causal=False, **MASKS, time_buckets=8), (0, 7, 0, 39)),
+]
+SPLIT_IDS = [f"{case}_cut{'-'.join(map(str, cuts))}" for case, cuts in SPLITS]
+# query blocks that start off the key blocks' grid, with blocks other than the interpreter's;
+# 16-bit chunks
+SPLITS_TRITON_ONLY = [
+    (Case(mode="hstu", lengths=(1, 7, 0, 40), **MASKS, **BIAS, blocks=(32, 16)), (0, 5, 0, 21)),
+    (Case(mode="softmax", lengths=(1, 7, 0, 40), **MASKS, **BIAS, blocks=(16, 32)), (1, 3, 0, 37)),
+]
+SPLITS_16_BIT = [
+    (Case(mode="hstu", lengths=(7, 50), dtype="bfloat16", targets=(1, 3), contextual_len=3, max_attn_len=5, **BIAS),
+     (3, 29)),
+    (Case(mode="softmax", lengths=(7, 50), dtype="bfloat16", targets=(1, 3), contextual_len=3, max_attn_len=5,
+          **BIAS), (3, 29)),
+]
+
+
+@pytest.mark.parametrize(("case", "cuts"), SPLITS, ids=SPLIT_IDS)
+def test_reference_split_sequence_equals_unsplit(case, cuts):
+    for name, (err, _, scale) in cases.split_errors(case, cuts, "reference").items():
+        assert err <= 1e-12 * max(scale, 1.0), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+@pytest.mark.parametrize(("case", "cuts"), SPLITS, ids=SPLIT_IDS)
+def test_cpu_op_split_sequence_matches_unsplit_float64_reference(case, cuts, monkeypatch):
+    calls = _spy_on_grouped(monkeypatch)
+    for name, (err, _, scale) in cases.split_errors(case, cuts, "auto").items():
+        assert err <= 1e-5 * max(scale, 1e-30), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+    assert calls == ["grouped_forward", "grouped_forward", "grouped_backward", "grouped_backward"]
+
+
+# under the interpreter, one case per mode with every mask and both tables in the fast subset (2-4 s
+# each); the rest in make test
+SPLIT_REPRESENTATIVE = (SPLITS[2], SPLITS[3])
+
+
+@pytest.mark.parametrize(("case", "cuts"), [s if s in SPLIT_REPRESENTATIVE else pytest.param(*s, marks=pytest.mark.slow)
+                                            for s in SPLITS], ids=SPLIT_IDS)
+def test_kernels_split_sequence_match_unsplit_float64_reference(interpreter, case, cuts):
+    for name, (err, _, scale) in interpreter.submit(cases.split_errors, case, cuts, "triton").result().items():
+        assert err <= 1e-5 * max(scale, 1e-30), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "cuts"), SPLITS_TRITON_ONLY, ids=str)
+def test_kernels_split_sequence_with_other_blocks_match_unsplit_float64_reference(interpreter, case, cuts):
+    for name, (err, _, scale) in interpreter.submit(cases.split_errors, case, cuts, "triton").result().items():
+        assert err <= 1e-5 * max(scale, 1e-30), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("case", "cuts"), SPLITS_16_BIT, ids=str)
+def test_kernels_split_sequence_in_16_bit_err_at_most_twice_the_16_bit_reference(interpreter, case, cuts):
+    for name, (err, ref_err, _) in interpreter.submit(cases.split_errors, case, cuts, "triton").result().items():
+        assert err <= 2 * ref_err, f"{name}: kernel error {err:.3g} > 2 x unsplit reference error {ref_err:.3g}"
+
+
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_reference_split_is_exact_for_every_mask_rule_and_cut(mode, causal):
+    """Every cut of short sequences, with and without targets (cuts among them too), prefix
+    and window. Softmax needs no merging across chunks: a chunk's keys hold every key its
+    rows see (causal: keys up to the row; targets see the history before them and
+    themselves; windows look back only; prefix rows and causal=False rows get the whole
+    sequence), so each row's normalization runs over the same keys as unsplit."""
+    for length in (5, 9):
+        for targets in (0, 2):
+            for c in (0, 3):
+                for window in (0, 2):
+                    for p in range(length + 1):
+                        case = Case(mode=mode, lengths=(length,), causal=causal, targets=(targets,),
+                                    contextual_len=c, max_attn_len=window, pos_p=3)
+                        for name, (err, _, scale) in cases.split_errors(case, (p,), "reference").items():
+                            assert err <= 1e-12 * max(scale, 1.0), (name, length, targets, c, window, p)
+
+
+def test_split_without_kv_offsets_is_the_op_as_before():
+    """kv_offsets=None: the op is called without the new arguments (its graph and printout
+    as before); kv_offsets equal to offsets with q_start 0 gives the same values bit for bit
+    on the CPU path."""
+    x = cases.make_inputs(Case(mode="softmax", lengths=(1, 7, 0, 12), **MASKS, **BIAS))
+    leaves, options = cases._leaves(x, torch.float32)
+    base = jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], **options)
+    same = jagged_attention(*leaves[:3], x["offsets"], x["max_seq_len"], kv_offsets=x["offsets"],
+                            q_start=torch.zeros(4, dtype=torch.int64), **options)
+    assert torch.equal(base, same)
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    torch.compile(lambda q, k, v, offsets: jagged_attention(q, k, v, offsets, 12), backend=keep, fullgraph=True)(
+        *(t.detach() for t in leaves[:3]), x["offsets"])
+    (node,) = [n for n in graphs[0].graph.nodes if n.target is torch.ops.fsc.jagged_attention_fwd]
+    assert len(node.args) == 15 and not node.kwargs
+
+
+@pytest.mark.parametrize("impl", ["auto", pytest.param("reference", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
+def test_opcheck_with_cpu_impls_and_key_extents(mode, impl):
+    case = Case(mode=mode, lengths=(1, 7, 0, 12), **MASKS, **BIAS)
+    x = cases.make_inputs(case)
+    o = x["options"]
+    # queries: the last 1, 3, 0, 5 tokens of each key extent; the second from position 2
+    q_offsets = torch.tensor([0, 1, 4, 4, 9])
+    q_start = torch.tensor([0, 2, 0, 7])
+    q = x["q"][:9].float().requires_grad_()
+    k, v = (x[n].float().requires_grad_() for n in ("k", "v"))
+    tables = [o[n].float().requires_grad_() for n in ("position_bias", "time_bias")]
+    args = (q, k, v, q_offsets, o["num_targets"], o["timestamps"], *tables, x["max_seq_len"], mode == "softmax",
+            0.25, True, 3, 5, impl, x["offsets"], q_start)
+    torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, args)
+
+
+def test_flops_of_a_chunk_count_its_queries_against_its_keys():
+    from torch.utils.flop_counter import flop_registry
+
+    tq, tk, h, d, dv = 4, 10, 2, 16, 32
+    q, k, v = torch.empty(tq, h, d), torch.empty(tk, h, d), torch.empty(tk, h, dv)
+    head = (q, k, v, torch.tensor([0, tq]), None, None, None, None, tk, False, 1.0)
+    split = (0, 0, "reference", torch.tensor([0, tk]), torch.tensor([tk - tq]))
+    fwd = flop_registry[torch.ops.fsc.jagged_attention_fwd]
+    # queries at 6..9 see 7..10 keys, 34 pairs; Tq (2 Tk - Tq) = 64 is twice that, less Tq
+    # (as T^2 is for T(T+1)/2 pairs)
+    assert fwd(*head, True, *split, out_val=None) == tq * (2 * tk - tq) * h * (d + dv)
+    assert fwd(*head, False, *split, out_val=None) == 2 * tq * tk * h * (d + dv)
+
+
+def test_compiled_split_matches_eager_on_cpu():
+    """Traced, the op runs the reference (padding to max_seq_len) with the key extents."""
+    case = Case(mode="softmax", lengths=(1, 7, 0, 12), **MASKS, **BIAS)
+    x = cases.make_inputs(case)
+    # the second chunk of each sequence: queries from positions 0, 3, 0, 5 against all keys
+    _, (q_rows, kv_rows, q_offsets, kv_offsets, chunk_options) = cases._chunks(
+        case, x, (0, 3, 0, 5), x["options"]["num_targets"], x["options"]["timestamps"], {})
+    assert kv_rows.numel() > q_rows.numel() > 0
+
+    def run(fn):
+        leaves, options = cases._leaves(x, torch.float32)
+        options = {**options, **chunk_options}
+        out = fn(leaves[0][q_rows], leaves[1][kv_rows], leaves[2][kv_rows], q_offsets, x["max_seq_len"],
+                 kv_offsets=kv_offsets, **options)
+        return [out, *torch.autograd.grad(out, leaves, x["dout"][q_rows].float())]
+
+    compiled = torch.compile(jagged_attention, backend="aot_eager", fullgraph=True)
+    for c, e in zip(run(compiled), run(jagged_attention)):
+        torch.testing.assert_close(c, e)
