@@ -1,0 +1,205 @@
+"""Samples heavier than a rank's share, cut into contiguous chunks on several ranks.
+
+What. With ``Balancer(split=True)`` a sample whose cost exceeds the piece cap (the mean
+per-rank load, ``total / R``) cannot be balanced whole: the rank holding it sets the step
+whatever the others do. :func:`pieces` cuts each such sample into ``m = ceil(cost / cap)``
+contiguous chunks of nearly equal cost (at most ``R`` chunks, at most one per token, at
+most ``max_span``); the balancer then assigns the chunks and the whole samples together
+with its usual machinery (free counts), and :func:`spread` gives the chunks of one sample
+distinct ranks. The result is a :class:`SplitPlan`: per rank, which token ranges of which
+samples it runs, and where each chunk's earlier keys and values live.
+
+Chunk cost. In a causal sequence, the chunk holding query positions ``[p, p + n)``
+attends to keys ``[0, p + n)``: later chunks cost more than earlier ones of the same
+length. With the per-sample cost ``a * L**2 + b * L`` (:class:`~fsc.runtime.QuadraticCost`,
+for a compiled model the coefficients of ``fsc.last_compile().sample_cost()``'s
+polynomial), the first ``x`` tokens cost ``F(x) = a * x**2 + b * x`` and the chunk costs
+``F(p + n) - F(p) = a * (2 * p * n + n**2) + b * n``. The chunk's attention pairs number
+``n * p + n * (n + 1) / 2``, so its quadratic part is ``2a`` per pair less ``a`` per token:
+the same reading of ``a * L**2`` as for the whole sample (``2a * L * (L + 1) / 2 - a * L``).
+Chunk costs therefore sum exactly to the sample's cost, and cutting leaves the total, and
+the fractional bound ``total / R``, unchanged. Cut points solve ``F(x_j) = j * cost / m``
+(``x = 2t / (b + sqrt(b**2 + 4 a t))``, the form without cancellation), rounded to the
+nearest token.
+
+Communication. A chunk starting at ``p`` needs the keys and values of tokens ``[0, p)``
+from the ranks of the sample's earlier chunks: ``p * kv_bytes_per_token`` bytes in the
+forward pass, and their gradients, as many bytes, back in the backward. The plan reports
+these bytes per chunk; they are not added to the rank loads (the balance is of compute;
+the exchange overlaps it, and the simulator models it on its links).
+
+Why the chunks of a sample are placed after balancing, not before. The balancer sees
+the chunks as independent items and may put two chunks of one sample on one rank. Chunks
+of one sample have nearly equal cost, so which of the sample's ranks gets which chunk
+barely changes any load: :func:`spread` gives the chunks, in token order, the sample's
+ranks in ascending order and merges neighbours that share a rank (their costs add
+exactly). Each sample then spans distinct ranks, in ascending rank order.
+
+Limits: the cost is the quadratic polynomial only (no per-sample constant; a cost
+function that is not a :class:`~fsc.runtime.QuadraticCost` is refused); rounding cut
+points to whole tokens leaves chunk costs unequal by up to one token's cost; a sample
+capped at ``max_span`` ranks may still outweigh the mean load and set the step (it is
+counted as a straggler); merging two chunks on one rank can leave that rank above the
+balance the search found, by at most one chunk's rounding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+__all__ = ["Chunk", "SplitPlan", "chunk_cost", "cut_points", "pieces", "spread"]
+
+
+def prefix_cost(a: float, b: float, x: np.ndarray) -> np.ndarray:
+    """Cost of a sample's first ``x`` tokens: ``a * x**2 + b * x``."""
+    x = np.asarray(x, dtype=np.float64)
+    return a * x * x + b * x
+
+
+def chunk_cost(a: float, b: float, start: np.ndarray, stop: np.ndarray) -> np.ndarray:
+    """Cost of the chunk of query positions ``[start, stop)`` attending to keys ``[0, stop)``:
+    ``a * (2 * start * n + n**2) + b * n`` with ``n = stop - start`` (module docstring)."""
+    p = np.asarray(start, dtype=np.float64)
+    n = np.asarray(stop, dtype=np.float64) - p
+    return a * (2.0 * p * n + n * n) + b * n
+
+
+def cut_points(a: float, b: float, length: int, parts: int) -> np.ndarray:
+    """Token boundaries ``0 = x_0 < x_1 < ... < x_parts = length`` (int64) with chunk costs
+    as equal as whole tokens allow: ``x_j`` is the token nearest to ``F(x_j) = j * F(L) / parts``.
+    ``1 <= parts <= length``."""
+    share = np.arange(1, parts, dtype=np.float64) * (float(prefix_cost(a, b, length)) / parts)
+    if a > 0.0:
+        x = 2.0 * share / (b + np.sqrt(b * b + 4.0 * a * share))
+    elif b > 0.0:
+        x = share / b
+    else:  # a cost of zero: equal token counts
+        x = np.arange(1, parts, dtype=np.float64) * (length / parts)
+    cut = np.rint(x).astype(np.int64)
+    # Whole tokens: keep every chunk at least one token long (x_j in [j, length - parts + j]).
+    j = np.arange(1, parts, dtype=np.int64)
+    cut = np.clip(cut, j, length - parts + j)
+    cut = np.maximum.accumulate(np.maximum(cut, j))
+    for i in range(1, len(cut)):  # strictly increasing (rare: only for a few tokens per chunk)
+        if cut[i] <= cut[i - 1]:
+            cut[i] = cut[i - 1] + 1
+    return np.concatenate(([0], cut, [length])).astype(np.int64)
+
+
+def pieces(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: float,
+           span: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The items to balance: every sample of cost at most ``cap`` whole, every heavier one cut
+    into ``min(ceil(cost / cap), span, length)`` chunks. Returns ``(sample, start, stop, cost)``
+    per item, int64 / float64, samples in index order and each sample's chunks in token order."""
+    n = len(lengths)
+    parts = np.ones(n, dtype=np.int64)
+    if cap > 0.0:
+        heavy = costs > cap
+        parts[heavy] = np.minimum(np.minimum(np.ceil(costs[heavy] / cap).astype(np.int64), span),
+                                  np.maximum(lengths[heavy], 1))
+    sample = np.repeat(np.arange(n, dtype=np.int64), parts)
+    start = np.zeros(len(sample), dtype=np.int64)
+    stop = np.repeat(lengths.astype(np.int64), parts)
+    first = np.concatenate(([0], np.cumsum(parts)[:-1])).astype(np.int64)
+    for i in np.flatnonzero(parts > 1).tolist():
+        cut = cut_points(a, b, int(lengths[i]), int(parts[i]))
+        at = slice(first[i], first[i] + parts[i])
+        start[at], stop[at] = cut[:-1], cut[1:]
+    item_cost = costs[sample].astype(np.float64)  # whole samples keep their own cost, bit for bit
+    chunked = parts[sample] > 1
+    item_cost[chunked] = chunk_cost(a, b, start[chunked], stop[chunked])
+    return sample, start, stop, item_cost
+
+
+def spread(sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Give each sample's chunks (in token order, ``sample`` grouped and ascending as
+    :func:`pieces` returns it) its ranks in ascending order, and merge neighbours on one
+    rank: every sample then spans distinct ranks. Returns ``(sample, start, stop, rank)``."""
+    order = np.lexsort((rank, sample))  # per sample, its ranks ascending
+    rank = rank[order]  # chunk j of a sample (token order) takes the j-th smallest of its ranks
+    keep = np.ones(len(sample), dtype=bool)
+    keep[1:] = (sample[1:] != sample[:-1]) | (rank[1:] != rank[:-1])
+    head = np.flatnonzero(keep)
+    tail = np.concatenate((head[1:], [len(sample)])) - 1
+    return sample[head], start[head], stop[tail], rank[head]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Chunk:
+    """Query positions ``[start, stop)`` of ``sample`` on ``rank``; it attends to keys
+    ``[0, stop)``, of which ``[0, start)`` come from ``earlier``."""
+
+    sample: int
+    start: int
+    stop: int
+    rank: int
+    earlier: tuple[tuple[int, int, int], ...]  # (rank, start, stop) of the sample's earlier chunks
+    kv_bytes: float  # start * kv_bytes_per_token: keys and values this chunk receives (forward)
+
+    @property
+    def whole(self) -> bool:
+        return self.start == 0 and not self.earlier
+
+
+@dataclass(frozen=True, kw_only=True, slots=True, eq=False)
+class SplitPlan:
+    """Every rank's token ranges. Chunk arrays are ordered by (rank, sample, start) and
+    read-only; a whole sample is one chunk ``[0, length)``."""
+
+    ranks: int
+    sample: np.ndarray  # int64 [k]
+    start: np.ndarray  # int64 [k]
+    stop: np.ndarray  # int64 [k]
+    rank: np.ndarray  # int64 [k]
+    cost: np.ndarray  # float64 [k]
+    kv_bytes: np.ndarray  # float64 [k]: start * kv_bytes_per_token
+    split_samples: int  # samples on more than one rank
+    _starts: np.ndarray = field(repr=False)  # chunks of rank r: [_starts[r], _starts[r + 1])
+    _first: np.ndarray = field(repr=False)  # per chunk: index of its sample's first chunk, by token order
+    _by_token: np.ndarray = field(repr=False)  # chunk indices grouped by sample, in token order
+
+    @classmethod
+    def build(cls, *, ranks: int, sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray,
+              cost: np.ndarray, kv_bytes_per_token: float) -> SplitPlan:
+        order = np.lexsort((start, sample, rank))
+        sample, start, stop, rank, cost = (x[order] for x in (sample, start, stop, rank, cost))
+        kv = start.astype(np.float64) * kv_bytes_per_token
+        starts = np.concatenate(([0], np.cumsum(np.bincount(rank, minlength=ranks)))).astype(np.int64)
+        by_token = np.lexsort((start, sample))
+        grouped = sample[by_token]
+        head = np.ones(len(grouped), dtype=bool)
+        head[1:] = grouped[1:] != grouped[:-1]
+        first_of_group = np.maximum.accumulate(np.where(head, np.arange(len(grouped)), 0))
+        first = np.empty(len(sample), dtype=np.int64)
+        first[by_token] = first_of_group
+        split = int(len(np.unique(sample[start > 0]))) if len(sample) else 0
+        plan = cls(ranks=ranks, sample=sample, start=start, stop=stop, rank=rank, cost=cost, kv_bytes=kv,
+                   split_samples=split, _starts=starts, _first=first, _by_token=by_token)
+        for x in (sample, start, stop, rank, cost, kv, starts, first, by_token):
+            x.setflags(write=False)
+        return plan
+
+    @property
+    def kv_bytes_total(self) -> float:
+        """Keys and values moved for all splits in the forward pass (as many again for the
+        gradients in the backward)."""
+        return float(self.kv_bytes.sum())
+
+    def chunks_of(self, rank: int) -> tuple[Chunk, ...]:
+        """The chunks ``rank`` runs, by sample then start, each with its earlier chunks."""
+        out = []
+        for i in range(self._starts[rank], self._starts[rank + 1]):
+            earlier = ()
+            if self.start[i] > 0:
+                found = []
+                for j in self._by_token[self._first[i]:].tolist():  # the sample's chunks, token order
+                    if self.start[j] >= self.start[i]:
+                        break
+                    found.append((int(self.rank[j]), int(self.start[j]), int(self.stop[j])))
+                earlier = tuple(found)
+            out.append(Chunk(sample=int(self.sample[i]), start=int(self.start[i]), stop=int(self.stop[i]),
+                             rank=rank, earlier=earlier, kv_bytes=float(self.kv_bytes[i])))
+        return tuple(out)
