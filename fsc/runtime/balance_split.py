@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["Chunk", "SplitPlan", "chunk_cost", "cut_points", "pieces", "spread"]
+__all__ = ["Chunk", "SplitPlan", "chunk_cost", "cut_points", "pieces", "spread", "wrap"]
 
 
 def prefix_cost(a: float, b: float, x: np.ndarray) -> np.ndarray:
@@ -113,11 +113,49 @@ def pieces(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: f
     return sample, start, stop, item_cost
 
 
+def wrap(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: float, ranks: int
+         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """McNaughton's wrap-around on the heavy samples (in the order given): lay them end to end
+    and cut wherever the running cost crosses a multiple of ``cap``, at the nearest token;
+    the j-th stretch goes to rank j. Returns ``(sample, start, stop, rank)`` per piece (sample
+    indexes the arguments) and ``full``, the number of ranks filled to ``cap``; rank ``full``
+    holds the rest of the last heavy sample (possibly nothing) and is not full. A sample
+    costs more than ``cap``, and at most ``ranks * cap`` in all, so its pieces lie on
+    consecutive, distinct ranks."""
+    h = len(costs)
+    edge = np.concatenate(([0.0], np.cumsum(costs)))
+    full = min(int(edge[-1] // cap), ranks - 1) if h else 0
+    bound = np.arange(1, full + 1, dtype=np.float64) * cap
+    owner = np.clip(np.searchsorted(edge, bound, side="right") - 1, 0, max(h - 1, 0))
+    share = bound - edge[owner]
+    aa, bb = float(a), float(b)
+    if aa > 0.0:
+        x = 2.0 * share / (bb + np.sqrt(bb * bb + 4.0 * aa * share))
+    else:
+        x = share / bb
+    cut = np.clip(np.rint(x).astype(np.int64), 0, lengths[owner])
+    before = np.searchsorted(owner, np.arange(h), side="left")  # boundaries in earlier samples
+    sample, start, stop, rank = [], [], [], []
+    for i in range(h):
+        mine = cut[owner == i].tolist()
+        edges = [0, *mine, int(lengths[i])]
+        for k in range(len(edges) - 1):  # cuts only grow with the boundary: edges are sorted
+            if edges[k + 1] > edges[k]:  # a boundary on a sample's edge (or within one token) cuts nothing
+                sample.append(i)
+                start.append(edges[k])
+                stop.append(edges[k + 1])
+                rank.append(int(before[i]) + k)
+    as_int = (np.asarray(v, dtype=np.int64) for v in (sample, start, stop, rank))
+    return (*as_int, full)
+
+
 def spread(sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray
            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Give each sample's chunks (in token order, ``sample`` grouped and ascending as
     :func:`pieces` returns it) its ranks in ascending order, and merge neighbours on one
     rank: every sample then spans distinct ranks. Returns ``(sample, start, stop, rank)``."""
+    if len(sample) == 0:
+        return sample, start, stop, rank
     order = np.lexsort((rank, sample))  # per sample, its ranks ascending
     rank = rank[order]  # chunk j of a sample (token order) takes the j-th smallest of its ranks
     keep = np.ones(len(sample), dtype=bool)
@@ -135,13 +173,14 @@ class Chunk:
     sample: int
     start: int
     stop: int
+    length: int  # the whole sample's
     rank: int
     earlier: tuple[tuple[int, int, int], ...]  # (rank, start, stop) of the sample's earlier chunks
     kv_bytes: float  # start * kv_bytes_per_token: keys and values this chunk receives (forward)
 
     @property
     def whole(self) -> bool:
-        return self.start == 0 and not self.earlier
+        return self.start == 0 and self.stop == self.length
 
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -153,6 +192,7 @@ class SplitPlan:
     sample: np.ndarray  # int64 [k]
     start: np.ndarray  # int64 [k]
     stop: np.ndarray  # int64 [k]
+    length: np.ndarray  # int64 [k]: the whole sample's length
     rank: np.ndarray  # int64 [k]
     cost: np.ndarray  # float64 [k]
     kv_bytes: np.ndarray  # float64 [k]: start * kv_bytes_per_token
@@ -163,9 +203,10 @@ class SplitPlan:
 
     @classmethod
     def build(cls, *, ranks: int, sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray,
-              cost: np.ndarray, kv_bytes_per_token: float) -> SplitPlan:
+              cost: np.ndarray, lengths: np.ndarray, kv_bytes_per_token: float) -> SplitPlan:
         order = np.lexsort((start, sample, rank))
         sample, start, stop, rank, cost = (x[order] for x in (sample, start, stop, rank, cost))
+        length = np.asarray(lengths, dtype=np.int64)[sample]
         kv = start.astype(np.float64) * kv_bytes_per_token
         starts = np.concatenate(([0], np.cumsum(np.bincount(rank, minlength=ranks)))).astype(np.int64)
         by_token = np.lexsort((start, sample))
@@ -176,9 +217,9 @@ class SplitPlan:
         first = np.empty(len(sample), dtype=np.int64)
         first[by_token] = first_of_group
         split = int(len(np.unique(sample[start > 0]))) if len(sample) else 0
-        plan = cls(ranks=ranks, sample=sample, start=start, stop=stop, rank=rank, cost=cost, kv_bytes=kv,
+        plan = cls(ranks=ranks, sample=sample, start=start, stop=stop, length=length, rank=rank, cost=cost, kv_bytes=kv,
                    split_samples=split, _starts=starts, _first=first, _by_token=by_token)
-        for x in (sample, start, stop, rank, cost, kv, starts, first, by_token):
+        for x in (sample, start, stop, length, rank, cost, kv, starts, first, by_token):
             x.setflags(write=False)
         return plan
 
@@ -201,5 +242,5 @@ class SplitPlan:
                     found.append((int(self.rank[j]), int(self.start[j]), int(self.stop[j])))
                 earlier = tuple(found)
             out.append(Chunk(sample=int(self.sample[i]), start=int(self.start[i]), stop=int(self.stop[i]),
-                             rank=rank, earlier=earlier, kv_bytes=float(self.kv_bytes[i])))
+                             length=int(self.length[i]), rank=rank, earlier=earlier, kv_bytes=float(self.kv_bytes[i])))
         return tuple(out)

@@ -54,7 +54,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -312,19 +312,43 @@ class Balancer:
         span = r if self.max_span is None else min(self.max_span, r)
         a, b = self.cost.a, self.cost.b
         cap = float(c.sum()) / r if r > 1 else 0.0  # one rank: nothing to cut
-        sample, start, stop, item = balance_split.pieces(length, c, a, b, cap=cap, span=span)
+        heavy = c > cap if cap > 0.0 else np.zeros(n, dtype=bool)
+        need = np.zeros(n)
+        need[heavy] = np.ceil(c[heavy] / cap)
+        capped = heavy & (need > np.minimum(span, length))  # more ranks than max_span, or than tokens
+        wrapped = np.flatnonzero(heavy & ~capped)
+        wrapped = wrapped[np.lexsort((wrapped, -c[wrapped]))]  # heaviest first, ties to the lower index
+        w_sample, w_start, w_stop, w_rank, full = balance_split.wrap(length[wrapped], c[wrapped], a, b, cap=cap,
+                                                                     ranks=r)
+        w_sample = wrapped[w_sample]
+        # Everything else on the ranks the wrap did not fill: light samples whole, capped ones in
+        # equal chunks, and the wrap's last, partly filled rank as one item of its load.
+        rest = np.flatnonzero(~heavy | capped)
+        sample, start, stop, item = balance_split.pieces(length[rest], c[rest], a, b, cap=cap, span=span)
+        sample = rest[sample]
+        if len(wrapped):
+            partly = w_rank == full
+            item = np.append(item, balance_split.chunk_cost(a, b, w_start[partly], w_stop[partly]).sum())
+        free = r - full
+        sub = replace(self, ranks=free, split=False, max_span=None)
         k = len(item)
-        lo, hi = self._count_range(k)
+        lo, hi = sub._count_range(k)
         q = _quantize(item, k)
-        target = int(np.ceil(lower_bound(q, r, min_count=lo).value))
-        rank_of, _ = self._solve(q, lo, hi, target)
+        target = int(np.ceil(lower_bound(q, free, min_count=lo).value))
+        rank_of, _ = sub._solve(q, lo, hi, target)
+        label = np.arange(full, r, dtype=np.int64)
+        if len(wrapped):  # the rank that drew the partly filled rank's item becomes that rank
+            label = np.insert(np.arange(full + 1, r, dtype=np.int64), int(rank_of[-1]), full)
+            rank_of = rank_of[:-1]
+        sample, start, stop, rank = balance_split.spread(sample, start, stop, label[rank_of])
+        sample, start, stop, rank = (np.concatenate(pair) for pair in
+                                     ((w_sample, sample), (w_start, start), (w_stop, stop), (w_rank, rank)))
         if home is not None:
-            rank_of = _keep_home(rank_of, home[sample], r)
-        sample, start, stop, rank = balance_split.spread(sample, start, stop, rank_of)
+            rank = _keep_home(rank, home[sample], r)
         chunked = (start > 0) | (stop < length[sample])
         chunk_costs = c[sample].copy()
         chunk_costs[chunked] = balance_split.chunk_cost(a, b, start[chunked], stop[chunked])
-        plan = SplitPlan.build(ranks=r, sample=sample, start=start, stop=stop, rank=rank, cost=chunk_costs,
+        plan = SplitPlan.build(ranks=r, sample=sample, start=start, stop=stop, rank=rank, cost=chunk_costs, lengths=length,
                                kv_bytes_per_token=float(self.kv_bytes_per_token))
         whole_rank = np.full(n, -1, dtype=np.int64)
         whole = ~np.isin(np.arange(n), sample[chunked])
@@ -336,9 +360,10 @@ class Balancer:
         starts = np.concatenate(([0], np.cumsum(np.bincount(whole_rank[held], minlength=r)))).astype(np.int64)
         bound = split_lower_bound(c, r, lengths=length, span=span)
         total = float(c.sum())
-        heavy = chunk_costs > total / r  # chunks still heavier than the mean: capped by max_span or length
-        stragglers = int(len(np.unique(sample[heavy])))
-        share = float(c[np.unique(sample[heavy])].sum() / total) if stragglers else 0.0
+        # Samples cut into fewer chunks than their cost needs (max_span, or too few tokens): one
+        # of their chunks still outweighs the mean load.
+        stragglers = int(capped.sum())
+        share = float(c[capped].sum() / total) if stragglers else 0.0
         for x in (whole_rank, loads, counts, order, starts):
             x.setflags(write=False)
         result = Assignment(
@@ -353,7 +378,7 @@ class Balancer:
             )
         logger.debug(
             "balance %s split: %d samples on %d ranks, %d split into %d chunks, max/LB %.4f (LB %s), "
-            "%.3g bytes of keys/values moved", self.method, n, r, plan.split_samples, k, result.max_over_lb,
+            "%.3g bytes of keys/values moved", self.method, n, r, plan.split_samples, len(sample), result.max_over_lb,
             bound.name, plan.kv_bytes_total,
         )
         return result
