@@ -1,26 +1,33 @@
 """Samples heavier than a rank's share, cut into contiguous chunks on several ranks.
 
-What. With ``Balancer(split=True)`` a sample whose cost exceeds the piece cap (the mean
-per-rank load, ``total / R``) cannot be balanced whole: the rank holding it sets the step
-whatever the others do. :func:`pieces` cuts each such sample into ``m = ceil(cost / cap)``
-contiguous chunks of nearly equal cost (at most ``R`` chunks, at most one per token, at
-most ``max_span``); the balancer then assigns the chunks and the whole samples together
-with its usual machinery (free counts), and :func:`spread` gives the chunks of one sample
-distinct ranks. The result is a :class:`SplitPlan`: per rank, which token ranges of which
-samples it runs, and where each chunk's earlier keys and values live.
+What. With ``Balancer(split=True)`` a sample whose cost exceeds the mean per-rank load
+(``cap = total / R``) cannot be balanced whole: the rank holding it sets the step whatever
+the others do. :func:`wrap` lays these heavy samples end to end, heaviest first, and cuts
+wherever the running cost crosses a multiple of ``cap`` (McNaughton's wrap-around rule for
+preemptive scheduling), at the nearest token: the first ranks are filled to ``cap``, each
+heavy sample lies on consecutive, distinct ranks, and at most ``R - 1`` cuts are made. The
+balancer's usual machinery (free counts) then assigns the light samples whole to the ranks
+left, with the wrap's last, partly filled rank entering as one item of its load. The result
+is a :class:`SplitPlan`: per rank, which token ranges of which samples it runs, and where
+each chunk's earlier keys and values live.
+
+Why not equal chunks balanced as items. Cutting each heavy sample into ``ceil(cost / cap)``
+equal chunks and balancing them with the rest was tried first: chunks of 0.86 x cap do not
+pack (three giants holding 96% of a batch on 8 ranks made nine of them for eight ranks:
+1.57x the mean). Wrap-around fills ranks exactly; only the cut points need whole tokens.
 
 Chunk cost. In a causal sequence, the chunk holding query positions ``[p, p + n)``
 attends to keys ``[0, p + n)``: later chunks cost more than earlier ones of the same
-length. With the per-sample cost ``a * L**2 + b * L`` (:class:`~fsc.runtime.QuadraticCost`,
-for a compiled model the coefficients of ``fsc.last_compile().sample_cost()``'s
-polynomial), the first ``x`` tokens cost ``F(x) = a * x**2 + b * x`` and the chunk costs
-``F(p + n) - F(p) = a * (2 * p * n + n**2) + b * n``. The chunk's attention pairs number
-``n * p + n * (n + 1) / 2``, so its quadratic part is ``2a`` per pair less ``a`` per token:
-the same reading of ``a * L**2`` as for the whole sample (``2a * L * (L + 1) / 2 - a * L``).
-Chunk costs therefore sum exactly to the sample's cost, and cutting leaves the total, and
-the fractional bound ``total / R``, unchanged. Cut points solve ``F(x_j) = j * cost / m``
-(``x = 2t / (b + sqrt(b**2 + 4 a t))``, the form without cancellation), rounded to the
-nearest token.
+length. With the per-sample cost ``a * L**2 + b * L`` (:class:`~fsc.runtime.QuadraticCost`;
+for a compiled model, ``QuadraticCost.from_coefficients`` of the FLOPs polynomial of
+``fsc.last_compile().sample_cost()``), the first ``x`` tokens cost ``F(x) = a * x**2 + b * x``
+and the chunk costs ``F(p + n) - F(p) = a * (2 * p * n + n**2) + b * n``. The chunk's
+attention pairs number ``n * p + n * (n + 1) / 2``, so its quadratic part is ``2a`` per pair
+less ``a`` per token: the same reading of ``a * L**2`` as for the whole sample
+(``2a * L * (L + 1) / 2 - a * L``). Chunk costs therefore sum exactly to the sample's cost,
+and cutting leaves the total, and the fractional bound ``total / R``, unchanged. A cut
+solves ``F(x) = t`` as ``x = 2t / (b + sqrt(b**2 + 4 a t))``, the form without
+cancellation, rounded to the nearest token.
 
 Communication. A chunk starting at ``p`` needs the keys and values of tokens ``[0, p)``
 from the ranks of the sample's earlier chunks: ``p * kv_bytes_per_token`` bytes in the
@@ -28,19 +35,18 @@ forward pass, and their gradients, as many bytes, back in the backward. The plan
 these bytes per chunk; they are not added to the rank loads (the balance is of compute;
 the exchange overlaps it, and the simulator models it on its links).
 
-Why the chunks of a sample are placed after balancing, not before. The balancer sees
-the chunks as independent items and may put two chunks of one sample on one rank. Chunks
-of one sample have nearly equal cost, so which of the sample's ranks gets which chunk
-barely changes any load: :func:`spread` gives the chunks, in token order, the sample's
-ranks in ascending order and merges neighbours that share a rank (their costs add
-exactly). Each sample then spans distinct ranks, in ascending rank order.
+Capped samples. A sample that would need more ranks than ``max_span`` allows (or more
+chunks than it has tokens) is cut by :func:`cut_points` into that many chunks of nearly
+equal cost, balanced as items with the light samples; :func:`spread` then gives its chunks,
+in token order, its ranks in ascending order and merges neighbours that share a rank (equal
+costs make the relabelling nearly free). One of its chunks still outweighs the mean load:
+it is counted as a straggler, and the bound says so (``spanned``).
 
-Limits: the cost is the quadratic polynomial only (no per-sample constant; a cost
-function that is not a :class:`~fsc.runtime.QuadraticCost` is refused); rounding cut
-points to whole tokens leaves chunk costs unequal by up to one token's cost; a sample
-capped at ``max_span`` ranks may still outweigh the mean load and set the step (it is
-counted as a straggler); merging two chunks on one rank can leave that rank above the
-balance the search found, by at most one chunk's rounding.
+Limits: the cost is the quadratic polynomial only (no per-sample constant; a cost function
+that is not a :class:`~fsc.runtime.QuadraticCost` is refused); cut points are whole tokens,
+so a filled rank is off ``cap`` by up to one token's cost; splitting is decided on compute
+alone, so a sample just above ``cap`` is split even when moving its keys and values costs
+more than the imbalance it removes, and a cut may fall a few tokens from a sample's end.
 """
 
 from __future__ import annotations

@@ -37,6 +37,17 @@ fix: the rank holding it is the critical path whatever the others do. The assign
 counts such samples and their share of the total cost, and logs a warning, so a low
 ``max / LB`` is never mistaken for a balanced step.
 
+Splits (``split=True``, with ``counts="free"`` and ``cost=QuadraticCost``; lengths through
+:meth:`Balancer.assign_lengths`). Such a sample is cut into contiguous chunks on several
+ranks (:mod:`fsc.runtime.balance_split`: wrap-around at multiples of the mean load, chunk
+costs from the query and key ranges of a causal sequence), and the rest is balanced around
+them. ``assignment.chunks_of(rank)`` then lists the token ranges a rank runs and, for each
+chunk, the ranks holding the sample's earlier chunks (whose keys and values it needs;
+``kv_bytes`` at ``kv_bytes_per_token``); ``samples_of`` refuses an assignment with split
+samples, and their ``rank_of`` is -1. The bound is then ``total / R``
+(:func:`~fsc.runtime.balance_bounds.split_lower_bound`). Permuted lengths give the same cuts
+per sample and the same multiset of rank loads; rank labels may differ.
+
 Speed (numpy, one core of a shared 2-core CPU; ``python -m bench balance``): 8192
 samples on 256 ranks take about 2 ms with ``kk-equal`` and 3-4 ms with ``freescale``
 (up to about 10 ms when many samples are stragglers). Every limit on the work is a count
