@@ -5,6 +5,8 @@ Implemented:
 - the balancer (:mod:`fsc.runtime.balancer`): assigns a global batch's samples to ranks
   so that the largest per-rank cost is near its lower bound; equal counts by default,
   unequal counts on request; deterministic, so every rank computes the same assignment.
+  With ``split=True`` it cuts samples heavier than a rank's share into contiguous chunks
+  on several ranks (:mod:`fsc.runtime.balance_split`).
   Lower bounds in :mod:`fsc.runtime.balance_bounds`, algorithms in
   :mod:`fsc.runtime.balance_search`, the collective helpers (gathering lengths, the
   global-token loss normalizer) in :mod:`fsc.runtime.balance_dist`.

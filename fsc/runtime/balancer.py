@@ -327,7 +327,9 @@ class Balancer:
         heavy = c > cap if cap > 0.0 else np.zeros(n, dtype=bool)
         need = np.zeros(n)
         need[heavy] = np.ceil(c[heavy] / cap)
-        capped = heavy & (need > np.minimum(span, length))  # more ranks than max_span, or than tokens
+        # The wrap lays a sample of cost c over at most ceil(c / cap) + 1 ranks (fewer than all R);
+        # a sample that might need more than max_span ranks, or than it has tokens, is capped.
+        capped = heavy & (np.minimum(need + 1, r) > np.minimum(span, length))
         wrapped = np.flatnonzero(heavy & ~capped)
         wrapped = wrapped[np.lexsort((wrapped, -c[wrapped]))]  # heaviest first, ties to the lower index
         w_sample, w_start, w_stop, w_rank, full = balance_split.wrap(length[wrapped], c[wrapped], a, b, cap=cap,

@@ -206,6 +206,15 @@ def test_max_span_caps_the_ranks_a_sample_spans_and_the_bound_says_so(caplog):
     assert result.max_over_lb <= 1.01
 
 
+@pytest.mark.parametrize("max_span", [2, 3, 5])
+def test_no_sample_spans_more_ranks_than_max_span(max_span):
+    for seed in range(4):
+        lengths = long_tailed(256, seed, giants=4)
+        plan = splitter(16, max_span=max_span).assign_lengths(lengths).chunks
+        assert np.bincount(plan.sample).max() <= max_span
+        assert covered_once(splitter(16, max_span=max_span).assign_lengths(lengths), lengths)
+
+
 def test_a_sample_too_short_for_the_chunks_it_needs_is_cut_into_single_tokens():
     lengths = np.array([3] + [0] * 7)  # all cost in one 3-token sample, 8 ranks
     result = splitter(8).assign_lengths(lengths)
