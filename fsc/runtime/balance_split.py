@@ -119,40 +119,50 @@ def pieces(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: f
     return sample, start, stop, item_cost
 
 
-def wrap(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: float, ranks: int
-         ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
-    """McNaughton's wrap-around on the heavy samples (in the order given): lay them end to end
-    and cut wherever the running cost crosses a multiple of ``cap``, at the nearest token;
-    the j-th stretch goes to rank j. Returns ``(sample, start, stop, rank)`` per piece (sample
-    indexes the arguments) and ``full``, the number of ranks filled to ``cap``; rank ``full``
-    holds the rest of the last heavy sample (possibly nothing) and is not full. A sample
-    costs more than ``cap``, and at most ``ranks * cap`` in all, so its pieces lie on
-    consecutive, distinct ranks."""
-    h = len(costs)
-    edge = np.concatenate(([0.0], np.cumsum(costs)))
-    full = min(int(edge[-1] // cap), ranks - 1) if h else 0
+def wrap(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: float, ranks: int,
+         snap: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
+    """McNaughton's wrap-around (samples in the order given): lay the samples end to end and
+    cut wherever the running cost crosses a multiple of ``cap``, at the nearest token; the
+    j-th stretch goes to rank j (at most ``ranks - 1`` cuts). ``snap`` (per sample, cost):
+    a boundary that leaves at most this much of the sample on one side moves to the sample's
+    edge instead, keeping it whole on the side holding the larger part (each rank then ends
+    within ``snap`` of its boundaries; 0: always cut).
+
+    Returns ``(sample, start, stop, rank)`` per piece (sample indexes the arguments; a
+    zero-length sample is one empty piece) and ``full``, the number of boundaries placed:
+    ranks below ``full`` end at a boundary, rank ``full`` holds what is left. A sample of
+    cost at most ``ranks * cap`` lies on consecutive, distinct ranks."""
+    n = len(costs)
+    edge = np.concatenate(([0.0], np.cumsum(costs)))  # sequential sums: the same bits on every rank
+    full = min(int(edge[-1] // cap), ranks - 1) if n else 0
     bound = np.arange(1, full + 1, dtype=np.float64) * cap
-    owner = np.clip(np.searchsorted(edge, bound, side="right") - 1, 0, max(h - 1, 0))
+    owner = np.clip(np.searchsorted(edge, bound, side="right") - 1, 0, max(n - 1, 0))
     share = bound - edge[owner]
-    aa, bb = float(a), float(b)
-    if aa > 0.0:
-        x = 2.0 * share / (bb + np.sqrt(bb * bb + 4.0 * aa * share))
+    if a > 0.0:
+        x = 2.0 * share / (b + np.sqrt(b * b + 4.0 * a * share))
     else:
-        x = share / bb
-    cut = np.clip(np.rint(x).astype(np.int64), 0, lengths[owner])
-    before = np.searchsorted(owner, np.arange(h), side="left")  # boundaries in earlier samples
-    sample, start, stop, rank = [], [], [], []
-    for i in range(h):
-        mine = cut[owner == i].tolist()
-        edges = [0, *mine, int(lengths[i])]
-        for k in range(len(edges) - 1):  # cuts only grow with the boundary: edges are sorted
-            if edges[k + 1] > edges[k]:  # a boundary on a sample's edge (or within one token) cuts nothing
-                sample.append(i)
-                start.append(edges[k])
-                stop.append(edges[k + 1])
-                rank.append(int(before[i]) + k)
-    as_int = (np.asarray(v, dtype=np.int64) for v in (sample, start, stop, rank))
-    return (*as_int, full)
+        x = share / b
+    size = lengths[owner].astype(np.int64)
+    cut = np.clip(np.rint(x).astype(np.int64), 0, size)
+    if snap is not None and full:
+        rest = costs[owner] - share
+        small = np.minimum(share, rest) <= snap[owner]
+        cut = np.where(small, np.where(share < rest, 0, size), cut)
+    # Points in token order per sample: each sample's start, then the boundaries inside it. A
+    # piece runs from one point to the next of its sample (or to its end); its rank is the
+    # number of boundaries up to its first point.
+    p_sample = np.concatenate((np.arange(n, dtype=np.int64), owner.astype(np.int64)))
+    p_token = np.concatenate((np.zeros(n, dtype=np.int64), cut))
+    p_bound = np.concatenate((np.zeros(n, dtype=np.int64), np.ones(full, dtype=np.int64)))
+    order = np.lexsort((p_bound, p_token, p_sample))
+    p_sample, p_token, p_bound = p_sample[order], p_token[order], p_bound[order]
+    rank = np.cumsum(p_bound)
+    last = np.ones(len(p_sample), dtype=bool)
+    last[:-1] = p_sample[1:] != p_sample[:-1]
+    stop = np.where(last, lengths[p_sample].astype(np.int64), np.roll(p_token, -1))
+    zero = (p_bound == 0) & (lengths[p_sample] == 0)
+    keep = (stop > p_token) | zero
+    return p_sample[keep], p_token[keep], stop[keep], rank[keep].astype(np.int64), full
 
 
 def spread(sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray
