@@ -130,6 +130,20 @@ def test_a_sample_heavier_than_all_others_together_spans_every_rank():
     assert result.max_over_lb <= 1.01 and result.rank_of[20] == -1
 
 
+def test_light_samples_that_do_not_pack_whole_are_cut_too_within_the_tolerance():
+    # 10 samples per rank at the length cap, each about a tenth of a rank's share: whole,
+    # some rank must take 11 of them or the ranks stay uneven
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([np.full(84, 4096), rng.integers(1, 60, 200)])
+    whole = splitter(8, split_tolerance=float("inf")).assign_lengths(lengths)
+    assert whole.split_samples == 0 and whole.max_over_lb > 1.01
+    cut = splitter(8).assign_lengths(lengths)
+    assert cut.max_over_lb <= 1.005 + 1e-9 and 0 < cut.split_samples <= 7
+    assert covered_once(cut, lengths)
+    loose = splitter(8, split_tolerance=0.5).assign_lengths(lengths)
+    assert loose.split_samples == 0  # whole samples are within 50% of the mean: nothing cut
+
+
 def test_split_is_a_pure_function_of_the_lengths():
     lengths = long_tailed(2048, 4)
     first, again = splitter(64).assign_lengths(lengths), splitter(64).assign_lengths(lengths.copy())
@@ -261,6 +275,7 @@ def test_bad_polynomials_are_refused(coefficients, message):
     ({"split": True, "counts": "free", "cost": COST, "max_span": 0}, "max_span must be a positive int"),
     ({"split": True, "counts": "free", "cost": COST, "kv_bytes_per_token": -1.0}, "kv_bytes_per_token must be"),
     ({"split": True, "counts": "free", "cost": COST, "kv_bytes_per_token": float("nan")}, "kv_bytes_per_token"),
+    ({"split": True, "counts": "free", "cost": COST, "split_tolerance": -0.1}, "split_tolerance must be"),
 ])
 def test_bad_split_options_are_rejected_naming_the_option(options, message):
     with pytest.raises(BalanceError, match=message.replace("(", r"\(").replace("'", "'")):
