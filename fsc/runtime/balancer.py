@@ -41,7 +41,7 @@ Splits (``split=True``, with ``counts="free"`` and ``cost=QuadraticCost``; lengt
 :meth:`Balancer.assign_lengths`). Such a sample is cut into contiguous chunks on several
 ranks (:mod:`fsc.runtime.balance_split`: wrap-around at multiples of the mean load, chunk
 costs from the query and key ranges of a causal sequence), and the rest is balanced around
-them. ``assignment.chunks_of(rank)`` then lists the token ranges a rank runs and, for each
+them; light samples are cut too when whole they stay above ``split_tolerance`` of the mean. ``assignment.chunks_of(rank)`` then lists the token ranges a rank runs and, for each
 chunk, the ranks holding the sample's earlier chunks (whose keys and values it needs;
 ``kv_bytes`` at ``kv_bytes_per_token``); ``samples_of`` refuses an assignment with split
 samples, and their ``rank_of`` is -1. The bound is then ``total / R``
