@@ -149,11 +149,14 @@ def wrap(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: flo
     else:
         x = share / b
     size = lengths[owner].astype(np.int64)
-    cut = np.clip(np.rint(x).astype(np.int64), 0, size)
+    below = np.clip(np.floor(x).astype(np.int64), 0, size)
+    above = np.clip(below + 1, 0, size)
     if snap is not None and full:
         rest = costs[owner] - share
         small = np.minimum(share, rest) <= snap[owner]
-        cut = np.where(small, np.where(share < rest, 0, size), cut)
+        edge_cut = np.where(share < rest, 0, size)
+        below, above = np.where(small, edge_cut, below), np.where(small, edge_cut, above)
+    cut = _round_cuts(below, above, owner, share, a, b, cap, rest=float(edge[-1]) - full * cap)
     # Points in token order per sample: each sample's start, then the boundaries inside it. A
     # piece runs from one point to the next of its sample (or to its end); its rank is the
     # number of boundaries up to its first point.
@@ -169,6 +172,47 @@ def wrap(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: flo
     zero = (p_bound == 0) & (lengths[p_sample] == 0)
     keep = (stop > p_token) | zero
     return p_sample[keep], p_token[keep], stop[keep], rank[keep].astype(np.int64), full
+
+
+def _round_cuts(below: np.ndarray, above: np.ndarray, owner: np.ndarray, share: np.ndarray, a: float, b: float,
+                cap: float, *, rest: float) -> np.ndarray:
+    """Each boundary's token, ``below`` or ``above`` it, chosen so that the largest load of
+    the ranks is smallest: rank j's load is ``cap + e_j - e_(j-1)``, ``e_j`` the cost that
+    boundary j's rounding moves onto rank j, and the rank after the last boundary holds
+    ``rest - e_last``. A dynamic program over
+    the boundaries (two choices each; ties to ``below``); a token's cost can be a sizeable
+    share of ``cap`` (a long sample's last tokens, few samples per rank), and rounding each
+    boundary to the nearest token can then leave one rank a whole token over."""
+    full = len(share)
+    if full == 0:
+        return below
+    choice = np.stack((below, above))
+    err = (a * choice * choice.astype(np.float64) + b * choice) - share  # [2, full]
+    err_l, choice_l, owner_l = err.tolist(), choice.tolist(), owner.tolist()
+    peak = [cap + err_l[0][0], cap + err_l[1][0]]
+    back: list[tuple[int, int]] = []
+    for j in range(1, full):
+        step, came = [], []
+        for s in (0, 1):
+            best, arg = float("inf"), 0
+            for t in (0, 1):
+                if owner_l[j] == owner_l[j - 1] and choice_l[t][j - 1] > choice_l[s][j]:
+                    continue  # cuts within one sample must not cross
+                value = max(peak[t], cap + err_l[s][j] - err_l[t][j - 1])
+                if value < best:
+                    best, arg = value, t
+            step.append(best)
+            came.append(arg)
+        peak = step
+        back.append((came[0], came[1]))
+    peak = [max(peak[0], rest - err_l[0][-1]), max(peak[1], rest - err_l[1][-1])]
+    s = 0 if peak[0] <= peak[1] else 1
+    picked = [s]
+    for came in reversed(back):
+        s = came[s]
+        picked.append(s)
+    picked.reverse()
+    return choice[np.asarray(picked), np.arange(full)]
 
 
 def spread(sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray

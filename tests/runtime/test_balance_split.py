@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from fsc.runtime import BalanceError, Balancer, QuadraticCost, split_lower_bound
-from fsc.runtime.balance_split import chunk_cost, cut_points, prefix_cost
+from fsc.runtime.balance_split import chunk_cost, cut_points, prefix_cost, wrap
 
 #: the HSTU example's per-layer forward FLOPs at its defaults (as in test_balancer.py)
 COST = QuadraticCost(a=128.0, b=41088.0)
@@ -61,6 +61,27 @@ def test_cut_points_give_chunks_equal_in_cost_to_within_one_token():
     one_token = float(prefix_cost(COST.a, COST.b, length) - prefix_cost(COST.a, COST.b, length - 1))
     assert np.ptp(costs) <= one_token
     assert (np.diff(cut) > 0).all() and np.diff(cut)[0] > np.diff(cut)[-1]  # later chunks are shorter
+
+
+def test_wrap_rounds_each_cut_to_the_token_side_that_keeps_every_rank_lowest():
+    # cost L**2, 9 tokens on 4 ranks (share 20.25): boundaries at 4.5, 6.36 and 7.79 tokens.
+    # The nearest tokens (4, 6, 8) give loads 16, 20, 28, 17; cuts at 5, 7, 8 give 25, 24, 15, 17.
+    sample, start, stop, rank, full = wrap(np.array([9]), np.array([81.0]), 1.0, 0.0, cap=20.25, ranks=4)
+    assert full == 3 and stop.tolist() == [5, 7, 8, 9] and rank.tolist() == [0, 1, 2, 3]
+    assert chunk_cost(1.0, 0.0, start, stop).max() == 25.0
+
+
+def test_wrap_keeps_a_rank_within_one_token_of_its_share_on_long_samples():
+    lengths = np.array([5000, 4000, 3000])
+    costs = COST(lengths)
+    cap = float(costs.sum()) / 7
+    sample, start, stop, rank, full = wrap(lengths, costs, COST.a, COST.b, cap=cap, ranks=7)
+    loads = np.bincount(rank, weights=chunk_cost(COST.a, COST.b, start, stop), minlength=7)
+    token = 2 * COST.a * 5000 + COST.b
+    assert full == 6 and loads.max() <= cap + token and loads.sum() == pytest.approx(costs.sum())
+    for s in range(3):  # each sample on consecutive, distinct ranks, in token order
+        mine = np.flatnonzero(sample == s)
+        assert (np.diff(rank[mine]) == 1).all() and (start[mine][1:] == stop[mine][:-1]).all()
 
 
 def test_cut_points_keep_every_chunk_at_least_one_token():
