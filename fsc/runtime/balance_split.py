@@ -4,7 +4,8 @@ What. With ``Balancer(split=True)`` a sample whose cost exceeds the mean per-ran
 (``cap = total / R``) cannot be balanced whole: the rank holding it sets the step whatever
 the others do. :func:`wrap` lays these heavy samples end to end, heaviest first, and cuts
 wherever the running cost crosses a multiple of ``cap`` (McNaughton's wrap-around rule for
-preemptive scheduling), at the nearest token: the first ranks are filled to ``cap``, each
+preemptive scheduling), at a whole token (below or above each boundary, chosen together
+so that the largest load is smallest): the first ranks are filled to ``cap``, each
 heavy sample lies on consecutive, distinct ranks, and at most ``R - 1`` cuts are made. The
 balancer's usual machinery (free counts) then assigns the light samples whole to the ranks
 left, with the wrap's last, partly filled rank entering as one item of its load. Where
@@ -32,7 +33,7 @@ less ``a`` per token: the same reading of ``a * L**2`` as for the whole sample
 (``2a * L * (L + 1) / 2 - a * L``). Chunk costs therefore sum exactly to the sample's cost,
 and cutting leaves the total, and the fractional bound ``total / R``, unchanged. A cut
 solves ``F(x) = t`` as ``x = 2t / (b + sqrt(b**2 + 4 a t))``, the form without
-cancellation, rounded to the nearest token.
+cancellation, then rounded to a whole token.
 
 Communication. A chunk starting at ``p`` needs the keys and values of tokens ``[0, p)``
 from the ranks of the sample's earlier chunks: ``p * kv_bytes_per_token`` bytes in the
@@ -48,11 +49,14 @@ costs make the relabelling nearly free). One of its chunks still outweighs the m
 it is counted as a straggler, and the bound says so (``spanned``).
 
 Limits: the cost is the quadratic polynomial only (no per-sample constant; a cost function
-that is not a :class:`~fsc.runtime.QuadraticCost` is refused); cut points are whole tokens,
-so a filled rank is off ``cap`` by up to one token's cost (seen: Zipf(2) lengths on 256
-ranks of 32, where a rank's share is about 28 tokens of the longest sample: 1.018); splitting is decided on compute
-alone, so a sample just above ``cap`` is split even when moving its keys and values costs
-more than the imbalance it removes, and a cut may fall a few tokens from a sample's end.
+that is not a :class:`~fsc.runtime.QuadraticCost` is refused); cut points are whole
+tokens, so a filled rank is off ``cap`` by up to one token's cost (seen: Zipf(2) lengths
+on 256 ranks of 32, where a rank's share is about 28 tokens of the longest sample: 1.016);
+splitting is decided on compute alone, so a sample just above ``cap`` is split even when
+moving its keys and values costs more than the imbalance it removes, and a cut may fall a
+few tokens from a sample's end; the wrap ignores the node structure, so a sample may
+straddle two nodes (its exchange then crosses the network); ``max_per_rank`` bounds the
+ranks the balancer fills, while a rank the wrap fills holds up to two pieces.
 """
 
 from __future__ import annotations
@@ -128,7 +132,7 @@ def pieces(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: f
 def wrap(lengths: np.ndarray, costs: np.ndarray, a: float, b: float, *, cap: float, ranks: int,
          snap: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]:
     """McNaughton's wrap-around (samples in the order given): lay the samples end to end and
-    cut wherever the running cost crosses a multiple of ``cap``, at the nearest token; the
+    cut wherever the running cost crosses a multiple of ``cap``, at a whole token; the
     j-th stretch goes to rank j (at most ``ranks - 1`` cuts). ``snap`` (per sample, cost):
     a boundary that leaves at most this much of the sample on one side moves to the sample's
     edge instead, keeping it whole on the side holding the larger part (each rank then ends
