@@ -386,7 +386,8 @@ class Balancer:
                 x_sample, x_start, x_stop, x_rank, _ = balance_split.wrap(length[every], c[every], a, b, cap=cap,
                                                                           ranks=r, snap=snap)
                 x_sample = every[x_sample]
-                if self._peak(x_sample, x_start, x_stop, x_rank, c, length) < peak:
+                fits = self.max_per_rank is None or np.bincount(x_rank, minlength=r).max() <= self.max_per_rank
+                if fits and self._peak(x_sample, x_start, x_stop, x_rank, c, length) < peak:
                     sample, start, stop, rank = x_sample, x_start, x_stop, x_rank
         if home is not None:
             rank = _keep_home(rank, home[sample], r)

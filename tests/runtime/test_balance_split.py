@@ -165,6 +165,14 @@ def test_light_samples_that_do_not_pack_whole_are_cut_too_within_the_tolerance()
     assert loose.split_samples == 0  # whole samples are within 50% of the mean: nothing cut
 
 
+def test_cutting_light_samples_never_breaks_max_per_rank():
+    rng = np.random.default_rng(3)
+    lengths = np.concatenate([np.full(84, 4096), rng.integers(1, 60, 200)])
+    for cap in (36, 40, 60):
+        result = splitter(8, max_per_rank=cap).assign_lengths(lengths)
+        assert result.counts.max() <= cap and covered_once(result, lengths)
+
+
 def test_split_is_a_pure_function_of_the_lengths():
     lengths = long_tailed(2048, 4)
     first, again = splitter(64).assign_lengths(lengths), splitter(64).assign_lengths(lengths.copy())
