@@ -47,7 +47,7 @@ chunk, the ranks holding the sample's earlier chunks (whose keys and values it n
 samples, and their ``rank_of`` is -1. The bound is then ``total / R``
 (:func:`~fsc.runtime.balance_bounds.split_lower_bound`). Permuted lengths give the same cuts
 per sample and the same multiset of rank loads; rank labels may differ. Speed: 8192
-samples on 256 ranks in 7-10 ms (``python -m bench balance``, its split rows).
+samples on 256 ranks in 6-11 ms (``python -m bench balance``, its split rows).
 
 Speed (numpy, one core of a shared 2-core CPU; ``python -m bench balance``): 8192
 samples on 256 ranks take about 2 ms with ``kk-equal`` and 3-4 ms with ``freescale``
