@@ -41,13 +41,15 @@ Splits (``split=True``, with ``counts="free"`` and ``cost=QuadraticCost``; lengt
 :meth:`Balancer.assign_lengths`). Such a sample is cut into contiguous chunks on several
 ranks (:mod:`fsc.runtime.balance_split`: wrap-around at multiples of the mean load, chunk
 costs from the query and key ranges of a causal sequence), and the rest is balanced around
-them; light samples are cut too when whole they stay above ``split_tolerance`` of the mean. ``assignment.chunks_of(rank)`` then lists the token ranges a rank runs and, for each
-chunk, the ranks holding the sample's earlier chunks (whose keys and values it needs;
-``kv_bytes`` at ``kv_bytes_per_token``); ``samples_of`` refuses an assignment with split
-samples, and their ``rank_of`` is -1. The bound is then ``total / R``
-(:func:`~fsc.runtime.balance_bounds.split_lower_bound`). Permuted lengths give the same cuts
-per sample and the same multiset of rank loads; rank labels may differ. Speed: 8192
-samples on 256 ranks in 6-11 ms (``python -m bench balance``, its split rows).
+them; light samples are cut too when, whole, they leave a rank above the mean by more than
+``split_tolerance``. ``assignment.chunks_of(rank)`` then lists the token ranges a rank
+runs and, for each chunk, the ranks holding the sample's earlier chunks (whose keys and
+values it needs; ``kv_bytes`` at ``kv_bytes_per_token``); ``samples_of`` refuses an
+assignment with split samples, and their ``rank_of`` is -1. The bound is then ``total / R``
+(:func:`~fsc.runtime.balance_bounds.split_lower_bound`). Permuted lengths give the same
+multiset of rank loads and, when no two split samples have the same length, the same cuts
+per sample (equal lengths may trade cuts); rank labels may differ. Speed: 8192 samples on
+256 ranks in 6-11 ms (``python -m bench balance``, its split rows).
 
 Speed (numpy, one core of a shared 2-core CPU; ``python -m bench balance``): 8192
 samples on 256 ranks take about 2 ms with ``kk-equal`` and 3-4 ms with ``freescale``
@@ -330,13 +332,12 @@ class Balancer:
         return float(np.bincount(rank, weights=cost, minlength=self.ranks).max())
 
     def _assign_split(self, length: np.ndarray, costs: np.ndarray, home: np.ndarray | None) -> Assignment:
-        """Cut samples heavier than the mean per-rank load, balance chunks and whole samples
-        together, then give each sample's chunks distinct ranks (fsc.runtime.balance_split)."""
+        """Cut samples heavier than the mean per-rank load and balance the rest around them
+        (fsc.runtime.balance_split)."""
         c = self._check_costs(costs)
         n, r = len(c), self.ranks
         home = self._check_home(home, n)
         span = r if self.max_span is None else min(self.max_span, r)
-        a, b = self.cost.a, self.cost.b
         cap = float(c.sum()) / r if r > 1 else 0.0  # one rank: nothing to cut
         heavy = c > cap if cap > 0.0 else np.zeros(n, dtype=bool)
         need = np.zeros(n)
@@ -344,13 +345,30 @@ class Balancer:
         # The wrap lays a sample of cost c over at most ceil(c / cap) + 1 ranks (fewer than all R);
         # a sample that might need more than max_span ranks, or than it has tokens, is capped.
         capped = heavy & (np.minimum(need + 1, r) > np.minimum(span, length))
+        placed = self._wrap_heavy(length, c, heavy, capped, cap, span)
+        if r > 1 and not capped.any() and self.split_tolerance < np.inf:
+            peak = self._peak(*placed, c, length)
+            if peak > cap * (1.0 + self.split_tolerance):
+                cut_light = self._wrap_all(length, c, heavy, cap)
+                fits = self.max_per_rank is None or np.bincount(cut_light[3], minlength=r).max() <= self.max_per_rank
+                if fits and self._peak(*cut_light, c, length) < peak:
+                    placed = cut_light
+        sample, start, stop, rank = placed
+        if home is not None:
+            rank = _keep_home(rank, home[sample], r)
+        return self._record_split(length, c, sample, start, stop, rank, capped, span)
+
+    def _wrap_heavy(self, length: np.ndarray, c: np.ndarray, heavy: np.ndarray, capped: np.ndarray, cap: float,
+                    span: int) -> tuple[np.ndarray, ...]:
+        """Heavy samples wrapped onto the first ranks; light samples whole and capped ones in
+        equal chunks balanced on the ranks left, the wrap's last, partly filled rank entering
+        as one item of its load. Returns (sample, start, stop, rank) per chunk."""
+        r, a, b = self.ranks, self.cost.a, self.cost.b
         wrapped = np.flatnonzero(heavy & ~capped)
         wrapped = wrapped[np.lexsort((wrapped, -c[wrapped]))]  # heaviest first, ties to the lower index
         w_sample, w_start, w_stop, w_rank, full = balance_split.wrap(length[wrapped], c[wrapped], a, b, cap=cap,
                                                                      ranks=r)
         w_sample = wrapped[w_sample]
-        # Everything else on the ranks the wrap did not fill: light samples whole, capped ones in
-        # equal chunks, and the wrap's last, partly filled rank as one item of its load.
         rest = np.flatnonzero(~heavy | capped)
         sample, start, stop, item = balance_split.pieces(length[rest], c[rest], a, b, cap=cap, span=span)
         sample = rest[sample]
@@ -360,7 +378,7 @@ class Balancer:
         free = r - full
         # Two rounds of refinement at most: where the light samples do not balance whole by
         # then, more rounds rarely help (seen: Zipf(2) lengths, 1.018 after 12 rounds and 40 ms),
-        # and cutting them too (below) is exact.
+        # and cutting them too (_wrap_all) is exact.
         sub = replace(self, ranks=free, split=False, max_span=None, refine_rounds=min(self.refine_rounds, 2),
                       refine_patience=min(self.refine_patience, 1))
         k = len(item)
@@ -373,29 +391,27 @@ class Balancer:
             label = np.insert(np.arange(full + 1, r, dtype=np.int64), int(rank_of[-1]), full)
             rank_of = rank_of[:-1]
         sample, start, stop, rank = balance_split.spread(sample, start, stop, label[rank_of])
-        sample, start, stop, rank = (np.concatenate(pair) for pair in
-                                     ((w_sample, sample), (w_start, start), (w_stop, stop), (w_rank, rank)))
-        if r > 1 and not capped.any() and self.split_tolerance < np.inf:
-            peak = self._peak(sample, start, stop, rank, c, length)
-            if peak > cap * (1.0 + self.split_tolerance):
-                # Light samples do not balance whole: wrap everything, heaviest first, cutting a
-                # light sample only where both sides of a boundary hold more than half the
-                # tolerance of it (each rank then ends within the tolerance of the mean).
-                every = np.lexsort((np.arange(n), -c))
-                snap = np.where(heavy[every], 0.0, 0.5 * self.split_tolerance * cap)
-                x_sample, x_start, x_stop, x_rank, _ = balance_split.wrap(length[every], c[every], a, b, cap=cap,
-                                                                          ranks=r, snap=snap)
-                x_sample = every[x_sample]
-                fits = self.max_per_rank is None or np.bincount(x_rank, minlength=r).max() <= self.max_per_rank
-                if fits and self._peak(x_sample, x_start, x_stop, x_rank, c, length) < peak:
-                    sample, start, stop, rank = x_sample, x_start, x_stop, x_rank
-        if home is not None:
-            rank = _keep_home(rank, home[sample], r)
+        return tuple(np.concatenate(pair) for pair in
+                     ((w_sample, sample), (w_start, start), (w_stop, stop), (w_rank, rank)))
+
+    def _wrap_all(self, length: np.ndarray, c: np.ndarray, heavy: np.ndarray, cap: float) -> tuple[np.ndarray, ...]:
+        """Every sample wrapped, heaviest first, a light one cut only where both sides of a
+        boundary hold more than half the tolerance of it (each rank then ends within the
+        tolerance of the mean). Returns (sample, start, stop, rank) per chunk."""
+        every = np.lexsort((np.arange(len(c)), -c))
+        snap = np.where(heavy[every], 0.0, 0.5 * self.split_tolerance * cap)
+        sample, start, stop, rank, _ = balance_split.wrap(length[every], c[every], self.cost.a, self.cost.b,
+                                                          cap=cap, ranks=self.ranks, snap=snap)
+        return every[sample], start, stop, rank
+
+    def _record_split(self, length: np.ndarray, c: np.ndarray, sample: np.ndarray, start: np.ndarray,
+                      stop: np.ndarray, rank: np.ndarray, capped: np.ndarray, span: int) -> Assignment:
+        n, r = len(c), self.ranks
         chunked = (start > 0) | (stop < length[sample])
-        chunk_costs = c[sample].copy()
-        chunk_costs[chunked] = balance_split.chunk_cost(a, b, start[chunked], stop[chunked])
-        plan = SplitPlan.build(ranks=r, sample=sample, start=start, stop=stop, rank=rank, cost=chunk_costs, lengths=length,
-                               kv_bytes_per_token=float(self.kv_bytes_per_token))
+        chunk_costs = c[sample].copy()  # a whole sample keeps its own cost, bit for bit
+        chunk_costs[chunked] = balance_split.chunk_cost(self.cost.a, self.cost.b, start[chunked], stop[chunked])
+        plan = SplitPlan.build(ranks=r, sample=sample, start=start, stop=stop, rank=rank, cost=chunk_costs,
+                               lengths=length, kv_bytes_per_token=float(self.kv_bytes_per_token))
         whole_rank = np.full(n, -1, dtype=np.int64)
         whole = ~np.isin(np.arange(n), sample[chunked])
         whole_rank[sample[~chunked]] = rank[~chunked]
@@ -424,8 +440,8 @@ class Balancer:
             )
         logger.debug(
             "balance %s split: %d samples on %d ranks, %d split into %d chunks, max/LB %.4f (LB %s), "
-            "%.3g bytes of keys/values moved", self.method, n, r, plan.split_samples, len(sample), result.max_over_lb,
-            bound.name, plan.kv_bytes_total,
+            "%.3g bytes of keys/values moved", self.method, n, r, plan.split_samples, len(sample),
+            result.max_over_lb, bound.name, plan.kv_bytes_total,
         )
         return result
 

@@ -261,7 +261,8 @@ def test_no_sample_spans_more_ranks_than_max_span(max_span):
 def test_a_sample_too_short_for_the_chunks_it_needs_is_cut_into_single_tokens():
     lengths = np.array([3] + [0] * 7)  # all cost in one 3-token sample, 8 ranks
     result = splitter(8).assign_lengths(lengths)
-    assert sorted(result.chunks.stop[result.chunks.sample == 0] - result.chunks.start[result.chunks.sample == 0]) == [1, 1, 1]
+    mine = result.chunks.sample == 0
+    assert sorted(result.chunks.stop[mine] - result.chunks.start[mine]) == [1, 1, 1]
     assert result.bound.name == "spanned" and result.bound.k == 3
 
 
