@@ -194,6 +194,14 @@ def test_permuting_the_samples_permutes_the_cuts_and_keeps_the_loads():
     assert np.allclose(np.sort(a.loads), np.sort(b.loads), rtol=1e-12)
 
 
+def test_permuting_equal_length_giants_keeps_the_loads():
+    lengths = np.concatenate([[30_000, 30_000, 30_000], np.random.default_rng(6).integers(1, 900, 253)])
+    perm = np.random.default_rng(7).permutation(len(lengths))
+    a, b = splitter(8).assign_lengths(lengths), splitter(8).assign_lengths(lengths[perm])
+    assert np.allclose(np.sort(a.loads), np.sort(b.loads), rtol=1e-12)
+    assert a.split_samples == b.split_samples == 3
+
+
 def test_split_with_nothing_heavy_gives_exactly_the_whole_sample_assignment():
     lengths = np.random.default_rng(0).integers(50, 400, 256)
     whole = Balancer(ranks=8, counts="free", cost=COST).assign_lengths(lengths)
