@@ -298,6 +298,16 @@ def test_quadratic_cost_from_polynomial_coefficients_drops_the_constant():
     assert QuadraticCost.from_coefficients([4.0, 0.0]) == QuadraticCost(a=0.0, b=4.0)
 
 
+def test_quadratic_cost_takes_a_sample_cost_flops_polynomial():
+    import sympy
+
+    from fsc.analysis.sample_cost import L, SampleCost
+
+    cost = SampleCost(flops=6 * L**2 + 4096 * L + 100, nbytes=8 * L, seconds=L * 1e-9, symbol="s0")
+    assert QuadraticCost.from_coefficients(cost.flops_polynomial().all_coeffs()) == QuadraticCost(a=6.0, b=4096.0)
+    assert isinstance(cost.flops_polynomial(), sympy.Poly)
+
+
 @pytest.mark.parametrize("coefficients, message", [([1, 2, 3, 4], "degree <= 2"), ([-1, 2, 0], "a >= 0")])
 def test_bad_polynomials_are_refused(coefficients, message):
     with pytest.raises(BalanceError, match=message):
