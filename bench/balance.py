@@ -27,6 +27,20 @@ Distributions:
                ratings, as the example's loader keeps), users drawn with replacement;
                read by the example's loader (``examples.hstu.data``)
 
+Split rows (``--split-max-len``, default 100,000: long histories kept). Here whole-sample
+balancing is stuck at the heaviest sample, so two more methods run on the same batches
+with lengths capped at ``--split-max-len`` instead:
+
+``whole-free``   :class:`fsc.runtime.Balancer` with free counts, samples whole
+``split``        the same with ``split=True``: samples heavier than the mean load cut
+                 across ranks (:mod:`fsc.runtime.balance_split`)
+
+Their rows add ``max_len``, ``max_over_mean`` (largest load over total / R, the bound
+once samples may be cut; for ``split`` it equals ``max_over_lb``), ``split_samples`` and
+``chunks`` (worst batch), and ``kv_tokens`` (keys and values of earlier chunks sent to
+later chunks' ranks, in tokens, worst batch; times bytes per token for the traffic).
+``--split-max-len 0`` leaves them out.
+
 A history of n interactions is costed at length ``min(n, max_len)``; the example trains
 on ``min(n - 2, max_len)`` tokens (leave-one-out, then next-item targets), a shift this
 benchmark leaves out.
@@ -51,6 +65,8 @@ from examples.hstu.model import EXAMPLE_COST
 from fsc.runtime import Balancer, QuadraticCost
 
 METHODS = ("random", "round-robin", "kk-equal", "freescale")
+SPLIT_METHODS = ("whole-free", "split")
+DEFAULT_SPLIT_MAX_LEN = 100_000
 DEFAULT_MAX_LEN = 200  # HSTUConfig.max_len
 MIN_LENGTH = 3  # the example's loader drops shorter histories
 DISTRIBUTIONS = ("lognormal", "zipf", "movielens")
@@ -132,6 +148,52 @@ def rows(*, distributions: list[str], ranks: list[int], per_rank: int, max_len: 
     return out
 
 
+def split_rows(*, distributions: list[str], ranks: list[int], per_rank: int, max_len: int, cost: QuadraticCost,
+               trials: int, seed: int, pool: np.ndarray | None = None, repeats: int = 3) -> list[dict]:
+    """Rows for the split methods of the module docstring, on the batches :func:`rows` draws
+    (same seeds), capped at ``max_len``. Timing as in :func:`rows`, on lengths (the split
+    balancer cuts by tokens), the cost function included."""
+    out = []
+    for distribution in distributions:
+        for r in ranks:
+            n = r * per_rank
+            batches = []
+            for trial in range(trials):
+                rng = np.random.default_rng([seed, DISTRIBUTIONS.index(distribution), r, trial])
+                batches.append(np.minimum(draw_lengths(distribution, n, rng, pool=pool), max_len))
+            for method in SPLIT_METHODS:
+                balancer = Balancer(ranks=r, counts="free", cost=cost, split=method == "split")
+                balancer.assign_lengths(batches[0])  # warm-up
+                ratios, means, times, split, chunks, kv = [], [], [], [], [], []
+                for lengths in batches:
+                    best = float("inf")
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        result = balancer.assign_lengths(lengths)
+                        best = min(best, time.perf_counter() - start)
+                    times.append(best * 1e3)
+                    ratios.append(result.max_over_lb)
+                    means.append(result.max_load / (float(result.loads.sum()) / r))
+                    plan = result.chunks
+                    split.append(result.split_samples)
+                    chunks.append(len(lengths) if plan is None else len(plan.sample))
+                    kv.append(0 if plan is None else int(plan.start.sum()))
+                out.append({
+                    "distribution": distribution,
+                    "ranks": r,
+                    "per_rank": per_rank,
+                    "method": method,
+                    "max_len": max_len,
+                    "max_over_lb": max(ratios),
+                    "max_over_mean": max(means),
+                    "ms": statistics.median(times),
+                    "split_samples": max(split),
+                    "chunks": max(chunks),
+                    "kv_tokens": max(kv),
+                })
+    return out
+
+
 def run(argv: list[str], json_path: str) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench balance")
     parser.add_argument("--lengths-from", default=None, metavar="RATINGS_FILE",
@@ -145,7 +207,11 @@ def run(argv: list[str], json_path: str) -> int:
     parser.add_argument("--trials", type=int, default=5, help="global batches per row: worst max/LB, median ms")
     parser.add_argument("--repeats", type=int, default=3, help="timed calls per batch; the fastest counts")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--split-max-len", type=int, default=DEFAULT_SPLIT_MAX_LEN,
+                        help="lengths cap for the split rows (default 100000: long histories kept; 0: no split rows)")
     args = parser.parse_args(argv)
+    if args.split_max_len < 0:
+        parser.error("--split-max-len must be >= 0 (0: no split rows)")
     for name in ("per_rank", "max_len", "trials", "repeats"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")
@@ -165,6 +231,12 @@ def run(argv: list[str], json_path: str) -> int:
         table = rows(distributions=distributions, ranks=args.ranks, per_rank=args.per_rank, max_len=args.max_len,
                      cost=args.cost, trials=args.trials, seed=args.seed, pool=pool, report=report,
                      repeats=args.repeats)
+        if args.split_max_len:
+            splits = split_rows(distributions=distributions, ranks=args.ranks, per_rank=args.per_rank,
+                                max_len=args.split_max_len, cost=args.cost, trials=args.trials, seed=args.seed,
+                                pool=pool, repeats=args.repeats)
+        else:
+            splits = []
     finally:
         balancer_log.removeFilter(quiet)
     print(f"cost a*L^2 + b*L with a={args.cost.a:g}, b={args.cost.b:g}; lengths capped at {args.max_len}; "
@@ -175,5 +247,14 @@ def run(argv: list[str], json_path: str) -> int:
         count, share = report[(row["distribution"], row["ranks"], row["method"])]
         print(f"{row['distribution']:<14}{row['ranks']:>6}{row['per_rank']:>9}  {row['method']:<13}"
               f"{row['max_over_lb']:>9.4f}{row['ms']:>9.2f}  {count} ({100 * share:.1f}%)")
-    write_json(json_path, table)
+    if splits:
+        print(f"\nlengths capped at {args.split_max_len}, free counts: samples whole vs split; worst max/LB and "
+              f"max/mean (total / R), median ms; split samples, chunks and key/value tokens moved, worst batch")
+        print(f"{'distribution':<14}{'ranks':>6}{'per_rank':>9}  {'method':<13}{'max/LB':>9}{'max/mean':>9}"
+              f"{'ms':>9}{'split':>7}{'chunks':>8}{'kv_tokens':>11}")
+        for row in splits:
+            print(f"{row['distribution']:<14}{row['ranks']:>6}{row['per_rank']:>9}  {row['method']:<13}"
+                  f"{row['max_over_lb']:>9.4f}{row['max_over_mean']:>9.4f}{row['ms']:>9.2f}{row['split_samples']:>7}"
+                  f"{row['chunks']:>8}{row['kv_tokens']:>11}")
+    write_json(json_path, table + splits)
     return 0

@@ -64,14 +64,17 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     capture_s = time.perf_counter() - started
     rows, bubbles, results = ablation(step, setting, lengths)
     keys = ["config", "ranks", "bubble_fraction", "reduction_vs_baseline", "step_ms", "compute_ms",
-            "exposed_comm_ms", "idle_ms", "contention_ms"]
+            "exposed_comm_ms", "idle_ms", "contention_ms", "split_samples", "kv_gb", "kv_exchange_ms"]
     print(_table(rows, keys))
     if args.readme:
-        replace_section(args.readme, "sim-ablation", (
+        command = f"python -m sim ablation --ranks {setting.ranks}"
+        if args.lengths_from:
+            command += f" --lengths-from {args.lengths_from} --json {args.json} --png {args.png}"
+        replace_section(args.readme, args.readme_section, (
             f"Simulated ({args.device} profile, {setting.ranks} ranks in nodes of 8, {step.scale.describe()}, lengths "
             f"{lengths.source}, SM contention {setting.contention}, {setting.steps} steps, seed {setting.seed}; "
-            f"`python -m sim ablation --ranks {setting.ranks}`; `results/sim-ablation.json`, "
-            "`results/sim-ablation.png`):\n\n" + _table(rows, keys[:4] + keys[4:8])))
+            f"`{command}`; `{args.json}`, `{args.png}`; split rows: samples split per step and the keys/values they move per "
+            "step, all layers, forward and backward):\n\n" + _table(rows, keys[:8] + keys[9:11])))
     doc = {"rows": rows, "model": step.scale.describe(), "setting": dataclasses.asdict(setting),
            "lengths": lengths.source, "capture_seconds": capture_s, "passes": step.passes,
            "loadavg": os.getloadavg()}
@@ -137,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--png", default="results/sim-ablation.png")
     p.add_argument("--trace", default=None, help="Chrome/Perfetto trace of ranks 0-15: baseline step, then all")
     p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:sim-ablation --> section")
+    p.add_argument("--readme-section", default="sim-ablation", help="the README section's name (default sim-ablation)")
     p.set_defaults(fn=cmd_ablation)
     p = sub.add_parser("sensitivity", help="baseline vs all under each swept assumption")
     _common(p)

@@ -20,11 +20,12 @@ from typing import Any
 
 import numpy as np
 
-from fsc.runtime.balancer import Balancer
+from fsc.runtime.balancer import Balancer, QuadraticCost
 from fsc.runtime.bubble_trace import StepBubbles, summarize
 from sim.engine import StepResult, simulate
 from sim.hstu import CONFIGS, HSTUStep
 from sim.lengths import LengthDistribution
+from sim.split import Shares, exchange_seconds
 from sim.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -54,21 +55,52 @@ def assign(lengths: np.ndarray, ranks: int, *, balance: bool, cost, seed: int) -
     return [lengths[assignment.samples_of(r)] for r in range(ranks)]
 
 
+def quadratic_fit(cost, max_len: int) -> QuadraticCost:
+    """``a * L**2 + b * L`` fitted (least squares, relative error, on 64 lengths up to
+    ``max_len``) to the step model's per-sample seconds, for the split balancer, which needs
+    the polynomial to cost chunks. The model's seconds are a roofline per node (a max of
+    compute and memory time, plus overhead), so the fit is close, not exact."""
+    grid = np.unique(np.rint(np.geomspace(1, max(max_len, 1), 64))).astype(np.int64)
+    y = np.asarray(cost(grid), dtype=np.float64)
+    x = grid.astype(np.float64)
+    weight = 1.0 / np.maximum(y, np.finfo(np.float64).tiny)
+    (a, b), *_ = np.linalg.lstsq(np.stack([x * x, x], axis=1) * weight[:, None], y * weight, rcond=None)
+    return QuadraticCost(a=max(float(a), 0.0), b=max(float(b), 0.0))
+
+
+def split_shares(lengths: np.ndarray, ranks: int, *, cost: QuadraticCost) -> Shares:
+    """Balance with splits (free counts) and describe each rank's chunks and transfers."""
+    assignment = Balancer(ranks=ranks, counts="free", cost=cost, split=True).assign_lengths(lengths)
+    return Shares.from_assignment(assignment)
+
+
 def run_config(step: HSTUStep, setting: Setting, lengths: LengthDistribution, config: str,
-               *, record: bool = False) -> tuple[list[StepBubbles], list[StepResult]]:
+               *, record: bool = False, stats: list[dict[str, Any]] | None = None
+               ) -> tuple[list[StepBubbles], list[StepResult]]:
+    """``stats``, if given, receives per step the split samples, the key/value tokens sent per
+    layer and direction, one layer's exchange time and whether it leaves a node."""
     if config not in CONFIGS:
         raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     flags = CONFIGS[config]
     topo = setting.topology()
     cost = step.sample_cost(topo, setting.attention)
+    fit = quadratic_fit(cost, step.scale.max_len) if flags["split"] else None
     bubbles, results = [], []
     for s in range(setting.steps):
         rng = np.random.default_rng([setting.seed, s])
         batch = lengths.draw(setting.ranks * step.scale.batch_per_rank, rng, step.scale.max_len)
-        per_rank = assign(batch, setting.ranks, balance=flags["balance"], cost=cost, seed=setting.seed + s)
-        ops = step.ops(step.ranks(per_rank), topo, overlap=flags["overlap"], sm_free=flags["sm_free"],
-                       attention=setting.attention)
+        if flags["split"]:
+            shares = split_shares(batch, setting.ranks, cost=fit)
+        else:
+            shares = Shares.whole(assign(batch, setting.ranks, balance=flags["balance"], cost=cost,
+                                         seed=setting.seed + s))
+        exchange = exchange_seconds(shares, topo, step.kv_bytes)
+        ops = step.ops(step.ranks(shares.lengths, shares.offsets), topo, overlap=flags["overlap"],
+                       sm_free=flags["sm_free"], attention=setting.attention, exchange=exchange)
         result = simulate(ops, setting.ranks, contention=setting.contention, record=record)
+        if stats is not None:
+            stats.append({"split_samples": shares.split_samples, "kv_tokens": shares.kv_tokens,
+                          "kv_exchange_ms": exchange[0] * 1e3, "kv_leaves_node": exchange[1]})
         bubbles += result.bubbles(step=s)
         results.append(result)
     return bubbles, results
@@ -80,14 +112,23 @@ def ablation(step: HSTUStep, setting: Setting, lengths: LengthDistribution,
     rows, all_bubbles, all_results = [], {}, {}
     for config in configs:
         started = time.perf_counter()
-        bubbles, results = run_config(step, setting, lengths, config, record=config in ("baseline", "all"))
+        stats: list[dict[str, Any]] = []
+        bubbles, results = run_config(step, setting, lengths, config, record=config in ("baseline", "all"),
+                                      stats=stats)
         summary = summarize(bubbles)
         all_bubbles[config], all_results[config] = bubbles, results
         contention = float(np.mean([r.contention_s.mean() for r in results])) * 1e3
         rows.append({"config": config, "ranks": setting.ranks, "bubble_fraction": summary["bubble_fraction"],
                      "step_ms": summary["step_ms"], "compute_ms": summary["compute_ms"],
                      "exposed_comm_ms": summary["exposed_comm_ms"], "idle_ms": summary["idle_ms"],
-                     "contention_ms": contention, "sim_seconds": time.perf_counter() - started,
+                     "contention_ms": contention,
+                     # per step, mean over steps: samples split, and the keys/values they move in
+                     # all layers, forward and backward (GB)
+                     "split_samples": float(np.mean([x["split_samples"] for x in stats])),
+                     "kv_gb": float(np.mean([x["kv_tokens"] for x in stats])) * step.kv_bytes
+                     * step.scale.layers * 2 / 1e9,
+                     "kv_exchange_ms": float(np.mean([x["kv_exchange_ms"] for x in stats])),
+                     "sim_seconds": time.perf_counter() - started,
                      "loadavg": os.getloadavg()[0]})
     base = next((r["bubble_fraction"] for r in rows if r["config"] == "baseline"), None)
     for r in rows:

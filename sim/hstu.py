@@ -16,7 +16,11 @@ Configurations (the paper's ablation):
               same step model gives a sample of length L;
 ``overlap``   + the freescale pipeline's schedule (prioritize, split, overlap) and its waits;
 ``sm-free``   + all-to-alls as copy-engine transfers (no SM contention);
-``all``       the three together.
+``all``       the three together;
+``lb-split``  ``lb`` with ``Balancer(split=True)``: samples heavier than a rank's share are
+              cut into chunks on several ranks, with their key/value exchange per layer
+              (:mod:`sim.split`);
+``all-split`` ``all`` with the same splits.
 """
 
 from __future__ import annotations
@@ -31,17 +35,20 @@ import sympy
 
 from fsc.analysis.cost_model import DeviceProfile
 from sim.engine import Compute, Issue, Op, Wait
+from sim.split import with_exchange
 from sim.topology import Topology, profile
 from sim.workload import GraphProgram, Ranks, T, programs_from_graphs
 
 log = logging.getLogger(__name__)
 
 CONFIGS: dict[str, dict[str, bool]] = {
-    "baseline": {"balance": False, "overlap": False, "sm_free": False},
-    "lb": {"balance": True, "overlap": False, "sm_free": False},
-    "overlap": {"balance": False, "overlap": True, "sm_free": False},
-    "sm-free": {"balance": False, "overlap": False, "sm_free": True},
-    "all": {"balance": True, "overlap": True, "sm_free": True},
+    "baseline": {"balance": False, "overlap": False, "sm_free": False, "split": False},
+    "lb": {"balance": True, "overlap": False, "sm_free": False, "split": False},
+    "overlap": {"balance": False, "overlap": True, "sm_free": False, "split": False},
+    "sm-free": {"balance": False, "overlap": False, "sm_free": True, "split": False},
+    "all": {"balance": True, "overlap": True, "sm_free": True, "split": False},
+    "lb-split": {"balance": True, "overlap": False, "sm_free": False, "split": True},
+    "all-split": {"balance": True, "overlap": True, "sm_free": True, "split": True},
 }
 
 
@@ -128,10 +135,18 @@ class HSTUStep:
         fn = sympy.lambdify(T, self.send_rows, "numpy")
         return np.broadcast_to(np.asarray(fn(tokens), dtype=np.float64), tokens.shape).copy()
 
-    def ranks(self, lengths: Sequence[np.ndarray]) -> Ranks:
+    def ranks(self, lengths: Sequence[np.ndarray], offsets: Sequence[np.ndarray] | None = None) -> Ranks:
+        """Per-rank quantities; ``offsets``: each chunk's first position in its sample (split
+        samples, see :class:`sim.workload.Ranks`)."""
         tokens = np.array([float(np.sum(x)) for x in lengths])
         send = self._send(tokens)
-        return Ranks(lengths=tuple(np.asarray(x) for x in lengths), send=send, recv=np.full_like(send, send.mean()))
+        return Ranks(lengths=tuple(np.asarray(x) for x in lengths), send=send, recv=np.full_like(send, send.mean()),
+                     offsets=None if offsets is None else tuple(np.asarray(p) for p in offsets))
+
+    @property
+    def kv_bytes(self) -> float:
+        """Keys and values of one token in one layer, fp32 (what a split sends per token)."""
+        return 4.0 * self.scale.heads * (self.scale.qk_dim + self.scale.v_dim)
 
     def compute_seconds(self, ranks: Ranks, topo: Topology, attention: str = "jagged") -> np.ndarray:
         """Per-rank forward + backward compute seconds (no communication)."""
@@ -159,16 +174,21 @@ class HSTUStep:
         return cost
 
     def ops(self, ranks: Ranks, topo: Topology, *, overlap: bool, sm_free: bool, attention: str = "jagged",
-            optimizer: bool = True) -> list[Op]:
-        """The whole step's ops (see the module docstring)."""
+            optimizer: bool = True, exchange: tuple[float, bool] = (0.0, False)) -> list[Op]:
+        """The whole step's ops (see the module docstring). ``exchange``: one layer's key/value
+        exchange time for split samples and whether it leaves a node
+        (:func:`sim.split.exchange_seconds`); 0 without splits."""
         dev = topo.device
         progs = self.programs["freescale" if overlap else "program"]
         tiny = topo.all_reduce_seconds(8.0)
         ops: list[Op] = [Issue(name="tokens_allreduce", group="world", seconds=tiny),
                          Wait(name="tokens_allreduce.wait", collective="tokens_allreduce")]
+        seconds, crosses = exchange
         for kind in ("forward", "backward"):
-            ops += progs[kind].ops(ranks, topo, attention=attention, blocking=not overlap, sm_free=sm_free,
-                                   prefix=f"{kind}.")
+            graph = progs[kind].ops(ranks, topo, attention=attention, blocking=not overlap, sm_free=sm_free,
+                                    prefix=f"{kind}.")
+            ops += with_exchange(graph, layers=self.scale.layers, seconds=seconds, blocking=not overlap,
+                                 sm_based=not (sm_free and not crosses), prefix=f"{kind}.")
         dense = self.scale.dense_parameters()
         bucket = self.scale.bucket_mb * 2**20
         total = 4.0 * dense

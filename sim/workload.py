@@ -59,16 +59,25 @@ class Ranks:
     """Per-rank quantities (arrays of length R)."""
 
     lengths: tuple[np.ndarray, ...]
-    """Each rank's sample lengths (tokens per sample)."""
+    """Each rank's sample lengths (tokens per sample), or per chunk of a split sample."""
     send: np.ndarray
     recv: np.ndarray
+    offsets: tuple[np.ndarray, ...] | None = None
+    """Per rank, each chunk's first query position in its sample (0 for a whole sample).
+    A chunk of n queries from position p attends to keys [0, p + n): its ``L**k`` terms
+    become ``(p + n)**k - p**k`` (for k = 2: twice its causal query-key pairs, less n, as the
+    whole sample's ``L**2`` is)."""
 
     @property
     def tokens(self) -> np.ndarray:
         return np.array([float(x.sum()) for x in self.lengths])
 
     def power_sum(self, k: int) -> np.ndarray:
-        return np.array([float((x.astype(np.float64) ** k).sum()) for x in self.lengths])
+        if self.offsets is None:
+            return np.array([float((x.astype(np.float64) ** k).sum()) for x in self.lengths])
+        return np.array([float(((p + x) ** k - p**k).sum())
+                         for x, p in zip((x.astype(np.float64) for x in self.lengths),
+                                         (p.astype(np.float64) for p in self.offsets))])
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True, eq=False)

@@ -5,6 +5,8 @@ Implemented:
 - the balancer (:mod:`fsc.runtime.balancer`): assigns a global batch's samples to ranks
   so that the largest per-rank cost is near its lower bound; equal counts by default,
   unequal counts on request; deterministic, so every rank computes the same assignment.
+  With ``split=True`` it cuts samples heavier than a rank's share into contiguous chunks
+  on several ranks (:mod:`fsc.runtime.balance_split`).
   Lower bounds in :mod:`fsc.runtime.balance_bounds`, algorithms in
   :mod:`fsc.runtime.balance_search`, the collective helpers (gathering lengths, the
   global-token loss normalizer) in :mod:`fsc.runtime.balance_dist`.
@@ -43,6 +45,9 @@ _EXPORTS = {
     "balance": "fsc.runtime.balancer",
     "LowerBound": "fsc.runtime.balance_bounds",
     "lower_bound": "fsc.runtime.balance_bounds",
+    "split_lower_bound": "fsc.runtime.balance_bounds",
+    "Chunk": "fsc.runtime.balance_split",
+    "SplitPlan": "fsc.runtime.balance_split",
     "gather_lengths": "fsc.runtime.balance_dist",
     "global_token_count": "fsc.runtime.balance_dist",
     "loss_normalizer": "fsc.runtime.balance_dist",

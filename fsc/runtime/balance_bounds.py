@@ -32,6 +32,21 @@ cap; 0 otherwise):
     ``c[R-1] + c[R]``: with more samples than ranks, two of the ``R + 1`` heaviest share
     a rank.
 
+With splits (``Balancer(split=True)``, :func:`split_lower_bound`), a sample may be cut into
+contiguous chunks whose costs add up to its own, so only two bounds hold:
+
+``mean``
+    ``sum(c) / R`` as above (cutting leaves the total unchanged); the target the split
+    balancer aims at.
+
+``spanned``
+    ``c[i] / m_i`` for the sample maximizing it, where ``m_i = min(R, max_span, L_i)`` is
+    the most chunks it may be cut into (at least one token each): one of its chunks costs at
+    least the average. It beats ``mean`` only when ``max_span`` caps a very heavy sample.
+
+The keys and values that a split sends to later chunks' ranks are not in these bounds:
+they are communication, reported by the assignment and not added to the compute loads.
+
 Not used: "the ``f`` smallest costs", the bound one might first write for equal counts,
 because it never beats ``mean`` (``f <= n / R`` samples of at most average weight).
 """
@@ -42,7 +57,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-__all__ = ["LowerBound", "lower_bound"]
+__all__ = ["LowerBound", "lower_bound", "split_lower_bound"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -50,7 +65,7 @@ class LowerBound:
     """The best of the bounds above: its value and which one it was."""
 
     value: float
-    name: str  # "mean", "heaviest" or "pigeonhole"
+    name: str  # "mean", "heaviest" or "pigeonhole"; with splits "mean" or "spanned"
     k: int = 0  # "heaviest": over the k heaviest samples; "pigeonhole": k + 1 of the k * R + 1 heaviest share a rank
 
 
@@ -93,4 +108,18 @@ def lower_bound(costs: np.ndarray, ranks: int, *, min_count: int = 0) -> LowerBo
         i = int(np.argmax(values))
         if values[i] > best.value:
             best = LowerBound(value=float(values[i]), name="pigeonhole", k=int(k[i]))
+    return best
+
+
+def split_lower_bound(costs: np.ndarray, ranks: int, *, lengths: np.ndarray, span: int) -> LowerBound:
+    """The bound when samples may be cut (module docstring): ``mean``, or ``spanned`` when a
+    sample capped at ``min(ranks, span, length)`` chunks still outweighs it."""
+    c = np.asarray(costs, dtype=np.float64)
+    best = LowerBound(value=float(np.sum(c)) / ranks if len(c) else 0.0, name="mean")
+    if len(c):
+        parts = np.maximum(np.minimum(np.minimum(ranks, span), np.asarray(lengths, dtype=np.int64)), 1)
+        per = c / parts
+        i = int(np.argmax(per))
+        if per[i] > best.value:
+            best = LowerBound(value=float(per[i]), name="spanned", k=int(parts[i]))
     return best

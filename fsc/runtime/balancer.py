@@ -37,6 +37,20 @@ fix: the rank holding it is the critical path whatever the others do. The assign
 counts such samples and their share of the total cost, and logs a warning, so a low
 ``max / LB`` is never mistaken for a balanced step.
 
+Splits (``split=True``, with ``counts="free"`` and ``cost=QuadraticCost``; lengths through
+:meth:`Balancer.assign_lengths`). Such a sample is cut into contiguous chunks on several
+ranks (:mod:`fsc.runtime.balance_split`: wrap-around at multiples of the mean load, chunk
+costs from the query and key ranges of a causal sequence), and the rest is balanced around
+them; light samples are cut too when, whole, they leave a rank above the mean by more than
+``split_tolerance``. ``assignment.chunks_of(rank)`` then lists the token ranges a rank
+runs and, for each chunk, the ranks holding the sample's earlier chunks (whose keys and
+values it needs; ``kv_bytes`` at ``kv_bytes_per_token``); ``samples_of`` refuses an
+assignment with split samples, and their ``rank_of`` is -1. The bound is then ``total / R``
+(:func:`~fsc.runtime.balance_bounds.split_lower_bound`). Permuted lengths give the same
+multiset of rank loads and, when no two split samples have the same length, the same cuts
+per sample (equal lengths may trade cuts); rank labels may differ. Speed: 8192 samples on
+256 ranks in 6-11 ms (``python -m bench balance``, its split rows).
+
 Speed (numpy, one core of a shared 2-core CPU; ``python -m bench balance``): 8192
 samples on 256 ranks take about 2 ms with ``kk-equal`` and 3-4 ms with ``freescale``
 (up to about 10 ms when many samples are stragglers). Every limit on the work is a count
@@ -54,13 +68,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from fsc.errors import FscError
-from fsc.runtime import balance_search
-from fsc.runtime.balance_bounds import LowerBound, lower_bound
+from fsc.runtime import balance_search, balance_split
+from fsc.runtime.balance_bounds import LowerBound, lower_bound, split_lower_bound
+from fsc.runtime.balance_split import SplitPlan
 
 __all__ = [
     "COUNT_RULES",
@@ -94,6 +109,20 @@ class QuadraticCost:
         length = np.asarray(lengths, dtype=np.float64)
         return self.a * length * length + self.b * length
 
+    @classmethod
+    def from_coefficients(cls, coefficients) -> QuadraticCost:
+        """From a polynomial's coefficients, highest degree first (e.g.
+        ``fsc.last_compile().sample_cost().flops_polynomial().all_coeffs()``). A constant
+        term is dropped: it is the same for every sample and does not move the balance."""
+        coeffs = [float(c) for c in coefficients]
+        if len(coeffs) > 3:
+            raise BalanceError(f"QuadraticCost takes a polynomial of degree <= 2, got {len(coeffs) - 1} "
+                               f"({coeffs})")
+        a, b = ([0.0] * (3 - len(coeffs)) + coeffs)[:2]
+        if a < 0 or b < 0:
+            raise BalanceError(f"QuadraticCost needs a >= 0 and b >= 0, got a={a}, b={b}")
+        return cls(a=a, b=b)
+
 
 @dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class Assignment:
@@ -110,6 +139,9 @@ class Assignment:
     straggler_share: float  # their share of the total cost (0..1)
     _order: np.ndarray = field(repr=False)  # samples grouped by rank, ascending within a rank
     _starts: np.ndarray = field(repr=False)
+    # With Balancer(split=True): every rank's token ranges (a whole sample is one chunk).
+    # rank_of is then -1 for a sample on several ranks, and counts count chunks.
+    chunks: SplitPlan | None = None
 
     @property
     def max_load(self) -> float:
@@ -124,11 +156,32 @@ class Assignment:
         """Largest load over the lower bound (1.0 when both are 0: nothing to balance)."""
         return self.max_load / self.bound.value if self.bound.value > 0 else 1.0
 
+    @property
+    def split_samples(self) -> int:
+        """Samples cut across ranks (0 without ``split=True``)."""
+        return 0 if self.chunks is None else self.chunks.split_samples
+
     def samples_of(self, rank: int) -> np.ndarray:
-        """Indices into the global batch of the samples that ``rank`` runs, ascending."""
+        """Indices into the global batch of the samples that ``rank`` runs, ascending. Refused
+        when samples were split: a rank then runs token ranges (:meth:`chunks_of`)."""
         if not 0 <= rank < self.ranks:
             raise BalanceError(f"rank {rank} is out of range for {self.ranks} ranks")
+        if self.split_samples:
+            raise BalanceError(
+                f"{self.split_samples} samples are split across ranks: samples_of cannot describe a rank's "
+                f"share; use chunks_of(rank) (token ranges, with the ranks holding each earlier chunk)"
+            )
         return self._order[self._starts[rank] : self._starts[rank + 1]]
+
+    def chunks_of(self, rank: int) -> tuple[balance_split.Chunk, ...]:
+        """The token ranges ``rank`` runs (``Balancer(split=True)`` only): per chunk its sample,
+        ``[start, stop)``, and the (rank, start, stop) of the sample's earlier chunks, whose
+        keys and values it needs."""
+        if not 0 <= rank < self.ranks:
+            raise BalanceError(f"rank {rank} is out of range for {self.ranks} ranks")
+        if self.chunks is None:
+            raise BalanceError("chunks_of needs an assignment made with Balancer(split=True); use samples_of")
+        return self.chunks.chunks_of(rank)
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -151,6 +204,16 @@ class Balancer:
     # accuracy; 1e-4 reaches 1.0001 on the benchmark at two to three times the time.
     tolerance: float = 5e-4
     seed: int = 0  # for method="random"
+    # Cut samples heavier than the mean per-rank load into contiguous chunks on several ranks
+    # (fsc.runtime.balance_split). Needs lengths (assign_lengths), cost=QuadraticCost and
+    # counts="free" (chunks make per-rank shapes differ anyway; normalize the loss by the
+    # global token count).
+    split: bool = False
+    max_span: int | None = None  # most ranks one sample may span (None: all ranks)
+    kv_bytes_per_token: float = 0.0  # keys + values of one token, all layers: for the reported bytes
+    # With split=True: when light samples balanced whole leave the largest load above
+    # (total / R) * (1 + split_tolerance), light samples are cut too (inf: never).
+    split_tolerance: float = 0.005
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
@@ -170,6 +233,31 @@ class Balancer:
         for name in ("exact_max_samples", "search_nodes", "refine_rounds", "refine_patience", "tolerance"):
             if getattr(self, name) < 0:
                 raise BalanceError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not isinstance(self.split, bool):
+            raise BalanceError(f"split must be True or False, got {self.split!r}")
+        if not (isinstance(self.kv_bytes_per_token, (int, float)) and np.isfinite(self.kv_bytes_per_token)
+                and self.kv_bytes_per_token >= 0):
+            raise BalanceError(f"kv_bytes_per_token must be a finite number >= 0, got {self.kv_bytes_per_token!r}")
+        if not (isinstance(self.split_tolerance, (int, float)) and self.split_tolerance >= 0):
+            raise BalanceError(f"split_tolerance must be a number >= 0 (inf: never cut light samples), "
+                               f"got {self.split_tolerance!r}")
+        if self.max_span is not None and (isinstance(self.max_span, bool) or not isinstance(self.max_span, int)
+                                          or self.max_span < 1):
+            raise BalanceError(f"max_span must be a positive int or None, got {self.max_span!r}")
+        if self.split:
+            if self.counts != "free":
+                raise BalanceError(
+                    "split=True needs counts='free': a rank holding a long sample's chunk must hold fewer "
+                    "samples, and the loss must then be normalized by the global token count"
+                )
+            if not isinstance(self.cost, QuadraticCost):
+                raise BalanceError(
+                    f"split=True needs cost=QuadraticCost(a=..., b=...) (chunk costs come from its coefficients), "
+                    f"got cost={self.cost!r}; for a compiled model: QuadraticCost.from_coefficients("
+                    f"fsc.last_compile().sample_cost().flops_polynomial().all_coeffs())"
+                )
+        elif self.max_span is not None:
+            raise BalanceError(f"max_span={self.max_span} needs split=True")
 
     # ------------------------------------------------------------------ entry points
 
@@ -189,6 +277,10 @@ class Balancer:
         costs = np.asarray(self.cost(length))
         if costs.shape != length.shape:
             raise BalanceError(f"the cost function returned shape {costs.shape} for lengths of shape {length.shape}")
+        if self.split:
+            if (length != np.rint(length)).any():
+                raise BalanceError("split=True needs whole-token lengths (integers)")
+            return self._assign_split(length.astype(np.int64), costs.astype(np.float64), home)
         return self.assign(costs, home=home)
 
     def assign(self, costs: np.ndarray, *, home: np.ndarray | None = None) -> Assignment:
@@ -198,17 +290,12 @@ class Balancer:
         labels are then permuted so that as many samples as possible stay where they are
         (greedily, largest overlap first); loads and counts are unchanged, only less data
         moves."""
-        c = np.asarray(costs, dtype=np.float64)
-        if c.ndim != 1:
-            raise BalanceError(f"costs must be 1-D (one per sample), got shape {c.shape}")
-        if not np.isfinite(c).all() or (c < 0).any():
-            raise BalanceError("costs must be finite and >= 0 (a cost function returned a negative or NaN)")
+        if self.split:
+            raise BalanceError("split=True cuts samples by their token counts: call assign_lengths(lengths)")
+        c = self._check_costs(costs)
         n, r = len(c), self.ranks
         lo, hi = self._count_range(n)
-        if home is not None:
-            home = np.asarray(home)
-            if home.shape != (n,) or (n and (home.min() < 0 or home.max() >= r)):
-                raise BalanceError(f"home must hold one rank in [0, {r}) per sample ({n}), got shape {home.shape}")
+        home = self._check_home(home, n)
         q = _quantize(c, n)
         bound = lower_bound(c, r, min_count=lo)
         target = int(np.ceil(lower_bound(q, r, min_count=lo).value))  # loads are integers
@@ -218,6 +305,145 @@ class Balancer:
         return self._record(c, q, rank_of, bound, target, proven)
 
     # ------------------------------------------------------------------ internals
+
+    def _check_costs(self, costs: np.ndarray) -> np.ndarray:
+        c = np.asarray(costs, dtype=np.float64)
+        if c.ndim != 1:
+            raise BalanceError(f"costs must be 1-D (one per sample), got shape {c.shape}")
+        if not np.isfinite(c).all() or (c < 0).any():
+            raise BalanceError("costs must be finite and >= 0 (a cost function returned a negative or NaN)")
+        return c
+
+    def _check_home(self, home: np.ndarray | None, n: int) -> np.ndarray | None:
+        if home is None:
+            return None
+        home = np.asarray(home)
+        r = self.ranks
+        if home.shape != (n,) or (n and (home.min() < 0 or home.max() >= r)):
+            raise BalanceError(f"home must hold one rank in [0, {r}) per sample ({n}), got shape {home.shape}")
+        return home.astype(np.int64)
+
+    def _peak(self, sample: np.ndarray, start: np.ndarray, stop: np.ndarray, rank: np.ndarray, c: np.ndarray,
+              length: np.ndarray) -> float:
+        """Largest rank load of a chunk placement."""
+        cost = c[sample].copy()
+        chunked = (start > 0) | (stop < length[sample])
+        cost[chunked] = balance_split.chunk_cost(self.cost.a, self.cost.b, start[chunked], stop[chunked])
+        return float(np.bincount(rank, weights=cost, minlength=self.ranks).max())
+
+    def _assign_split(self, length: np.ndarray, costs: np.ndarray, home: np.ndarray | None) -> Assignment:
+        """Cut samples heavier than the mean per-rank load and balance the rest around them
+        (fsc.runtime.balance_split)."""
+        c = self._check_costs(costs)
+        n, r = len(c), self.ranks
+        home = self._check_home(home, n)
+        span = r if self.max_span is None else min(self.max_span, r)
+        cap = float(c.sum()) / r if r > 1 else 0.0  # one rank: nothing to cut
+        heavy = c > cap if cap > 0.0 else np.zeros(n, dtype=bool)
+        need = np.zeros(n)
+        need[heavy] = np.ceil(c[heavy] / cap)
+        # The wrap lays a sample of cost c over at most ceil(c / cap) + 1 ranks (fewer than all R);
+        # a sample that might need more than max_span ranks, or than it has tokens, is capped.
+        capped = heavy & (np.minimum(need + 1, r) > np.minimum(span, length))
+        placed = self._wrap_heavy(length, c, heavy, capped, cap, span)
+        if r > 1 and not capped.any() and self.split_tolerance < np.inf:
+            peak = self._peak(*placed, c, length)
+            if peak > cap * (1.0 + self.split_tolerance):
+                cut_light = self._wrap_all(length, c, heavy, cap)
+                fits = self.max_per_rank is None or np.bincount(cut_light[3], minlength=r).max() <= self.max_per_rank
+                if fits and self._peak(*cut_light, c, length) < peak:
+                    placed = cut_light
+        sample, start, stop, rank = placed
+        if home is not None:
+            rank = _keep_home(rank, home[sample], r)
+        return self._record_split(length, c, sample, start, stop, rank, capped, span)
+
+    def _wrap_heavy(self, length: np.ndarray, c: np.ndarray, heavy: np.ndarray, capped: np.ndarray, cap: float,
+                    span: int) -> tuple[np.ndarray, ...]:
+        """Heavy samples wrapped onto the first ranks; light samples whole and capped ones in
+        equal chunks balanced on the ranks left, the wrap's last, partly filled rank entering
+        as one item of its load. Returns (sample, start, stop, rank) per chunk."""
+        r, a, b = self.ranks, self.cost.a, self.cost.b
+        wrapped = np.flatnonzero(heavy & ~capped)
+        wrapped = wrapped[np.lexsort((wrapped, -c[wrapped]))]  # heaviest first, ties to the lower index
+        w_sample, w_start, w_stop, w_rank, full = balance_split.wrap(length[wrapped], c[wrapped], a, b, cap=cap,
+                                                                     ranks=r)
+        w_sample = wrapped[w_sample]
+        rest = np.flatnonzero(~heavy | capped)
+        sample, start, stop, item = balance_split.pieces(length[rest], c[rest], a, b, cap=cap, span=span)
+        sample = rest[sample]
+        if len(wrapped):
+            partly = w_rank == full
+            item = np.append(item, balance_split.chunk_cost(a, b, w_start[partly], w_stop[partly]).sum())
+        free = r - full
+        # Two rounds of refinement at most: where the light samples do not balance whole by
+        # then, more rounds rarely help (seen: Zipf(2) lengths, 1.018 after 12 rounds and 40 ms),
+        # and cutting them too (_wrap_all) is exact.
+        sub = replace(self, ranks=free, split=False, max_span=None, refine_rounds=min(self.refine_rounds, 2),
+                      refine_patience=min(self.refine_patience, 1))
+        k = len(item)
+        lo, hi = sub._count_range(k)
+        q = _quantize(item, k)
+        target = int(np.ceil(lower_bound(q, free, min_count=lo).value))
+        rank_of, _ = sub._solve(q, lo, hi, target)
+        label = np.arange(full, r, dtype=np.int64)
+        if len(wrapped):  # the rank that drew the partly filled rank's item becomes that rank
+            label = np.insert(np.arange(full + 1, r, dtype=np.int64), int(rank_of[-1]), full)
+            rank_of = rank_of[:-1]
+        sample, start, stop, rank = balance_split.spread(sample, start, stop, label[rank_of])
+        return tuple(np.concatenate(pair) for pair in
+                     ((w_sample, sample), (w_start, start), (w_stop, stop), (w_rank, rank)))
+
+    def _wrap_all(self, length: np.ndarray, c: np.ndarray, heavy: np.ndarray, cap: float) -> tuple[np.ndarray, ...]:
+        """Every sample wrapped, heaviest first, a light one cut only where both sides of a
+        boundary hold more than half the tolerance of it (each rank then ends within the
+        tolerance of the mean). Returns (sample, start, stop, rank) per chunk."""
+        every = np.lexsort((np.arange(len(c)), -c))
+        snap = np.where(heavy[every], 0.0, 0.5 * self.split_tolerance * cap)
+        sample, start, stop, rank, _ = balance_split.wrap(length[every], c[every], self.cost.a, self.cost.b,
+                                                          cap=cap, ranks=self.ranks, snap=snap)
+        return every[sample], start, stop, rank
+
+    def _record_split(self, length: np.ndarray, c: np.ndarray, sample: np.ndarray, start: np.ndarray,
+                      stop: np.ndarray, rank: np.ndarray, capped: np.ndarray, span: int) -> Assignment:
+        n, r = len(c), self.ranks
+        chunked = (start > 0) | (stop < length[sample])
+        chunk_costs = c[sample].copy()  # a whole sample keeps its own cost, bit for bit
+        chunk_costs[chunked] = balance_split.chunk_cost(self.cost.a, self.cost.b, start[chunked], stop[chunked])
+        plan = SplitPlan.build(ranks=r, sample=sample, start=start, stop=stop, rank=rank, cost=chunk_costs,
+                               lengths=length, kv_bytes_per_token=float(self.kv_bytes_per_token))
+        whole_rank = np.full(n, -1, dtype=np.int64)
+        whole = ~np.isin(np.arange(n), sample[chunked])
+        whole_rank[sample[~chunked]] = rank[~chunked]
+        loads = np.bincount(rank, weights=chunk_costs, minlength=r).astype(np.float64)
+        counts = np.bincount(rank, minlength=r).astype(np.int64)
+        held = np.flatnonzero(whole)
+        order = held[np.argsort(whole_rank[held], kind="stable")]
+        starts = np.concatenate(([0], np.cumsum(np.bincount(whole_rank[held], minlength=r)))).astype(np.int64)
+        bound = split_lower_bound(c, r, lengths=length, span=span)
+        total = float(c.sum())
+        # Samples cut into fewer chunks than their cost needs (max_span, or too few tokens): one
+        # of their chunks still outweighs the mean load.
+        stragglers = int(capped.sum())
+        share = float(c[capped].sum() / total) if stragglers else 0.0
+        for x in (whole_rank, loads, counts, order, starts):
+            x.setflags(write=False)
+        result = Assignment(
+            rank_of=whole_rank, ranks=r, loads=loads, counts=counts, bound=bound, method=self.method,
+            optimal=bool(n == 0 or loads.max() <= bound.value), stragglers=stragglers, straggler_share=share,
+            _order=order, _starts=starts, chunks=plan,
+        )
+        if stragglers:
+            logger.warning(
+                "balance: %d of %d samples stay heavier than the mean per-rank load after splitting "
+                "(max_span=%s, or fewer tokens than ranks); the heaviest sets the step", stragglers, n, self.max_span,
+            )
+        logger.debug(
+            "balance %s split: %d samples on %d ranks, %d split into %d chunks, max/LB %.4f (LB %s), "
+            "%.3g bytes of keys/values moved", self.method, n, r, plan.split_samples, len(sample),
+            result.max_over_lb, bound.name, plan.kv_bytes_total,
+        )
+        return result
 
     def _count_range(self, n: int) -> tuple[int, int]:
         r = self.ranks

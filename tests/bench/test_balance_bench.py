@@ -43,7 +43,8 @@ def test_movielens_lengths_are_ratings_per_user_with_short_histories_dropped(tmp
 def test_bench_writes_one_row_per_distribution_rank_count_and_method(tmp_path, capsys):
     ratings = write_ratings(tmp_path, "csv")
     out = tmp_path / "balance.json"
-    argv = ["--lengths-from", str(ratings), "--ranks", "2", "4", "--per-rank", "6", "--trials", "2", "--max-len", "30"]
+    argv = ["--lengths-from", str(ratings), "--ranks", "2", "4", "--per-rank", "6", "--trials", "2", "--max-len", "30",
+            "--split-max-len", "0"]
     assert bench.run(argv, str(out)) == 0
     rows = json.loads(out.read_text())
     assert len(rows) == 3 * 2 * 4
@@ -56,6 +57,31 @@ def test_bench_writes_one_row_per_distribution_rank_count_and_method(tmp_path, c
     theirs = {(r["distribution"], r["ranks"]): r["max_over_lb"] for r in rows if r["method"] == "kk-equal"}
     assert all(ours[k] <= theirs[k] + 1e-12 for k in ours)
     assert "freescale" in capsys.readouterr().out
+
+
+SPLIT_KEYS = ("chunks", "distribution", "kv_tokens", "max_len", "max_over_lb", "max_over_mean", "method", "ms",
+              "per_rank", "ranks", "split_samples")
+
+
+def test_bench_adds_split_rows_where_whole_samples_are_stuck_at_the_heaviest(tmp_path, capsys):
+    out = tmp_path / "balance.json"
+    argv = ["--ranks", "8", "--per-rank", "16", "--trials", "2", "--repeats", "1", "--split-max-len", "20000"]
+    assert bench.run(argv, str(out)) == 0
+    rows = [r for r in json.loads(out.read_text()) if "max_len" in r]
+    assert len(rows) == 2 * 1 * len(bench.SPLIT_METHODS)
+    assert {tuple(sorted(r)) for r in rows} == {SPLIT_KEYS}
+    by = {(r["distribution"], r["method"]): r for r in rows}
+    # Zipf(1.5) lengths up to 20,000 on 8 ranks of 16: whole samples are far from total / R, splits are not
+    assert by[("zipf", "whole-free")]["max_over_mean"] > 1.5
+    assert by[("zipf", "split")]["max_over_mean"] <= 1.01 and by[("zipf", "split")]["split_samples"] >= 1
+    assert by[("zipf", "split")]["kv_tokens"] > 0 and by[("zipf", "whole-free")]["kv_tokens"] == 0
+    assert "whole-free" in capsys.readouterr().out
+
+
+def test_split_rows_cap_lengths_at_their_own_max_len():
+    rows = bench.split_rows(distributions=["movielens"], ranks=[2], per_rank=4, max_len=7, cost=bench.EXAMPLE_COST,
+                            trials=1, seed=0, pool=np.array([3, 500]), repeats=1)
+    assert [r["method"] for r in rows] == list(bench.SPLIT_METHODS) and all(r["max_len"] == 7 for r in rows)
 
 
 def test_bench_caps_lengths_at_max_len_before_costing():
@@ -88,6 +114,7 @@ def test_bench_caps_lengths_at_max_len_before_costing():
         ["--trials", "0"],
         ["--repeats", "0"],
         ["--ranks", "0"],
+        ["--split-max-len", "-1"],
     ],
 )
 def test_bench_rejects_bad_arguments(tmp_path, argv):

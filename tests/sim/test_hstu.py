@@ -49,7 +49,10 @@ def test_ablation_is_deterministic_and_all_beats_baseline(step):
     strip = lambda rs: [{k: v for k, v in r.items() if k not in ("sim_seconds", "loadavg")} for r in rs]
     assert strip(rows) == strip(again)
     by = {r["config"]: r for r in rows}
-    assert set(by) == {"baseline", "lb", "overlap", "sm-free", "all"}
+    assert set(by) == {"baseline", "lb", "overlap", "sm-free", "all", "lb-split", "all-split"}
+    assert all(by[c]["split_samples"] == by[c]["kv_gb"] == 0 for c in ("baseline", "lb", "all"))
+    assert by["all-split"]["split_samples"] == by["lb-split"]["split_samples"]
+    assert (by["all-split"]["kv_gb"] > 0) == (by["all-split"]["split_samples"] > 0)
     assert by["all"]["bubble_fraction"] < by["baseline"]["bubble_fraction"]
     assert by["lb"]["idle_ms"] < by["baseline"]["idle_ms"]
     other, _, _ = ablation(step, Setting(ranks=16, steps=2, seed=6), dist, ("baseline",))
