@@ -41,6 +41,8 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in [
        "freescale's techniques alone and together (make bench)"),
     _B("gpu-check", "gpu_check", "on a CUDA machine, check and time every CUDA path in under 8 minutes "
        "(make gpu-check; --dry-run: its logic on CPU)", json="results/gpu.json"),
+    _B("torchrec-models", "torchrec_models", "TorchRec DMP models (EBC, EC) on 2 and 4 gloo ranks: eager, inductor "
+       "and fsc (fsc.integrations.torchrec), interleaved"),
     _B("balance-runs", "balance_runs", "HSTU on 2 and 4 gloo ranks with and without balancing"),
 ]}
 

@@ -125,14 +125,8 @@ def rows(*, distributions: list[str], ranks: list[int], per_rank: int, max_len: 
                 balancer.assign(batches[0])  # warm-up: first-call allocations
                 ratios, times, stragglers = [], [], []
                 for costs in batches:
-                    # Best of a few calls: the result is the same each time, and the
-                    # fastest is the one least disturbed by other processes.
-                    best = float("inf")
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        result = balancer.assign(costs)
-                        best = min(best, time.perf_counter() - start)
-                    times.append(best * 1e3)
+                    result, ms = _best_of(repeats, balancer.assign, costs)
+                    times.append(ms)
                     ratios.append(result.max_over_lb)
                     stragglers.append((result.stragglers, result.straggler_share))
                 if report is not None:
@@ -146,6 +140,17 @@ def rows(*, distributions: list[str], ranks: list[int], per_rank: int, max_len: 
                     "ms": statistics.median(times),
                 })
     return out
+
+
+def _best_of(repeats: int, assign, batch):
+    """``assign(batch)`` and its best time in ms over ``repeats`` calls: the result is the
+    same each time, and the fastest call is the one least disturbed by other processes."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = assign(batch)
+        best = min(best, time.perf_counter() - start)
+    return result, best * 1e3
 
 
 def split_rows(*, distributions: list[str], ranks: list[int], per_rank: int, max_len: int, cost: QuadraticCost,
@@ -166,12 +171,8 @@ def split_rows(*, distributions: list[str], ranks: list[int], per_rank: int, max
                 balancer.assign_lengths(batches[0])  # warm-up
                 ratios, means, times, split, chunks, kv = [], [], [], [], [], []
                 for lengths in batches:
-                    best = float("inf")
-                    for _ in range(repeats):
-                        start = time.perf_counter()
-                        result = balancer.assign_lengths(lengths)
-                        best = min(best, time.perf_counter() - start)
-                    times.append(best * 1e3)
+                    result, ms = _best_of(repeats, balancer.assign_lengths, lengths)
+                    times.append(ms)
                     ratios.append(result.max_over_lb)
                     means.append(result.max_load / (float(result.loads.sum()) / r))
                     plan = result.chunks
