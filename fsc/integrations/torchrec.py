@@ -39,7 +39,9 @@ names of those applied are in :func:`applied_fixes`. Remove a fix when upstream 
     compiled.
 ``sequence-all-to-all-nonempty``
     ``all2all_sequence_sync`` branches on ``local_T > 0`` (the lengths this rank received),
-    data-dependent too; asserted at run time the same way (an empty batch fails).
+    data-dependent too. The sharding plan settles it (a rank holding none of the sharding's
+    features receives nothing; the others receive lengths unless the batch is empty), and
+    it is asserted at run time the same way (an empty batch fails).
 ``warm-up``
     The first forward of a sharded module initialises its input distribution lazily (and
     logs); the compiled graph cannot contain that, so :func:`compile` runs one eager
@@ -249,13 +251,21 @@ def _assume_equal_batches() -> None:
 
 def _nonempty_sequence_sync(original: Callable[..., Any]) -> Callable[..., Any]:
     def all2all_sequence_sync(pg: Any, a2ai: Any, sharded_input_embeddings: torch.Tensor) -> torch.Tensor:
-        # TorchRec branches on `local_T > 0` (this rank's lengths after the id exchange),
-        # unbacked in a graph. Asserting it at run time decides the branch for tracing; a
-        # rank with no lengths at all (an empty batch) fails with this message.
+        # TorchRec branches on `local_T > 0` (the lengths this rank received for the features
+        # it holds), unbacked in a graph. The sharding plan settles it: a rank holding none
+        # of this sharding's features has an empty recat buffer (its size is static) and
+        # receives nothing; any other rank receives lengths unless the batch is empty.
+        # Asserted at run time, so a step that breaks it fails with this message.
         local_t = a2ai.lengths_after_sparse_data_all2all.shape[0]
-        torch._check(local_t > 0, lambda: (
-            "fsc.integrations.torchrec: a rank received no sequence lengths (empty batch); the compiled "
-            "sequence embedding all-to-all (fix 'sequence-all-to-all-nonempty') needs a non-empty one"))
+        recat = a2ai.forward_recat_tensor
+        if recat is not None and recat.numel() == 0:
+            torch._check(local_t == 0, lambda: (
+                "fsc.integrations.torchrec: a rank that holds no features of a sequence sharding received "
+                "lengths (fix 'sequence-all-to-all-nonempty')"))
+        else:
+            torch._check(local_t > 0, lambda: (
+                "fsc.integrations.torchrec: a rank received no sequence lengths (empty batch); the compiled "
+                "sequence embedding all-to-all (fix 'sequence-all-to-all-nonempty') needs a non-empty one"))
         return original(pg, a2ai, sharded_input_embeddings)
 
     all2all_sequence_sync.fsc_fix = True
