@@ -41,7 +41,8 @@ test: $(STAMP) $(TORCHREC_STAMP)
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not ranks and not inductor and not slow" tests
 
-# make bench: the end-to-end benchmark (results/e2e.json, results/e2e*.png, README table).
+# make bench: the end-to-end benchmark (results/e2e.json, results/e2e*.png, README table), then
+# the TorchRec models under eager, Inductor and fsc (results/torchrec-models.json, README table).
 # TorchRec 1.8.0 + fbgemm-gpu-cpu 1.8.0 install with --no-deps on torch 2.13 CPU (their own
 # requirements would pull another torch); then the pure-Python packages torchrec imports, pinned.
 # BENCH_ARGS passes options (e.g. BENCH_ARGS=--quick). The benchmark commits exactly its outputs
@@ -49,7 +50,9 @@ test-fast: $(STAMP)
 BENCH_STAMP := $(VENV)/.fsc-bench-installed
 BENCH_ARGS ?=
 BENCH_COMMIT ?= $(if $(findstring --quick,$(BENCH_ARGS)),0,1)
-BENCH_OUTPUTS := results/e2e.json results/e2e.png results/e2e-bubbles.png README.md
+BENCH_OUTPUTS := results/e2e.json results/e2e.png results/e2e-bubbles.png results/torchrec-models.json README.md
+QUICK := $(findstring --quick,$(BENCH_ARGS))
+TORCHREC_BENCH_ARGS ?= $(if $(QUICK),--ranks 2 --warmup 1 --steps 3 --batch 16,--readme README.md)
 TORCHREC_PKGS := fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 tensordict==0.15.3 cloudpickle==3.1.2 pyvers==0.2.3 \
 	torchmetrics==1.0.3 lightning-utilities==0.15.3 tqdm==4.70.1 pyre-extensions==0.0.32 typing-inspect==0.9.0 \
 	mypy-extensions==1.2.0
@@ -63,6 +66,7 @@ bench-setup: $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench e2e --json results/e2e.json --readme README.md $(BENCH_ARGS)
+	$(PY) -m bench torchrec-models --json results/torchrec-models.json $(TORCHREC_BENCH_ARGS)
 	@if [ "$(BENCH_COMMIT)" = "1" ] && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 		outputs=$$(ls $(BENCH_OUTPUTS) 2>/dev/null); \
 		git add -- $$outputs && git commit -m "make bench: end-to-end results ($$(date -u +%Y-%m-%d))" -- $$outputs \

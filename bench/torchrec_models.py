@@ -12,7 +12,8 @@ Models (also used by ``tests/integrations/test_torchrec.py``):
   ``TransformerEncoderLayer``.
 
 Both train their tables with FBGEMM's fused EXACT_SGD (the optimizer runs inside the
-backward; the CPU kernels have no Adam) and their dense part with SGD, each rank on its own
+backward; the CPU kernels have it and EXACT_ROWWISE_ADAGRAD, which the tests also use, but
+no Adam) and their dense part with SGD, each rank on its own
 batch (``init_data_parallel=False``: no gradient all-reduce, the same in every variant).
 
 The peers are as their users write them: eager is TorchRec's own ``DistributedModelParallel``
@@ -105,10 +106,15 @@ def make_batch(step: int, rank: int, batch: int, *, rows: int = 60, max_ids: int
     return kjt, torch.randn(batch, generator=g)
 
 
-def shard(model: torch.nn.Module, sharding: dict[str, str], world: int, *, lr: float = 0.1) -> torch.nn.Module:
+OPTIMIZERS = ("sgd", "rowwise_adagrad")
+"""The fused table optimizers FBGEMM's CPU kernels have (EXACT_SGD, EXACT_ROWWISE_ADAGRAD)."""
+
+
+def shard(model: torch.nn.Module, sharding: dict[str, str], world: int, *, lr: float = 0.1,
+          optimizer: str = "sgd") -> torch.nn.Module:
     """``model`` sharded over the default group by DistributedModelParallel with the given
-    sharding type per table, fused EXACT_SGD; table values seeded by parameter index (the
-    same in every copy)."""
+    sharding type per table and fused table optimizer (one of :data:`OPTIMIZERS`); table
+    values seeded by parameter index (the same in every copy)."""
     import torch.distributed as dist
     from fbgemm_gpu.split_embedding_configs import EmbOptimType
     from torchrec.distributed import DistributedModelParallel
@@ -118,7 +124,8 @@ def shard(model: torch.nn.Module, sharding: dict[str, str], world: int, *, lr: f
     from torchrec.distributed.planner.types import ParameterConstraints
 
     sharder_type = EmbeddingBagCollectionSharder if isinstance(model, PooledModel) else EmbeddingCollectionSharder
-    sharders = [sharder_type(fused_params={"optimizer": EmbOptimType.EXACT_SGD, "learning_rate": lr})]
+    kind = {"sgd": EmbOptimType.EXACT_SGD, "rowwise_adagrad": EmbOptimType.EXACT_ROWWISE_ADAGRAD}[optimizer]
+    sharders = [sharder_type(fused_params={"optimizer": kind, "learning_rate": lr})]
     planner = EmbeddingShardingPlanner(
         topology=Topology(world_size=world, compute_device="cpu"),
         constraints={t: ParameterConstraints(sharding_types=[kind]) for t, kind in sharding.items()})
@@ -143,9 +150,9 @@ def sharding(model_name: str, world: int) -> dict[str, str]:
     return SHARDING[model_name]
 
 
-def build(model_name: str, world: int, **sizes: Any) -> torch.nn.Module:
+def build(model_name: str, world: int, *, optimizer: str = "sgd", **sizes: Any) -> torch.nn.Module:
     torch.manual_seed(0)
-    return shard(MODELS[model_name](**sizes), sharding(model_name, world), world)
+    return shard(MODELS[model_name](**sizes), sharding(model_name, world), world, optimizer=optimizer)
 
 
 # ----------------------------------------------------------------------- benchmark

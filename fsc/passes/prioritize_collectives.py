@@ -72,21 +72,36 @@ class PrioritizeCollectives(Pass):
         }
         rewriter = GraphRewriter(graph)
         reordered = 0
-        for nodes in groups.values():
-            reordered += self._order_group(rewriter, nodes, urgency)
+        reasons: list[str] = []
+        for group, nodes in groups.items():
+            if len(nodes) < 2:
+                continue
+            moved, held = self._order_group(rewriter, nodes, urgency)
+            reordered += moved
+            reasons.extend(f"group {group!r}: {later.name} is needed before {earlier.name} but stays after it: {why}"
+                           for later, (earlier, why) in held.items())
+            if not moved and not held:
+                reasons.append(f"group {group!r}: its {len(nodes)} collectives are already issued most urgent first")
         return PassResult(
             modified=rewriter.modified,
+            reasons=tuple(reasons),
             stats={**rewriter.stats(), "collectives": len(collectives), "reordered": reordered},
         )
 
     @staticmethod
-    def _order_group(rewriter: GraphRewriter, nodes: list[fx.Node], urgency: dict[fx.Node, float]) -> int:
+    def _order_group(
+        rewriter: GraphRewriter, nodes: list[fx.Node], urgency: dict[fx.Node, float]
+    ) -> tuple[int, dict[fx.Node, tuple[fx.Node, str]]]:
         """Move urgent collectives ahead of less urgent earlier ones, one step at a time,
-        until no move is possible (each move strictly improves the order, so it ends)."""
+        until no move is possible (each move strictly improves the order, so it ends).
+        Returns the moves and, for each urgent collective left behind a less urgent one,
+        that one and why it could not move."""
         moved = 0
         changed = True
+        held: dict[fx.Node, tuple[fx.Node, str]] = {}
         while changed:
             changed = False
+            held.clear()
             order = positions(rewriter.graph)
             sequence = sorted(nodes, key=order.__getitem__)
             for earlier, later in zip(sequence, sequence[1:]):
@@ -96,12 +111,21 @@ class PrioritizeCollectives(Pass):
                 members = set(chain)
                 inputs = [src for n in chain for src in n.all_input_nodes if src not in members]
                 if any(order[src] >= order[earlier] for src in inputs):
-                    continue  # not ready there (it may depend on ``earlier``'s result)
+                    held[later] = (earlier, _why_not_ready(earlier, inputs, order))
+                    continue
                 if any(is_collective(n) for n in chain[:-1]):
+                    held[later] = (earlier, "another collective sits in the views it reads through")
                     continue
                 anchor = earlier.prev
                 rewriter.move_chain_after(chain, anchor)
                 moved += 1
                 changed = True
                 break
-        return moved
+        return moved, held
+
+
+def _why_not_ready(earlier: fx.Node, inputs: list[fx.Node], order: dict[fx.Node, int]) -> str:
+    """Why a collective's inputs are not ready before ``earlier``. (They never read
+    ``earlier``'s result: its wait would then be needed sooner than this one's.)"""
+    late = min((src for src in inputs if order[src] >= order[earlier]), key=order.__getitem__)
+    return f"its input {late.name} is computed after {earlier.name} (overlap-schedule may move it)"

@@ -105,6 +105,26 @@ def _same_splits(a: Any, b: Any) -> bool:
     )
 
 
+def _mixing_reason(wait: fx.Node, order: dict[fx.Node, int]) -> str:
+    """Why no row-wise work follows an exchange: its first consumer mixes rows. A flat
+    exchange regrouped by reshapes (TorchRec's embedding exchanges send ``[rows * D]`` and
+    view the result as ``[rows, D]``) is followed to the op after the reshapes, which is
+    named as well."""
+    first = min(wait.users, key=order.__getitem__, default=None)
+    if first is None:
+        return "its result is not used; nothing to overlap"
+    what = f"{first.name} ({first.target})"
+    node, shape = first, None
+    while node.op == "call_function" and node.target in _RESHAPES and node.users:
+        shape = _val(node).shape if isinstance(_val(node), torch.Tensor) else None
+        node = min(node.users, key=order.__getitem__)
+    if node is first or shape is None:
+        return f"the first consumer of its rows, {what}, mixes rows; no work could start on the first chunk"
+    dims = ", ".join(str(d) for d in shape)
+    return (f"its rows are regrouped into [{dims}] by {what}, then {node.name} ({node.target}) mixes those rows; "
+            "no work could start on the first chunk")
+
+
 @dataclasses.dataclass(slots=True)
 class _Plan:
     """What one split rewrites: the exchange, its row-wise region (program order), the
@@ -221,9 +241,7 @@ class SplitCollectives(Pass):
                     if src in members and src not in reverses and src not in reductions:
                         exits.setdefault(src, []).append(node)
         if len(region) == 1:
-            first = min(wait.users, key=order.__getitem__, default=None)
-            what = f"{first.name} ({first.target})" if first is not None else "nothing"
-            return f"the first consumer of its rows, {what}, mixes rows; no work could start on the first chunk"
+            return _mixing_reason(wait, order)
         nbytes = invariant_value(describe(a2a).nbytes) + sum(invariant_value(describe(r).nbytes) for r in reverses)
         if nbytes < self.min_bytes:
             return f"moves about {int(nbytes)} bytes, below min_bytes={self.min_bytes}"

@@ -25,26 +25,26 @@ def _batch(step: int, rank: int, batch: int):
     return make_batch(step, rank, batch)
 
 
-def _shard(model_name: str, world: int):
+def _shard(model_name: str, world: int, optimizer: str):
     from bench.torchrec_models import build
 
-    return build(model_name, world)
+    return build(model_name, world, optimizer=optimizer)
 
 
 def _state(dmp) -> dict[str, torch.Tensor]:
     return {name: p.detach().clone() for name, p in dmp.named_parameters() if p.numel() > 0}
 
 
-def _worker(rank: int, world: int, model_name: str, inner: str) -> dict:
+def _worker(rank: int, world: int, model_name: str, inner: str, optimizer: str, passes: str | None) -> dict:
     import fsc
     import fsc.integrations.torchrec as fsc_torchrec
 
-    eager, model = _shard(model_name, world), _shard(model_name, world)
+    eager, model = _shard(model_name, world, optimizer), _shard(model_name, world, optimizer)
     initial = _state(eager)
     fsc_torchrec.prepare()
     with torch.no_grad():  # the warm-up forward compile() runs, for the eager copy too
         eager(*_batch(0, rank, 4))
-    compiled = fsc_torchrec.compile(model, _batch(0, rank, 4), options={"inner": inner})
+    compiled = fsc_torchrec.compile(model, _batch(0, rank, 4), options={"inner": inner, "passes": passes})
     dense_opt = [torch.optim.SGD([p for n, p in m.named_parameters() if "embedding" not in n], lr=0.05)
                  for m in (eager, model)]
     worst_loss = 0.0
@@ -77,14 +77,26 @@ def _worker(rank: int, world: int, model_name: str, inner: str) -> dict:
         "graphs": sorted(graphs),
         "fallbacks": {k: g.fallback for k, g in graphs.items()},
         "passes": {k: {p.name: (p.modified, p.reasons) for p in g.passes} for k, g in graphs.items()},
+        "swapped": {k: g.pass_record("sm-free-collectives").stats.get("swapped") for k, g in graphs.items()
+                    if any(p.name == "sm-free-collectives" for p in g.passes)},
         "collectives": {k: sum(len(v) for v in (g.collectives or {}).values()) for k, g in graphs.items()},
     }
 
 
-@pytest.mark.parametrize("inner", ["eager", "inductor"])
-@pytest.mark.parametrize("case", ["pooled", "sequence"])
-def test_torchrec_model_compiles_through_fsc_and_trains_like_eager(case, inner):
-    for result in run_ranks(_worker, 2, case, inner):
+SM_FREE = "lower-attention,prioritize-collectives,split-collectives,overlap-schedule,sm-free-collectives"
+
+
+# Each model under both inner compilers, both fused table optimizers the CPU kernels have,
+# and the default pipeline as well as the one with the SM-free swap (copy-engine transport:
+# shared memory on CPU), four 2-rank runs in all.
+@pytest.mark.parametrize(("case", "inner", "optimizer", "passes"), [
+    ("pooled", "eager", "sgd", None),
+    ("pooled", "inductor", "rowwise_adagrad", SM_FREE),
+    ("sequence", "eager", "rowwise_adagrad", SM_FREE),
+    ("sequence", "inductor", "sgd", None),
+])
+def test_torchrec_model_compiles_through_fsc_and_trains_like_eager(case, inner, optimizer, passes):
+    for result in run_ranks(_worker, 2, case, inner, optimizer, passes):
         assert {"backward", "forward"} <= set(result["graphs"]) <= {"backward", "forward", "pre-grad"}, result
         assert not any(result["fallbacks"].values()), result
         assert result["subgraphs"] == 1, result  # one graph for every batch size: no recompile
@@ -101,3 +113,8 @@ def test_torchrec_model_compiles_through_fsc_and_trains_like_eager(case, inner):
             for name, (_, reasons) in result["passes"][kind].items():
                 assert not any("in-place" in r for r in reasons), (kind, name, reasons)
             assert result["passes"][kind]["overlap-schedule"][0] is True, (kind, result["passes"][kind])
+            for name in ("prioritize-collectives", "split-collectives"):  # acted, or said why not
+                modified, reasons = result["passes"][kind][name]
+                assert modified or reasons, (kind, name)
+            if passes == SM_FREE:  # the exchanges something computes beside move by copy engine
+                assert result["swapped"][kind] >= 2, result["swapped"]

@@ -58,6 +58,7 @@ def test_prioritize_collectives_keeps_order_when_the_earlier_is_more_urgent():
     result = PrioritizeCollectives().run(gm, ctx())
     assert result.modified is False
     assert result.stats["reordered"] == 0
+    assert result.reasons == ("group 'g0': its 2 collectives are already issued most urgent first",)
 
 
 def test_prioritize_collectives_never_moves_a_collective_above_what_it_reads():
@@ -72,6 +73,26 @@ def test_prioritize_collectives_never_moves_a_collective_above_what_it_reads():
     gm = trace(dependent, (64, 64), (64, 64))
     result = PrioritizeCollectives().run(gm, ctx())
     assert result.modified is False
+    # the first is needed as soon as the second, which reads it: the steps of one exchange
+    assert result.reasons == ("group 'g0': its 2 collectives are already issued most urgent first",)
+    gm.graph.lint()
+
+
+def test_prioritize_collectives_says_why_an_urgent_exchange_stays_behind():
+    def computed_late(x, y, w):
+        late = exchange(torch.relu(x))
+        b = torch.relu(y)  # traced after the first exchange is issued
+        urgent = exchange(b)
+        h = urgent @ w
+        for _ in range(4):
+            h = h @ w
+        return h.sum() + late.sum()
+
+    gm = trace(computed_late, (64, 64), (64, 64), (64, 64))
+    result = PrioritizeCollectives().run(gm, ctx())
+    assert result.modified is False
+    assert result.reasons == ("group 'g0': all_to_all_single_1 is needed before all_to_all_single but stays after "
+                              "it: its input relu_1 is computed after all_to_all_single (overlap-schedule may move it)",)
     gm.graph.lint()
 
 

@@ -109,6 +109,21 @@ def test_split_collectives_declines_when_the_first_consumer_mixes_rows(group):
     assert "index_select" in result.reasons[0] and "mixes rows" in result.reasons[0]
 
 
+def test_split_collectives_names_the_op_after_a_flat_exchange_is_regrouped(group):
+    # TorchRec's sequence embedding exchange: flat [rows * D] floats, viewed as [rows, D], then
+    # put back in feature order by index_select
+    def f(x, perm):
+        y = c10d.wait_tensor(c10d.all_to_all_single(x, [32], [32], group))
+        return y.view(-1, 4).index_select(0, perm)
+
+    gm = make_fx(f, tracing_mode="fake")(torch.randn(32), torch.arange(8))
+    result = split(gm)
+    assert result.modified is False
+    assert result.reasons == (
+        "all_to_all_single not split: its rows are regrouped into [8, 4] by view (aten.view.default), then "
+        "index_select (aten.index_select.default) mixes those rows; no work could start on the first chunk",)
+
+
 def test_split_collectives_declines_when_split_sizes_are_implicit(group):
     def f(x):
         return c10d.wait_tensor(c10d.all_to_all_single(x, [], [], group)).relu()
