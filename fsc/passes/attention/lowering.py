@@ -62,8 +62,8 @@ class Lowering:
     emit: Callable[[Emitter], fx.Node]
     notes: tuple[str, ...] = ()
     uniform: bool = False
-    """Dense attention made jagged with equal lengths: the kernel does the work the graph
-    did, no less (the pass weighs that per device)."""
+    """Dense attention made jagged with equal lengths (or a padded layout's valid keys): the
+    kernel does about the work the graph did (the pass weighs that per device)."""
     device: torch.device | None = None
 
 
