@@ -298,6 +298,23 @@ def test_lower_attention_gives_nan_where_eager_softmax_over_minus_infinity_does(
     check_padded_training_parity(model, padding("right")[:3])  # every row sees a key
 
 
+@pytest.mark.inductor
+def test_lower_attention_lowers_key_padding_under_inductor_for_any_batch_and_length():
+    model = KeyPaddingBlock(form="bert4rec_causal")
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("inductor"), dynamic=True)
+    before = STORE.count
+    for layout, n in (("right", 6), ("left", 7)):
+        valid = padding(layout, n)
+        x = torch.randn(4, n, 64)
+        ref, got = model(x, valid), compiled(x, valid)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+        for g, r in zip(torch.autograd.grad(got.square().sum(), list(model.parameters())), grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert STORE.count - before == 1
+    assert fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowered"] == 1
+
+
 def test_lower_attention_checks_at_run_time_that_valid_keys_are_contiguous():
     model = KeyPaddingBlock(form="bert4rec")
     compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
