@@ -166,9 +166,6 @@ def uniform_offsets(e: Emitter, count: Any, length: Any, device: torch.device) -
     return e(operator.mul, e(torch.arange, count, dtype=torch.int64, device=device), length)
 
 
-EMPTY_ROWS = ("zero", "nan", "mean")
-
-
 def attend(e: Emitter, jagged: Callable[[], tuple[fx.Node, fx.Node, fx.Node]], rows: Any, n: Any, dv: int,
            device: torch.device, causal: bool, scale: float, settings: Settings, *, fill: float | None = None,
            padding: KeyPadding | None = None, empty: str = "zero") -> fx.Node:
@@ -192,9 +189,13 @@ def attend(e: Emitter, jagged: Callable[[], tuple[fx.Node, fx.Node, fx.Node]], r
     else:
         q, k, v = jagged()
         mask = padding.mask
-        valid = {"kept": lambda: mask, "masked": lambda: e(torch.logical_not, mask),
-                 "additive": lambda: e(torch.eq, mask, 0)}[padding.meaning]()
-        ones = [1] * (len(shape(mask)) - 2)
+        if padding.meaning == "kept":
+            valid = mask
+        elif padding.meaning == "masked":
+            valid = e(torch.logical_not, mask)
+        else:  # additive, of 0 and -inf
+            valid = e(torch.eq, mask, 0)
+        ones = [1] * (len(shape(mask)) - 2)  # [B, 1, 1, N] -> [B, N]
         valid = e(torch.reshape, e(torch.broadcast_to, valid, (rows, *ones, n)), (rows, n))
         extents = e(key_padding_extents, valid, causal)
         offsets, kv_offsets, q_start, seen, contiguous = (e(operator.getitem, extents, i) for i in range(5))

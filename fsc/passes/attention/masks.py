@@ -35,7 +35,7 @@ import torch.fx as fx
 from fsc.passes.attention.graph import binary, call, fmt, is_call, same, scalar, shape, uncast, val
 
 MEANINGS = ("masked", "kept", "additive")
-_VIEWS = ("unsqueeze", "view", "reshape", "expand", "__getitem__")
+_VIEWS = ("unsqueeze", "view", "reshape", "expand")
 _ZEROS = (torch.zeros, torch.zeros_like, torch.Tensor.new_zeros)
 _COMBINED = {"masked": (torch.bitwise_or, torch.logical_or), "kept": (torch.bitwise_and, torch.logical_and),
              "additive": (torch.add,)}
@@ -140,16 +140,25 @@ def from_boolean(mask: Any) -> tuple[fx.Node, str] | None:
 
 
 def _unviewed(node: Any) -> Any:
-    """``node`` before the views, unsqueezes, indexing and casts that only reshape it."""
+    """``node`` before the views, unsqueezes, ``[:, None]`` indexing and casts that only
+    reshape it (not reorder it)."""
     while True:
         node = uncast(node)[0]
         if not isinstance(node, fx.Node) or not node.args:
             return node
-        if (node.op == "call_function" and node.target in (operator.getitem, torch.unsqueeze, torch.reshape)) or (
-                node.op == "call_method" and node.target in _VIEWS):
+        if (node.op == "call_function" and node.target in (torch.unsqueeze, torch.reshape)) or (
+                node.op == "call_method" and node.target in _VIEWS) or _adds_dims(node):
             node = node.args[0]
         else:
             return node
+
+
+def _adds_dims(node: fx.Node) -> bool:
+    """``x[:, None, ...]``: indexing with full slices, None and Ellipsis only."""
+    if node.op != "call_function" or node.target is not operator.getitem or len(node.args) != 2:
+        return False
+    index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+    return all(i is None or i is Ellipsis or i == slice(None) for i in index)
 
 
 def mask_kind(mask: Any, sdims: tuple[Any, ...] | None) -> str:
