@@ -113,6 +113,11 @@ def softmax_bmm_3d_dropout_p0(q, k, v):
     return torch.bmm(F.dropout(p, p=0.0, training=True), v)
 
 
+def softmax_bmm_3d_key_padding(q, k, v, ids):  # one row of the mask per (batch, head) sequence
+    s = torch.bmm(q, k.transpose(1, 2)) * 0.25
+    return torch.bmm(s.masked_fill((ids == 0)[:, None, :], float("-inf")).softmax(-1), v)
+
+
 def softmax_dropout(q, k, v):
     p = (q @ k.mT * 0.25).softmax(-1)
     return F.dropout(p, p=0.1, training=True) @ v
@@ -240,6 +245,8 @@ FORMS = {
     "mha_proved_mask": (MhaProvedMask(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
                         "[N, B, E]=[4, 2, 32], 2 heads, causal"),
     "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
+    "softmax_bmm_3d_key_padding": (softmax_bmm_3d_key_padding, (*qkv(4), torch.cat([IDS, IDS.flip(1)])), CPU_TOO,
+                                   True, "[B*H, N, D]=[4, 4, 16] full softmax, key padding [4, 1, 4] (masked; "),
     "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
                         "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),
     "softmax_then_masked_fill": (softmax_then_masked_fill, qkv(2, 2), CPU_TOO, False,
