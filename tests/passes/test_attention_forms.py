@@ -202,6 +202,7 @@ def hstu_inputs():
 
 
 CPU_TOO = LowerAttention(dense_on_cpu=True)
+RUN = "one contiguous run of valid keys per sequence, checked at run time; rows that see no key"
 IDS = torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])  # item ids, 0 for padding (right-aligned)
 PAD = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]).bool()  # key_padding_mask: True for padding
 # form: (function, inputs, pass, lowered?, a phrase of the lowering or of the reason)
@@ -215,12 +216,10 @@ FORMS = {
     "softmax_causal_fill_small": (softmax_causal_fill_small, qkv(2, 2), CPU_TOO, False,
                                   "masked_fill with -100.0: lowered are -inf and finite fills <= -10000"),
     "softmax_key_padding": (softmax_key_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
-                            "full softmax, key padding [2, 1, 1, 4] (masked; one contiguous run of valid keys per "
-                            "sequence, checked at run time; rows that see no key: the mean of v, as eager), "
+                            f"full softmax, key padding [2, 1, 1, 4] (masked; {RUN}: the mean of v, as eager), "
                             "scale=0.25, fill -1e+09 as -inf"),
     "softmax_causal_or_padding": (softmax_causal_or_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
-                                  "causal softmax, key padding [2, 1, 1, 4] (masked; one contiguous run of valid "
-                                  "keys per sequence, checked at run time; rows that see no key: NaN, as eager)"),
+                                  f"causal softmax, key padding [2, 1, 1, 4] (masked; {RUN}: NaN, as eager)"),
     "softmax_causal_then_padding_fill_1e9": (softmax_causal_then_padding_fill_1e9, (*qkv(2, 2), IDS), CPU_TOO, True,
                                              "causal softmax, key padding [2, 1, 1, 4] (masked; "),
     "softmax_padding_where_additive": (softmax_padding_where_additive, (*qkv(2, 2), IDS), CPU_TOO, True,
@@ -230,8 +229,7 @@ FORMS = {
     "softmax_additive_mask": (softmax_additive_mask, (*qkv(2, 2), torch.zeros(4, 4)), CPU_TOO, False,
                               "softmax input is the scores plus a torch.float32 mask [4, 4] (an additive mask"),
     "sdpa_key_padding": (sdpa_key_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
-                         "full softmax, key padding [2, 1, 1, 4] (kept; one contiguous run of valid keys per "
-                         "sequence, checked at run time; rows that see no key: 0, as eager)"),
+                         f"full softmax, key padding [2, 1, 1, 4] (kept; {RUN}: 0, as eager)"),
     "sdpa_causal_and_padding": (sdpa_causal_and_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
                                 "causal softmax, key padding [2, 1, 1, 4] (kept; "),
     "sdpa_additive_padding": (sdpa_additive_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
@@ -259,11 +257,9 @@ FORMS = {
     "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,
                                  "[N, B, E]=[4, 2, 32], 2 heads, full softmax, scale=0.25, separate projections"),
     "mha_key_padding": (MhaKeyPadding(), (torch.randn(2, N, 2 * D), PAD), CPU_TOO, True,
-                        "2 heads, full softmax, key padding [2, 4] (additive; one contiguous run of valid keys per "
-                        "sequence, checked at run time; rows that see no key: 0, as eager)"),
+                        f"2 heads, full softmax, key padding [2, 4] (additive; {RUN}: 0, as eager)"),
     "mha_causal_key_padding": (MhaCausalKeyPadding(), (torch.randn(2, N, 2 * D), PAD), CPU_TOO, True,
-                               "causal (mask proved) softmax, key padding [2, 4] (additive; one contiguous run of valid "
-                               "keys per sequence, checked at run time; rows that see no key: NaN, as eager)"),
+                               f"causal (mask proved) softmax, key padding [2, 4] (additive; {RUN}: NaN, as eager)"),
     "encoder_layer_key_padding": (EncoderKeyPadding(), (torch.randn(2, N, 2 * D), PAD), CPU_TOO, True,
                                   "full softmax, key padding [2, 4] (additive; "),
 }
