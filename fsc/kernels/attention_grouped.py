@@ -18,8 +18,9 @@ same maths with less work:
 - **Time buckets** come from the exponent bits of the differences as float64, exact below
   2**53; larger differences take the shift-corrected path.
 
-With separate key/value extents (a chunk of a split sequence), sequences are grouped by
-their key extent's length; each group pads its queries and its keys separately.
+With separate key/value extents (a chunk of a split sequence, or queries over a padded
+row's valid keys), sequences are grouped by their key extent's length; each group pads its
+queries and its keys separately.
 
 The semantics are the module docstring's of :mod:`fsc.kernels.jagged_attention`; the tests
 hold this implementation to the reference in float64.
@@ -197,8 +198,10 @@ def _groups(q: Tensor, k: Tensor, offsets: Tensor, causal: bool, num_targets: Op
         kv_lengths = kv_offsets[1:].long() - kv_starts
         first = q_start.long() if q_start is not None else kv_lengths - lengths
         kv = (kv_starts, kv_lengths, k.shape[0], first)
-    # grouped by key extent; a sequence with keys but no queries costs a group's padding only
-    members = plan_groups((lengths if kv is None else kv[1]).cpu().numpy(), q.shape[1], q.shape[2])
+    # grouped by key extent; a sequence with keys but no queries computes nothing (and one
+    # with queries but no keys leaves its rows 0): neither joins a group
+    planned = lengths if kv is None else torch.where(lengths > 0, kv[1], 0)
+    members = plan_groups(planned.cpu().numpy(), q.shape[1], q.shape[2])
     return [
         _Group(m, starts, lengths, q.shape[0], causal=causal, num_targets=num_targets, contextual_len=contextual_len,
                max_attn_len=max_attn_len, timestamps=timestamps,

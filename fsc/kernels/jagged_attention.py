@@ -78,6 +78,17 @@ summing them over the chunks that hold a key gives the key's gradient, and the b
 gradients likewise sum over chunks. ``kv_offsets=None`` is the unsplit op (``q_start`` must
 then be left out).
 
+**Queries outside the key extent.** Query positions may also lie before 0 (``q_start < 0``)
+or at or past m: the rules above apply to them unchanged (ids from the same formula, capped
+at E), over the keys of the extent only. Causal, a query at position m or later sees every
+key (without targets), one before 0 sees none. This is how
+``lower-attention`` lowers key-padding masks: a padded row of N tokens whose valid keys are
+the contiguous run ``[s, s + L)`` is a sequence of N queries from position ``-s`` over those
+L keys, and the padding keys before and after the run are sequences with no queries. A query
+that sees no key gets output 0 (its lse is unspecified, its gradients 0). Without a prefix,
+a window or timestamps only: with any of them every query must lie inside its key extent
+(the CPU check names the option).
+
 **Dispatch** is explicit: ``impl="auto"`` runs the Triton kernels on CUDA tensors and,
 elsewhere, the length-grouped PyTorch implementation of :mod:`fsc.kernels.attention_grouped`
 (the reference's maths with sequences grouped by length and one bias gather; the reference
@@ -87,9 +98,10 @@ before triton is first imported), which is how the tests run them; ``impl="refer
 always runs the reference.
 
 **Preconditions** not checked on the GPU (checking would synchronize): every length is at
-most max_seq_len and 0 <= num_targets[b] <= length; with key extents, 0 <= q_start[b] and
-q_start[b] + (query length) <= (key length) <= max_seq_len, and num_targets[b] <= key
-length; otherwise results are unspecified. They are checked when offsets live on the CPU
+most max_seq_len and 0 <= num_targets[b] <= length; with key extents, query and key
+lengths <= max_seq_len, num_targets[b] <= key length, and with a prefix, a window or
+timestamps 0 <= q_start[b] and q_start[b] + (query length) <= (key length); otherwise
+results are unspecified. They are checked when offsets live on the CPU
 and we are not being traced.
 
 fp32 inputs use exact fp32 dot products (no TF32), like ``torch.matmul``'s default.
@@ -112,7 +124,7 @@ log = logging.getLogger(__name__)
 Tensor = torch.Tensor
 OptTensor = Optional[torch.Tensor]
 
-__all__ = ["jagged_attention", "jagged_attention_reference"]
+__all__ = ["jagged_attention", "jagged_attention_reference", "key_padding_extents"]
 
 IMPLS = ("auto", "triton", "reference")
 
@@ -250,14 +262,15 @@ def _key_range(start_m, seq_len, e_max, contextual_len, max_attn_len, CAUSAL: tl
 
 
 @triton.jit
-def _query_range(start_n, seq_len, e_max, contextual_len, max_attn_len, CAUSAL: tl.constexpr,
+def _query_range(start_n, seq_len, e_max, contextual_len, max_attn_len, q0, q_end, CAUSAL: tl.constexpr,
                  HAS_CONTEXT: tl.constexpr, HAS_WINDOW: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Queries that may see keys [start_n, start_n + BLOCK_N), as [lo, hi) with lo a multiple of
-    # BLOCK_M. Prefix rows below lo are visited by a second loop.
-    lo = start_n * 0
+    # Query positions that may see keys [start_n, start_n + BLOCK_N), as [lo, hi), a superset
+    # within the chunk's queries [q0, q_end) (which may reach outside the key extent: before
+    # 0 or past seq_len). Prefix rows below lo are visited by a second loop.
+    lo = q0
     if CAUSAL:
-        lo = (start_n // BLOCK_M) * BLOCK_M
-    hi = seq_len
+        lo = tl.maximum((start_n // BLOCK_M) * BLOCK_M, q0)
+    hi = q_end
     if HAS_WINDOW:
         last_id = _mask_ids(tl.minimum(start_n + BLOCK_N, seq_len) - 1, contextual_len, e_max, HAS_CONTEXT)
         # history rows in view have id <= last_id + W, i.e. position < reach
@@ -265,7 +278,7 @@ def _query_range(start_n, seq_len, e_max, contextual_len, max_attn_len, CAUSAL: 
         if HAS_CONTEXT:
             reach = reach + contextual_len - 1
         # targets all share id E: either all of them may see the block or none does
-        hi = tl.where(e_max <= last_id + max_attn_len, seq_len, tl.minimum(reach, seq_len))
+        hi = tl.minimum(tl.where(e_max <= last_id + max_attn_len, seq_len, tl.minimum(reach, seq_len)), q_end)
     return lo, hi
 
 
@@ -366,7 +379,8 @@ def _fwd_kernel(
         D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
         SOFTMAX, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_POS, HAS_TIME, PRECISION, BLOCK_N, BLOCK_D, BLOCK_DV)
     if SOFTMAX:
-        # every real row sees itself, so l > 0; the guard only keeps padding rows finite
+        # rows that see no key (padding rows, queries outside their key extent with nothing
+        # visible) keep l = 0: their output is 0, their lse -inf
         l_safe = tl.where(l_i > 0.0, l_i, 1.0)
         acc = acc / l_safe[:, None]
         tl.store(LSE + rows_m * H + h, m_i + tl.log(l_safe), mask=mask_m)
@@ -570,8 +584,8 @@ def _bwd_dkdv_kernel(
         t_n = offs_n
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    lo, hi = _query_range(start_n, seq_len, e_max, contextual_len, max_attn_len, CAUSAL, HAS_CONTEXT, HAS_WINDOW,
-                          BLOCK_M, BLOCK_N)
+    lo, hi = _query_range(start_n, seq_len, e_max, contextual_len, max_attn_len, q0, q_end, CAUSAL, HAS_CONTEXT,
+                          HAS_WINDOW, BLOCK_M, BLOCK_N)
     if HAS_CONTEXT:
         if CAUSAL:
             # prefix rows see every non-target key, wherever it sits
@@ -583,7 +597,7 @@ def _bwd_dkdv_kernel(
                 H, D, DV, scale, inv_n, max_attn_len, contextual_len, pos_p, n_buckets,
                 SOFTMAX, CAUSAL, HAS_CONTEXT, HAS_WINDOW, HAS_POS, HAS_TIME, PRECISION, BLOCK_M, BLOCK_D, BLOCK_DV)
     dk, dv = _dkdv_loop(
-        dk, dv, tl.maximum(lo, q0), tl.minimum(hi, q_end), k, v, offs_n, ids_n, t_n, mask_n, q_base, seq_start,
+        dk, dv, lo, hi, k, v, offs_n, ids_n, t_n, mask_n, q_base, seq_start,
         e_max, h,
         Q, DOUT, LSE, DELTA, TIMESTAMPS, POS_W, TIME_W, DPOS, DTIME,
         stride_qt, stride_qh, stride_dot, stride_doh, stride_pw, stride_tw,
@@ -903,14 +917,15 @@ def _attention_bwd_fake(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tens
 
 def _drop_empty_sequences(offsets: Tensor, num_targets: OptTensor, kv_offsets: OptTensor = None,
                           q_start: OptTensor = None) -> tuple[Tensor, OptTensor, OptTensor, OptTensor]:
-    """Offsets without their empty sequences (no keys, hence no queries), when running on
+    """Offsets without their empty sequences (neither keys nor queries), when running on
     real tensors: the reference pads every sequence to max_seq_len, and callers such as
     ``lower-attention`` pass a static bound of T sequences of which most are empty. Traced,
     nothing changes (the shapes would be data-dependent)."""
-    extents = offsets if kv_offsets is None else kv_offsets
     if _is_traced(offsets, num_targets, kv_offsets, q_start) or offsets.shape[0] < 2:
         return offsets, num_targets, kv_offsets, q_start
-    keep = extents[1:] > extents[:-1]
+    keep = offsets[1:] > offsets[:-1]
+    if kv_offsets is not None:
+        keep = keep | (kv_offsets[1:] > kv_offsets[:-1])
     if bool(keep.all()):
         return offsets, num_targets, kv_offsets, q_start
 
@@ -1068,6 +1083,36 @@ def jagged_attention(
     return out
 
 
+def key_padding_extents(valid: Tensor, causal: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The extents that turn attention over a padded layout into this op, for q, k, v as
+    ``[B*N, H, *]`` (row b's tokens at ``b*N .. b*N + N - 1``) whose valid keys ``valid [B, N]``
+    (bool) are one contiguous run per row, ``[s_b, s_b + L_b)`` (right-aligned: s_b = 0;
+    left-aligned: s_b = N - L_b). The op then computes all N query rows over the valid keys
+    only, with the padded layout's causal rule: query i sees key j iff j is valid and, causal,
+    j <= i (what ``softmax(scores masked at the padding keys)`` computes, on every row).
+
+    Row b becomes three sequences: the padding keys before the run (no queries), the N
+    queries from position ``-s_b`` over the run's L_b keys (see "Queries outside the key
+    extent"), the padding keys after it (no queries). Returns ``(offsets [3B+1], kv_offsets
+    [3B+1], q_start [3B], seen [B, N], contiguous)``: ``seen`` marks the rows that see a key
+    (the op gives the others 0: every row of an all-padding row, and causal, the rows before
+    the run); ``contiguous`` (0-d bool) whether every row's valid keys are one run, which the
+    extents assume and nothing here checks: the caller asserts it."""
+    rows, n = valid.shape
+    valid = valid.bool()
+    lengths = valid.sum(-1)
+    first = (valid.cumsum(-1) == 0).sum(-1)  # the padding before the run (N for a row without keys)
+    pos = torch.arange(n, device=valid.device)
+    contiguous = torch.all(valid == ((pos >= first[:, None]) & (pos < (first + lengths)[:, None])))
+    row = torch.arange(rows, device=valid.device) * n
+    kv_offsets = F.pad(torch.stack([row + first, row + first + lengths, row + n], -1).reshape(-1), (1, 0))
+    offsets = F.pad(torch.stack([row, row + n, row + n], -1).reshape(-1), (1, 0))
+    zero = torch.zeros_like(first)
+    q_start = torch.stack([zero, -first, zero], -1).reshape(-1)
+    seen = (lengths > 0)[:, None] & (pos >= first[:, None] if causal else True)
+    return offsets, kv_offsets, q_start, seen.expand(rows, n), contiguous
+
+
 def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, mode: str, alpha: Any, scale: Any,
                      num_targets: Any, contextual_len: Any, max_attn_len: Any, position_bias: Any, time_bias: Any,
                      timestamps: Any, kv_offsets: Any = None, q_start: Any = None, impl: str,
@@ -1135,7 +1180,9 @@ def _check_arguments(q: Any, k: Any, v: Any, offsets: Any, max_seq_len: Any, *, 
     if offsets.device.type == "cpu" and not torch.compiler.is_compiling():
         _check_offset_values(offsets, t_len, max_seq_len, num_targets if kv_offsets is None else None)
         if kv_offsets is not None:
-            _check_kv_offset_values(offsets, kv_offsets, q_start, k.shape[0], max_seq_len, num_targets)
+            inside = " and ".join(name for name, on in (("contextual_len", contextual_len > 0), (
+                "max_attn_len", max_attn_len > 0), ("timestamps", timestamps is not None)) if on)
+            _check_kv_offset_values(offsets, kv_offsets, q_start, k.shape[0], max_seq_len, num_targets, inside)
     return mode == "softmax", float(factor)
 
 
@@ -1176,7 +1223,9 @@ def _check_offset_values(offsets: torch.Tensor, t_len: int, max_seq_len: int,
 
 
 def _check_kv_offset_values(offsets: Tensor, kv_offsets: Tensor, q_start: OptTensor, kv_tokens: int,
-                            max_seq_len: int, num_targets: OptTensor) -> None:
+                            max_seq_len: int, num_targets: OptTensor, inside: str) -> None:
+    """``inside``: the options that need every query inside its key extent, named for the
+    error ("" when none is given)."""
     kv_lengths = kv_offsets[1:] - kv_offsets[:-1]
     if int(kv_offsets[0]) != 0 or int(kv_offsets[-1]) != kv_tokens or bool((kv_lengths < 0).any()):
         raise ValueError(f"kv_offsets must rise from 0 to Tk={kv_tokens} (k's tokens), got {kv_offsets.tolist()}")
@@ -1184,12 +1233,11 @@ def _check_kv_offset_values(offsets: Tensor, kv_offsets: Tensor, q_start: OptTen
         raise ValueError(f"kv_offsets has a key extent of length {int(kv_lengths.max())} > max_seq_len={max_seq_len}")
     q_lengths = (offsets[1:] - offsets[:-1]).to(kv_lengths.device)
     first = q_start.to(kv_lengths.device) if q_start is not None else kv_lengths - q_lengths
-    if q_start is not None and bool((q_start < 0).any()):
-        raise ValueError(f"q_start must be >= 0, got {q_start.tolist()}")
-    if bool(((first < 0) | (first + q_lengths > kv_lengths)).any()):
+    if inside and bool(((first < 0) | (first + q_lengths > kv_lengths)).any()):
         what = "q_start + query length" if q_start is not None else "query length"
-        raise ValueError(f"the key extents must hold the queries' positions: {what} must be <= key length, got "
-                         f"queries {q_lengths.tolist()}" + (f" from {q_start.tolist()}" if q_start is not None else "")
+        raise ValueError(f"with {inside} the key extents must hold the queries' positions: 0 <= q_start and {what} "
+                         f"<= key length, got queries {q_lengths.tolist()}"
+                         + (f" from {q_start.tolist()}" if q_start is not None else "")
                          + f" for key lengths {kv_lengths.tolist()}")
     if num_targets is not None and bool(((num_targets < 0) | (num_targets.to(kv_lengths.device) > kv_lengths)).any()):
         raise ValueError(f"num_targets must lie in [0, key length] (the targets among the keys), got "
@@ -1248,9 +1296,10 @@ def _reference_scores(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_
                       causal: bool, num_targets: OptTensor, contextual_len: int, max_attn_len: int,
                       position_bias: OptTensor, timestamps: OptTensor, time_bias: OptTensor,
                       kv_offsets: OptTensor = None, q_start: OptTensor = None) -> dict:
-    """Scores [B, H, N, N] with bias, the mask [B, 1, N, N], padded inputs and the bias columns.
-    Rows and columns are absolute positions in the sequence: a query sits at its position
-    (``q_start`` + its index), a key at its index in the key extent."""
+    """Scores [B, H, Nq, N] with bias, the mask [B, 1, Nq, N], padded inputs and the bias
+    columns. Columns are key positions (a key's index in its key extent); rows are the
+    queries' indices in their extent, at positions ``q_start`` + that index (without key
+    extents the two coincide: Nq = N)."""
     t_len, heads, _ = q.shape
     batch, n, c = offsets.shape[0] - 1, max_seq_len, contextual_len
     device = q.device
@@ -1259,56 +1308,65 @@ def _reference_scores(q: Tensor, k: Tensor, v: Tensor, offsets: Tensor, max_seq_
     first = _query_starts(offsets, kv_offsets, q_start)
     kv_starts = kv_offsets[:-1].long() if kv_offsets is not None else starts
     kv_lengths = kv_offsets[1:].long() - kv_starts if kv_offsets is not None else lengths
+    nq = n
     if batch > 0 and not _is_traced(q, offsets, kv_offsets):
         # pad to the longest sequence present, not to max_seq_len: positions past a sequence's
         # end are invisible, and N enters the maths only as HSTU's 1/N (not through n)
         n = max(int(kv_lengths.max()), 1)
-    # token -> (sequence, position); output_size keeps the shape static for tracing
+        nq = n if first is None else max(int(lengths.max()), 1)
+    # token -> (sequence, index in its extent); output_size keeps the shape static for tracing
     seq = torch.repeat_interleave(torch.arange(batch, device=device), lengths, output_size=t_len)
-    pos = torch.arange(t_len, device=device) - starts[seq]
-    kv_seq, kv_pos = seq, pos
+    slot = torch.arange(t_len, device=device) - starts[seq]
+    kv_seq, kv_pos = seq, slot
+    p = torch.arange(n, device=device)
+    pos_q = p[None, :]  # [1 or B, Nq]: the rows' positions
     if first is not None:
-        pos = pos + first[seq]
         kv_seq = torch.repeat_interleave(torch.arange(batch, device=device), kv_lengths, output_size=k.shape[0])
         kv_pos = torch.arange(k.shape[0], device=device) - kv_starts[kv_seq]
+        pos_q = first[:, None] + torch.arange(nq, device=device)
 
     def pad(x: torch.Tensor) -> torch.Tensor:
-        return x.new_zeros((batch, n) + tuple(x.shape[1:])).index_put((seq, pos), x)
+        return x.new_zeros((batch, nq) + tuple(x.shape[1:])).index_put((seq, slot), x)
 
     def pad_kv(x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros((batch, n) + tuple(x.shape[1:])).index_put((kv_seq, kv_pos), x)
 
     # mask ids: prefix -> 0, history from 1, capped at E (the first target's id); the
     # sequence's length is its key extent's
-    p = torch.arange(n, device=device)
     e_max = kv_lengths - (num_targets.long() if num_targets is not None else 0) + (1 - c if c > 0 else 0)
-    ids = (p - c + 1).clamp_min(0) if c > 0 else p
-    ids = torch.minimum(ids[None, :], e_max[:, None])  # [B, N]
-    d = ids[:, :, None] - ids[:, None, :]  # query i along dim 1, key j along dim 2
+
+    def mask_ids(pos: Tensor) -> Tensor:
+        ids = (pos - c + 1).clamp_min(0) if c > 0 else pos
+        return torch.minimum(ids, e_max[:, None])  # [B, N]
+
+    ids, ids_q = mask_ids(p[None, :]), mask_ids(pos_q)
+    d = ids_q[:, :, None] - ids[:, None, :]  # query i along dim 1, key j along dim 2
     if not causal:
         d = d.abs()
-    visible = (p[:, None] == p[None, :]) | (d > 0)
+    visible = (pos_q[:, :, None] == p[None, None, :]) | (d > 0)
     if max_attn_len > 0:
         visible = visible & (d <= max_attn_len)
     if c > 0:
-        visible = visible | ((ids[:, :, None] == 0) & (ids[:, None, :] < e_max[:, None, None]))
+        visible = visible | ((ids_q[:, :, None] == 0) & (ids[:, None, :] < e_max[:, None, None]))
     in_seq = p[None, :] < kv_lengths[:, None]
-    in_query = in_seq if first is None else (p[None, :] >= first[:, None]) & (p[None, :] < (first + lengths)[:, None])
-    visible = visible & in_query[:, :, None] & in_seq[:, None, :]  # [B, N, N]
+    in_query = torch.arange(nq, device=device)[None, :] < lengths[:, None]
+    visible = visible & in_query[:, :, None] & in_seq[:, None, :]  # [B, Nq, N]
 
     qp, kp, vp = pad(q), pad_kv(k), pad_kv(v)
     s = torch.einsum("bihd,bjhd->bhij", qp, kp) * scale
-    parts = {"seq": seq, "pos": pos, "kv_seq": kv_seq, "kv_pos": kv_pos, "pad": pad, "visible": visible[:, None],
+    parts = {"seq": seq, "pos": slot, "kv_seq": kv_seq, "kv_pos": kv_pos, "pad": pad, "visible": visible[:, None],
              "qp": qp, "kp": kp, "vp": vp}
     if position_bias is not None:
         half = (position_bias.shape[1] - 1) // 2
-        col = (ids[:, None, :] - ids[:, :, None]).clamp(-half, half) + half  # [B, N, N]
+        col = (ids[:, None, :] - ids_q[:, :, None]).clamp(-half, half) + half  # [B, Nq, N]
         s = s + position_bias.to(s.dtype)[:, col].transpose(0, 1)
         parts["pos_col"] = col
     if time_bias is not None:
-        # one timestamp per key token; a query's is the key token's at its position
+        # one timestamp per key token; a query's is the key token's at its position (queries
+        # with a time bias lie inside their key extent)
         tp = pad_kv(timestamps.long())
-        bucket = _reference_time_bucket(tp[:, :, None] - tp[:, None, :], time_bias.shape[1])
+        tq = tp.gather(1, pos_q.expand(batch, nq).clamp(0, n - 1))
+        bucket = _reference_time_bucket(tq[:, :, None] - tp[:, None, :], time_bias.shape[1])
         s = s + time_bias.to(s.dtype)[:, bucket].transpose(0, 1)
         parts["time_col"] = bucket
     parts["s"] = s

@@ -20,18 +20,22 @@ graph says what was lowered and what was declined, and why.
 
 - :mod:`~fsc.passes.attention.sdpa`: ``F.scaled_dot_product_attention`` self-attention on
   ``[B, H, N, D]`` or ``[B*H, N, D]``, full or causal (``is_causal``, or an ``attn_mask``
-  proved causal by :mod:`~fsc.passes.attention.masks`), without dropout or GQA.
-- :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal mask], -1)
-  [dropout that is the identity] @ v`` on the same layouts.
+  proved causal by :mod:`~fsc.passes.attention.masks`), with or without a key-padding
+  ``attn_mask``, without dropout or GQA.
+- :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal and/or key-padding
+  masks], -1) [dropout that is the identity] @ v`` on the same layouts.
 - :mod:`~fsc.passes.attention.hstu`: the HSTU example's SiLU attention over a rank's tokens.
 - :mod:`~fsc.passes.attention.mha`: ``nn.MultiheadAttention`` (one opaque
   ``F.multi_head_attention_forward`` call in Dynamo's graph, also inside
   ``nn.TransformerEncoderLayer``'s training path), self-attention full or causal (a proved
-  mask, or the ``is_causal`` hint): unpacked into its projections around the kernel. The encoder layer's
+  mask, or the ``is_causal`` hint), with or without a ``key_padding_mask``: unpacked into
+  its projections around the kernel. The encoder layer's
   fast path (one fused op) is found and declined.
 
 **Changes** each match into a call of the kernel op: dense inputs (and MHA's projected
-q, k, v) become jagged with uniform offsets (softmax mode); HSTU attention gets offsets from the positions and its
+q, k, v) become jagged with uniform offsets (softmax mode), or with a key-padding mask,
+every query row over its sequence's valid keys (separate key extents from the mask at run
+time; :mod:`~fsc.passes.attention.lowering`); HSTU attention gets offsets from the positions and its
 bias tables built from the model's embedding tables (hstu mode). The subgraphs that only
 fed the old attention are erased.
 
@@ -50,17 +54,22 @@ attention, that every sequence's tokens are contiguous, with positions 0, 1, 2, 
 order, sequence ids rising from one sequence to the next, and positions below N (what the
 example's ``collate`` and routing produce). The pass cannot prove that from the graph, so
 it inserts a runtime check (``torch._assert_async``) whose message names the pass and how
-to turn it off. No collectives are touched.
+to turn it off; likewise, for a key-padding mask, that each sequence's valid keys are one
+contiguous run (right- or left-aligned padding), which the extents assume. Rows that see no
+key get eager's value (0, NaN or the mean of v, by form). No collectives are touched.
 
 **Limits.** The kernel buckets time differences exactly (integer log2); the example's
 float32 ``log2`` rounds up by one bucket for |dt| within a few units below 2^k, k >= 21
 (e.g. dt = 2^21 - 2), so with more than 20 buckets the two can differ and the pass declines
 such graphs unless ``inexact_time_buckets=true`` (float64 ``log2``, as the example uses, is
-exact below 2^46). It declines, with the reason: masks it cannot prove causal (an
-``attn_mask``, an arbitrary mask tensor), dropout, GQA, head dims outside ``[min_head_dim,
+exact below 2^46). It declines, with the reason: masks it can read as neither causal
+nor key padding (an ``attn_mask``, an arbitrary mask tensor), dropout, GQA, head dims outside ``[min_head_dim,
 max_head_dim]``, dtypes other than fp32/bf16/fp16, shapes it does not know (cross-attention
-lengths), other bias constructions, key-padding masks (eager computes the padded query
-rows too, which a jagged kernel skips). It does not lower attention
+lengths), other bias constructions, additive key-padding masks not built from a boolean one with 0 /
+-inf, a -inf and a finite fill mixed with key padding (eager's rows that see no key then
+depend on which mask hides which key). Where eager's softmax rows are NaN (no key visible,
+-inf fills) the lowered rows are NaN too, but eager's NaN also reaches every key's gradient
+of that sequence, the lowering's does not. It does not lower attention
 already written jagged with offsets, nor targets/prefix/window masks.
 """
 

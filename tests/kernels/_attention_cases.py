@@ -272,3 +272,41 @@ def split_errors(case: Case, cuts: tuple[int, ...], impl: str) -> dict[str, tupl
         result[name] = (_max_abs(o, t), _max_abs(r, t) if r is not None else None,
                         float(t.abs().max()) if t.numel() else 0.0)
     return result
+
+
+# --- key padding: every query row of a padded layout over its sequence's valid keys
+
+
+def padded_errors(runs: tuple[tuple[int, int], ...], n: int, causal: bool, impl: str,
+                  dtype: str = "float32") -> dict[str, tuple[float, Optional[float], float]]:
+    """Per output (out, dq, dk, dv): (max abs error of the op run through
+    ``key_padding_extents`` in ``dtype`` (float64 for the reference) against dense float64
+    attention over ``[B, N]`` rows whose valid keys are the runs ``(start, length)``, None,
+    max |float64 value|). Dense: query i sees key j iff j is valid and, causal, j <= i; a
+    row that sees no key is 0 (what SDPA gives)."""
+    heads, d, rows = 2, 16, len(runs)
+    g = torch.Generator().manual_seed(0)
+    q, k, v, dout = (torch.randn(rows, heads, n, d, generator=g, dtype=torch.float64) for _ in range(4))
+    valid = torch.zeros(rows, n, dtype=torch.bool)
+    for b, (s, length) in enumerate(runs):
+        valid[b, s:s + length] = True
+    visible = valid[:, None, None, :] & (torch.ones(n, n, dtype=torch.bool).tril() if causal else True)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    s = (leaves[0] @ leaves[1].mT / d ** 0.5).masked_fill(~visible, float("-inf"))
+    probs = torch.where(visible.any(-1, keepdim=True), s.softmax(-1), 0.0)
+    truth = probs @ leaves[2]
+    truth = [truth.detach(), *torch.autograd.grad(truth, leaves, dout)]
+
+    work = torch.float64 if impl == "reference" else getattr(torch, dtype)
+    jagged = [t.transpose(1, 2).reshape(rows * n, heads, d).to(work).requires_grad_() for t in (q, k, v)]
+    offsets, kv_offsets, q_start, seen, contiguous = ja.key_padding_extents(valid, causal)
+    assert bool(contiguous) and torch.equal(seen, visible.any(-1).expand(rows, heads, n)[:, 0])
+    out, _ = torch.ops.fsc.jagged_attention_fwd(*jagged, offsets, None, None, None, None, n, True, d ** -0.5, causal,
+                                                0, 0, impl, kv_offsets, q_start)
+    jagged_dout = dout.transpose(1, 2).reshape(rows * n, heads, d).to(work)
+    ours = [out.detach(), *torch.autograd.grad(out, jagged, jagged_dout)]
+    result = {}
+    for name, t, o in zip(TENSORS, truth, ours):
+        o = o.reshape(rows, n, heads, d).transpose(1, 2)
+        result[name] = (_max_abs(o, t), None, float(t.abs().max()))
+    return result

@@ -440,9 +440,13 @@ BAD = [
     ({**KV, "v": torch.randn(5, 2, 16)}, ValueError, "v must be \\[T, H, Dv\\] with k's T and H"),
     ({**KV, "kv_offsets": torch.tensor([0, 2, 5])}, ValueError, "kv_offsets must rise from 0 to Tk=6"),
     ({**KV, "kv_offsets": torch.tensor([0, 1, 6])}, ValueError, "key extent of length 5 > max_seq_len=4"),
-    ({**KV, "kv_offsets": torch.tensor([0, 1, 6]), "max_seq_len": 8}, ValueError, "query length must be <= key length"),
-    ({**KV, "q_start": torch.tensor([1, 0])}, ValueError, "q_start \\+ query length must be <= key length"),
-    ({**KV, "q_start": torch.tensor([-1, 0])}, ValueError, "q_start must be >= 0"),
+    # queries outside their key extent: allowed, except with a prefix, a window or timestamps
+    ({**KV, "kv_offsets": torch.tensor([0, 1, 6]), "max_seq_len": 8, "contextual_len": 1}, ValueError,
+     "with contextual_len the key extents must hold the queries' positions: 0 <= q_start and query length"),
+    ({**KV, "q_start": torch.tensor([1, 0]), "max_attn_len": 2}, ValueError,
+     "with max_attn_len the key .* q_start \\+ query length <= key length"),
+    ({**KV, "q_start": torch.tensor([-1, 0]), "time_bias": torch.randn(2, 4), "timestamps": torch.arange(6)},
+     ValueError, "with timestamps the key extents must hold"),
     ({**KV, "num_targets": torch.tensor([3, 0])}, ValueError, "num_targets must lie in \\[0, key length\\]"),
     ({**KV, "time_bias": torch.randn(2, 4), "timestamps": torch.arange(5)}, ValueError,
      "timestamps must have 6 entries"),
@@ -626,3 +630,64 @@ def test_compiled_split_matches_eager_on_cpu():
     compiled = torch.compile(jagged_attention, backend="aot_eager", fullgraph=True)
     for c, e in zip(run(compiled), run(jagged_attention)):
         torch.testing.assert_close(c, e)
+
+
+# --- queries outside their key extent: key padding ------------------------------------------
+# A padded row of N tokens whose valid keys are one run [s, s + L): N queries from position -s
+# over the L keys (key_padding_extents), equal on every row to dense attention over the padded
+# layout with the padding keys hidden: full, all-padding, right-, left-aligned and middle runs,
+# runs that end mid-block and on a block edge (16), rows before a left-aligned run (causal: see
+# nothing, 0).
+
+PADDED_RUNS = ((0, 19), (0, 7), (12, 7), (3, 9), (0, 0), (3, 16), (0, 1), (18, 1))
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("impl", ["reference", "auto"])
+def test_cpu_op_over_padded_rows_matches_dense_attention_with_the_padding_keys_hidden(impl, causal, monkeypatch):
+    calls = _spy_on_grouped(monkeypatch) if impl == "auto" else None
+    for name, (err, _, scale) in cases.padded_errors(PADDED_RUNS, 19, causal, impl).items():
+        tolerance = 1e-12 if impl == "reference" else 1e-5
+        assert err <= tolerance * max(scale, 1.0), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+    if calls is not None:
+        assert calls == ["grouped_forward", "grouped_backward"]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kernels_over_padded_rows_match_dense_attention_with_the_padding_keys_hidden(interpreter, causal):
+    result = interpreter.submit(cases.padded_errors, PADDED_RUNS, 19, causal, "triton").result()
+    for name, (err, _, scale) in result.items():
+        assert err <= 1e-5 * max(scale, 1.0), f"{name}: max error {err:.3g} vs max |value| {scale:.3g}"
+
+
+def test_key_padding_extents_says_whether_the_valid_keys_are_one_run():
+    valid = torch.tensor([[1, 1, 0, 0], [0, 0, 1, 1], [0, 1, 1, 0], [0, 0, 0, 0]], dtype=torch.bool)
+    offsets, kv_offsets, q_start, seen, contiguous = ja.key_padding_extents(valid, causal=True)
+    assert bool(contiguous)
+    # per row: the padding before the run (no queries), the N queries over the run, the padding after it
+    assert offsets.tolist() == [0, 0, 4, 4, 4, 8, 8, 8, 12, 12, 12, 16, 16]
+    assert kv_offsets.tolist() == [0, 0, 2, 4, 6, 8, 8, 9, 11, 12, 16, 16, 16]
+    assert q_start.tolist() == [0, 0, 0, 0, -2, 0, 0, -1, 0, 0, -4, 0]
+    assert seen.tolist() == [[True] * 4, [False, False, True, True], [False, True, True, True], [False] * 4]
+    assert not bool(ja.key_padding_extents(torch.tensor([[1, 0, 1, 0]], dtype=torch.bool), causal=False)[4])
+
+
+def test_opcheck_with_queries_outside_their_key_extent():
+    valid = torch.tensor([[1, 1, 1, 0, 0], [0, 0, 0, 1, 1]], dtype=torch.bool)
+    offsets, kv_offsets, q_start, _, _ = ja.key_padding_extents(valid, causal=True)
+    q, k, v = (torch.randn(10, 2, 16, requires_grad=True) for _ in range(3))
+    args = (q, k, v, offsets, None, None, None, None, 5, True, 0.25, True, 0, 0, "auto", kv_offsets, q_start)
+    torch.library.opcheck(torch.ops.fsc.jagged_attention_fwd.default, args)
+
+
+def test_public_entry_takes_queries_outside_their_key_extent():
+    """Queries from position -1 and past the keys' end, without a prefix, window or
+    timestamps: accepted, and the reference agrees with the CPU op."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(t, 2, 16, generator=g, dtype=torch.float64) for t in (6, 4, 4))
+    args = (torch.tensor([0, 3, 6]), 4)
+    split = dict(mode="softmax", kv_offsets=torch.tensor([0, 1, 4]), q_start=torch.tensor([-1, 1]))
+    ours = jagged_attention(q.float(), k.float(), v.float(), *args, **split)
+    ref = jagged_attention_reference(q, k, v, *args, **split)
+    torch.testing.assert_close(ours.double(), ref, rtol=1e-5, atol=1e-6)
+    assert float(ref[0].abs().max()) == 0.0  # position -1 sees no key (causal)

@@ -61,6 +61,44 @@ def sdpa_key_padding(q, k, v, ids):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=(ids > 0)[:, None, None, :])
 
 
+def sdpa_causal_and_padding(q, k, v, ids):
+    causal = torch.ones(N, N, dtype=torch.bool).tril()
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=causal & (ids > 0)[:, None, None, :])
+
+
+def sdpa_additive_padding(q, k, v, ids):
+    pad = torch.zeros(ids.shape).masked_fill(ids == 0, float("-inf"))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=pad[:, None, None, :])
+
+
+def sdpa_finite_additive_padding(q, k, v, ids):  # HF-style (1 - mask) * -10000: not 0 / -inf
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=(1.0 - (ids > 0).float())[:, None, None, :] * -10000.0)
+
+
+def softmax_causal_or_padding(q, k, v, ids):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    hidden = torch.triu(torch.ones(N, N, dtype=torch.bool), 1) | (ids == 0)[:, None, None, :]
+    return F.softmax(s.masked_fill(hidden, float("-inf")), dim=-1) @ v
+
+
+def softmax_causal_then_padding_fill_1e9(q, k, v, ids):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(torch.triu(torch.ones(N, N, dtype=torch.bool), 1), -1e9)
+    s = s.masked_fill((ids == 0)[:, None, None, :], -1e9)
+    return F.softmax(s, dim=-1) @ v
+
+
+def softmax_padding_where_additive(q, k, v, ids):
+    pad = torch.where(ids > 0, 0.0, float("-inf"))
+    return (q @ k.mT * 0.25 + pad[:, None, None, :]).softmax(-1) @ v
+
+
+def softmax_mixed_fills(q, k, v, ids):
+    s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+    s = s.masked_fill(torch.triu(torch.ones(N, N, dtype=torch.bool), 1), float("-inf"))
+    return F.softmax(s.masked_fill((ids == 0)[:, None, None, :], -1e9), dim=-1) @ v
+
+
 def sdpa_bool_causal_mask(q, k, v):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=torch.ones(N, N, dtype=torch.bool).tril())
 
@@ -73,6 +111,11 @@ def softmax_additive_causal(q, k, v):
 def softmax_bmm_3d_dropout_p0(q, k, v):
     p = torch.bmm(q, k.transpose(1, 2)).mul(0.25).softmax(-1)
     return torch.bmm(F.dropout(p, p=0.0, training=True), v)
+
+
+def softmax_bmm_3d_key_padding(q, k, v, ids):  # one row of the mask per (batch, head) sequence
+    s = torch.bmm(q, k.transpose(1, 2)) * 0.25
+    return torch.bmm(s.masked_fill((ids == 0)[:, None, :], float("-inf")).softmax(-1), v)
 
 
 def softmax_dropout(q, k, v):
@@ -122,6 +165,25 @@ class MhaKeyPadding(Mha):
         return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
 
 
+class MhaCausalKeyPadding(Mha):
+    def forward(self, x, pad):  # SASRec: causal mask plus padding, need_weights left True
+        out, _ = self.attn(x, x, x, key_padding_mask=pad, attn_mask=~torch.ones(N, N, dtype=torch.bool).tril())
+        return out
+
+
+class EncoderKeyPadding(nn.Module):
+    """nn.TransformerEncoderLayer in training: it makes the boolean src_key_padding_mask a
+    0 / -inf float mask (masked_fill_ on zeros_like) before calling its MultiheadAttention."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.TransformerEncoderLayer(2 * D, 2, 64, dropout=0.0, batch_first=True)
+
+    def forward(self, x, pad):
+        return self.layer(x, src_key_padding_mask=pad)
+
+
 def mha_weights():
     g = torch.Generator().manual_seed(0)
     return tuple(torch.randn(2 * D, 2 * D, generator=g) / 8 for _ in range(4)) + (torch.zeros(6 * D),)
@@ -140,6 +202,9 @@ def hstu_inputs():
 
 
 CPU_TOO = LowerAttention(dense_on_cpu=True)
+RUN = "one contiguous run of valid keys per sequence, checked at run time; rows that see no key"
+IDS = torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])  # item ids, 0 for padding (right-aligned)
+PAD = torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]).bool()  # key_padding_mask: True for padding
 # form: (function, inputs, pass, lowered?, a phrase of the lowering or of the reason)
 FORMS = {
     "sdpa_causal_kept_on_cpu": (sdpa_causal, qkv(2, 2), LowerAttention(), False, "kept: scaled_dot_product_attention"),
@@ -149,19 +214,37 @@ FORMS = {
                                "causal softmax, scale=0.25, fill -1e+09 as -inf (exact while each row's max score "
                                ">= fill + 104, checked at run time)"),
     "softmax_causal_fill_small": (softmax_causal_fill_small, qkv(2, 2), CPU_TOO, False,
-                                  "causal masked_fill with -100.0: lowered are -inf and finite fills <= -10000"),
-    "softmax_key_padding": (softmax_key_padding, (*qkv(2, 2), torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])), CPU_TOO,
-                            False, "masked_fill with a key-padding mask [2, 1, 1, 4] (per-sequence lengths"),
+                                  "masked_fill with -100.0: lowered are -inf and finite fills <= -10000"),
+    "softmax_key_padding": (softmax_key_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
+                            f"full softmax, key padding [2, 1, 1, 4] (masked; {RUN}: the mean of v, as eager), "
+                            "scale=0.25, fill -1e+09 as -inf"),
+    "softmax_causal_or_padding": (softmax_causal_or_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
+                                  f"causal softmax, key padding [2, 1, 1, 4] (masked; {RUN}: NaN, as eager)"),
+    "softmax_causal_then_padding_fill_1e9": (softmax_causal_then_padding_fill_1e9, (*qkv(2, 2), IDS), CPU_TOO, True,
+                                             "causal softmax, key padding [2, 1, 1, 4] (masked; "),
+    "softmax_padding_where_additive": (softmax_padding_where_additive, (*qkv(2, 2), IDS), CPU_TOO, True,
+                                       "full softmax, key padding [2, 1, 1, 4] (additive; "),
+    "softmax_mixed_fills": (softmax_mixed_fills, (*qkv(2, 2), IDS), CPU_TOO, False,
+                            "masks filled with [-inf, -1000000000.0]: with a key-padding mask the fills must be one"),
     "softmax_additive_mask": (softmax_additive_mask, (*qkv(2, 2), torch.zeros(4, 4)), CPU_TOO, False,
                               "softmax input is the scores plus a torch.float32 mask [4, 4] (an additive mask"),
-    "sdpa_key_padding": (sdpa_key_padding, (*qkv(2, 2), torch.tensor([[3, 4, 0, 0], [1, 2, 3, 0]])), CPU_TOO, False,
-                         "attn_mask is given (a key-padding mask [2, 1, 1, 4] (per-sequence lengths"),
+    "sdpa_key_padding": (sdpa_key_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
+                         f"full softmax, key padding [2, 1, 1, 4] (kept; {RUN}: 0, as eager)"),
+    "sdpa_causal_and_padding": (sdpa_causal_and_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
+                                "causal softmax, key padding [2, 1, 1, 4] (kept; "),
+    "sdpa_additive_padding": (sdpa_additive_padding, (*qkv(2, 2), IDS), CPU_TOO, True,
+                              "full softmax, key padding [2, 1, 1, 4] (additive; "),
+    "sdpa_finite_additive_padding": (sdpa_finite_additive_padding, (*qkv(2, 2), IDS), CPU_TOO, False,
+                                     "a float key-padding mask [2, 1, 1, 4] not built as masked_fill(zeros, pad, "
+                                     "-inf) or where(pad, -inf, 0)"),
     "sdpa_bool_causal_mask": (sdpa_bool_causal_mask, qkv(2, 2), CPU_TOO, True, "[B, H, N, D]=[2, 2, 4, 16] causal"),
     "softmax_additive_causal": (softmax_additive_causal, qkv(2, 2), CPU_TOO, True,
                                 "[B, H, N, D]=[2, 2, 4, 16] causal softmax, scale=0.25"),
     "mha_proved_mask": (MhaProvedMask(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
                         "[N, B, E]=[4, 2, 32], 2 heads, causal"),
     "softmax_bmm_3d_dropout_p0": (softmax_bmm_3d_dropout_p0, qkv(4), CPU_TOO, True, "[B*H, N, D]=[4, 4, 16] full"),
+    "softmax_bmm_3d_key_padding": (softmax_bmm_3d_key_padding, (*qkv(4), torch.cat([IDS, IDS.flip(1)])), CPU_TOO,
+                                   True, "[B*H, N, D]=[4, 4, 16] full softmax, key padding [4, 1, 4] (masked; "),
     "softmax_dropout": (softmax_dropout, qkv(2, 2), CPU_TOO, False,
                         "dropout(p=0.1) on the attention probabilities: the kernel has no dropout"),
     "softmax_then_masked_fill": (softmax_then_masked_fill, qkv(2, 2), CPU_TOO, False,
@@ -173,8 +256,12 @@ FORMS = {
                         "[N, B, E]=[4, 2, 32], 2 heads, causal (is_causal hint) softmax, scale=0.25, packed"),
     "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,
                                  "[N, B, E]=[4, 2, 32], 2 heads, full softmax, scale=0.25, separate projections"),
-    "mha_key_padding": (MhaKeyPadding(), (torch.randn(2, N, 2 * D), torch.tensor([[0, 0, 1, 1], [0, 0, 0, 1]]).bool()),
-                        CPU_TOO, False, "key_padding_mask [2, 4] is given (per-sequence lengths"),
+    "mha_key_padding": (MhaKeyPadding(), (torch.randn(2, N, 2 * D), PAD), CPU_TOO, True,
+                        f"2 heads, full softmax, key padding [2, 4] (additive; {RUN}: 0, as eager)"),
+    "mha_causal_key_padding": (MhaCausalKeyPadding(), (torch.randn(2, N, 2 * D), PAD), CPU_TOO, True,
+                               f"causal (mask proved) softmax, key padding [2, 4] (additive; {RUN}: NaN, as eager)"),
+    "encoder_layer_key_padding": (EncoderKeyPadding(), (torch.randn(2, N, 2 * D), PAD), CPU_TOO, True,
+                                  "full softmax, key padding [2, 4] (additive; "),
 }
 
 

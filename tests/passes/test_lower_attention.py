@@ -172,13 +172,157 @@ class MhaBlock(nn.Module):
         return self.attn(x, x, x, key_padding_mask=pad, need_weights=False)[0]
 
 
-def test_explain_names_multihead_attention_the_pass_cannot_see_into():
+def test_explain_says_multihead_attention_with_key_padding_is_kept_on_cpu():
     pad = torch.zeros(2, 5, dtype=torch.bool)
     pad[1, 3:] = True
     text = str(fsc.explain(MhaBlock(), torch.randn(2, 5, 64), pad, inner="eager"))
-    assert ("declined: multi_head_attention_forward not lowered: nn.MultiheadAttention (one "
-            "F.multi_head_attention_forward call in Dynamo's graph): key_padding_mask [2, 5] is given (per-sequence "
-            "lengths: eager also computes the padded query rows") in text
+    assert ("kept: nn.MultiheadAttention (one F.multi_head_attention_forward call in Dynamo's graph) [N, B, E]=[5, 2, "
+            "64], 2 heads, full softmax, key padding [2, 5] (additive; one contiguous run of valid keys per sequence, "
+            "checked at run time; rows that see no key: 0, as eager)") in text
+    assert "on cpu" in text and "dense_on_cpu=true" in text
+
+
+# --- key-padding masks: every row as eager computes it, padded rows included ---------------
+
+def padding(layout: str, n: int = 6) -> torch.Tensor:
+    """valid [4, n]: a full row, 3 valid keys, 1 valid key, none; right-aligned (valid tokens
+    first) or left-aligned (valid tokens last)."""
+    valid = torch.zeros(4, n, dtype=torch.bool)
+    for b, length in enumerate((n, 3, 1, 0)):
+        if layout == "right":
+            valid[b, :length] = True
+        elif length:
+            valid[b, -length:] = True
+    return valid
+
+
+class KeyPaddingBlock(SasRecBlock):
+    """Attention over [B, H, N, D] with a key-padding mask, as users write it."""
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        b, n, d = x.shape
+        q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
+        form = self.sdpa["form"]
+        future = torch.triu(torch.ones(n, n, dtype=torch.bool), 1)
+        if form.startswith("sdpa"):
+            mask = valid[:, None, None, :]
+            if form == "sdpa_causal":
+                mask = ~future & mask
+            elif form == "sdpa_additive":
+                mask = torch.where(valid, 0.0, float("-inf"))[:, None, None, :]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        else:  # BERT4Rec: scores.masked_fill(mask == 0, -1e9), mask from the item ids
+            s = torch.matmul(q, k.transpose(-2, -1)) / math.sqrt(q.shape[-1])
+            pad = valid.long()[:, None, None, :] == 0
+            if form == "bert4rec":
+                s = s.masked_fill(pad, -1e9)
+            elif form == "bert4rec_causal":
+                s = s.masked_fill(future | pad, -1e9)
+            else:  # -inf: eager's rows that see no key are NaN
+                s = s.masked_fill(pad, float("-inf"))
+            o = F.softmax(s, dim=-1) @ v
+        return x + self.out(o.transpose(1, 2).reshape(b, n, d))
+
+
+class MhaPaddingBlock(nn.Module):
+    """SASRec's nn.MultiheadAttention with a causal attn_mask plus key_padding_mask, or an
+    nn.TransformerEncoderLayer (training, dropout 0) with src_key_padding_mask."""
+
+    def __init__(self, form: str) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.form = form
+        self.attn = nn.MultiheadAttention(64, 2, batch_first=True)
+        self.layer = nn.TransformerEncoderLayer(64, 2, 128, dropout=0.0, batch_first=True)
+
+    def forward(self, x: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        n = x.shape[1]
+        if self.form == "encoder_layer":
+            return self.layer(x, src_key_padding_mask=~valid)
+        causal = ~torch.ones(n, n, dtype=torch.bool).tril() if self.form.endswith("causal") else None
+        weights = self.form.startswith("weights")
+        return self.attn(x, x, x, key_padding_mask=~valid, attn_mask=causal, need_weights=weights)[0]
+
+
+def check_padded_training_parity(model: nn.Module, valid: torch.Tensor, nan_rows: bool = False) -> str:
+    """Compile with key padding lowered on CPU; outputs on every row and parameter gradients
+    equal eager's. The lowering's record."""
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    x = torch.randn(valid.shape[0], valid.shape[1], 64)
+    ref, got = model(x, valid), compiled(x, valid)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5, equal_nan=nan_rows)
+    if not nan_rows:  # eager's gradients are NaN wherever a row is
+        grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()), allow_unused=True)
+        got_grads = torch.autograd.grad(got.square().sum(), list(model.parameters()), allow_unused=True)
+        for g, r in zip(got_grads, grads):
+            if r is not None:
+                torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    return lowering
+
+
+@pytest.mark.parametrize("layout", ["right", "left"])
+@pytest.mark.parametrize("form, words", [
+    ("sdpa", "full softmax, key padding [4, 1, 1, 6] (kept; "),
+    ("sdpa_causal", "causal softmax, key padding [4, 1, 1, 6] (kept; "),
+    ("sdpa_additive", "full softmax, key padding [4, 1, 1, 6] (additive; "),
+    ("bert4rec", "full softmax, key padding [4, 1, 1, 6] (masked; "),
+    ("bert4rec_causal", "causal softmax, key padding [4, 1, 1, 6] (masked; "),
+])
+def test_lower_attention_lowers_key_padding_and_training_matches_eager_on_every_row(form, words, layout):
+    """Rows that see no key included: an all-padding sequence, and causal with left-aligned
+    padding, the padded rows before the valid keys (SDPA: 0; one finite fill: the mean of v)."""
+    lowering = check_padded_training_parity(KeyPaddingBlock(form=form), padding(layout))
+    assert words in lowering and "jagged, valid keys per sequence" in lowering
+
+
+@pytest.mark.parametrize("layout", ["right", "left"])
+@pytest.mark.parametrize("form, words", [
+    ("mha", "full softmax, key padding [4, 6] (additive; "),
+    ("mha_causal", "causal (mask proved) softmax, key padding [4, 6] (additive; "),
+    ("encoder_layer", "full softmax, key padding [4, 6] (additive; "),
+])
+def test_lower_attention_lowers_multihead_attention_key_padding_and_training_matches_eager(form, words, layout):
+    lowering = check_padded_training_parity(MhaPaddingBlock(form), padding(layout))
+    assert words in lowering and "rows that see no key: 0, as eager" in lowering
+
+
+@pytest.mark.parametrize("model", [KeyPaddingBlock(form="softmax_inf"), MhaPaddingBlock("weights_causal")],
+                         ids=["softmax_inf", "mha_weights_causal"])
+def test_lower_attention_gives_nan_where_eager_softmax_over_minus_infinity_does(model):
+    """An explicit softmax over a row of -inf scores (and MultiheadAttention with
+    need_weights=True, which computes one) is NaN in eager: the lowering's forward is NaN on
+    those rows too; without such rows, training matches."""
+    lowering = check_padded_training_parity(model, padding("left"), nan_rows=True)
+    assert "rows that see no key: NaN, as eager" in lowering
+    check_padded_training_parity(model, padding("right")[:3])  # every row sees a key
+
+
+@pytest.mark.inductor
+def test_lower_attention_lowers_key_padding_under_inductor_for_any_batch_and_length():
+    model = KeyPaddingBlock(form="bert4rec_causal")
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("inductor"), dynamic=True)
+    before = STORE.count
+    for layout, n in (("right", 6), ("left", 7)):
+        valid = padding(layout, n)
+        x = torch.randn(4, n, 64)
+        ref, got = model(x, valid), compiled(x, valid)
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        grads = torch.autograd.grad(ref.square().sum(), list(model.parameters()))
+        for g, r in zip(torch.autograd.grad(got.square().sum(), list(model.parameters())), grads):
+            torch.testing.assert_close(g, r, rtol=1e-4, atol=1e-5)
+    assert STORE.count - before == 1
+    assert fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowered"] == 1
+
+
+def test_lower_attention_checks_at_run_time_that_valid_keys_are_contiguous():
+    model = KeyPaddingBlock(form="bert4rec")
+    compiled = torch.compile(model, backend="freescale", options=lowering_everywhere("eager"))
+    x = torch.randn(2, 5, 64)
+    valid = torch.tensor([[1, 1, 1, 0, 0], [0, 1, 1, 1, 0]], dtype=torch.bool)  # right-aligned, then a middle run
+    torch.testing.assert_close(compiled(x, valid), model(x, valid), rtol=1e-5, atol=1e-5)
+    with pytest.raises(RuntimeError, match="assuming each sequence's valid \\(unmasked\\) keys are one contiguous run"):
+        compiled(x, torch.tensor([[1, 1, 0, 1, 0], [1, 1, 1, 1, 1]], dtype=torch.bool))
 
 
 class MhaSelfAttention(nn.Module):

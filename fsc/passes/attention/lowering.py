@@ -1,7 +1,23 @@
 """What a pattern module hands the pass: a :class:`Lowering` (what was found and how to
 emit the kernel call) or a reason; the :class:`Emitter` that inserts nodes with their
 example values; and the dense lowering that SDPA, explicit softmax attention and their
-3-D ``[B*H, N, D]`` forms share (jagged with uniform offsets)."""
+3-D ``[B*H, N, D]`` forms share (jagged with uniform offsets), with :func:`attend`, the
+kernel call that it and ``nn.MultiheadAttention``'s lowering share, key padding included.
+
+**Key padding.** A key-padding mask hides, per sequence of N tokens, the keys outside its
+valid tokens; eager still computes every query row, padded ones included (a padded row
+attends over the valid keys like any other). The lowering keeps all N query rows and gives
+the kernel only the valid keys (``key_padding_extents`` of :mod:`fsc.kernels.jagged_attention`:
+queries over a contiguous run of keys, from the run's start, so causal stays the padded
+layout's ``j <= i``), after a run-time check that each sequence's valid keys are one
+contiguous run (right- or left-aligned padding). Rows that see no key at all (every row of
+an all-padding sequence; causal, the rows before a left-padded run) get what eager gives
+them: SDPA (and ``nn.MultiheadAttention`` without weights, which calls it) 0; an explicit
+softmax over -inf scores NaN; over scores that all hold one finite fill, the mean of v over
+all N tokens (``empty`` = ``"zero"``, ``"nan"``, ``"mean"``). (Gradients there: eager's NaN
+rows make NaN gradients for every key of the sequence; the lowering's NaN rows are a
+constant, so the other rows' gradients stay finite.)
+"""
 
 from __future__ import annotations
 
@@ -14,8 +30,10 @@ from typing import Any
 import torch
 import torch.fx as fx
 
+from fsc.kernels.jagged_attention import key_padding_extents
 from fsc.kernels.limits import DTYPES
 from fsc.passes.attention.graph import fmt, same, shape, val
+from fsc.passes.attention.masks import KeyPadding
 from fsc.rewriter import GraphRewriter
 
 OP = "fsc::jagged_attention_fwd"
@@ -44,8 +62,8 @@ class Lowering:
     emit: Callable[[Emitter], fx.Node]
     notes: tuple[str, ...] = ()
     uniform: bool = False
-    """Dense attention made jagged with equal lengths: the kernel does the work the graph
-    did, no less (the pass weighs that per device)."""
+    """Dense attention made jagged with equal lengths (or a padded layout's valid keys): the
+    kernel does about the work the graph did (the pass weighs that per device)."""
     device: torch.device | None = None
 
 
@@ -129,6 +147,15 @@ def check_tensors(q: Any, k: Any, v: Any, settings: Settings) -> str | None:
     return None
 
 
+def padded(padding: KeyPadding | None, empty: str) -> str:
+    """The record's words for a key-padding mask (empty without one)."""
+    if padding is None:
+        return ""
+    rows = {"zero": "0", "nan": "NaN", "mean": "the mean of v"}[empty]
+    return (f", key padding {fmt(shape(padding.mask))} ({padding.meaning}; one contiguous run of valid keys per "
+            f"sequence, checked at run time; rows that see no key: {rows}, as eager)")
+
+
 # float32 exp(x) rounds to 0 below about -103.97 (half the smallest subnormal, 2^-150)
 UNDERFLOW = 104.0
 
@@ -139,16 +166,75 @@ def uniform_offsets(e: Emitter, count: Any, length: Any, device: torch.device) -
     return e(operator.mul, e(torch.arange, count, dtype=torch.int64, device=device), length)
 
 
-def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: float | None, what: str,
-                   settings: Settings, fill: float | None = None) -> Lowering | str:
-    """Softmax attention over ``[B, H, N, D]`` (or ``[B*H, N, D]``) q, k, v as the jagged
-    kernel with uniform offsets ``arange(B + 1) * N``.
+def attend(e: Emitter, jagged: Callable[[], tuple[fx.Node, fx.Node, fx.Node]], rows: Any, n: Any, dv: int,
+           device: torch.device, causal: bool, scale: float, settings: Settings, *, fill: float | None = None,
+           padding: KeyPadding | None = None, empty: str = "zero") -> fx.Node:
+    """The kernel on ``jagged()``'s ``q, k [rows*n, H, D]``, ``v [rows*n, H, dv]`` (``rows``
+    sequences of ``n`` tokens; emitted after the offsets): its output ``[rows*n, H, dv]``.
+    Without ``padding``, uniform offsets; with it, every query row over its sequence's valid
+    keys (module docstring), the run-time layout check, and the rows that see no key set as
+    ``empty`` says.
 
-    ``fill``: the causal mask wrote a finite value, not -inf, into the masked scores. Where
-    every row's largest visible score is at least ``fill + 104``, exp underflows to 0 for
-    the masked ones and the softmax is exactly the causal one; the kernel's log-sum-exp
-    bounds that maximum from below (``max >= lse - log N``), so with ``check_preconditions``
-    the lowering asserts ``lse - log N >= fill + 104`` at run time."""
+    ``fill``: the masks wrote a finite value, not -inf, into the masked scores. Where every
+    row's largest visible score is at least ``fill + 104``, exp underflows to 0 for the
+    masked ones and the softmax is exactly the masked one; the kernel's log-sum-exp bounds
+    that maximum from below (``max >= lse - log N``), so with ``check_preconditions`` the
+    lowering asserts ``lse - log N >= fill + 104`` at run time (on the rows that see a key)."""
+    seen = None
+    if padding is None:
+        offsets = uniform_offsets(e, rows, n, device)
+        q, k, v = jagged()
+        out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None, None, None, None, n, True, scale,
+                causal, 0, 0, "auto")
+    else:
+        q, k, v = jagged()
+        mask = padding.mask
+        if padding.meaning == "kept":
+            valid = mask
+        elif padding.meaning == "masked":
+            valid = e(torch.logical_not, mask)
+        else:  # additive, of 0 and -inf
+            valid = e(torch.eq, mask, 0)
+        ones = [1] * (len(shape(mask)) - 2)  # [B, 1, 1, N] -> [B, N]
+        valid = e(torch.reshape, e(torch.broadcast_to, valid, (rows, *ones, n)), (rows, n))
+        extents = e(key_padding_extents, valid, causal)
+        offsets, kv_offsets, q_start, seen, contiguous = (e(operator.getitem, extents, i) for i in range(5))
+        e(torch._assert_async, contiguous,
+          "lower-attention: a key-padding mask was lowered to the jagged kernel assuming each sequence's valid "
+          "(unmasked) keys are one contiguous run (padding only before and/or after them: right- or left-aligned); "
+          f"this batch's mask breaks that. {OFF_SWITCH}")
+        out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None, None, None, None, n, True, scale,
+                causal, 0, 0, "auto", kv_offsets, q_start)
+    if fill is not None and settings.check_preconditions:
+        # lse - log N >= fill + 104, as exp(lse - fill - 104) >= N (an overflow to inf passes)
+        margin = e(torch.exp, e(operator.sub, e(operator.getitem, out, 1), fill + UNDERFLOW))
+        ok = e(torch.ge, margin, n)
+        if seen is not None:  # rows that see no key have no largest visible score
+            ok = e(torch.logical_or, ok, e(torch.logical_not, e(torch.reshape, seen, (-1, 1))))
+        whose = "causal mask's" if padding is None else "masks'"
+        e(torch._assert_async, e(torch.all, ok),
+          f"lower-attention: the {whose} fill {fill:g} was lowered as -inf, "
+          f"exact only while every row's largest visible score is at least the fill + {UNDERFLOW:g} (exp then "
+          f"underflows to 0 in float32); this batch's scores come within that of the fill. {OFF_SWITCH}")
+    out = e(operator.getitem, out, 0)
+    if seen is None or empty == "zero":  # the kernel gives 0 where a row sees no key
+        return out
+    heads = e.dim(q, 1)
+    seen = e(torch.reshape, seen, (rows, n, 1, 1))
+    out = e(torch.reshape, out, (rows, n, heads, dv))
+    if empty == "nan":
+        out = e(torch.where, seen, out, float("nan"))
+    else:  # every score held the one fill: uniform weights over all n tokens
+        out = e(torch.where, seen, out, e(torch.mean, e(torch.reshape, v, (rows, n, heads, dv)), 1, True))
+    return e(torch.reshape, out, (-1, heads, dv))
+
+
+def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: float | None, what: str,
+                   settings: Settings, fill: float | None = None, padding: KeyPadding | None = None,
+                   empty: str = "zero") -> Lowering | str:
+    """Softmax attention over ``[B, H, N, D]`` (or ``[B*H, N, D]``) q, k, v as the jagged
+    kernel with uniform offsets ``arange(B + 1) * N``, or, with a key-padding mask, over each
+    sequence's valid keys (:func:`attend`)."""
     shapes = [shape(x) for x in (q, k, v)]
     if any(s is None or len(s) not in (3, 4) for s in shapes) or len({len(s) for s in shapes}) != 1:
         return f"{what} on shapes {shapes}: only [B, H, N, D] and [B*H, N, D] are lowered"
@@ -176,17 +262,8 @@ def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: f
             def jagged(x: fx.Node, last: int) -> fx.Node:
                 return e(torch.reshape, x, (-1, 1, last))
 
-        offsets = uniform_offsets(e, bb, nn, val(q).device)
-        out = e(torch.ops.fsc.jagged_attention_fwd.default, jagged(q, d), jagged(k, d), jagged(v, dv), offsets,
-                None, None, None, None, nn, True, factor, causal, 0, 0, "auto")
-        if fill is not None and settings.check_preconditions:
-            # lse - log N >= fill + 104, as exp(lse - fill - 104) >= N (an overflow to inf passes)
-            margin = e(torch.exp, e(operator.sub, e(operator.getitem, out, 1), fill + UNDERFLOW))
-            e(torch._assert_async, e(torch.all, e(torch.ge, margin, nn)),
-              f"lower-attention: the causal mask's fill {fill:g} was lowered as -inf, exact only while every "
-              f"row's largest visible score is at least the fill + {UNDERFLOW:g} (exp then underflows to 0 in "
-              f"float32); this batch's scores come within that of the fill. {OFF_SWITCH}")
-        out = e(operator.getitem, out, 0)
+        out = attend(e, lambda: (jagged(q, d), jagged(k, d), jagged(v, dv)), bb, nn, dv, val(q).device, causal,
+                     factor, settings, fill=fill, padding=padding, empty=empty)
         if lead == 3:
             return e(torch.transpose, e(torch.reshape, out, (bb, nn, hh, dv)), 1, 2)
         return e(torch.reshape, out, (bb, nn, dv))
@@ -194,6 +271,7 @@ def dense_lowering(node: fx.Node, q: Any, k: Any, v: Any, causal: bool, scale: f
     layout = "[B, H, N, D]" if lead == 3 else "[B*H, N, D]"
     filled = "" if fill is None else (f", fill {fill:g} as -inf (exact while each row's max score >= fill + "
                                       f"{UNDERFLOW:g}{', checked at run time' if settings.check_preconditions else ''})")
-    found = (f"{what} {layout}={fmt(qshape)} {'causal' if causal else 'full'} softmax, "
-             f"scale={factor:.4g}{filled} (jagged, uniform offsets)")
+    found = (f"{what} {layout}={fmt(qshape)} {'causal' if causal else 'full'} softmax"
+             f"{padded(padding, empty)}, scale={factor:.4g}{filled} "
+             f"({'jagged, valid keys per sequence' if padding else 'jagged, uniform offsets'})")
     return Lowering(node, found, emit, uniform=True, device=val(q).device)

@@ -7,10 +7,15 @@ offsets, the out-projection as ``F.linear``.
 
 Lowered: ``query is key is value``; ``need_weights`` False, or True with the weights left
 unused; ``attn_mask`` None (full attention), the causal mask proved from the graph
-(:mod:`~fsc.passes.attention.masks`), or any mask given with the ``is_causal`` hint and
-``need_weights=False``, which is when PyTorch itself ignores the mask tensor and runs causal
-SDPA (the hint is trusted exactly as PyTorch trusts it); dropout 0
-or ``training=False``. Declined, with the reason: key-padding masks, other masks,
+(:mod:`~fsc.passes.attention.masks`), or any mask given with the ``is_causal`` hint,
+``need_weights=False`` and no ``key_padding_mask``, which is when PyTorch itself ignores the
+mask tensor and runs causal SDPA (the hint is trusted exactly as PyTorch trusts it); a
+``key_padding_mask [B, N]`` (boolean, True for padding, or additive with 0 / -inf, as
+``nn.TransformerEncoderLayer`` passes its ``src_key_padding_mask``), alone or with the
+causal mask, lowered over each sequence's valid keys with a run-time check that they are one
+contiguous run (:func:`~fsc.passes.attention.lowering.attend`; rows that see no key are 0
+without weights, as SDPA gives them, and NaN with ``need_weights=True``, as its explicit
+softmax gives them); dropout 0 or ``training=False``. Declined, with the reason: other masks,
 ``bias_k``/``bias_v``, ``add_zero_attn``, static k/v, dropout, used weights,
 cross-attention; and the encoder layer's fast path (``torch._transformer_encoder_layer_fwd``,
 eval without grad), one fused op the pass does not unpack.
@@ -26,15 +31,8 @@ from torch.nn import functional as F
 
 from fsc.kernels.limits import DTYPES
 from fsc.passes.attention.graph import call, fmt, is_call, shape, val
-from fsc.passes.attention.lowering import (
-    Emitter,
-    Family,
-    Lowering,
-    Settings,
-    head_dim_problem,
-    uniform_offsets,
-)
-from fsc.passes.attention.masks import KEY_PADDING, is_causal
+from fsc.passes.attention.lowering import Emitter, Family, Lowering, Settings, attend, head_dim_problem, padded
+from fsc.passes.attention.masks import is_causal, key_padding, mask_kind
 
 _FUSED = (torch._transformer_encoder_layer_fwd, torch._native_multi_head_attention)
 
@@ -64,11 +62,16 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     dims = shape(x)
     if dims is None or len(dims) != 3:
         return f"{what}: query of shape {dims}, not [N, B, E]"
-    if a["key_padding_mask"] is not None:
-        return f"{what}: key_padding_mask {fmt(shape(a['key_padding_mask']) or ())} is given ({KEY_PADDING})"
+    padding, kpm = None, a["key_padding_mask"]
+    if kpm is not None:
+        meaning = "masked" if val(kpm).dtype == torch.bool else "additive"
+        padding = key_padding(kpm, (dims[1], dims[0]), meaning)
+        if padding is None:
+            return (f"{what}: key_padding_mask is {mask_kind(kpm, (dims[1], dims[0]))}, not one the pass can read as "
+                    "key padding")
     mask = a["attn_mask"]
     causal = mask is not None
-    hinted = a["is_causal"] is True and a["need_weights"] is False
+    hinted = a["is_causal"] is True and a["need_weights"] is False and padding is None
     meaning = "masked" if causal and val(mask).dtype == torch.bool else "additive"
     if causal and not hinted and not is_causal(mask, (dims[0], dims[0]), meaning):
         return (f"{what}: attn_mask {fmt(shape(mask) or ())} is not the causal mask the pass can prove, and no "
@@ -103,16 +106,17 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         def jagged(t: fx.Node) -> fx.Node:  # [N, B, E] -> [B*N, H, D]
             return e(torch.reshape, e(torch.transpose, t, 0, 1), (-1, heads, d))
 
-        offsets = uniform_offsets(e, b, n, val(x).device)
-        o = e(torch.ops.fsc.jagged_attention_fwd.default, jagged(q), jagged(k), jagged(v), offsets, None, None, None,
-              None, n, True, 1.0 / math.sqrt(d), causal, 0, 0, "auto")
-        o = e(torch.transpose, e(torch.reshape, e(operator.getitem, o, 0), (b, n, e_dim)), 0, 1)
+        o = attend(e, lambda: (jagged(q), jagged(k), jagged(v)), b, n, d, val(x).device, causal, 1.0 / math.sqrt(d),
+                   settings, padding=padding, empty=empty)
+        o = e(torch.transpose, e(torch.reshape, o, (b, n, e_dim)), 0, 1)
         return e(F.linear, o, out_w, out_b)
 
+    # rows that see no key: SDPA (need_weights=False) gives 0, the explicit softmax NaN
+    empty = "nan" if a["need_weights"] is not False else "zero"
     how = "full" if not causal else "causal (is_causal hint)" if hinted else "causal (mask proved)"
-    found = (f"{what} [N, B, E]={fmt(dims)}, {heads} heads, {how} "
-             f"softmax, scale={1.0 / math.sqrt(d):.4g}, {'packed' if packed else 'separate'} projections "
-             "(unpacked; jagged, uniform offsets)")
+    found = (f"{what} [N, B, E]={fmt(dims)}, {heads} heads, {how} softmax{padded(padding, empty)}, "
+             f"scale={1.0 / math.sqrt(d):.4g}, {'packed' if packed else 'separate'} projections "
+             f"(unpacked; {'jagged, valid keys per sequence' if padding else 'jagged, uniform offsets'})")
     return Lowering(out, found, emit, uniform=True, device=val(x).device)
 
 

@@ -1,10 +1,15 @@
-"""Explicit softmax attention: ``softmax(c * (q @ kᵀ) [masked causal], -1) [dropout] @ v``.
+"""Explicit softmax attention: ``softmax(c * (q @ kᵀ) [masks], -1) [dropout] @ v``.
 
 q, k, v are ``[B, H, N, D]`` or ``[B*H, N, D]``; the products are ``matmul``, ``@`` or
 ``bmm``; kᵀ is ``transpose(-2, -1)`` or ``mT``; c comes from scalar ``*`` and ``/``. The
-causal mask is ``masked_fill(~tril(ones(N, N)), fill)`` or ``masked_fill(triu(ones(N, N),
-1), fill)`` with fill -inf or a finite fill <= -1e4 (see ``dense_lowering``), or the
-additive ``scores + triu(full((N, N), -inf), 1)``. Dropout on the probabilities is stripped where it is the
+masks, one or two, in any order: ``masked_fill(mask, fill)`` with fill -inf or a finite fill
+<= -1e4 (see ``attend``), and additive ``scores + mask``; each mask the causal one
+(``~tril(ones(N, N))``, ``triu(ones(N, N), 1)``, additive ``triu(full((N, N), -inf), 1)``),
+a key-padding mask (``pad[:, None, None, :] == 0``, as BERT4Rec writes it: one row per
+sequence; additive: built with 0 / -inf), or the two combined (``causal | pad``, ``causal +
+pad``), see :mod:`~fsc.passes.attention.masks`. With a key-padding mask, rows that see no key
+get eager's value: NaN with -inf fills, the mean of v when every mask has one finite fill;
+other mixes of fills are declined. Dropout on the probabilities is stripped where it is the
 identity (p = 0, or ``training=False``) and declined otherwise: the kernel has no dropout.
 """
 
@@ -33,7 +38,7 @@ from fsc.passes.attention.graph import (
     val,
 )
 from fsc.passes.attention.lowering import Family, Lowering, Settings, dense_lowering
-from fsc.passes.attention.masks import is_causal, mask_kind
+from fsc.passes.attention.masks import KeyPadding, causal_and_padding, mask_kind
 
 SOFTMAX = (torch.softmax, F.softmax)
 MATMUL = (torch.matmul, torch.bmm)
@@ -88,20 +93,16 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     rank = len(shape(x) or ())
     if args.get("dim") not in (-1, rank - 1) or args.get("dtype") is not None:
         return "softmax not over the last dim"
-    causal, finite = False, None
-    if (fill := call(x)) is not None and fill.fn is torch.masked_fill:
-        value = scalar(fill.get("value"))
-        if not is_causal(fill.get("mask"), shape(x), "masked"):
-            return f"masked_fill with {mask_kind(fill.get('mask'), shape(x))}, which the pass cannot prove causal"
-        if value is None or value > MAX_FILL:
-            return (f"causal masked_fill with {fill.get('value')!r}: lowered are -inf and finite fills <= {MAX_FILL:g} "
-                    "(which softmax turns into exact zeros while the scores stay above fill + 104)")
-        x, causal, finite = fill["input"], True, None if value == float("-inf") else value
-    if (ops := binary(x, torch.add)) is not None and all(isinstance(val(o), torch.Tensor) for o in ops):
-        added = next((o for o in ops if not any(is_call(n, *MATMUL) for n in upstream(o))), ops[1])
-        if causal or not is_causal(added, shape(x), "additive"):
-            return f"softmax input is the scores plus {mask_kind(added, shape(x))} (an additive mask or bias)"
-        x, causal = ops[1] if added is ops[0] else ops[0], True
+    masks = _masks(x)
+    if isinstance(masks, str):
+        return masks
+    x, causal, padding, fills = masks
+    finite = [f for f in fills if f != float("-inf")]
+    empty = "nan" if not finite else "mean"
+    if padding is not None and finite and (len(finite) != len(fills) or len(set(finite)) > 1):
+        return (f"masks filled with {sorted(set(fills))}: with a key-padding mask the fills must be one value (on "
+                "rows that see no key, eager's softmax then averages v; with several, what it gives depends on "
+                "which mask hides which key)")
     scaled = scale_of(factors(x))
     if scaled is None or len(scaled[1]) != 1 or not is_call(scaled[1][0], *MATMUL):
         return "softmax input is not c * (q @ k^T)"
@@ -111,7 +112,42 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     k = untransposed(kt)
     if k is None:
         return "the scores' right operand is not k transposed in its last two dims"
-    return dense_lowering(node, q, k, v, causal, scale, "softmax(q @ k^T) @ v", settings, fill=finite)
+    return dense_lowering(node, q, k, v, causal, scale, "softmax(q @ k^T) @ v", settings,
+                          fill=max(finite) if finite else None, padding=padding, empty=empty)
+
+
+def _masks(x: Any) -> tuple[Any, bool, KeyPadding | None, list[float]] | str:
+    """Peel the masks off the softmax input ``x``: ``masked_fill(mask, fill)`` and ``scores +
+    mask`` in any order, each the causal mask, a key-padding mask or the two combined. Returns
+    (the scores under them, causal?, the key padding, the fills: -inf for additive masks), or
+    why not."""
+    causal, padding, fills = False, None, []
+    while True:
+        dims = shape(x)
+        c = call(x)
+        if c is not None and c.fn is torch.masked_fill:
+            value, mask = scalar(c.get("value")), c.get("mask")
+            parts = causal_and_padding(mask, dims, "masked")
+            if parts is None:
+                return (f"masked_fill with {mask_kind(mask, dims)}, which the pass can read as neither causal nor key "
+                        "padding")
+            if value is None or value > MAX_FILL:
+                return (f"masked_fill with {c.get('value')!r}: lowered are -inf and finite fills <= {MAX_FILL:g} "
+                        "(which softmax turns into exact zeros while the scores stay above fill + 104)")
+            x = c["input"]
+        elif (ops := binary(x, torch.add)) is not None and all(isinstance(val(o), torch.Tensor) for o in ops):
+            mask = next((o for o in ops if not any(is_call(n, *MATMUL) for n in upstream(o))), ops[1])
+            value = float("-inf")
+            parts = causal_and_padding(mask, dims, "additive")
+            if parts is None:
+                return f"softmax input is the scores plus {mask_kind(mask, dims)} (an additive mask or bias)"
+            x = ops[1] if mask is ops[0] else ops[0]
+        else:
+            return x, causal, padding, fills
+        if (parts[0] and causal) or (parts[1] is not None and padding is not None):
+            return "two causal or two key-padding masks on one softmax"
+        causal, padding = causal or parts[0], padding or parts[1]
+        fills.append(value)
 
 
 def _after_softmax(p: fx.Node) -> list[fx.Node]:
