@@ -1,0 +1,369 @@
+"""HSTU SiLU attention on jagged q, k, v padded by fbgemm (generative-recommenders' PyTorch form).
+
+q, k, v are jagged ``[L, H, D]`` with ``offsets [B+1]``; each is padded to ``[B, H, N, D]``::
+
+    p = fbgemm.jagged_to_padded_dense(x.view(L, H * D), [offsets], [N], pad)
+    p = p.view(B, N, H, D).transpose(1, 2)            # or .permute(0, 2, 1, 3)
+    a = silu(alpha * einsum("bhxa,bhya->bhxy", pq, pk)) / N [* mask]   # or pq @ pk.transpose(-2, -1)
+    o = einsum("bhxd,bhdv->bhxv", a, pv)               # or a @ pv
+    out = fbgemm.dense_to_jagged(o.transpose(1, 2).flatten(2, 3), [offsets], L)[0]
+
+(any einsum letters; ``view``/``reshape``/``flatten`` for the reshapes). The mask, broadcast
+over batch and heads (``unsqueeze``, ``[None]``, ``expand``) and cast at will, is the
+constant causal ``tril(ones(N, N))`` (or ``~triu(ones(N, N), 1)``) or ``r[:, None] >= r[None,
+:]`` for an increasing ``r = arange(...)`` of N values; without a mask the attention is full
+(non-causal), lowered only when k or v is padded with zeros (then the padded keys add
+nothing, as in the jagged op).
+
+Lowered to hstu mode **without the padding round trip**: the jagged op takes the padded
+op's inputs (x viewed back to ``[L, H, D]``), ``offsets``, ``max_seq_len = N`` (the divisor,
+which must equal the padded length), alpha, causal; its output replaces the
+``dense_to_jagged`` values. Padded query rows, which ``dense_to_jagged`` drops, are never
+computed, and with a causal mask no real query sees a padded key, so the pad value does not
+matter. ``jagged_to_padded_dense`` truncates a sequence longer than N, the jagged op would
+not: with ``check_preconditions`` a run-time check asserts that offsets rise from 0 to L
+with every length at most N.
+
+Declined, each with its reason: masks built from the offsets (generative-recommenders'
+``num_targets``, ``max_attn_len`` and contextual masks; not proved), other masks, a divisor
+other than the padded length, q, k, v padded with different offsets or lengths, work
+between the padded op and the ``[B, H, N, D]`` layout, an output used other than through
+``dense_to_jagged``, ``dense_to_jagged`` without ``total_L``.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.nn import functional as F
+
+from fsc.passes.attention.graph import (
+    attention_weights,
+    call,
+    einsum,
+    factors,
+    fmt,
+    function,
+    is_call,
+    same,
+    same_shape,
+    scalar,
+    scale_of,
+    shape,
+    uncast,
+    untransposed,
+    val,
+)
+from fsc.passes.attention.lowering import OFF_SWITCH, Emitter, Family, Lowering, Settings, check_tensors
+from fsc.passes.attention.masks import is_causal
+from fsc.passes.attention.softmax import MATMUL, weights
+
+_VIEWS = (torch.Tensor.view, torch.reshape, torch.Tensor.reshape, torch.flatten, torch.Tensor.flatten)
+_SWAPS = (torch.transpose, torch.permute, torch.Tensor.permute)
+
+
+def _fbgemm(node: Any, name: str) -> bool:
+    """Whether ``node`` calls ``torch.ops.fbgemm.<name>`` (read without importing fbgemm)."""
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return False
+    target = getattr(node.target, "overloadpacket", node.target)
+    return getattr(target, "_qualified_op_name", None) == f"fbgemm::{name}"
+
+
+def anchors(node: fx.Node) -> bool:
+    """A product whose weights come from a SiLU and whose values come from
+    ``jagged_to_padded_dense`` (through views and transposes)."""
+    left = weights(node)
+    if left is None or not attention_weights(left, F.silu):
+        return False
+    v = _values_operand(node)
+    for _ in range(4):
+        if _fbgemm(v, "jagged_to_padded_dense"):
+            return True
+        if function(v) not in (*_VIEWS, *_SWAPS, torch.Tensor.contiguous) or not v.args:
+            return False
+        v = v.args[0]
+    return False
+
+
+def match(node: fx.Node, settings: Settings) -> Lowering | str:
+    attn, pv = weights(node), _values_operand(node)
+    scores_of = _scores_layout(node)
+    if isinstance(scores_of, str):
+        return scores_of
+    scaled = scale_of(factors(attn))
+    if scaled is None:
+        return "the attention weights are divided by a tensor"
+    inv_n, tensors = scaled
+    silus = [t for t in tensors if is_call(t, F.silu)]
+    masks = [t for t in tensors if not is_call(t, F.silu)]
+    if len(silus) != 1 or call(silus[0]).get("inplace"):
+        return "attention weights are not silu(scores) times scalars and a mask"
+    if len(masks) > 1:
+        return f"{len(masks)} tensor factors besides silu(scores); one mask is lowered"
+    s = scale_of(factors(call(silus[0])["input"]))
+    if s is None or len(s[1]) != 1:
+        return "silu input is not alpha * (q k^T)"
+    alpha, (scores,) = s
+    qk = scores_of(scores)
+    if isinstance(qk, str):
+        return qk
+    padded = [_padded(x, name) for x, name in ((qk[0], "q"), (qk[1], "k"), (pv, "v"))]
+    if problem := next((p for p in padded if isinstance(p, str)), None):
+        return problem
+    (q, offsets, n, _), (k, k_offsets, kn, k_pad), (v, v_offsets, vn, v_pad) = padded
+    if not (offsets is k_offsets is v_offsets):
+        return "q, k and v are padded with different offsets"
+    if not n == kn == vn:
+        return f"q, k and v are padded to different lengths ({n}, {kn}, {vn})"
+    if not (same(shape(q)[0], shape(k)[0]) and same(shape(q)[0], shape(v)[0])):
+        return f"q, k, v have different token counts {fmt(shape(q))}, {fmt(shape(k))}, {fmt(shape(v))}"
+    if not isinstance(n, int):
+        return f"jagged_to_padded_dense's max length {n} is not a static int; the kernel's max_seq_len is"
+    n_float = 1.0 / inv_n if inv_n else 0.0
+    if abs(n_float - n) > 1e-9 * n:
+        return (f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for jagged_to_padded_dense's max length N={n} "
+                "(the jagged op divides by max_seq_len)")
+    if masks:
+        causal = _causal(masks[0], n)
+        if causal is None:
+            return _mask_reason(masks[0], offsets)
+        how = f"causal ({causal})"
+    elif k_pad == 0.0 or v_pad == 0.0:
+        causal, how = None, "full (no mask; padded keys add silu(0) = 0 or zero values)"
+    else:
+        return (f"no mask, and k and v are padded with {k_pad!r}, {v_pad!r}: padded keys would add to every "
+                "row, which the jagged op does not compute")
+    if problem := check_tensors(q, k, v, settings):
+        return problem
+    out = _jagged_output(node, offsets, q)
+    if isinstance(out, str):
+        return out
+    if val(offsets).dtype != torch.int64:
+        return f"offsets are {val(offsets).dtype}; the kernel takes int64"
+    found = (f"HSTU SiLU attention padded by fbgemm, q [L, H, D]={fmt(shape(q))}, alpha={alpha:.4g}, /N={n}, {how} "
+             "(jagged, no padding round trip)")
+    check = settings.check_preconditions
+    heads, dv = shape(v)[1], shape(v)[2]
+
+    def emit(e: Emitter) -> fx.Node:
+        if check:
+            _check_offsets(e, offsets, q, n)
+        res = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None, None, None, None, n, False,
+                alpha, causal is not None, 0, 0, "auto")
+        return e(torch.reshape, e(operator.getitem, res, 0), (e.dim(q, 0), heads * dv))
+
+    return Lowering(out, found, emit, device=val(q).device)
+
+
+FAMILY = Family("hstu-padded", anchors, match)
+
+
+def _values_operand(node: fx.Node) -> Any:
+    if (parsed := einsum(node)) is not None:
+        return parsed[3][1] if len(parsed[3]) == 2 else None
+    c = call(node)
+    return c.get("other" if c.fn is torch.matmul else "mat2")
+
+
+def _scores_layout(final: fx.Node) -> Any:
+    """A reader of the scores node into (padded q, padded k) for this product, or why the
+    product is not ``[B, H, N, N] x [B, H, N, V]``."""
+    if (parsed := einsum(final)) is not None:
+        a_s, vs = parsed[1]
+        if len(a_s) != 4 or len(vs) != 4 or len(set(a_s)) != 4 or len(set(vs)) != 4:
+            return f"output einsum {parsed[0]} is not over [B, H, N, N] weights and [B, H, N, V] values"
+        b, h, x, y = a_s
+        if vs[:3] != b + h + y or vs[3] in a_s or parsed[2] != b + h + x + vs[3]:
+            return f"output einsum {parsed[0]} is not 'bhxy,bhyv->bhxv' (any letters)"
+    elif len(shape(final) or ()) != 4:
+        return f"output product on {fmt(shape(final) or ())} is not over [B, H, N, *]"
+
+    def scores(node: Any) -> tuple[Any, Any] | str:
+        if (parsed := einsum(node)) is not None and len(parsed[3]) == 2:
+            qs, ks = parsed[1]
+            if len(qs) != 4 or len(set(qs)) != 4 or len(ks) != 4:
+                return f"scores einsum {parsed[0]} is not over [B, H, N, D] q and k"
+            b, h, x, d = qs
+            if ks[:2] != b + h or ks[3] != d or ks[2] in qs or parsed[2] != b + h + x + ks[2]:
+                return f"scores einsum {parsed[0]} is not 'bhxd,bhyd->bhxy' (any letters)"
+            return parsed[3][0], parsed[3][1]
+        if is_call(node, *MATMUL):
+            c = call(node)
+            k = untransposed(c.get("other" if c.fn is torch.matmul else "mat2"))
+            if k is None:
+                return "the scores' right operand is not k transposed in its last two dims"
+            return c["input"], k
+        return "silu input is not alpha * (q k^T) through einsum, matmul or bmm"
+
+    return scores
+
+
+def _padded(node: Any, name: str) -> tuple[fx.Node, fx.Node, Any, Any] | str:
+    """(jagged x [L, H, D], offsets, N, pad value) for node = jagged_to_padded_dense(x.view(L,
+    H * D), [offsets], [N], pad).view(B, N, H, D).transpose(1, 2)."""
+    dims = shape(node)
+    c = call(node)
+    if dims is None or len(dims) != 4 or c is None:
+        return f"{name} is not a [B, H, N, D] tensor"
+    swapped = c.args is not None and (
+        (c.fn is torch.transpose and {c["dim0"] % 4, c["dim1"] % 4} == {1, 2})
+        or (c.fn in (torch.permute, torch.Tensor.permute) and tuple(d % 4 for d in c["dims"]) == (0, 2, 1, 3)))
+    if not swapped:
+        return f"padded {name} is not [B, N, H, D].transpose(1, 2) (or permute(0, 2, 1, 3))"
+    split = c["input"]
+    padded = split.args[0] if function(split) in _VIEWS and split.args else None
+    if not _fbgemm(padded, "jagged_to_padded_dense"):
+        return f"{name}'s [B, N, H, D] is not a view of fbgemm.jagged_to_padded_dense's output"
+    b, n, h, d = shape(split)
+    pshape = shape(padded)
+    if len(pshape) != 3 or not (same(pshape[0], b) and same(pshape[1], n)) or pshape[2] != h * d:
+        return f"{name}: {fmt(pshape)} is not viewed as [B, N, H, D]={fmt((b, n, h, d))}"
+    p = call(padded)
+    if p.args is None or len(p["offsets"]) != 1 or len(p["max_lengths"]) != 1:
+        return f"{name} is padded over {len(p.get('offsets') or ())} jagged dims; one is lowered"
+    values, offsets, length = p["values"], p["offsets"][0], p["max_lengths"][0]
+    if not (isinstance(offsets, fx.Node) and same(length, n)):
+        return f"{name} is padded to {length}, not to its [B, N, H, D] view's N={n}"
+    jagged = values.args[0] if function(values) in _VIEWS and values.args else None
+    if jagged is None or not same_shape(shape(jagged), (shape(values)[0], h, d)):
+        return f"{name}'s jagged values {fmt(shape(values))} are not a view of a [L, H, D]=[L, {h}, {d}] tensor"
+    return jagged, offsets, length, scalar(p["padding_value"])
+
+
+def _jagged_output(final: fx.Node, offsets: fx.Node, q: fx.Node) -> fx.Node | str:
+    """The values node of ``dense_to_jagged(final.transpose(1, 2).flatten(2, 3), [offsets],
+    L)[0]``, the only use of ``final``."""
+    chain = [final]
+    for what in ("transposed to [B, N, H, V]", "flattened to [B, N, H*V]", "made jagged by fbgemm.dense_to_jagged"):
+        users = list(chain[-1].users)
+        if len(users) != 1:
+            return (f"the padded attention output is used {len(users)} times where it should be {what} "
+                    "(the lowering drops the padded output)")
+        chain.append(users[0])
+    _, swap, flat, jag = chain
+    sc = call(swap)
+    if not (sc.args is not None and ((sc.fn is torch.transpose and {sc["dim0"] % 4, sc["dim1"] % 4} == {1, 2}) or (
+            sc.fn in (torch.permute, torch.Tensor.permute) and tuple(d % 4 for d in sc["dims"]) == (0, 2, 1, 3)))):
+        return "the padded attention output is not transposed back to [B, N, H, V]"
+    b, n, h, dv = shape(swap)
+    fdims = shape(flat)
+    if function(flat) not in _VIEWS or fdims is None or len(fdims) != 3 or fdims[2] != h * dv:
+        return f"the [B, N, H, V] output is not flattened to [B, N, H*V] but {function(flat)} {fmt(fdims or ())}"
+    if not _fbgemm(jag, "dense_to_jagged") or call(jag).args is None:
+        return "the padded attention output does not go to fbgemm.dense_to_jagged"
+    jc = call(jag)
+    if jc["dense"] is not flat or list(jc["x_offsets"]) != [offsets]:
+        return "dense_to_jagged takes other offsets than the padding did"
+    if jc.get("total_L") is None:
+        return "dense_to_jagged without total_L: its output length is data-dependent"
+    outs = list(jag.users)
+    if len(outs) != 1 or outs[0].target is not operator.getitem or outs[0].args[1] != 0:
+        return "dense_to_jagged's offsets output is used (only its values are lowered)"
+    if not same(shape(outs[0])[0], shape(q)[0]):
+        return f"dense_to_jagged makes {shape(outs[0])[0]} rows, q has {shape(q)[0]}"
+    return outs[0]
+
+
+def _broadcast_source(node: Any) -> Any:
+    """``node`` without dtype casts and leading broadcast dims over ``[..., N, N]``."""
+    while True:
+        node = uncast(node)[0]
+        dims, c = shape(node), call(node)
+        if c is None or dims is None or not node.args or not isinstance(node.args[0], fx.Node):
+            return node
+        src = node.args[0]
+        sdims = shape(src)
+        if sdims is None or len(sdims) < 2 or tuple(dims[-2:]) != tuple(sdims[-2:]):
+            return node
+        keeps = (
+            c.fn in (torch.unsqueeze, torch.Tensor.expand, torch.Tensor.expand_as)
+            or (c.fn in (*_VIEWS, operator.getitem) and len(sdims) == 2 and all(s == 1 for s in dims[:-2])))
+        if not keeps:
+            return node
+        node = src
+
+
+def _causal(mask: Any, n: int) -> str | None:
+    """How the mask was proved causal over ``[N, N]`` (visible where key <= query); None: it was not."""
+    m = _broadcast_source(mask)
+    if is_causal(m, (n, n), "kept"):
+        return "tril(ones(N, N))"
+    return _index_comparison(m, n)
+
+
+def _mask_reason(mask: Any, offsets: fx.Node) -> str:
+    if _depends_on(mask, offsets):
+        return ("mask built from the offsets (sequence lengths, num_targets, a window or a contextual prefix): "
+                "the pass proves only constant causal masks, not generative-recommenders' data-dependent ones")
+    return (f"mask {fmt(shape(mask) or ())} not recognised: lowered are tril(ones(N, N)) and r[:, None] >= "
+            "r[None, :] for r = arange of N increasing values, cast and broadcast over batch and heads")
+
+
+def _index_comparison(m: Any, n: int) -> str | None:
+    """Proof text when m = r_query >= r_key over a row and a column view of one arange."""
+    c = call(m)
+    if c is None or c.args is None or c.fn not in (torch.ge, torch.le):
+        return None
+    a, b = (c["input"], c["other"]) if c.fn is torch.ge else (c["other"], c["input"])
+    rows, cols = _grid(a, n, 0), _grid(b, n, 1)
+    if rows is None or cols is None or not (rows is cols or _same_arange(rows, cols)):
+        return None
+    return "arange(N)[:, None] >= arange(N)[None, :]"
+
+
+def _grid(node: Any, n: int, axis: int) -> fx.Node | None:
+    """The increasing ``arange`` of N values that ``node`` lays along ``axis`` (0: rows,
+    ``[N, 1]``; 1: columns, ``[1, N]``), after leading size-1 dims."""
+    dims = shape(node)
+    if dims is None or len(dims) < 2 or any(s != 1 for s in dims[:-2]):
+        return None
+    want = (n, 1) if axis == 0 else (1, n)
+    if tuple(dims[-2:]) != want or function(node) not in (torch.unsqueeze, *_VIEWS, operator.getitem):
+        return None
+    src = node.args[0]
+    c = call(src)
+    if shape(src) != (n,) or c is None or c.fn is not torch.arange or c.args is None:
+        return None
+    step = c.get("step", 1)
+    return src if isinstance(step, (int, float)) and step > 0 else None
+
+
+def _same_arange(a: fx.Node, b: fx.Node) -> bool:
+    return dict(call(a).args) == dict(call(b).args)
+
+
+def _depends_on(node: Any, source: fx.Node, hops: int = 40) -> bool:
+    seen, stack = set(), [node]
+    while stack and len(seen) < hops:
+        x = stack.pop()
+        if not isinstance(x, fx.Node) or x in seen:
+            continue
+        if x is source:
+            return True
+        seen.add(x)
+        stack.extend(x.all_input_nodes)
+    return False
+
+
+def _check_offsets(e: Emitter, offsets: fx.Node, q: fx.Node, n: int) -> None:
+    """Run-time check: offsets rise from 0 to L and every length is at most N (what the
+    padding kept; jagged_to_padded_dense truncates a longer sequence, the jagged op would not)."""
+    count = e.dim(offsets, 0)
+    total = e.dim(q, 0)
+    # each offset against the one before it, rolled rather than sliced (a slice of a
+    # dynamic length makes Dynamo guard on it); entry 0 pairs the first with the last
+    lengths = e(operator.sub, offsets, e(torch.roll, offsets, 1))
+    first = e(torch.eq, e(torch.arange, count, device=val(offsets).device), 0)
+    minus_total = -total if isinstance(total, int) else e(operator.neg, total)
+    each = e(torch.where, first, e(torch.eq, lengths, minus_total),
+             e(torch.logical_and, e(torch.ge, lengths, 0), e(torch.le, lengths, n)))
+    ok = e(torch.logical_and, e(torch.all, each), e(torch.eq, e(torch.amin, offsets), 0))
+    e(torch._assert_async, ok,
+      f"lower-attention: the padded HSTU attention was lowered to the jagged kernel, which is exact only while "
+      f"every sequence length offsets[b+1] - offsets[b] is at most jagged_to_padded_dense's max length N={n} (it "
+      f"truncates longer sequences, the kernel does not) and the offsets rise from 0 to L; this batch breaks "
+      f"that. {OFF_SWITCH}")
