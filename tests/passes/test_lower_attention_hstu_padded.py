@@ -1,0 +1,204 @@
+"""lower-attention on HSTU attention written as generative-recommenders' PyTorch reference
+writes it: jagged q, k, v padded by ``fbgemm.jagged_to_padded_dense``, SiLU attention on
+``[B, H, N, D]``, back through ``dense_to_jagged``. Golden printouts of the pass alone, then
+an STU-like block compiled with ``backend="freescale"`` against eager (forward and
+backward), the declines with their reasons, and the run-time length check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from test_golden_printouts import assert_golden, dynamo_graph, pre_grad_ctx, run_and_print
+from torch import nn
+
+import fsc
+from fsc.inspect import STORE
+from fsc.passes import LowerAttention
+
+pytest.importorskip("fbgemm_gpu")
+
+N, H, D = 4, 2, 16
+
+
+def pad(x: torch.Tensor, offsets: torch.Tensor, n: int, value: float = 0.0) -> torch.Tensor:
+    """[L, H, D] jagged -> [B, H, N, D] padded."""
+    length, heads, dim = x.shape
+    dense = torch.ops.fbgemm.jagged_to_padded_dense(values=x.view(length, heads * dim), offsets=[offsets],
+                                                    max_lengths=[n], padding_value=value)
+    return dense.view(offsets.numel() - 1, n, heads, dim).transpose(1, 2)
+
+
+def causal_tril(n: int, device: torch.device) -> torch.Tensor:
+    return torch.tril(torch.ones(n, n, device=device))
+
+
+def causal_arange(n: int, device: torch.device) -> torch.Tensor:
+    ids = torch.arange(n, device=device)
+    return (ids.unsqueeze(1) >= ids.unsqueeze(0)).float()
+
+
+def targets_mask(offsets: torch.Tensor, num_targets: torch.Tensor, n: int) -> torch.Tensor:
+    """[B, N, N]: causal over ids capped at the first target (targets see the history and
+    themselves)."""
+    lengths = offsets[1:] - offsets[:-1]
+    ids = torch.clamp(torch.arange(n).view(1, n), max=(lengths - num_targets).view(-1, 1))
+    dist = ids.unsqueeze(2) - ids.unsqueeze(1)
+    return (torch.eye(n, dtype=torch.bool).unsqueeze(0) | (dist > 0)).float()
+
+
+def padded_hstu(q, k, v, offsets, n: int, alpha: float, mask: torch.Tensor | None) -> torch.Tensor:
+    """SiLU attention of jagged [L, H, D] q, k, v through padded [B, H, N, D] tensors."""
+    length, heads, dv = v.shape
+    qk = torch.einsum("bhxa,bhya->bhxy", pad(q, offsets, n), pad(k, offsets, n)) * alpha
+    qk = F.silu(qk) / n
+    if mask is not None:
+        qk = qk * (mask.unsqueeze(1) if mask.dim() == 3 else mask)
+    out = torch.einsum("bhxd,bhdv->bhxv", qk, pad(v, offsets, n))
+    return torch.ops.fbgemm.dense_to_jagged(out.transpose(1, 2).flatten(2, 3), [offsets], length)[0].view(
+        length, heads, dv)
+
+
+def hstu_causal(q, k, v, offsets):
+    return padded_hstu(q, k, v, offsets, N, 0.5, causal_tril(N, q.device))
+
+
+def hstu_arange_causal(q, k, v, offsets):
+    return padded_hstu(q, k, v, offsets, N, 0.5, causal_arange(N, q.device)[None, None])
+
+
+def hstu_full(q, k, v, offsets):
+    return padded_hstu(q, k, v, offsets, N, 1.0, None)
+
+
+def hstu_targets(q, k, v, offsets, num_targets):
+    return padded_hstu(q, k, v, offsets, N, 0.5, targets_mask(offsets, num_targets, N))
+
+
+def hstu_divisor_not_n(q, k, v, offsets):
+    qk = F.silu(torch.einsum("bhxa,bhya->bhxy", pad(q, offsets, N), pad(k, offsets, N))) / 8 * causal_tril(N, q.device)
+    out = torch.einsum("bhxd,bhdv->bhxv", qk, pad(v, offsets, N))
+    return torch.ops.fbgemm.dense_to_jagged(out.transpose(1, 2).flatten(2, 3), [offsets], q.shape[0])[0]
+
+
+def jagged_inputs():
+    g = torch.Generator().manual_seed(0)
+    return (*(torch.randn(6, H, D, generator=g) for _ in range(3)), torch.tensor([0, 3, 5, 6]))
+
+
+# form: (function, inputs, lowered?, a phrase of the lowering or of the reason)
+FORMS = {
+    "hstu_padded_causal": (hstu_causal, jagged_inputs(), True,
+                           "q [L, H, D]=[6, 2, 16], alpha=0.5, /N=4, causal (tril(ones(N, N)))"),
+    "hstu_padded_arange_causal": (hstu_arange_causal, jagged_inputs(), True,
+                                  "causal (arange(N)[:, None] >= arange(N)[None, :])"),
+    "hstu_padded_full": (hstu_full, jagged_inputs(), True, "alpha=1, /N=4, full (no mask"),
+    "hstu_padded_targets": (hstu_targets, (*jagged_inputs(), torch.tensor([1, 0, 1])), False,
+                            "mask built from the offsets (sequence lengths, num_targets"),
+    "hstu_padded_divisor": (hstu_divisor_not_n, jagged_inputs(), False,
+                            "scaled by 0.125, not 1/N for jagged_to_padded_dense's max length N=4"),
+}
+
+
+@pytest.mark.parametrize("form", list(FORMS))
+def test_lower_attention_padded_hstu_form_matches_its_golden_printout(form):
+    f, inputs, lowered, phrase = FORMS[form]
+    gm = dynamo_graph(f, *inputs)
+    record, before, text = run_and_print(form, gm, LowerAttention(), pre_grad_ctx())
+    assert record.modified is lowered
+    assert record.stats["attention_found"] == 1 and record.stats["lowered"] == int(lowered)
+    said = record.stats["lowerings"] if lowered else record.reasons
+    assert len(said) == 1 and phrase in said[0], said
+    after = text.partition("# after")[2]
+    if lowered:  # no padding round trip left
+        assert "fsc.jagged_attention_fwd" in after and "fbgemm" not in after
+    else:
+        assert text.partition("# after\n")[2] == before
+    assert_golden(f"lower_attention/{form}", text)
+
+
+class Stu(nn.Module):
+    """An STU-like block: u, v, q, k projections, padded SiLU attention, gated output."""
+
+    def __init__(self, mask: str = "causal", dim: int = 32, n: int = 8) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.uvqk, self.out, self.mask, self.n = nn.Linear(dim, 4 * H * D), nn.Linear(H * D, dim), mask, n
+
+    def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: torch.Tensor | None = None):
+        length = x.shape[0]
+        u, v, q, k = F.silu(self.uvqk(x)).split(H * D, dim=-1)
+        mask = (causal_tril(self.n, x.device) if self.mask == "causal"
+                else targets_mask(offsets, num_targets, self.n))
+        attn = padded_hstu(q.view(length, H, D), k.view(length, H, D), v.view(length, H, D), offsets, self.n,
+                           1.0 / D ** 0.5, mask)
+        return x + self.out(u * attn.reshape(length, H * D))
+
+
+def batch(lengths: list[int], dim: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+    offsets = torch.tensor([0, *lengths]).cumsum(0)
+    return torch.randn(int(offsets[-1]), dim, requires_grad=True), offsets
+
+
+def check_parity(model: nn.Module, compiled, *inputs) -> None:
+    x = inputs[0]
+    params = [x, *model.parameters()]
+    ref = model(*inputs)
+    grads = torch.autograd.grad(ref.square().sum(), params)
+    got = compiled(*inputs)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(got.square().sum(), params), grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+
+
+def test_lower_attention_lowers_padded_stu_attention_and_training_matches_eager_across_lengths():
+    model = Stu()
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    x, offsets = batch([3, 8, 1])
+    torch._dynamo.mark_dynamic(x, 0)
+    before = STORE.count
+    check_parity(model, compiled, x, offsets)
+    for lengths in ([5, 2, 6], [8, 8, 7]):  # other lengths, the same N and batch: the same graph
+        check_parity(model, compiled, *batch(lengths))
+    assert STORE.count - before == 1
+    pre = fsc.last_compile().graph("pre-grad")
+    (lowering,) = pre.pass_record("lower-attention").stats["lowerings"]
+    assert "HSTU SiLU attention padded by fbgemm" in lowering and "/N=8, causal (tril(ones(N, N)))" in lowering
+    assert "fbgemm.jagged_to_padded_dense" in pre.graph_before
+    assert "= torch.ops.fbgemm" not in pre.graph_after and "fsc.jagged_attention_fwd" in pre.graph_after
+
+
+def test_lower_attention_checks_at_run_time_that_no_sequence_is_longer_than_the_padding():
+    model = Stu()
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    x, offsets = batch([3, 8, 1])
+    compiled(x, offsets)
+    x, offsets = batch([3, 9, 1])  # jagged_to_padded_dense would drop the 9th token's keys
+    with pytest.raises(RuntimeError, match="at most jagged_to_padded_dense's max length N=8"):
+        compiled(x, offsets)
+
+
+def test_lower_attention_declines_the_data_dependent_targets_mask_naming_it_and_matches_eager():
+    model = Stu(mask="targets")
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    x, offsets = batch([3, 8, 1])
+    check_parity(model, compiled, x, offsets, torch.tensor([1, 2, 0]))
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert not record.modified and record.stats["lowered"] == 0 and record.stats["attention_found"] == 1
+    (reason,) = record.reasons
+    assert "mask built from the offsets (sequence lengths, num_targets" in reason
+
+
+@pytest.mark.parametrize("form", ["hstu_padded_arange_causal", "hstu_padded_full"])
+def test_lower_attention_padded_hstu_forms_match_eager_forward_and_backward(form):
+    f, _, _, phrase = FORMS[form]
+    offsets = torch.tensor([0, 4, 5, 5, 7])  # a full sequence, a short one, an empty one
+    q, k, v = (torch.randn(7, H, D, requires_grad=True) for _ in range(3))
+    ref = f(q, k, v, offsets)
+    grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    got = torch.compile(f, backend="freescale", options={"inner": "eager"})(q, k, v, offsets)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    for g, r in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), grads):
+        torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert phrase in lowering
