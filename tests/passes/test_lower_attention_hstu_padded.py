@@ -38,13 +38,14 @@ def causal_arange(n: int, device: torch.device) -> torch.Tensor:
     return (ids.unsqueeze(1) >= ids.unsqueeze(0)).float()
 
 
-def targets_mask(offsets: torch.Tensor, num_targets: torch.Tensor, n: int) -> torch.Tensor:
+def targets_mask(offsets: torch.Tensor, num_targets: torch.Tensor, n: int, window: int = 0) -> torch.Tensor:
     """[B, N, N]: causal over ids capped at the first target (targets see the history and
-    themselves)."""
+    themselves); with a window, keys at most ``window`` ids behind."""
     lengths = offsets[1:] - offsets[:-1]
     ids = torch.clamp(torch.arange(n).view(1, n), max=(lengths - num_targets).view(-1, 1))
     dist = ids.unsqueeze(2) - ids.unsqueeze(1)
-    return (torch.eye(n, dtype=torch.bool).unsqueeze(0) | (dist > 0)).float()
+    mask = torch.eye(n, dtype=torch.bool).unsqueeze(0) | (dist > 0)
+    return (mask & (dist <= window) if window else mask).float()
 
 
 def padded_hstu(q, k, v, offsets, n: int, alpha: float, mask: torch.Tensor | None) -> torch.Tensor:
@@ -75,6 +76,10 @@ def hstu_targets(q, k, v, offsets, num_targets):
     return padded_hstu(q, k, v, offsets, N, 0.5, targets_mask(offsets, num_targets, N))
 
 
+def hstu_window(q, k, v, offsets, num_targets):
+    return padded_hstu(q, k, v, offsets, N, 0.5, targets_mask(offsets, num_targets, N, window=2))
+
+
 def hstu_divisor_not_n(q, k, v, offsets):
     qk = F.silu(torch.einsum("bhxa,bhya->bhxy", pad(q, offsets, N), pad(k, offsets, N))) / 8 * causal_tril(N, q.device)
     out = torch.einsum("bhxd,bhdv->bhxv", qk, pad(v, offsets, N))
@@ -93,8 +98,10 @@ FORMS = {
     "hstu_padded_arange_causal": (hstu_arange_causal, jagged_inputs(), True,
                                   "causal (arange(N)[:, None] >= arange(N)[None, :])"),
     "hstu_padded_full": (hstu_full, jagged_inputs(), True, "alpha=1, /N=4, full (no mask"),
-    "hstu_padded_targets": (hstu_targets, (*jagged_inputs(), torch.tensor([1, 0, 1])), False,
-                            "mask built from the offsets (sequence lengths, num_targets"),
+    "hstu_padded_targets": (hstu_targets, (*jagged_inputs(), torch.tensor([1, 0, 1])), True,
+                            "causal (ids capped at length - num_targets: targets see the history and themselves)"),
+    "hstu_padded_window": (hstu_window, (*jagged_inputs(), torch.tensor([1, 0, 1])), False,
+                           "mask built from the offsets (sequence lengths, num_targets"),
     "hstu_padded_divisor": (hstu_divisor_not_n, jagged_inputs(), False,
                             "scaled by 0.125, not 1/N for jagged_to_padded_dense's max length N=4"),
 }
@@ -120,16 +127,17 @@ def test_lower_attention_padded_hstu_form_matches_its_golden_printout(form):
 class Stu(nn.Module):
     """An STU-like block: u, v, q, k projections, padded SiLU attention, gated output."""
 
-    def __init__(self, mask: str = "causal", dim: int = 32, n: int = 8) -> None:
+    def __init__(self, mask: str = "causal", dim: int = 32, n: int = 8, window: int = 0) -> None:
         super().__init__()
         torch.manual_seed(0)
         self.uvqk, self.out, self.mask, self.n = nn.Linear(dim, 4 * H * D), nn.Linear(H * D, dim), mask, n
+        self.window = window
 
     def forward(self, x: torch.Tensor, offsets: torch.Tensor, num_targets: torch.Tensor | None = None):
         length = x.shape[0]
         u, v, q, k = F.silu(self.uvqk(x)).split(H * D, dim=-1)
         mask = (causal_tril(self.n, x.device) if self.mask == "causal"
-                else targets_mask(offsets, num_targets, self.n))
+                else targets_mask(offsets, num_targets, self.n, self.window))
         attn = padded_hstu(q.view(length, H, D), k.view(length, H, D), v.view(length, H, D), offsets, self.n,
                            1.0 / D ** 0.5, mask)
         return x + self.out(u * attn.reshape(length, H * D))
@@ -178,15 +186,25 @@ def test_lower_attention_checks_at_run_time_that_no_sequence_is_longer_than_the_
         compiled(x, offsets)
 
 
-def test_lower_attention_declines_the_data_dependent_targets_mask_naming_it_and_matches_eager():
+def test_lower_attention_lowers_the_num_targets_mask_and_training_matches_eager():
     model = Stu(mask="targets")
     compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
-    x, offsets = batch([3, 8, 1])
-    check_parity(model, compiled, x, offsets, torch.tensor([1, 2, 0]))
+    for lengths, targets in (([3, 8, 1], [1, 2, 0]), ([3, 8, 1], [3, 0, 1])):
+        check_parity(model, compiled, *batch(lengths), torch.tensor(targets))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert "causal (ids capped at length - num_targets" in lowering
+    with pytest.raises(RuntimeError, match=r"exact only while 0 <= num_targets\[b\] <= the length of sequence b"):
+        compiled(*batch([3, 8, 1]), torch.tensor([4, 0, 0]))
+
+
+def test_lower_attention_declines_a_windowed_targets_mask_naming_it_and_matches_eager():
+    model = Stu(mask="targets", window=2)
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    check_parity(model, compiled, *batch([3, 8, 1]), torch.tensor([1, 2, 0]))
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert not record.modified and record.stats["lowered"] == 0 and record.stats["attention_found"] == 1
     (reason,) = record.reasons
-    assert "mask built from the offsets (sequence lengths, num_targets" in reason
+    assert "mask built from the offsets (sequence lengths, num_targets, a window" in reason
 
 
 @pytest.mark.parametrize("form", ["hstu_padded_arange_causal", "hstu_padded_full"])

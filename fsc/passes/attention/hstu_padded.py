@@ -42,6 +42,7 @@ from torch.nn import functional as F
 
 from fsc.passes.attention.graph import (
     attention_weights,
+    binary,
     call,
     einsum,
     factors,
@@ -127,8 +128,13 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     if abs(n_float - n) > 1e-9 * n:
         return (f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for jagged_to_padded_dense's max length N={n} "
                 "(the jagged op divides by max_seq_len)")
+    targets = lengths = None
     if masks:
         causal = _causal(masks[0], n)
+        if causal is None and (found_targets := _targets(masks[0], n, offsets)) is not None:
+            targets, lengths = found_targets
+            causal = ("ids capped at length - num_targets: targets see the history and themselves" if targets
+                      else "ids capped at the length")
         if causal is None:
             return _mask_reason(masks[0], offsets)
         how = f"causal ({causal})"
@@ -151,8 +157,8 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
 
     def emit(e: Emitter) -> fx.Node:
         if check:
-            _check_offsets(e, offsets, q, n)
-        res = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None, None, None, None, n, False,
+            _check_offsets(e, offsets, q, n, targets, lengths)
+        res = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, targets, None, None, None, n, False,
                 alpha, causal is not None, 0, 0, "auto")
         return e(torch.reshape, e(operator.getitem, res, 0), (e.dim(q, 0), heads * dv))
 
@@ -349,21 +355,122 @@ def _depends_on(node: Any, source: fx.Node, hops: int = 40) -> bool:
     return False
 
 
-def _check_offsets(e: Emitter, offsets: fx.Node, q: fx.Node, n: int) -> None:
+def _check_offsets(e: Emitter, offsets: fx.Node, q: fx.Node, n: int, targets: fx.Node | None,
+                   lengths: fx.Node | None) -> None:
     """Run-time check: offsets rise from 0 to L and every length is at most N (what the
-    padding kept; jagged_to_padded_dense truncates a longer sequence, the jagged op would not)."""
+    padding kept; jagged_to_padded_dense truncates a longer sequence, the jagged op would
+    not); with targets, 0 <= num_targets <= length (the kernel's precondition; the mask's
+    capped ids mean something else outside it)."""
     count = e.dim(offsets, 0)
     total = e.dim(q, 0)
     # each offset against the one before it, rolled rather than sliced (a slice of a
     # dynamic length makes Dynamo guard on it); entry 0 pairs the first with the last
-    lengths = e(operator.sub, offsets, e(torch.roll, offsets, 1))
+    steps = e(operator.sub, offsets, e(torch.roll, offsets, 1))
     first = e(torch.eq, e(torch.arange, count, device=val(offsets).device), 0)
     minus_total = -total if isinstance(total, int) else e(operator.neg, total)
-    each = e(torch.where, first, e(torch.eq, lengths, minus_total),
-             e(torch.logical_and, e(torch.ge, lengths, 0), e(torch.le, lengths, n)))
+    each = e(torch.where, first, e(torch.eq, steps, minus_total),
+             e(torch.logical_and, e(torch.ge, steps, 0), e(torch.le, steps, n)))
     ok = e(torch.logical_and, e(torch.all, each), e(torch.eq, e(torch.amin, offsets), 0))
+    if targets is not None:
+        e(torch._assert_async, e(torch.all, e(torch.logical_and, e(torch.ge, targets, 0), e(torch.le, targets, lengths))),
+          "lower-attention: the padded HSTU attention's targets mask was lowered to the jagged kernel's num_targets, "
+          f"which is exact only while 0 <= num_targets[b] <= the length of sequence b; this batch breaks that. "
+          f"{OFF_SWITCH}")
     e(torch._assert_async, ok,
       f"lower-attention: the padded HSTU attention was lowered to the jagged kernel, which is exact only while "
       f"every sequence length offsets[b+1] - offsets[b] is at most jagged_to_padded_dense's max length N={n} (it "
       f"truncates longer sequences, the kernel does not) and the offsets rise from 0 to L; this batch breaks "
       f"that. {OFF_SWITCH}")
+
+
+def _targets(mask: Any, n: int, offsets: fx.Node) -> tuple[fx.Node | None, fx.Node] | None:
+    """(num_targets or None, lengths) when the mask is ``eye(N) | (ids[:, :, None] -
+    ids[:, None, :] > 0)`` with ``ids = clamp(arange(N)[None, :], max=(lengths [-
+    num_targets])[:, None])`` and ``lengths = offsets[1:] - offsets[:-1]``: the kernel's
+    mask ids capped at E = length - num_targets (padded keys get id E, which no real query
+    sees past, so they stay hidden)."""
+    ops = binary(_broadcast_source(mask), torch.bitwise_or, torch.logical_or)
+    if ops is None:
+        return None
+    eye, rest = ops if _is_eye(ops[0], n) else (ops[1], ops[0])
+    if not _is_eye(eye, n):
+        return None
+    rest = uncast(rest)[0]
+    if (gt := binary(rest, torch.gt)) is not None and scalar(gt[1]) == 0:
+        dist = gt[0]
+    elif (lt := binary(rest, torch.lt)) is not None and scalar(lt[0]) == 0:
+        dist = lt[1]
+    else:
+        return None
+    if (rc := binary(dist, torch.sub)) is None:
+        return None
+    ids = _inserted(rc[0], -1)
+    if ids is None or _inserted(rc[1], -2) is not ids or len(shape(ids) or ()) != 2:
+        return None
+    c = call(ids)
+    if c is None or c.args is None:
+        return None
+    if c.fn in (torch.clamp, torch.clip) and c.get("min") is None:
+        pos, cap = c["input"], c.get("max")
+    elif c.fn is torch.clamp_max:
+        pos, cap = c["input"], c.get("max")
+    elif c.fn is torch.minimum:
+        pos, cap = (c["input"], c["other"]) if _positions(c["input"], n) else (c["other"], c["input"])
+    else:
+        return None
+    if not _positions(pos, n) or (cap := _inserted(cap, -1)) is None:
+        return None
+    targets = None
+    if (diff := binary(cap, torch.sub)) is not None and _lengths(diff[0], offsets):
+        cap, targets = diff
+        tv = val(targets)
+        if not isinstance(tv, torch.Tensor) or tv.dim() != 1 or tv.dtype not in (torch.int32, torch.int64):
+            return None
+    return (targets, cap) if _lengths(cap, offsets) else None
+
+
+def _is_eye(node: Any, n: int) -> bool:
+    m = _broadcast_source(node)
+    return is_call(m, torch.eye) and shape(m) == (n, n)
+
+
+def _positions(node: Any, n: int) -> bool:
+    """Whether node is ``arange(N)`` (0, 1, ..., N-1), 1-D or as a row ``[1, N]``."""
+    node = _inserted(node, -2) or node
+    c = call(node)
+    return (c is not None and c.fn is torch.arange and c.args is not None and shape(node) == (n,)
+            and c.get("start", 0) == 0 and c.get("step", 1) == 1)
+
+
+def _lengths(node: Any, offsets: fx.Node) -> bool:
+    """Whether node is ``offsets[1:] - offsets[:-1]`` or ``torch.diff(offsets)``."""
+    c = call(node)
+    if c is not None and c.fn is torch.diff and c.args is not None:
+        return c["input"] is offsets and c.get("n", 1) == 1 and c.get("dim", -1) in (0, -1)
+    ops = binary(node, torch.sub)
+    return ops is not None and _sliced(ops[0], offsets, slice(1, None)) and _sliced(ops[1], offsets, slice(None, -1))
+
+
+def _sliced(node: Any, source: fx.Node, index: slice) -> bool:
+    return (isinstance(node, fx.Node) and node.target is operator.getitem and node.args[0] is source
+            and node.args[1] == index)
+
+
+def _inserted(node: Any, at: int) -> fx.Node | None:
+    """The source when ``node`` is it with one size-1 dim inserted at ``at`` (counted from
+    the end; ``unsqueeze``, ``view``/``reshape``, ``[:, None]``): the same values."""
+    if function(node) not in (torch.unsqueeze, torch.Tensor.view, torch.reshape, torch.Tensor.reshape,
+                              operator.getitem) or not node.args or not isinstance(node.args[0], fx.Node):
+        return None
+    if node.target is operator.getitem:
+        index = node.args[1] if isinstance(node.args[1], tuple) else (node.args[1],)
+        if not all(i is None or i == slice(None) or i is Ellipsis for i in index):
+            return None
+    src = node.args[0]
+    dims, sdims = shape(node), shape(src)
+    if dims is None or sdims is None or len(dims) != len(sdims) + 1:
+        return None
+    p = at % len(dims)
+    if same(dims[p], 1) and all(same(a, b) for a, b in zip(dims[:p] + dims[p + 1:], sdims)):
+        return src
+    return None
