@@ -80,6 +80,12 @@ def hstu_window(q, k, v, offsets, num_targets):
     return padded_hstu(q, k, v, offsets, N, 0.5, targets_mask(offsets, num_targets, N, window=2))
 
 
+def hstu_key_padding(q, k, v, offsets):
+    """A data-dependent mask the pass does not prove: keys within the sequence."""
+    lengths = offsets[1:] - offsets[:-1]
+    return padded_hstu(q, k, v, offsets, N, 0.5, (torch.arange(N)[None, :] < lengths[:, None])[:, None, :])
+
+
 def hstu_divisor_not_n(q, k, v, offsets):
     qk = F.silu(torch.einsum("bhxa,bhya->bhxy", pad(q, offsets, N), pad(k, offsets, N))) / 8 * causal_tril(N, q.device)
     out = torch.einsum("bhxd,bhdv->bhxv", qk, pad(v, offsets, N))
@@ -100,8 +106,10 @@ FORMS = {
     "hstu_padded_full": (hstu_full, jagged_inputs(), True, "alpha=1, /N=4, full (no mask"),
     "hstu_padded_targets": (hstu_targets, (*jagged_inputs(), torch.tensor([1, 0, 1])), True,
                             "causal (ids capped at length - num_targets: targets see the history and themselves)"),
-    "hstu_padded_window": (hstu_window, (*jagged_inputs(), torch.tensor([1, 0, 1])), False,
-                           "mask built from the offsets (sequence lengths, num_targets"),
+    "hstu_padded_window": (hstu_window, (*jagged_inputs(), torch.tensor([1, 0, 1])), True,
+                           "targets see the history and themselves, window max_attn_len=2)"),
+    "hstu_padded_key_padding": (hstu_key_padding, jagged_inputs(), False,
+                                "mask built from the offsets (sequence lengths, num_targets"),
     "hstu_padded_divisor": (hstu_divisor_not_n, jagged_inputs(), False,
                             "scaled by 0.125, not 1/N for jagged_to_padded_dense's max length N=4"),
 }
@@ -197,10 +205,20 @@ def test_lower_attention_lowers_the_num_targets_mask_and_training_matches_eager(
         compiled(*batch([3, 8, 1]), torch.tensor([4, 0, 0]))
 
 
-def test_lower_attention_declines_a_windowed_targets_mask_naming_it_and_matches_eager():
+def test_lower_attention_lowers_a_windowed_targets_mask_and_training_matches_eager():
     model = Stu(mask="targets", window=2)
     compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
     check_parity(model, compiled, *batch([3, 8, 1]), torch.tensor([1, 2, 0]))
+    (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
+    assert "window max_attn_len=2" in lowering
+
+
+def test_lower_attention_declines_a_key_padding_mask_naming_it_and_matches_eager():
+    q, k, v, offsets = (x.requires_grad_(x.is_floating_point()) for x in jagged_inputs())
+    compiled = torch.compile(hstu_key_padding, backend="freescale", options={"inner": "eager"})
+    got = compiled(q, k, v, offsets)
+    torch.testing.assert_close(got, hstu_key_padding(q, k, v, offsets))
+    got.sum().backward()
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert not record.modified and record.stats["lowered"] == 0 and record.stats["attention_found"] == 1
     (reason,) = record.reasons

@@ -129,12 +129,13 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         return (f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for jagged_to_padded_dense's max length N={n} "
                 "(the jagged op divides by max_seq_len)")
     targets = lengths = None
+    window = 0
     if masks:
         causal = _causal(masks[0], n)
         if causal is None and (found_targets := _targets(masks[0], n, offsets)) is not None:
-            targets, lengths = found_targets
+            targets, lengths, window = found_targets
             causal = ("ids capped at length - num_targets: targets see the history and themselves" if targets
-                      else "ids capped at the length")
+                      else "ids capped at the length") + (f", window max_attn_len={window}" if window else "")
         if causal is None:
             return _mask_reason(masks[0], offsets)
         how = f"causal ({causal})"
@@ -159,7 +160,7 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         if check:
             _check_offsets(e, offsets, q, n, targets, lengths)
         res = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, targets, None, None, None, n, False,
-                alpha, causal is not None, 0, 0, "auto")
+                alpha, causal is not None, 0, window, "auto")
         return e(torch.reshape, e(operator.getitem, res, 0), (e.dim(q, 0), heads * dv))
 
     return Lowering(out, found, emit, device=val(q).device)
@@ -383,13 +384,22 @@ def _check_offsets(e: Emitter, offsets: fx.Node, q: fx.Node, n: int, targets: fx
       f"that. {OFF_SWITCH}")
 
 
-def _targets(mask: Any, n: int, offsets: fx.Node) -> tuple[fx.Node | None, fx.Node] | None:
-    """(num_targets or None, lengths) when the mask is ``eye(N) | (ids[:, :, None] -
-    ids[:, None, :] > 0)`` with ``ids = clamp(arange(N)[None, :], max=(lengths [-
-    num_targets])[:, None])`` and ``lengths = offsets[1:] - offsets[:-1]``: the kernel's
-    mask ids capped at E = length - num_targets (padded keys get id E, which no real query
-    sees past, so they stay hidden)."""
-    ops = binary(_broadcast_source(mask), torch.bitwise_or, torch.logical_or)
+def _targets(mask: Any, n: int, offsets: fx.Node) -> tuple[fx.Node | None, fx.Node, int] | None:
+    """(num_targets or None, lengths, window or 0) when the mask is ``eye(N) | (dist > 0)
+    [& (dist <= W)]``, ``dist = ids[:, :, None] - ids[:, None, :]``, with ``ids =
+    clamp(arange(N)[None, :], max=(lengths [- num_targets])[:, None])`` and ``lengths =
+    offsets[1:] - offsets[:-1]``: the kernel's mask ids capped at E = length - num_targets
+    (padded keys get id E, which no real query sees past, so they stay hidden), its window
+    ``max_attn_len = W``."""
+    m, window, windowed = _broadcast_source(mask), 0, None
+    if (both := binary(m, torch.bitwise_and, torch.logical_and)) is not None:
+        for cmp, rest in (both, both[::-1]):
+            if (le := binary(uncast(cmp)[0], torch.le)) is not None and isinstance(le[1], int) and le[1] > 0:
+                windowed, window, m = le[0], le[1], _broadcast_source(rest)
+                break
+        else:
+            return None
+    ops = binary(m, torch.bitwise_or, torch.logical_or)
     if ops is None:
         return None
     eye, rest = ops if _is_eye(ops[0], n) else (ops[1], ops[0])
@@ -402,7 +412,7 @@ def _targets(mask: Any, n: int, offsets: fx.Node) -> tuple[fx.Node | None, fx.No
         dist = lt[1]
     else:
         return None
-    if (rc := binary(dist, torch.sub)) is None:
+    if (rc := binary(dist, torch.sub)) is None or windowed not in (None, dist):
         return None
     ids = _inserted(rc[0], -1)
     if ids is None or _inserted(rc[1], -2) is not ids or len(shape(ids) or ()) != 2:
@@ -426,7 +436,7 @@ def _targets(mask: Any, n: int, offsets: fx.Node) -> tuple[fx.Node | None, fx.No
         tv = val(targets)
         if not isinstance(tv, torch.Tensor) or tv.dim() != 1 or tv.dtype not in (torch.int32, torch.int64):
             return None
-    return (targets, cap) if _lengths(cap, offsets) else None
+    return (targets, cap, window) if _lengths(cap, offsets) else None
 
 
 def _is_eye(node: Any, n: int) -> bool:
