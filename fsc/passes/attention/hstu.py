@@ -14,7 +14,8 @@ from the model's embedding tables: ``position_bias[:, C - d] = E_pos[d]`` for d 
 (zeros on the unused key-after-query side), ``time_bias = E_timeᵀ``.
 
 SiLU attention written as ``silu(q @ kᵀ) @ v`` on padded ``[B, H, N, D]`` is found and
-declined, with that reason.
+declined, with that reason, unless q, k, v come from fbgemm's ``jagged_to_padded_dense``
+(:mod:`~fsc.passes.attention.hstu_padded` lowers that form).
 """
 
 from __future__ import annotations
@@ -57,8 +58,8 @@ def anchors(node: fx.Node) -> bool:
 def match(node: fx.Node, settings: Settings) -> Lowering | str:
     parsed = einsum(node)
     if parsed is None:
-        return ("SiLU attention through matmul (padded [B, H, N, D]): only the HSTU example's einsum over a "
-                "rank's tokens is lowered")
+        return ("SiLU attention through matmul (padded [B, H, N, D]): lowered are the HSTU example's einsum over a "
+                "rank's tokens and padded attention whose q, k, v come from fbgemm.jagged_to_padded_dense")
     attn, v = parsed[3]
     scaled = scale_of(factors(attn))
     if scaled is None:

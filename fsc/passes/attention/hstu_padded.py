@@ -8,27 +8,41 @@ q, k, v are jagged ``[L, H, D]`` with ``offsets [B+1]``; each is padded to ``[B,
     o = einsum("bhxd,bhdv->bhxv", a, pv)               # or a @ pv
     out = fbgemm.dense_to_jagged(o.transpose(1, 2).flatten(2, 3), [offsets], L)[0]
 
-(any einsum letters; ``view``/``reshape``/``flatten`` for the reshapes). The mask, broadcast
-over batch and heads (``unsqueeze``, ``[None]``, ``expand``) and cast at will, is the
-constant causal ``tril(ones(N, N))`` (or ``~triu(ones(N, N), 1)``) or ``r[:, None] >= r[None,
-:]`` for an increasing ``r = arange(...)`` of N values; without a mask the attention is full
-(non-causal), lowered only when k or v is padded with zeros (then the padded keys add
-nothing, as in the jagged op).
+(any einsum letters, or ``@``/``matmul``/``bmm`` with k transposed; ``view``/``reshape``/
+``flatten`` for the reshapes). The mask, broadcast over batch and heads (``unsqueeze``,
+``[None]``, ``expand``) and cast at will, is one of
+
+- constant causal: ``tril(ones(N, N))`` (or ``~triu(ones(N, N), 1)``), or ``r[:, None] >=
+  r[None, :]`` for an increasing ``r = arange(...)`` of N values;
+- generative-recommenders' targets mask, proved from the graph: ``eye(N) | (dist > 0)``
+  [``& (dist <= W)``] with ``dist = ids[:, :, None] - ids[:, None, :]``, ``ids =
+  clamp(arange(N)[None, :], max=(lengths [- num_targets])[:, None])`` and ``lengths =
+  offsets[1:] - offsets[:-1]`` (or ``diff(offsets)``) of the padding's offsets: the kernel's
+  ids capped at E = length - num_targets (targets see the history and themselves), its
+  window ``max_attn_len = W``;
+- none: full (non-causal) attention, lowered only when k or v is padded with zeros (then
+  the padded keys add silu(0) = 0 or zero values, as in the jagged op).
 
 Lowered to hstu mode **without the padding round trip**: the jagged op takes the padded
 op's inputs (x viewed back to ``[L, H, D]``), ``offsets``, ``max_seq_len = N`` (the divisor,
-which must equal the padded length), alpha, causal; its output replaces the
-``dense_to_jagged`` values. Padded query rows, which ``dense_to_jagged`` drops, are never
-computed, and with a causal mask no real query sees a padded key, so the pad value does not
-matter. ``jagged_to_padded_dense`` truncates a sequence longer than N, the jagged op would
-not: with ``check_preconditions`` a run-time check asserts that offsets rise from 0 to L
-with every length at most N.
+which must equal the padded length), alpha, causal, ``num_targets``, ``max_attn_len``; its
+output replaces the ``dense_to_jagged`` values. Padded query rows, which ``dense_to_jagged``
+drops, are never computed, and under the causal masks no real query sees a padded key, so
+the pad value does not matter. ``jagged_to_padded_dense`` truncates a sequence longer than
+N, the jagged op would not: with ``check_preconditions`` a run-time check asserts that the
+offsets rise from 0 to L with every length at most N, and (targets) that 0 <= num_targets
+<= length, the kernel's precondition.
 
-Declined, each with its reason: masks built from the offsets (generative-recommenders'
-``num_targets``, ``max_attn_len`` and contextual masks; not proved), other masks, a divisor
-other than the padded length, q, k, v padded with different offsets or lengths, work
-between the padded op and the ``[B, H, N, D]`` layout, an output used other than through
-``dense_to_jagged``, ``dense_to_jagged`` without ``total_L``.
+Like the HSTU example's form, this is lowered on every device (not ``uniform``): the jagged
+op computes each sequence's own pairs where the padded graph computes N x N per sequence,
+so it does no more work than the graph did (the same only when every length is N). Not
+benchmarked: ``python -m bench attention-cpu`` has no row for this form.
+
+Declined, each with its reason: contextual-prefix masks and other masks built from the
+offsets, other masks, a divisor other than the padded length, q, k, v padded with
+different offsets or lengths, work between the padded op and the ``[B, H, N, D]`` layout,
+an output used other than through ``dense_to_jagged``, ``dense_to_jagged`` without
+``total_L``, non-int64 offsets.
 """
 
 from __future__ import annotations
@@ -304,8 +318,10 @@ def _causal(mask: Any, n: int) -> str | None:
 
 def _mask_reason(mask: Any, offsets: fx.Node) -> str:
     if _depends_on(mask, offsets):
-        return ("mask built from the offsets (sequence lengths, num_targets, a window or a contextual prefix): "
-                "the pass proves only constant causal masks, not generative-recommenders' data-dependent ones")
+        return ("mask built from the offsets (sequence lengths, num_targets, a window or a contextual prefix) not "
+                "recognised: proved are eye(N) | (dist > 0) [& (dist <= W)], dist = ids[:, :, None] - ids[:, None, :] "
+                "with ids = clamp(arange(N), max=lengths [- num_targets]) and lengths = offsets[1:] - offsets[:-1]; "
+                "contextual prefixes and other masks are not")
     return (f"mask {fmt(shape(mask) or ())} not recognised: lowered are tril(ones(N, N)) and r[:, None] >= "
             "r[None, :] for r = arange of N increasing values, cast and broadcast over batch and heads")
 
