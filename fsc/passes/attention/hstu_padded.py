@@ -68,6 +68,7 @@ from fsc.passes.attention.graph import (
     scalar,
     scale_of,
     shape,
+    silu_weights,
     uncast,
     untransposed,
     val,
@@ -109,17 +110,13 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     scores_of = _scores_layout(node)
     if isinstance(scores_of, str):
         return scores_of
-    scaled = scale_of(factors(attn))
-    if scaled is None:
-        return "the attention weights are divided by a tensor"
-    inv_n, tensors = scaled
-    silus = [t for t in tensors if is_call(t, F.silu)]
-    masks = [t for t in tensors if not is_call(t, F.silu)]
-    if len(silus) != 1 or call(silus[0]).get("inplace"):
-        return "attention weights are not silu(scores) times scalars and a mask"
+    weighted = silu_weights(attn)
+    if isinstance(weighted, str):
+        return weighted
+    inv_n, silu, masks = weighted
     if len(masks) > 1:
         return f"{len(masks)} tensor factors besides silu(scores); one mask is lowered"
-    s = scale_of(factors(call(silus[0])["input"]))
+    s = scale_of(factors(call(silu)["input"]))
     if s is None or len(s[1]) != 1:
         return "silu input is not alpha * (q k^T)"
     alpha, (scores,) = s
@@ -261,13 +258,14 @@ def _jagged_output(final: fx.Node, offsets: fx.Node, q: fx.Node) -> fx.Node | st
     chain = [final]
     for what in ("transposed to [B, N, H, V]", "flattened to [B, N, H*V]", "made jagged by fbgemm.dense_to_jagged"):
         users = list(chain[-1].users)
-        if len(users) != 1:
-            return (f"the padded attention output is used {len(users)} times where it should be {what} "
-                    "(the lowering drops the padded output)")
+        if len(users) != 1 or users[0].op == "output":
+            used = ", ".join("the graph's output" if u.op == "output" else u.name for u in users) or "nothing"
+            return (f"the padded attention output is not only {what} ({chain[-1].name} is used by {used}): the "
+                    "lowering replaces the jagged values alone")
         chain.append(users[0])
     _, swap, flat, jag = chain
     sc = call(swap)
-    if not (sc.args is not None and ((sc.fn is torch.transpose and {sc["dim0"] % 4, sc["dim1"] % 4} == {1, 2}) or (
+    if not (sc is not None and sc.args is not None and ((sc.fn is torch.transpose and {sc["dim0"] % 4, sc["dim1"] % 4} == {1, 2}) or (
             sc.fn in (torch.permute, torch.Tensor.permute) and tuple(d % 4 for d in sc["dims"]) == (0, 2, 1, 3)))):
         return "the padded attention output is not transposed back to [B, N, H, V]"
     b, n, h, dv = shape(swap)
@@ -389,7 +387,8 @@ def _check_offsets(e: Emitter, offsets: fx.Node, q: fx.Node, n: int, targets: fx
              e(torch.logical_and, e(torch.ge, steps, 0), e(torch.le, steps, n)))
     ok = e(torch.logical_and, e(torch.all, each), e(torch.eq, e(torch.amin, offsets), 0))
     if targets is not None:
-        e(torch._assert_async, e(torch.all, e(torch.logical_and, e(torch.ge, targets, 0), e(torch.le, targets, lengths))),
+        in_range = e(torch.logical_and, e(torch.ge, targets, 0), e(torch.le, targets, lengths))
+        e(torch._assert_async, e(torch.all, in_range),
           "lower-attention: the padded HSTU attention's targets mask was lowered to the jagged kernel's num_targets, "
           f"which is exact only while 0 <= num_targets[b] <= the length of sequence b; this batch breaks that. "
           f"{OFF_SWITCH}")
