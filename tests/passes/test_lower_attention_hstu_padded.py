@@ -141,6 +141,22 @@ def test_lower_attention_padded_hstu_form_matches_its_golden_printout(form):
     assert_golden(f"lower_attention/{form}", text)
 
 
+def hstu_targets_over_heads(q, k, v, offsets, num_targets):
+    """The [B, N, N] targets mask not unsqueezed: with B == H it broadcasts over the heads."""
+    qk = F.silu(torch.einsum("bhxa,bhya->bhxy", pad(q, offsets, N), pad(k, offsets, N))) / N
+    out = torch.einsum("bhxd,bhdv->bhxv", qk * targets_mask(offsets, num_targets, N), pad(v, offsets, N))
+    return torch.ops.fbgemm.dense_to_jagged(out.transpose(1, 2).flatten(2, 3), [offsets], q.shape[0])[0]
+
+
+def test_lower_attention_declines_a_targets_mask_that_meets_the_heads_not_the_batch():
+    q, k, v, _ = jagged_inputs()
+    gm = dynamo_graph(hstu_targets_over_heads, q, k, v, torch.tensor([0, 2, 6]), torch.tensor([1, 0]))
+    record, _, _ = run_and_print("targets_over_heads", gm, LowerAttention(), pre_grad_ctx())
+    assert not record.modified
+    (reason,) = record.reasons
+    assert "the targets mask [2, 4, 4] does not broadcast as [B, 1, N, N] over the [B, H, N, N] weights" in reason
+
+
 class Stu(nn.Module):
     """An STU-like block: u, v, q, k projections, padded SiLU attention, gated output."""
 

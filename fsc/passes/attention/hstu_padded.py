@@ -145,6 +145,11 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         causal = _causal(masks[0], n)
         if causal is None and (found_targets := _targets(masks[0], n, offsets)) is not None:
             targets, lengths, window = found_targets
+            mdims = shape(masks[0])
+            # its [B, N, N] must meet the weights' batch dim, not their heads (a 3-D mask would)
+            if len(mdims) != 4 or not same(mdims[0], shape(node)[0]) or not same(mdims[1], 1):
+                return (f"the targets mask {fmt(mdims)} does not broadcast as [B, 1, N, N] over the [B, H, N, N] "
+                        "weights")
             causal = ("ids capped at length - num_targets: targets see the history and themselves" if targets
                       else "ids capped at the length") + (f", window max_attn_len={window}" if window else "")
         if causal is None:
