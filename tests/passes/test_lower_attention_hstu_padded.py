@@ -192,9 +192,10 @@ def check_parity(model: nn.Module, compiled, *inputs) -> None:
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
 
 
-def test_lower_attention_lowers_padded_stu_attention_and_training_matches_eager_across_lengths():
+@pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
+def test_lower_attention_lowers_padded_stu_attention_and_training_matches_eager_across_lengths(inner):
     model = Stu()
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options={"inner": inner})
     x, offsets = batch([3, 8, 1])
     torch._dynamo.mark_dynamic(x, 0)
     before = STORE.count
