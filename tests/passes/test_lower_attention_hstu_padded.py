@@ -86,6 +86,18 @@ def hstu_key_padding(q, k, v, offsets):
     return padded_hstu(q, k, v, offsets, N, 0.5, (torch.arange(N)[None, :] < lengths[:, None])[:, None, :])
 
 
+def hstu_matmul_permute(q, k, v, offsets):
+    """The same attention through @ and permute, the mask as [1, 1, N, N] by indexing."""
+    def padded(x):
+        length = x.shape[0]
+        dense = torch.ops.fbgemm.jagged_to_padded_dense(x.reshape(length, H * D), [offsets], [N])
+        return dense.view(-1, N, H, D).permute(0, 2, 1, 3)
+
+    qk = F.silu(padded(q) @ padded(k).transpose(-2, -1) * 0.25) / N * causal_tril(N, q.device)[None, None]
+    out = (qk @ padded(v)).permute(0, 2, 1, 3).reshape(-1, N, H * D)
+    return torch.ops.fbgemm.dense_to_jagged(out, [offsets], q.shape[0])[0]
+
+
 def hstu_dense_output(q, k, v, offsets):
     """The padded output returned as it is: nothing jagged to replace."""
     qk = F.silu(torch.einsum("bhxa,bhya->bhxy", pad(q, offsets, N), pad(k, offsets, N))) / N * causal_tril(N, q.device)
@@ -109,6 +121,8 @@ FORMS = {
                            "q [L, H, D]=[6, 2, 16], alpha=0.5, /N=4, causal (tril(ones(N, N)))"),
     "hstu_padded_arange_causal": (hstu_arange_causal, jagged_inputs(), True,
                                   "causal (arange(N)[:, None] >= arange(N)[None, :])"),
+    "hstu_padded_matmul_permute": (hstu_matmul_permute, jagged_inputs(), True,
+                                   "alpha=0.25, /N=4, causal (tril(ones(N, N)))"),
     "hstu_padded_full": (hstu_full, jagged_inputs(), True, "alpha=1, /N=4, full (no mask"),
     "hstu_padded_targets": (hstu_targets, (*jagged_inputs(), torch.tensor([1, 0, 1])), True,
                             "causal (ids capped at length - num_targets: targets see the history and themselves)"),
@@ -251,7 +265,7 @@ def test_lower_attention_declines_a_key_padding_mask_naming_it_and_matches_eager
     assert "mask built from the offsets (sequence lengths, num_targets, a window or a contextual prefix) not recognised" in reason
 
 
-@pytest.mark.parametrize("form", ["hstu_padded_arange_causal", "hstu_padded_full"])
+@pytest.mark.parametrize("form", ["hstu_padded_arange_causal", "hstu_padded_full", "hstu_padded_matmul_permute"])
 def test_lower_attention_padded_hstu_forms_match_eager_forward_and_backward(form):
     f, _, _, phrase = FORMS[form]
     offsets = torch.tensor([0, 4, 5, 5, 7])  # a full sequence, a short one, an empty one

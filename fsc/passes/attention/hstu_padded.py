@@ -129,12 +129,12 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     (q, offsets, n, _), (k, k_offsets, kn, k_pad), (v, v_offsets, vn, v_pad) = padded
     if not (offsets is k_offsets is v_offsets):
         return "q, k and v are padded with different offsets"
+    if not all(isinstance(x, int) for x in (n, kn, vn)):
+        return f"jagged_to_padded_dense's max lengths {n}, {kn}, {vn} are not static ints; the kernel's max_seq_len is"
     if not n == kn == vn:
         return f"q, k and v are padded to different lengths ({n}, {kn}, {vn})"
     if not (same(shape(q)[0], shape(k)[0]) and same(shape(q)[0], shape(v)[0])):
         return f"q, k, v have different token counts {fmt(shape(q))}, {fmt(shape(k))}, {fmt(shape(v))}"
-    if not isinstance(n, int):
-        return f"jagged_to_padded_dense's max length {n} is not a static int; the kernel's max_seq_len is"
     n_float = 1.0 / inv_n if inv_n else 0.0
     if abs(n_float - n) > 1e-9 * n:
         return (f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for jagged_to_padded_dense's max length N={n} "
