@@ -25,6 +25,10 @@ graph says what was lowered and what was declined, and why.
 - :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal and/or key-padding
   masks], -1) [dropout that is the identity] @ v`` on the same layouts.
 - :mod:`~fsc.passes.attention.hstu`: the HSTU example's SiLU attention over a rank's tokens.
+- :mod:`~fsc.passes.attention.hstu_padded`: HSTU SiLU attention on jagged q, k, v padded by
+  ``fbgemm.jagged_to_padded_dense`` and made jagged again by ``dense_to_jagged``
+  (generative-recommenders' PyTorch form), causal (constant or its targets mask, proved from
+  the graph, with an optional window) or full.
 - :mod:`~fsc.passes.attention.mha`: ``nn.MultiheadAttention`` (one opaque
   ``F.multi_head_attention_forward`` call in Dynamo's graph, also inside
   ``nn.TransformerEncoderLayer``'s training path), self-attention full or causal (a proved
@@ -36,8 +40,9 @@ graph says what was lowered and what was declined, and why.
 q, k, v) become jagged with uniform offsets (softmax mode), or with a key-padding mask,
 every query row over its sequence's valid keys (separate key extents from the mask at run
 time; :mod:`~fsc.passes.attention.lowering`); HSTU attention gets offsets from the positions and its
-bias tables built from the model's embedding tables (hstu mode). The subgraphs that only
-fed the old attention are erased.
+bias tables built from the model's embedding tables (hstu mode); fbgemm-padded HSTU
+attention takes the padding's jagged inputs and offsets directly (hstu mode, no padding
+round trip). The subgraphs that only fed the old attention are erased.
 
 **Where it pays.** On CUDA the op runs the Triton kernels. Off CUDA it runs a PyTorch
 implementation; for dense attention (every sequence of length N: SDPA, explicit softmax)
@@ -46,7 +51,9 @@ that does the work the graph did, slower than Inductor's code for the same atten
 pass keeps the user's attention and records ``kept: ...`` (``dense_on_cpu=true`` lowers it
 anyway). The HSTU form is lowered everywhere: its dense product spans every token of the
 batch, the jagged op only each sequence's (on CPU faster than Inductor's dense form, same
-benchmark with ``--family hstu``: results/attention-cpu-hstu.json).
+benchmark with ``--family hstu``: results/attention-cpu-hstu.json). So is the fbgemm-padded
+HSTU form: the jagged op computes each sequence's own pairs, the padded graph N x N per
+sequence (not benchmarked).
 
 **Safe because** the kernel computes the same function (module docstring of
 ``fsc.kernels.jagged_attention``), up to float summation order, PROVIDED, for HSTU
@@ -56,7 +63,9 @@ example's ``collate`` and routing produce). The pass cannot prove that from the 
 it inserts a runtime check (``torch._assert_async``) whose message names the pass and how
 to turn it off; likewise, for a key-padding mask, that each sequence's valid keys are one
 contiguous run (right- or left-aligned padding), which the extents assume. Rows that see no
-key get eager's value (0, NaN or the mean of v, by form). No collectives are touched.
+key get eager's value (0, NaN or the mean of v, by form). For fbgemm-padded HSTU attention
+the check is that every sequence length is at most the padded N (the padding truncates
+longer ones) and 0 <= num_targets <= length. No collectives are touched.
 
 **Limits.** The kernel buckets time differences exactly (integer log2); the example's
 float32 ``log2`` rounds up by one bucket for |dt| within a few units below 2^k, k >= 21
@@ -70,7 +79,8 @@ lengths), other bias constructions, additive key-padding masks not built from a 
 depend on which mask hides which key). Where eager's softmax rows are NaN (no key visible,
 -inf fills) the lowered rows are NaN too, but eager's NaN also reaches every key's gradient
 of that sequence, the lowering's does not. It does not lower attention
-already written jagged with offsets, nor targets/prefix/window masks.
+already written jagged with offsets (other than fbgemm-padded HSTU attention), nor
+targets/prefix/window masks other than the fbgemm-padded form's targets mask and window.
 """
 
 from __future__ import annotations

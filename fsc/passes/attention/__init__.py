@@ -20,9 +20,11 @@ graph from the product backwards, so one check serves every spelling and each fa
 its reason.
 """
 
-from fsc.passes.attention import hstu, mha, sdpa, softmax
+from fsc.passes.attention import hstu, hstu_padded, mha, sdpa, softmax
 from fsc.passes.attention.lowering import Family, Lowering, Settings
 
-FAMILIES: tuple[Family, ...] = (sdpa.FAMILY, mha.FAMILY, softmax.FAMILY, hstu.FAMILY)
+# hstu_padded before hstu: both anchor on a product of SiLU weights; the padded form is the
+# one whose values come from fbgemm's jagged_to_padded_dense
+FAMILIES: tuple[Family, ...] = (sdpa.FAMILY, mha.FAMILY, softmax.FAMILY, hstu_padded.FAMILY, hstu.FAMILY)
 
 __all__ = ["FAMILIES", "Family", "Lowering", "Settings"]

@@ -19,6 +19,7 @@ import torch
 import torch.fx as fx
 from torch.fx.experimental.normalize import NormalizeOperators
 from torch.fx.operator_schemas import normalize_function
+from torch.nn import functional as F
 
 # Python operators as the torch functions they dispatch to: torch's own table of the binary
 # ones, plus those it leaves out.
@@ -242,6 +243,19 @@ def scale_of(fs: list[tuple[Any, bool]]) -> tuple[float, list[Any]] | None:
         else:
             tensors.append(factor)
     return scale, tensors
+
+
+def silu_weights(attn: Any) -> tuple[float, fx.Node, list[Any]] | str:
+    """(scalar factor, the silu node, the other tensor factors) when ``attn`` is one
+    ``silu(scores)`` times scalars and tensors (HSTU's weights), or why not."""
+    scaled = scale_of(factors(attn))
+    if scaled is None:
+        return "the attention weights are divided by a tensor"
+    scale, tensors = scaled
+    silus = [t for t in tensors if is_call(t, F.silu)]
+    if len(silus) != 1 or call(silus[0]).get("inplace"):
+        return "the attention weights are not silu(scores) times scalars and a mask"
+    return scale, silus[0], [t for t in tensors if t is not silus[0]]
 
 
 def einsum(node: Any) -> tuple[str, list[str], str, list[Any]] | None:

@@ -14,7 +14,8 @@ from the model's embedding tables: ``position_bias[:, C - d] = E_pos[d]`` for d 
 (zeros on the unused key-after-query side), ``time_bias = E_timeᵀ``.
 
 SiLU attention written as ``silu(q @ kᵀ) @ v`` on padded ``[B, H, N, D]`` is found and
-declined, with that reason.
+declined, with that reason, unless q, k, v come from fbgemm's ``jagged_to_padded_dense``
+(:mod:`~fsc.passes.attention.hstu_padded` lowers that form).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from fsc.passes.attention.graph import (
     scalar,
     scale_of,
     shape,
+    silu_weights,
     uncast,
     val,
 )
@@ -57,17 +59,13 @@ def anchors(node: fx.Node) -> bool:
 def match(node: fx.Node, settings: Settings) -> Lowering | str:
     parsed = einsum(node)
     if parsed is None:
-        return ("SiLU attention through matmul (padded [B, H, N, D]): only the HSTU example's einsum over a "
-                "rank's tokens is lowered")
+        return ("SiLU attention through matmul (padded [B, H, N, D]): lowered are the HSTU example's einsum over a "
+                "rank's tokens and padded attention whose q, k, v come from fbgemm.jagged_to_padded_dense")
     attn, v = parsed[3]
-    scaled = scale_of(factors(attn))
-    if scaled is None:
-        return "the attention weights are divided by a tensor"
-    inv_n, tensors = scaled
-    silus = [t for t in tensors if is_call(t, F.silu)]
-    others = [t for t in tensors if not is_call(t, F.silu)]
-    if len(silus) != 1 or call(silus[0]).get("inplace"):
-        return "not silu(scores) times scalars and a mask"
+    weighted = silu_weights(attn)
+    if isinstance(weighted, str):
+        return weighted
+    inv_n, silu, others = weighted
     if not others:
         return "no mask: attention over every token of the batch is not jagged"
     if len(others) != 1:
@@ -81,7 +79,7 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     if n < 1 or abs(n - n_float) > 1e-9 * n:
         return f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for an integer N"
     # silu input: alpha * einsum(q, k) [+ rab]
-    s, rab = call(silus[0])["input"], None
+    s, rab = call(silu)["input"], None
     if (ops := binary(s, torch.add)) is not None:
         s, rab = (ops[0], ops[1]) if _einsum_of(ops[0]) else (ops[1], ops[0])
     scaled = scale_of(factors(s))
