@@ -11,7 +11,15 @@ default) per attention family, written as users write it:
 - ``hstu``: the HSTU example's dense SiLU attention over all B*N tokens of the batch
   (``silu(einsum(q, k) * alpha) / N * same-sequence causal mask``, then ``einsum`` with v),
   which lower-attention lowers on every device (its jagged form skips the cross-sequence
-  scores), so ``freescale`` and ``freescale-lowered`` both run the jagged op.
+  scores), so ``freescale`` and ``freescale-lowered`` both run the jagged op;
+- ``bert4rec``: BERT4Rec's bidirectional ``softmax(q @ kᵀ / sqrt(D)).masked_fill(pad == 0,
+  -1e9)`` on right-aligned padded rows (lengths a fixed 18% short of N on average);
+- ``encoder``: ``nn.TransformerEncoderLayer(batch_first=True, dropout=0)`` in training with
+  a causal mask and ``src_key_padding_mask`` (SASRec-style; the same lengths);
+- ``hstu-padded``: generative-recommenders' PyTorch HSTU attention: jagged q, k, v padded by
+  ``fbgemm.jagged_to_padded_dense``, ``silu(einsum(q, k) * alpha) / N`` times a causal
+  mask, ``einsum`` with v, ``fbgemm.dense_to_jagged`` (the same lengths; needs fbgemm-gpu),
+  lowered on every device like ``hstu``.
 
 Each is trained (forward, backward) compiled three ways, all with Inductor generating the
 code: ``inductor`` (plain ``torch.compile``); ``freescale`` (the default pipeline, in
@@ -27,6 +35,7 @@ gradients) before timing.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import platform
 import random
@@ -40,7 +49,9 @@ from torch import nn
 
 from bench.report import markdown_table, write_json
 
-FAMILIES = ("sdpa", "softmax", "bmm", "mha", "hstu")
+FAMILIES = ("sdpa", "softmax", "bmm", "mha", "hstu", "bert4rec", "encoder", "hstu-padded")
+# valid fraction per padded row (18% padding on average), cycled over the batch
+FRACTIONS = (1.0, 0.6, 0.95, 0.7, 0.9, 0.75, 1.0, 0.65, 0.85, 0.8, 0.95, 0.7, 0.9, 0.8, 0.75, 0.82)
 VARIANTS = ("inductor", "freescale", "freescale-lowered")
 
 
@@ -49,8 +60,12 @@ class Block(nn.Module):
         super().__init__()
         dim = heads * head_dim
         self.family, self.heads = family, heads
+        self.encoder = None
         if family == "mha":
             self.mha = nn.MultiheadAttention(dim, heads, batch_first=True)
+        elif family == "encoder":
+            self.mha = None
+            self.encoder = nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True)
         else:
             self.qkv, self.out, self.mha = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), None
 
@@ -58,12 +73,21 @@ class Block(nn.Module):
         b, n, d = x.shape
         if self.family == "hstu":
             return x + self.out(self._hstu(x.reshape(b * n, d), b, n)).view(b, n, d)
+        valid = torch.arange(n, device=x.device)[None, :] < _lengths(b, n, x.device)[:, None]
+        if self.family == "hstu-padded":
+            return self._hstu_padded(x)
+        if self.encoder is not None:  # boolean masks both (mixed mask types warn: a graph break)
+            mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
+            return self.encoder(x, src_mask=mask, src_key_padding_mask=~valid)
         if self.mha is not None:
             mask = nn.Transformer.generate_square_subsequent_mask(n, device=x.device)
             return x + self.mha(x, x, x, attn_mask=mask, is_causal=True, need_weights=False)[0]
         q, k, v = (t.view(b, n, self.heads, -1).transpose(1, 2) for t in self.qkv(x).split(d, -1))
         if self.family == "sdpa":
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif self.family == "bert4rec":
+            s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+            o = s.masked_fill(valid.long()[:, None, None, :] == 0, -1e9).softmax(-1) @ v
         elif self.family == "softmax":
             s = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
             s = s.masked_fill(torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1), float("-inf"))
@@ -74,6 +98,24 @@ class Block(nn.Module):
             o = torch.bmm(F.dropout(p, p=0.0, training=self.training), v).view(b, self.heads, n, -1)
         return x + self.out(o.transpose(1, 2).reshape(b, n, d))
 
+    def _hstu_padded(self, x: torch.Tensor) -> torch.Tensor:
+        import fbgemm_gpu  # noqa: F401  (registers torch.ops.fbgemm)
+
+        b, n, d = x.shape
+        lengths = _lengths(b, n, x.device).tolist()  # a function of (b, n): constants in the graph
+        offsets = torch.tensor([0] + list(itertools.accumulate(lengths)), device=x.device)
+        rows = torch.tensor([i * n + j for i, length in enumerate(lengths) for j in range(length)], device=x.device)
+        total = len(rows)
+        tokens = x.reshape(b * n, d).index_select(0, rows)
+        q, k, v = (u.view(total, self.heads, -1) for u in self.qkv(tokens).split(d, -1))
+        pad = [torch.ops.fbgemm.jagged_to_padded_dense(u.reshape(total, d), [offsets], [n], 0.0)
+               .view(b, n, self.heads, -1).transpose(1, 2) for u in (q, k, v)]
+        causal = torch.tril(torch.ones(n, n, device=x.device))
+        a = F.silu(torch.einsum("bhxa,bhya->bhxy", pad[0], pad[1]) / math.sqrt(q.shape[-1])) / n * causal
+        o = torch.einsum("bhxy,bhyd->bhxd", a, pad[2]).transpose(1, 2).flatten(2, 3)
+        jagged = torch.ops.fbgemm.dense_to_jagged(o, [offsets], total)[0]
+        out = x.new_zeros(b * n, d).index_copy(0, rows, self.out(jagged))
+        return x + out.view(b, n, d)
 
     def _hstu(self, x: torch.Tensor, b: int, n: int) -> torch.Tensor:
         t, d = x.shape
@@ -83,6 +125,11 @@ class Block(nn.Module):
         mask = (seq.unsqueeze(1) == seq.unsqueeze(0)) & (pos.unsqueeze(1) - pos.unsqueeze(0) >= 0)
         a = F.silu(torch.einsum("thd,shd->hts", q, k) / math.sqrt(q.shape[-1])) / n * mask
         return torch.einsum("hts,shd->thd", a, v).reshape(t, d)
+
+
+def _lengths(b: int, n: int, device: torch.device) -> torch.Tensor:
+    """Valid tokens per padded row: :data:`FRACTIONS` of N, cycled over the batch."""
+    return torch.tensor([round(FRACTIONS[i % len(FRACTIONS)] * n) for i in range(b)], device=device)
 
 
 def _compiled(variant: str, model: nn.Module) -> Any:
