@@ -47,6 +47,7 @@ from torch.nn import functional as F
 
 from examples.hstu.sharded import RowShardedEmbedding
 from fsc.runtime.balancer import QuadraticCost
+from fsc.runtime.routing import PrefixExchange
 
 ATTENTION_FORMS = ("padded", "jagged", "dense")
 
@@ -118,6 +119,11 @@ class JaggedBatch:
     offsets: torch.Tensor
     keys: torch.Tensor
     negatives: torch.Tensor
+    exchange: PrefixExchange | None = None
+    """Set by routing (``examples.hstu.routing.route_batch``): the pieces' key/value exchange;
+    a piece may be a chunk of a split sample, whose ``positions`` are absolute."""
+    global_tokens: int | None = None
+    """Set by routing: the global batch's token count (a loss normalizer with no all-reduce)."""
 
     @property
     def num_tokens(self) -> int:

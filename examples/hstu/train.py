@@ -50,6 +50,7 @@ from examples.hstu.model import (
     sample_cost,
     scale_tensor,
 )
+from examples.hstu.routing import route_batch
 from examples.hstu.sharded import GradientBuckets
 
 
@@ -282,7 +283,7 @@ def train(args: argparse.Namespace) -> dict:
                 if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
                     pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
                 with meter.sync_wait("sample routing"):
-                    batch = router.route(batch, plan)
+                    batch = route_batch(router, batch, plan)
                 balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers))
             trained = torch.tensor([float((batch.targets > 0).sum())])
             with meter.sync_wait("token count all-reduce"):
