@@ -30,7 +30,9 @@ knows every length). It also carries a :class:`PrefixExchange`, the index tensor
 :func:`prefix_kv` needs inside each attention layer:
 
 - ``send_index``: this rank's token rows that other ranks' later chunks read, grouped by
-  destination; ``send_sizes`` / ``recv_sizes`` ``[W]`` their counts per rank;
+  destination; ``send_sizes`` / ``recv_sizes`` ``[W]`` their counts per rank (plus two
+  padding rows each rank sends itself, so that no buffer is 0 or 1 rows long: sizes a
+  compiler specialises, and a step that split after one that did not would recompile);
 - ``kv_index``: per piece, its keys ``[0, stop)`` as rows of ``cat([own tokens, received])``
   (the earlier chunks' tokens in token order, then its own);
 - ``kv_offsets`` and ``q_start``: the key extents and query starts that
@@ -41,8 +43,8 @@ knows every length). It also carries a :class:`PrefixExchange`, the index tensor
 owners), so under ``torch.compile`` the exchange is in the forward and backward graphs where
 fsc's scheduling passes see it. Its split sizes are tensors turned into sizes inside the
 graph (``.tolist()``: unbacked SymInts, with ``torch._dynamo.config.capture_scalar_outputs``),
-so a new plan does not recompile. A plan without splits gives empty exchanges (all sizes 0),
-so a model compiled for chunks keeps one graph whether a step splits or not.
+so a new plan does not recompile. A plan without splits gives exchanges of the padding
+alone, so a model compiled for chunks keeps one graph whether a step splits or not.
 
 A world of one rank (or no process group) routes locally, without collectives.
 
@@ -157,12 +159,13 @@ class PrefixExchange(NamedTuple):
     q_start: torch.Tensor  # int64 [P]: the pieces' first absolute positions
 
     @classmethod
-    def unsplit(cls, offsets: torch.Tensor, world: int = 1) -> PrefixExchange:
-        """The exchange of a batch of whole samples: nothing moves, each piece's keys are its
-        own tokens."""
+    def unsplit(cls, offsets: torch.Tensor, world: int = 1, rank: int = 0) -> PrefixExchange:
+        """The exchange of ``rank``'s batch of whole samples: each piece's keys are its own
+        tokens, and only the padding rows move (to the rank itself)."""
         tokens = int(offsets[-1]) if offsets.numel() else 0
-        zeros = torch.zeros(world, dtype=torch.int64)
-        return cls(send_index=torch.zeros(0, dtype=torch.int64), send_sizes=zeros, recv_sizes=zeros.clone(),
+        sizes = torch.zeros(world, dtype=torch.int64)
+        sizes[rank] = _PAD
+        return cls(send_index=torch.zeros(_PAD, dtype=torch.int64), send_sizes=sizes, recv_sizes=sizes.clone(),
                    kv_index=torch.arange(tokens, dtype=torch.int64), kv_offsets=offsets.to(torch.int64),
                    q_start=torch.zeros(max(offsets.numel() - 1, 0), dtype=torch.int64))
 
@@ -292,6 +295,9 @@ class Router:
             dist.destroy_process_group(self._planning_group)
 
 
+_PAD = 2  # rows every rank sends itself (exchange_of)
+
+
 def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
     """``rank``'s :class:`PrefixExchange` under ``plan`` (every rank computes its own, with
     no communication: the plan names every piece's rank)."""
@@ -309,6 +315,11 @@ def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
                 if plan.rank[e] == rank:
                     send_rows.append(local_start[e] + np.arange(plan.stop[e] - plan.start[e]))
                     send_sizes[d] += plan.stop[e] - plan.start[e]
+        if d == rank:
+            # _PAD rows to itself, never read (kv_index skips them): the buffer's length is
+            # never 0 or 1, sizes the compiler would specialise and recompile for
+            send_rows.append(np.zeros(_PAD, np.int64))
+            send_sizes[d] += _PAD
     # received, by source: the same enumeration seen from here
     recv_sizes = np.zeros(world, np.int64)
     arrivals = []  # (piece, earlier piece, source, offset within that source's segment)
@@ -319,6 +330,7 @@ def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
             s = int(plan.rank[e])
             arrivals.append((q, e, s, int(recv_sizes[s])))
             recv_sizes[s] += plan.stop[e] - plan.start[e]
+    recv_sizes[rank] += _PAD  # at the end of this rank's own segment: after every real row
     base = np.concatenate(([0], np.cumsum(recv_sizes)))
     own_tokens = int((plan.stop[here] - plan.start[here]).sum())
     rows, kv_len, at = [], [], 0
