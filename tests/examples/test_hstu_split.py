@@ -119,6 +119,7 @@ def _split_vs_whole(rank: int, world: int, modes: tuple[str, ...], backend: str,
                 "mode": mode, "step": step, "loss": total.item(), "ref": ref.item(), "worst": worst,
                 "global_tokens": routed.global_tokens, "count": count, "split": plan.assignment.split_samples,
                 "chunks_here": int((routed.exchange.q_start > 0).sum()),
+                "sizes": routed.exchange.recv_sizes.tolist() + routed.exchange.send_sizes.tolist(),
             })
         router.close()
         if backend != "eager":
@@ -159,6 +160,7 @@ def test_split_sample_under_freescale_equals_the_whole_batch_and_exchanges_in_th
         assert {k: len(v) for k, v in last["a2a"].items()} == {"forward": 6, "backward": 3}, last["a2a"]
         assert all(c.startswith("all_to_all_single") for v in last["a2a"].values() for c in v)
         assert last["unique_graphs"] == 1  # new plans every step, no recompile
+    assert len({tuple(r["sizes"]) for rows in per_rank for r in rows}) > len(per_rank)  # the sizes changed
 
 
 @pytest.mark.parametrize("mode", ["hstu", "softmax"])
