@@ -236,11 +236,12 @@ def plan_groups(lengths: np.ndarray, groups: int) -> list[np.ndarray]:
     return out[::-1]
 
 
-def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tensor, ...]:
+def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig,
+                     exchange: PrefixExchange | None = None) -> tuple[torch.Tensor, ...]:
     """The host-side index tensors the model's attention form needs, appended to its inputs.
 
-    ``dense``: none. ``kernel``: the offsets and an empty :class:`PrefixExchange` (whole
-    samples; a routed batch brings its own). ``padded`` and ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
+    ``dense``: none. ``kernel``: the offsets and ``exchange`` (by default the empty
+    :class:`PrefixExchange` of whole samples; a routed batch brings its own). ``padded`` and ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
     per group (padded: one group, all sequences, N = the batch's longest). ``pad_index[r, i]``
     is the token at position i of the group's r-th sequence, -1 past its end; ``token_index[t]``
     is token t's place in the groups' outputs, flattened and concatenated. Every group has at
@@ -248,10 +249,12 @@ def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tens
     specialised by the compiler and recompile when it grows."""
     if cfg.attention == "dense":
         return ()
-    if cfg.attention == "kernel":  # whole samples: nothing to exchange, but the same inputs
-        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
-            else (0, 1)
-        return _two_pieces(offsets, PrefixExchange.unsplit(offsets, world, rank))
+    if cfg.attention == "kernel":
+        if exchange is None:  # whole samples: nothing to exchange, but the same inputs
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+                else (0, 1)
+            exchange = PrefixExchange.unsplit(offsets, world, rank)
+        return _two_pieces(offsets, exchange)
     starts = offsets[:-1].numpy()
     lengths = (offsets[1:] - offsets[:-1]).numpy()
     if cfg.attention == "padded":
@@ -275,7 +278,8 @@ def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tens
 def _two_pieces(offsets: torch.Tensor, exchange: PrefixExchange) -> tuple[torch.Tensor, ...]:
     """The kernel form's layout, with empty pieces appended up to 2: a rank holding one
     piece (a long sample's chunk) would otherwise make the piece count 1, which the compiler
-    specialises."""
+    specialises, and the next step, holding more, would recompile. (The negatives get rows
+    up to 2 likewise, in :func:`model_inputs`; no token reads them.)"""
     missing = max(0, 3 - offsets.shape[0])
     if missing:
         offsets = torch.cat([offsets, offsets[-1:].expand(missing)])
@@ -455,8 +459,11 @@ def model_inputs(batch: JaggedBatch, loss_scale: torch.Tensor, cfg: HSTUConfig) 
     """:meth:`HSTU.forward`'s positional inputs for this batch. The ``kernel`` form's layout
     is the query offsets and the batch's :class:`PrefixExchange` (an empty one for a batch
     not routed with splits); a batch holding chunks of split samples needs that form."""
-    if cfg.attention == "kernel" and batch.exchange is not None:
-        return [*batch.tensors(), batch.negatives, loss_scale, *_two_pieces(batch.offsets, batch.exchange)]
+    if cfg.attention == "kernel":
+        negatives = batch.negatives
+        if negatives.shape[0] < 2:  # a rank holding one piece: rows never read, see _two_pieces
+            negatives = torch.cat([negatives, negatives.new_ones(2 - negatives.shape[0], negatives.shape[1])])
+        return [*batch.tensors(), negatives, loss_scale, *attention_layout(batch.offsets, cfg, batch.exchange)]
     if batch.exchange is not None and batch.exchange.kv_index.shape[0] != batch.num_tokens:
         raise ValueError(f"this batch holds chunks of split samples, which only HSTUConfig.attention='kernel' "
                          f"runs (it fetches their earlier keys and values); got attention={cfg.attention!r}")

@@ -193,3 +193,43 @@ def test_only_the_kernel_form_takes_chunks_and_softmax_needs_a_per_sequence_form
         config(mode="relu")
     with pytest.raises(ValueError, match="not dense"):
         config(mode="softmax", attention="dense")
+
+
+def _train(out, *extra: str) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+        "-m", "examples.hstu.train", "--steps", "2", "--batch-size", "8", "--seed", "2", "--synthetic-users", "40",
+        "--synthetic-items", "300", "--dim", "16", "--max-len", "200", "--lengths", "zipf", "--negatives", "4",
+        "--quiet", "--out", str(out), *extra,
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads((out / "summary.json").read_text())
+
+
+@pytest.mark.ranks
+def test_train_script_with_split_starts_from_the_loss_of_unbalanced_training(tmp_path):
+    plain = _train(tmp_path / "plain", "--backend", "eager")
+    split = _train(tmp_path / "split", "--backend", "eager", "--balance", "freescale", "--split",
+                   "--attention", "kernel")
+    assert split["split"] and split["split_samples"] >= 1
+    assert split["losses"][0] == pytest.approx(plain["losses"][0], rel=TOLERANCE)
+
+
+@pytest.mark.ranks
+def test_train_script_with_split_under_freescale_does_not_recompile(tmp_path):
+    summary = _train(tmp_path / "fs", "--backend", "freescale", "--inner", "eager", "--steps", "6", "--balance",
+                     "freescale", "--split", "--attention", "kernel")
+    assert summary["split_samples"] >= 2 and summary["recompiles"] == 0 and summary["graphs"] == 1
+
+
+def test_train_script_refuses_split_without_its_prerequisites(capsys):
+    from examples.hstu.train import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--split", "--balance", "freescale"])
+    assert "--split needs --balance METHOD (not none), --balance-cost quadratic" in capsys.readouterr().err
