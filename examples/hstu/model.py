@@ -87,7 +87,7 @@ class HSTUConfig:
     sharded: bool = True
     """Shard the item table over the ranks (False: every rank holds it all)."""
     attention: str = "padded"
-    """padded, jagged or dense (see the module docstring)."""
+    """padded, jagged, kernel or dense (see the module docstring)."""
     attention_groups: int = 4
     """Groups of the jagged form (a fixed count, so the compiled graph's inputs do not change)."""
     mode: str = "hstu"

@@ -32,9 +32,10 @@ Implemented:
   by default. Its records and the Chrome/Perfetto trace and PNG writers
   (:mod:`fsc.runtime.bubble_trace`) are shared with the simulator (:mod:`sim`).
 
-The opt-in sm-free-collectives pass emits calls into :mod:`fsc.runtime.ops`; the balancer
-and the meter are called by training loops (the HSTU example: ``examples/hstu/routing.py`` over :mod:`fsc.runtime.routing`,
-``examples/hstu/train.py --balance ... --bubbles DIR``).
+The opt-in sm-free-collectives pass emits calls into :mod:`fsc.runtime.ops`; the balancer,
+the router and the meter are called by training loops, ``prefix_kv`` by a model's attention
+layers (the HSTU example: ``examples/hstu/routing.py``, ``examples/hstu/model.py``'s kernel
+form, ``examples/hstu/train.py --balance ... --split --bubbles DIR``).
 """
 
 import importlib
