@@ -241,7 +241,8 @@ def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig,
     """The host-side index tensors the model's attention form needs, appended to its inputs.
 
     ``dense``: none. ``kernel``: the offsets and ``exchange`` (by default the empty
-    :class:`PrefixExchange` of whole samples; a routed batch brings its own). ``padded`` and ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
+    :class:`PrefixExchange` of whole samples; a routed batch brings its own). ``padded`` and
+    ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
     per group (padded: one group, all sequences, N = the batch's longest). ``pad_index[r, i]``
     is the token at position i of the group's r-th sequence, -1 past its end; ``token_index[t]``
     is token t's place in the groups' outputs, flattened and concatenated. Every group has at
@@ -283,7 +284,8 @@ def _two_pieces(offsets: torch.Tensor, exchange: PrefixExchange) -> tuple[torch.
     missing = max(0, 3 - offsets.shape[0])
     if missing:
         offsets = torch.cat([offsets, offsets[-1:].expand(missing)])
-        exchange = exchange._replace(kv_offsets=torch.cat([exchange.kv_offsets, exchange.kv_offsets[-1:].expand(missing)]),
+        kv_offsets = torch.cat([exchange.kv_offsets, exchange.kv_offsets[-1:].expand(missing)])
+        exchange = exchange._replace(kv_offsets=kv_offsets,
                                      q_start=torch.cat([exchange.q_start, exchange.q_start.new_zeros(missing)]))
     return (offsets, *exchange)
 

@@ -116,7 +116,8 @@ class Plan:
             start = np.zeros(len(sample), dtype=np.int64)
             stop, rank = lengths[sample], np.asarray(assignment.rank_of, dtype=np.int64)[sample]
         covered = np.bincount(sample, weights=stop - start, minlength=len(lengths))
-        if len(sample) and (not np.array_equal(covered, lengths) or (np.bincount(sample, minlength=len(lengths)) == 0).any()):
+        missing = np.bincount(sample, minlength=len(lengths)) == 0
+        if len(sample) and (not np.array_equal(covered, lengths) or missing.any()):
             raise RoutingError("the assignment's pieces do not tile the global batch's samples")
         rank_starts = np.concatenate(([0], np.cumsum(np.bincount(rank, minlength=world)))).astype(np.int64)
         plan = cls(lengths=lengths, local_counts=local_counts, assignment=assignment, sample=sample, start=start,
@@ -235,19 +236,7 @@ class Router:
             raise RoutingError("route: the batch's lengths are not the ones this plan was made for")
         columns = _check_columns(tokens, int(local.sum()), "token") + _check_columns(samples, len(local), "sample")
         n_tok = len(tokens)
-        starts = np.concatenate(([0], np.cumsum(local)))
-        # what this rank sends: the pieces of its samples, grouped by destination (plan order)
-        mine = np.flatnonzero((plan.sample >= first) & (plan.sample < first + len(local)))
-        token_rows, sample_rows, send_tokens, send_pieces = [], [], np.zeros(world, np.int64), np.zeros(world, np.int64)
-        for i in mine.tolist():
-            s = int(plan.sample[i]) - first
-            token_rows.append(np.arange(starts[s] + plan.start[i], starts[s] + plan.stop[i]))
-            sample_rows.append(s)
-            send_tokens[plan.rank[i]] += plan.stop[i] - plan.start[i]
-            send_pieces[plan.rank[i]] += 1
-        token_index = torch.from_numpy(np.concatenate(token_rows).astype(np.int64) if token_rows
-                                       else np.zeros(0, np.int64))
-        sample_index = torch.tensor(sample_rows, dtype=torch.int64)
+        token_index, sample_index, send_tokens, send_pieces = _outgoing(plan, first, local)
         gathered = [_as_bytes(c.index_select(0, token_index if j < n_tok else sample_index))
                     for j, c in enumerate(columns)]
         row_bytes = [g.shape[1] for g in gathered]
@@ -269,14 +258,7 @@ class Router:
             dist.all_to_all_single(received, buffer, recv_bytes, send_bytes, group=self.group)
         else:
             received = buffer
-        pieces_by_col: list[list[torch.Tensor]] = [[] for _ in columns]
-        for segment, s in zip(received.split(recv_bytes), range(world)):
-            sizes = [int(recv_per[j][s]) * row_bytes[j] for j in range(len(columns))]
-            for j, part in enumerate(segment.split(sizes)):
-                pieces_by_col[j].append(part)
-        rows = [int(recv_per[j].sum()) for j in range(len(columns))]
-        out = [_from_bytes(torch.cat(p) if p else torch.zeros(0, dtype=torch.uint8), c, n)
-               for p, c, n in zip(pieces_by_col, columns, rows)]
+        out = _unpack(received, recv_bytes, recv_per, row_bytes, columns)
         names = list(tokens) + list(samples)
         piece_len = plan.stop[here] - plan.start[here]
         offsets = torch.zeros(len(here) + 1, dtype=torch.int64)
@@ -298,12 +280,46 @@ class Router:
 _PAD = 2  # rows every rank sends itself (exchange_of)
 
 
+def _outgoing(plan: Plan, first: int, local: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
+    """What a rank holding samples ``first .. first + len(local) - 1`` sends: the token rows
+    and sample rows of their pieces, grouped by destination (plan order), and per destination
+    the number of tokens and of pieces."""
+    world = plan.ranks
+    starts = np.concatenate(([0], np.cumsum(local)))
+    mine = np.flatnonzero((plan.sample >= first) & (plan.sample < first + len(local)))
+    token_rows, sample_rows = [], []
+    send_tokens, send_pieces = np.zeros(world, np.int64), np.zeros(world, np.int64)
+    for i in mine.tolist():
+        s = int(plan.sample[i]) - first
+        token_rows.append(np.arange(starts[s] + plan.start[i], starts[s] + plan.stop[i]))
+        sample_rows.append(s)
+        send_tokens[plan.rank[i]] += plan.stop[i] - plan.start[i]
+        send_pieces[plan.rank[i]] += 1
+    token_index = torch.from_numpy(np.concatenate(token_rows).astype(np.int64) if token_rows
+                                   else np.zeros(0, np.int64))
+    return token_index, torch.tensor(sample_rows, dtype=torch.int64), send_tokens, send_pieces
+
+
+def _unpack(received: torch.Tensor, recv_bytes: list[int], recv_rows: list[np.ndarray], row_bytes: list[int],
+            columns: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The columns from the received bytes: per source, each column's rows in turn
+    (``recv_rows[j][s]`` rows of column j from source s)."""
+    parts: list[list[torch.Tensor]] = [[] for _ in columns]
+    for s, segment in enumerate(received.split(recv_bytes)):
+        sizes = [int(recv_rows[j][s]) * row_bytes[j] for j in range(len(columns))]
+        for j, part in enumerate(segment.split(sizes)):
+            parts[j].append(part)
+    return [_from_bytes(torch.cat(p) if p else torch.zeros(0, dtype=torch.uint8), c, int(n.sum()))
+            for p, c, n in zip(parts, columns, recv_rows)]
+
+
 def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
     """``rank``'s :class:`PrefixExchange` under ``plan`` (every rank computes its own, with
     no communication: the plan names every piece's rank)."""
     world = plan.ranks
     here = plan.pieces_of(rank)
-    local_start = {int(i): int(o) for i, o in zip(here, np.concatenate(([0], np.cumsum(plan.stop[here] - plan.start[here])))[:-1])}
+    row = np.concatenate(([0], np.cumsum(plan.stop[here] - plan.start[here])))
+    local_start = {int(i): int(o) for i, o in zip(here, row[:-1])}  # piece -> its first local token row
     # sent: for every later chunk on any rank d (rank d's order), the rows of its earlier
     # chunks that this rank holds, in token order
     send_rows, send_sizes = [], np.zeros(world, np.int64)

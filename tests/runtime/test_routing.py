@@ -132,6 +132,8 @@ def test_router_refuses_what_does_not_match_its_plan():
         router.route(np.array([3, 2]), {}, {"key": torch.arange(1)}, plan)
     with pytest.raises(RoutingError, match="one row per token"):
         router.route(np.array([3, 2]), {"tag": torch.tensor(1)}, {}, plan)
+    with pytest.raises(RoutingError, match="routing moves host tensors"):
+        router.route(np.array([3, 2]), {"tag": torch.zeros(5, device="meta")}, {}, plan)
     router.close()
     with pytest.raises(RoutingError, match="plans for 2 ranks but the group has 1"):
         Router(_balancer(2))
