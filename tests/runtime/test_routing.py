@@ -167,3 +167,48 @@ def _wrong_world_worker(rank: int, world: int) -> str:
 @pytest.mark.ranks
 def test_router_refuses_a_plan_for_another_world():
     assert all("the plan is for 1 ranks but the group has 2" in m for m in run_ranks(_wrong_world_worker, 2))
+
+
+def _compiled_prefix_worker(rank: int, world: int):
+    import fsc
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.config.capture_scalar_outputs = True
+    router = Router(_balancer(world))
+
+    def attend(k: torch.Tensor, v: torch.Tensor, *exchange: torch.Tensor) -> torch.Tensor:
+        keys, values = prefix_kv(k, v, PrefixExchange(*exchange))
+        return (keys * 2.0).sum() + (values * values).sum()
+
+    compiled = torch.compile(attend, backend="freescale", options={"inner": "eager"}, fullgraph=True)
+    counters.clear()
+    out = []
+    for step, lengths in enumerate(([[4, 60, 3], [5, 0, 2]], [[30, 2], [3, 40, 1]])):
+        mine = np.array(lengths[rank])
+        plan = router.plan(mine)
+        routed = router.route(mine, {"tag": torch.arange(int(mine.sum()))}, {}, plan)
+        tokens = routed.offsets[-1].item()
+        gen = torch.Generator().manual_seed(rank + 10 * step)
+        k = torch.randn(tokens, 2, 16, generator=gen, requires_grad=True)
+        v = torch.randn(tokens, 2, 16, generator=gen, requires_grad=True)
+        ex = list(routed.exchange)
+        if step == 0:
+            for t in (k, v, ex[0], ex[3], ex[4], ex[5]):
+                torch._dynamo.mark_dynamic(t, 0)
+        compiled(k, v, *ex).backward()
+        got = (k.grad.clone(), v.grad.clone())
+        k.grad = v.grad = None
+        attend(k, v, *ex).backward()
+        out.append(max((got[0] - k.grad).abs().max().item(), (got[1] - v.grad).abs().max().item()))
+    router.close()
+    graphs = fsc.last_compile().graphs()
+    collectives = {kind: [c.split(":")[0] for c in sum(g.collectives.values(), [])] for kind, g in graphs.items()}
+    return out, collectives, counters["stats"]["unique_graphs"]
+
+
+@pytest.mark.ranks
+def test_prefix_kv_under_freescale_exchanges_in_the_graphs_and_new_plans_do_not_recompile():
+    for worst, collectives, graphs in run_ranks(_compiled_prefix_worker, 2):
+        assert max(worst) <= 1e-6  # gradients of keys and values reach their owners, as eagerly
+        assert collectives == {"forward": ["all_to_all_single"], "backward": ["all_to_all_single_1"]}, collectives
+        assert graphs == 1
