@@ -266,11 +266,12 @@ class _HstuRun:
 
     def step(self, data: _Data, step: int, plan: Any, router: Any, sync: Callable[[], Any]) -> torch.Tensor:
         from examples.hstu.model import model_inputs
+        from examples.hstu.routing import route_batch
 
         inputs = data.get(step)
         batch = inputs["batch"]
         if self.row.variant.balance:
-            batch = router.route(batch, plan)
+            batch = route_batch(router, batch, plan)
         # the layout of the attention form is built here, inside the timed step, for every row
         return self.trainer.step(model_inputs(batch, inputs["scale"], self.cfg), sync=sync)
 

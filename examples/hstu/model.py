@@ -13,6 +13,16 @@ attention runs per sequence, in one of three forms (``HSTUConfig.attention``):
     Length-grouped: sequences sorted by length and cut into ``attention_groups`` groups
     (a small dynamic program minimises the padded work), each group padded to its own
     longest sequence. Same maths, less padding when lengths are skewed.
+``kernel``
+    fsc's jagged attention op (:func:`fsc.kernels.jagged_attention.jagged_attention`), one
+    call per layer over all of a rank's sequences, with the model's bias tables. The one
+    form that runs *chunks* of split samples (``Balancer(split=True)``, routed by
+    :func:`examples.hstu.routing.route_batch`): inside each layer,
+    :func:`fsc.runtime.routing.prefix_kv` brings a chunk the keys and values of its sample's
+    earlier chunks from the ranks holding them (one autograd all-to-all per layer, plus one
+    for the keys' timestamps per step; empty when nothing is split, so one compiled graph
+    serves steps with and without splits), and the op attends with ``kv_offsets`` and
+    ``q_start``. Head dims must be in the kernel's range (16..256).
 ``dense``
     NOT a form anyone writes: one ``[T, T]`` product over all of a rank's tokens with a
     block-diagonal causal mask, quadratic in the rank's token count. Kept because the
@@ -24,6 +34,9 @@ One HSTU layer, with X the input [T, d]:
     U, V, Q, K = split(SiLU(Linear(LayerNorm(X))))
     A[h, i, j] = SiLU(Q_i . K_j + rab_h(i, j)) / N * mask(i, j)        (N = max_len)
     Y = X + Linear(LayerNorm(A V) * U)
+
+``HSTUConfig.mode``: ``hstu`` (above) or ``softmax``: ``A = softmax_j(Q_i . K_j / sqrt(qk_dim) +
+rab_h(i, j))`` over the visible keys, SASRec-style (padded, jagged and kernel forms).
 
 rab is a learned per-head bias by clipped relative position plus one by log2-bucketed
 timestamp difference; every form computes it with the same tables and the same index
@@ -42,13 +55,17 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
 from examples.hstu.sharded import RowShardedEmbedding
 from fsc.runtime.balancer import QuadraticCost
+from fsc.kernels.jagged_attention import jagged_attention
+from fsc.runtime.routing import PrefixExchange, prefix_kv, prefix_tokens
 
-ATTENTION_FORMS = ("padded", "jagged", "dense")
+ATTENTION_FORMS = ("padded", "jagged", "kernel", "dense")
+MODES = ("hstu", "softmax")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -70,14 +87,20 @@ class HSTUConfig:
     sharded: bool = True
     """Shard the item table over the ranks (False: every rank holds it all)."""
     attention: str = "padded"
-    """padded, jagged or dense (see the module docstring)."""
+    """padded, jagged, kernel or dense (see the module docstring)."""
     attention_groups: int = 4
     """Groups of the jagged form (a fixed count, so the compiled graph's inputs do not change)."""
+    mode: str = "hstu"
+    """hstu (SiLU, / max_len) or softmax attention (see the module docstring)."""
 
     def __post_init__(self) -> None:
         if self.attention not in ATTENTION_FORMS:
             raise ValueError(f"HSTUConfig.attention must be one of {', '.join(ATTENTION_FORMS)}, "
                              f"got {self.attention!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"HSTUConfig.mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.mode == "softmax" and self.attention == "dense":
+            raise ValueError("HSTUConfig.mode='softmax' runs in the padded, jagged and kernel forms, not dense")
         if self.attention_groups < 1:
             raise ValueError(f"HSTUConfig.attention_groups must be >= 1, got {self.attention_groups}")
         if self.num_negatives < 1:
@@ -118,6 +141,11 @@ class JaggedBatch:
     offsets: torch.Tensor
     keys: torch.Tensor
     negatives: torch.Tensor
+    exchange: PrefixExchange | None = None
+    """Set by routing (``examples.hstu.routing.route_batch``): the pieces' key/value exchange;
+    a piece may be a chunk of a split sample, whose ``positions`` are absolute."""
+    global_tokens: int | None = None
+    """Set by routing: the global batch's token count (a loss normalizer with no all-reduce)."""
 
     @property
     def num_tokens(self) -> int:
@@ -208,10 +236,13 @@ def plan_groups(lengths: np.ndarray, groups: int) -> list[np.ndarray]:
     return out[::-1]
 
 
-def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tensor, ...]:
+def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig,
+                     exchange: PrefixExchange | None = None) -> tuple[torch.Tensor, ...]:
     """The host-side index tensors the model's attention form needs, appended to its inputs.
 
-    ``dense``: none. ``padded`` and ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
+    ``dense``: none. ``kernel``: the offsets and ``exchange`` (by default the empty
+    :class:`PrefixExchange` of whole samples; a routed batch brings its own). ``padded`` and
+    ``jagged``: ``token_index [T]`` and one ``pad_index [n, N]``
     per group (padded: one group, all sequences, N = the batch's longest). ``pad_index[r, i]``
     is the token at position i of the group's r-th sequence, -1 past its end; ``token_index[t]``
     is token t's place in the groups' outputs, flattened and concatenated. Every group has at
@@ -219,6 +250,12 @@ def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tens
     specialised by the compiler and recompile when it grows."""
     if cfg.attention == "dense":
         return ()
+    if cfg.attention == "kernel":
+        if exchange is None:  # whole samples: nothing to exchange, but the same inputs
+            rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() \
+                else (0, 1)
+            exchange = PrefixExchange.unsplit(offsets, world, rank)
+        return _two_pieces(offsets, exchange)
     starts = offsets[:-1].numpy()
     lengths = (offsets[1:] - offsets[:-1]).numpy()
     if cfg.attention == "padded":
@@ -237,6 +274,20 @@ def attention_layout(offsets: torch.Tensor, cfg: HSTUConfig) -> tuple[torch.Tens
         pads.append(torch.from_numpy(pad))
         base += pad.size
     return (torch.from_numpy(token_index), *pads)
+
+
+def _two_pieces(offsets: torch.Tensor, exchange: PrefixExchange) -> tuple[torch.Tensor, ...]:
+    """The kernel form's layout, with empty pieces appended up to 2: a rank holding one
+    piece (a long sample's chunk) would otherwise make the piece count 1, which the compiler
+    specialises, and the next step, holding more, would recompile. (The negatives get rows
+    up to 2 likewise, in :func:`model_inputs`; no token reads them.)"""
+    missing = max(0, 3 - offsets.shape[0])
+    if missing:
+        offsets = torch.cat([offsets, offsets[-1:].expand(missing)])
+        kv_offsets = torch.cat([exchange.kv_offsets, exchange.kv_offsets[-1:].expand(missing)])
+        exchange = exchange._replace(kv_offsets=kv_offsets,
+                                     q_start=torch.cat([exchange.q_start, exchange.q_start.new_zeros(missing)]))
+    return (offsets, *exchange)
 
 
 # ----------------------------------------------------------------------------- model
@@ -268,6 +319,8 @@ class HSTULayer(nn.Module):
         v = v.view(tokens, h, dv)
         if cfg.attention == "dense":
             av = self._dense(q, k, v, *attention)
+        elif cfg.attention == "kernel":
+            av = self._kernel(q, k, v, *attention)
         else:
             av = self._per_sequence(q, k, v, *attention)
         return x + self.dropout(self.out(self.out_norm(av) * u))
@@ -287,10 +340,33 @@ class HSTULayer(nn.Module):
         for index, mask, rel_pos, time_bucket in groups:
             scores = torch.einsum("bihd,bjhd->bhij", q[index], k[index])
             rab = (self.position_bias(rel_pos) + self.time_bias(time_bucket)).permute(0, 3, 1, 2)
-            attn = F.silu(scores + rab) / self.cfg.max_len * mask.unsqueeze(1)
+            if self.cfg.mode == "softmax":
+                # padding rows see only their diagonal (never a row of -inf: no NaN), then are zeroed
+                eye = torch.eye(mask.shape[-1], dtype=torch.bool, device=mask.device)
+                hidden = ~(mask.bool() | eye).unsqueeze(1)
+                scores = scores / self.cfg.qk_dim**0.5 + rab
+                attn = torch.softmax(scores.masked_fill(hidden, float("-inf")), dim=-1) * mask.unsqueeze(1)
+            else:
+                attn = F.silu(scores + rab) / self.cfg.max_len * mask.unsqueeze(1)
             outs.append(torch.einsum("bhij,bjhd->bihd", attn, v[index]).reshape(-1, q.shape[1] * v.shape[2]))
         padded = outs[0] if len(outs) == 1 else torch.cat(outs)
         return padded[token_index]
+
+    def _kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
+                exchange: PrefixExchange, key_timestamps: torch.Tensor) -> torch.Tensor:
+        """fsc's jagged attention over the rank's pieces, each attending to its keys ``[0, stop)``
+        (earlier chunks' keys and values from their ranks: :func:`prefix_kv`)."""
+        cfg = self.cfg
+        keys, values = prefix_kv(k, v, exchange)
+        # The op's position table is [H, 2P-1], indexed by the signed distance j - i + P - 1;
+        # ours by i - j >= 0 (causal): column P-1-d holds our row d, later columns are never seen.
+        table = self.position_bias.weight
+        position = torch.cat([table.flip(0).t(), table.new_zeros(table.shape[1], table.shape[0] - 1)], dim=1)
+        factor = {"alpha": 1.0} if cfg.mode == "hstu" else {"scale": cfg.qk_dim**-0.5}
+        out = jagged_attention(q, keys, values, offsets, cfg.max_len, mode=cfg.mode, position_bias=position,
+                               time_bias=self.time_bias.weight.t(), timestamps=key_timestamps,
+                               kv_offsets=exchange.kv_offsets, q_start=exchange.q_start, **factor)
+        return out.reshape(q.shape[0], -1)
 
 
 class HSTU(nn.Module):
@@ -344,6 +420,11 @@ class HSTU(nn.Module):
         x = item_emb + self.rating(ratings) + self.position(positions)
         if self.cfg.attention == "dense":
             attention = self._attention_inputs(positions, seq_ids, timestamps)
+        elif self.cfg.attention == "kernel":
+            offsets, *rest = layout
+            exchange = PrefixExchange(*rest)
+            # the keys' timestamps (the time bias reads them): once per step, not per layer
+            attention = (offsets, exchange, prefix_tokens(timestamps, exchange))
         else:
             token_index, *pads = layout
             attention = (token_index, [self._group_inputs(p, timestamps) for p in pads])
@@ -377,16 +458,30 @@ class HSTU(nn.Module):
 
 
 def model_inputs(batch: JaggedBatch, loss_scale: torch.Tensor, cfg: HSTUConfig) -> list[torch.Tensor]:
-    """:meth:`HSTU.forward`'s positional inputs for this batch."""
+    """:meth:`HSTU.forward`'s positional inputs for this batch. The ``kernel`` form's layout
+    is the query offsets and the batch's :class:`PrefixExchange` (an empty one for a batch
+    not routed with splits); a batch holding chunks of split samples needs that form."""
+    if cfg.attention == "kernel":
+        negatives = batch.negatives
+        if negatives.shape[0] < 2:  # a rank holding one piece: rows never read, see _two_pieces
+            negatives = torch.cat([negatives, negatives.new_ones(2 - negatives.shape[0], negatives.shape[1])])
+        return [*batch.tensors(), negatives, loss_scale, *attention_layout(batch.offsets, cfg, batch.exchange)]
+    if batch.exchange is not None and batch.exchange.kv_index.shape[0] != batch.num_tokens:
+        raise ValueError(f"this batch holds chunks of split samples, which only HSTUConfig.attention='kernel' "
+                         f"runs (it fetches their earlier keys and values); got attention={cfg.attention!r}")
     return [*batch.tensors(), batch.negatives, loss_scale, *attention_layout(batch.offsets, cfg)]
 
 
-def mark_dynamic(inputs: Sequence[torch.Tensor]) -> None:
+def mark_dynamic(inputs: Sequence[torch.Tensor], cfg: HSTUConfig | None = None) -> None:
     """Compile for any token count, sample count and padded length: every dimension of
     :func:`model_inputs` is marked dynamic (where not size 1) except the negatives per
-    sample and the 0-d loss scale."""
+    sample, the 0-d loss scale and, in the kernel form (pass ``cfg``), the world-sized
+    split sizes of the key/value exchange."""
+    kernel = cfg is not None and cfg.attention == "kernel"
     for i, t in enumerate(inputs):
-        dims = () if i == 7 else (0,) if i == 6 else range(t.ndim)
+        # 10, 11 in the kernel form: the exchange's split sizes, [world], read by .tolist()
+        fixed = i == 7 or (kernel and i in (10, 11))
+        dims = () if fixed else (0,) if i == 6 else range(t.ndim)
         for dim in dims:
             if t.shape[dim] > 1:
                 torch._dynamo.mark_dynamic(t, dim)

@@ -50,6 +50,7 @@ from examples.hstu.model import (
     sample_cost,
     scale_tensor,
 )
+from examples.hstu.routing import route_batch
 from examples.hstu.sharded import GradientBuckets
 
 
@@ -64,14 +65,17 @@ def token_cost(lengths: np.ndarray) -> np.ndarray:
     return np.asarray(lengths, dtype=np.float64)
 
 
-def make_router(balance: str, cost: Callable[[np.ndarray], np.ndarray], world: int):
+def make_router(balance: str, cost: Callable[[np.ndarray], np.ndarray], world: int, *, split: bool = False):
     """A router whose balancer (``balance``: a :data:`fsc.runtime.balancer.METHODS` name, or
-    ``none``) assigns samples by ``cost``; None for ``none``."""
+    ``none``) assigns samples by ``cost``; None for ``none``. ``split``: samples heavier than
+    a rank's share are cut into chunks on several ranks (free counts)."""
     if balance == "none":
         return None
     from examples.hstu.routing import Router
     from fsc.runtime.balancer import Balancer
 
+    if split:
+        return Router(Balancer(ranks=world, method=balance, cost=cost, split=True, counts="free"))
     return Router(Balancer(ranks=world, method=balance, cost=cost))
 
 
@@ -109,7 +113,7 @@ class Trainer:
         (detached). ``sync()`` is entered around the gradient all-reduce's wait, where ranks
         that finished early wait for the slowest (a meter's or profiler's marker)."""
         if not self.marked:  # the token count changes every step: compile for any
-            mark_dynamic(inputs)
+            mark_dynamic(inputs, self.model.cfg)
             self.marked = True
         with self.context():
             loss = self.step_fn(*inputs)
@@ -143,8 +147,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--negatives", type=int, default=16,
                    help="sampled negatives per sample (a rank looks up this many per sequence it trains)")
     p.add_argument("--attention", choices=ATTENTION_FORMS, default="padded",
-                   help="attention form: padded per sequence (default), jagged (length-grouped), or dense over "
-                        "all of a rank's tokens (not a form users write; the one lower-attention recognises)")
+                   help="attention form: padded per sequence (default), jagged (length-grouped), kernel (fsc's "
+                        "jagged attention op; the form that runs --split chunks), or dense over all of a rank's "
+                        "tokens (not a form users write; the one lower-attention recognises)")
     p.add_argument("--attention-groups", type=int, default=4, help="groups of the jagged form")
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--dropout", type=float, default=0.0,
@@ -159,6 +164,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="per-sample cost: a*L^2+b*L from the model's config (per-sequence attention; "
                         "examples.hstu.model.sample_cost), or tokens (for --attention dense, whose cost grows "
                         "with the rank's whole token count)")
+    p.add_argument("--split", action="store_true",
+                   help="let the balancer cut samples heavier than a rank's share into chunks on several ranks "
+                        "(context parallelism: each chunk's layers fetch the earlier chunks' keys and values); "
+                        "needs --balance (not none), --balance-cost quadratic and --attention kernel")
     p.add_argument("--pg-timeout", type=float, default=600.0, metavar="S",
                    help="seconds any collective may wait for a peer before the process group raises "
                         "(default 600; gloo's and NCCL's own default is 30 minutes)")
@@ -169,6 +178,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.pg_timeout > 0:
         p.error(f"--pg-timeout must be > 0, got {args.pg_timeout}")
+    if args.split and (args.balance == "none" or args.balance_cost != "quadratic" or args.attention != "kernel"):
+        p.error("--split needs --balance METHOD (not none), --balance-cost quadratic (chunk costs come from its "
+                "coefficients) and --attention kernel (the form that runs chunks); got "
+                f"--balance {args.balance} --balance-cost {args.balance_cost} --attention {args.attention}")
     return args
 
 
@@ -251,7 +264,8 @@ def train(args: argparse.Namespace) -> dict:
                              compile=lambda model: (compile_model(model, args), contextlib.nullcontext))
     model = trainer.model
     per_rank = args.batch_size // world
-    router = make_router(args.balance, token_cost if args.balance_cost == "tokens" else sample_cost(cfg), world)
+    router = make_router(args.balance, token_cost if args.balance_cost == "tokens" else sample_cost(cfg), world,
+                         split=args.split)
 
     def my_users(step: int) -> np.ndarray:
         return global_batch_users(len(train_h), args.batch_size, args.seed, step)[rank * per_rank : (rank + 1) * per_rank]
@@ -260,7 +274,7 @@ def train(args: argparse.Namespace) -> dict:
     losses: list[float] = []
     step_ms: list[float] = []
     wait_ms: list[float] = []
-    balance_stats: list[tuple[float, int]] = []
+    balance_stats: list[tuple[float, int, int]] = []
     graphs_after_first = 0
     progress = Progress(args.steps, rank == 0 and not args.quiet)
     meter = make_meter(args, rank, world)
@@ -282,8 +296,9 @@ def train(args: argparse.Namespace) -> dict:
                 if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
                     pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
                 with meter.sync_wait("sample routing"):
-                    batch = router.route(batch, plan)
-                balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers))
+                    batch = route_batch(router, batch, plan)
+                balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers,
+                                      plan.assignment.split_samples))
             trained = torch.tensor([float((batch.targets > 0).sum())])
             with meter.sync_wait("token count all-reduce"):
                 dist.all_reduce(trained)
@@ -319,6 +334,8 @@ def train(args: argparse.Namespace) -> dict:
         "balance": args.balance,
         "median_max_over_lb": statistics.median(b[0] for b in balance_stats) if balance_stats else None,
         "stragglers": sum(b[1] for b in balance_stats),
+        "split": args.split,
+        "split_samples": sum(b[2] for b in balance_stats),
         "recompiles": int(recompiles.item()),
         "graphs": counters["stats"]["unique_graphs"],
     }

@@ -11,6 +11,12 @@ Implemented:
   :mod:`fsc.runtime.balance_search`, the collective helpers (gathering lengths, the
   global-token loss normalizer) in :mod:`fsc.runtime.balance_dist`.
 
+- routing (:mod:`fsc.runtime.routing`): moves a global batch's samples, and chunks of split
+  samples, to the ranks the balancer assigns them (any token and sample columns, one
+  all-to-all per step), with each chunk's metadata and the global token count; and
+  ``prefix_kv``, the autograd functional all-to-all that gives a chunk, inside an attention
+  layer, the keys and values of its sample's earlier chunks (gradients back to their owners).
+
 - the SM-free all-to-all (:mod:`fsc.runtime.ops`): ``fsc::all_to_all_single`` and
   ``fsc::wait_tensor``, argument for argument like their ``_c10d_functional`` namesakes,
   with autograd and fake implementations. Behind them, per process group, a transport from
@@ -26,9 +32,10 @@ Implemented:
   by default. Its records and the Chrome/Perfetto trace and PNG writers
   (:mod:`fsc.runtime.bubble_trace`) are shared with the simulator (:mod:`sim`).
 
-The opt-in sm-free-collectives pass emits calls into :mod:`fsc.runtime.ops`; the balancer
-and the meter are called by training loops (the HSTU example: ``examples/hstu/routing.py``,
-``examples/hstu/train.py --balance ... --bubbles DIR``).
+The opt-in sm-free-collectives pass emits calls into :mod:`fsc.runtime.ops`; the balancer,
+the router and the meter are called by training loops, ``prefix_kv`` by a model's attention
+layers (the HSTU example: ``examples/hstu/routing.py``, ``examples/hstu/model.py``'s kernel
+form, ``examples/hstu/train.py --balance ... --split --bubbles DIR``).
 """
 
 import importlib
@@ -51,6 +58,13 @@ _EXPORTS = {
     "gather_lengths": "fsc.runtime.balance_dist",
     "global_token_count": "fsc.runtime.balance_dist",
     "loss_normalizer": "fsc.runtime.balance_dist",
+    "Plan": "fsc.runtime.routing",
+    "PrefixExchange": "fsc.runtime.routing",
+    "Routed": "fsc.runtime.routing",
+    "Router": "fsc.runtime.routing",
+    "RoutingError": "fsc.runtime.routing",
+    "prefix_kv": "fsc.runtime.routing",
+    "prefix_tokens": "fsc.runtime.routing",
     "all_to_all": "fsc.runtime.ops",
     "SplitSizeError": "fsc.runtime.ops",
     "configure": "fsc.runtime.transport",

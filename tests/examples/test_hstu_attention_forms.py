@@ -63,7 +63,8 @@ def loss_and_grads(form: str, batch) -> tuple[float, dict[str, torch.Tensor]]:
 @pytest.mark.parametrize("lengths", [[1], [1, 1], [5, 1, 16, 2, 9, 1, 13], [3, 0, 7, 7, 7, 2, 1, 16, 11, 4]])
 def test_every_attention_form_gives_the_same_loss_and_gradients(lengths):
     batch = batch_of(lengths, seed=len(lengths))
-    results = {form: loss_and_grads(form, batch) for form in ATTENTION_FORMS}
+    # the kernel form runs fsc's op (no float64, head dims >= 16): test_hstu_split compares it
+    results = {form: loss_and_grads(form, batch) for form in ATTENTION_FORMS if form != "kernel"}
     ref_loss, ref_grads = results["dense"]
     for form in ("padded", "jagged"):
         loss, grads = results[form]
@@ -141,7 +142,7 @@ def test_sample_cost_is_the_example_constant_at_the_defaults():
 
 
 @pytest.mark.parametrize("options, message", [
-    ({"attention": "flash"}, "attention must be one of padded, jagged, dense"),
+    ({"attention": "flash"}, "attention must be one of padded, jagged, kernel, dense"),
     ({"attention_groups": 0}, "attention_groups must be >= 1"),
     ({"num_negatives": 0}, "num_negatives must be >= 1"),
 ])

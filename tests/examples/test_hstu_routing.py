@@ -39,7 +39,7 @@ def _grads(model, batch, count):
 def _routing_worker(rank: int, world: int):
     import torch.distributed as dist
 
-    from examples.hstu.routing import Router
+    from examples.hstu.routing import Router, route_batch
     from fsc.runtime.balancer import Balancer
 
     cfg = config()
@@ -50,7 +50,7 @@ def _routing_worker(rank: int, world: int):
         batch = _read(rank, world, step, cfg)
         lengths = (batch.offsets[1:] - batch.offsets[:-1]).numpy()
         plan = router.plan_async(lengths).result()
-        routed = router.route(batch, plan)
+        routed = route_batch(router, batch, plan)
         count = torch.tensor([float((batch.targets > 0).sum())])
         dist.all_reduce(count)
         loss_read, grads_read = _grads(model, batch, count.item())
@@ -87,14 +87,14 @@ def test_routed_batches_give_the_same_gradients_as_unrouted_ones(world):
 
 
 def _mismatch_worker(rank: int, world: int) -> str | None:
-    from examples.hstu.routing import Router
+    from examples.hstu.routing import Router, route_batch
     from fsc.runtime.balancer import Balancer
 
     router = Router(Balancer(ranks=world, cost=lambda n: np.asarray(n, dtype=np.float64)))
     batch = _read(rank, world, 0, config())
     plan = router.plan((batch.offsets[1:] - batch.offsets[:-1]).numpy())
     try:
-        router.route(_read(rank, world, 1, config()), plan)
+        route_batch(router, _read(rank, world, 1, config()), plan)
     except ValueError as exc:
         return str(exc)
     finally:
