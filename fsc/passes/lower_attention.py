@@ -51,9 +51,9 @@ that does the work the graph did, slower than Inductor's code for the same atten
 pass keeps the user's attention and records ``kept: ...`` (``dense_on_cpu=true`` lowers it
 anyway). The HSTU form is lowered everywhere: its dense product spans every token of the
 batch, the jagged op only each sequence's (on CPU faster than Inductor's dense form, same
-benchmark with ``--family hstu``: results/attention-cpu-hstu.json). So is the fbgemm-padded
-HSTU form: the jagged op computes each sequence's own pairs, the padded graph N x N per
-sequence (not benchmarked).
+benchmark with ``--family hstu``: results/attention-cpu-hstu.json). The fbgemm-padded HSTU
+form is kept off CUDA like dense attention: its padded product is already per sequence, and
+lowered on CPU it was slower (results/attention-cpu-padding.json).
 
 **Safe because** the kernel computes the same function (module docstring of
 ``fsc.kernels.jagged_attention``), up to float summation order, PROVIDED, for HSTU

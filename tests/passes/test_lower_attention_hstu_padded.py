@@ -16,6 +16,9 @@ import fsc
 from fsc.inspect import STORE
 from fsc.passes import LowerAttention
 
+# lowered on CPU too (by default the form is kept off CUDA: the op does the padded graph's work, slower)
+LOWERED = "lower-attention{dense_on_cpu=true},prioritize-collectives,split-collectives,overlap-schedule"
+
 pytest.importorskip("fbgemm_gpu")
 
 N, H, D = 4, 2, 16
@@ -142,7 +145,7 @@ FORMS = {
 def test_lower_attention_padded_hstu_form_matches_its_golden_printout(form):
     f, inputs, lowered, phrase = FORMS[form]
     gm = dynamo_graph(f, *inputs)
-    record, before, text = run_and_print(form, gm, LowerAttention(), pre_grad_ctx())
+    record, before, text = run_and_print(form, gm, LowerAttention(dense_on_cpu=True), pre_grad_ctx())
     assert record.modified is lowered
     assert record.stats["attention_found"] == 1 and record.stats["lowered"] == int(lowered)
     said = record.stats["lowerings"] if lowered else record.reasons
@@ -165,7 +168,7 @@ def hstu_targets_over_heads(q, k, v, offsets, num_targets):
 def test_lower_attention_declines_a_targets_mask_that_meets_the_heads_not_the_batch():
     q, k, v, _ = jagged_inputs()
     gm = dynamo_graph(hstu_targets_over_heads, q, k, v, torch.tensor([0, 2, 6]), torch.tensor([1, 0]))
-    record, _, _ = run_and_print("targets_over_heads", gm, LowerAttention(), pre_grad_ctx())
+    record, _, _ = run_and_print("targets_over_heads", gm, LowerAttention(dense_on_cpu=True), pre_grad_ctx())
     assert not record.modified
     (reason,) = record.reasons
     assert "the targets mask [2, 4, 4] does not broadcast as [B, 1, N, N] over the [B, H, N, N] weights" in reason
@@ -209,7 +212,7 @@ def check_parity(model: nn.Module, compiled, *inputs) -> None:
 @pytest.mark.parametrize("inner", ["eager", pytest.param("inductor", marks=pytest.mark.inductor)])
 def test_lower_attention_lowers_padded_stu_attention_and_training_matches_eager_across_lengths(inner):
     model = Stu()
-    compiled = torch.compile(model, backend="freescale", options={"inner": inner})
+    compiled = torch.compile(model, backend="freescale", options={"inner": inner, "passes": LOWERED})
     x, offsets = batch([3, 8, 1])
     torch._dynamo.mark_dynamic(x, 0)
     before = STORE.count
@@ -226,7 +229,7 @@ def test_lower_attention_lowers_padded_stu_attention_and_training_matches_eager_
 
 def test_lower_attention_checks_at_run_time_that_no_sequence_is_longer_than_the_padding():
     model = Stu()
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager", "passes": LOWERED})
     x, offsets = batch([3, 8, 1])
     compiled(x, offsets)
     x, offsets = batch([3, 9, 1])  # jagged_to_padded_dense would drop the 9th token's keys
@@ -236,7 +239,7 @@ def test_lower_attention_checks_at_run_time_that_no_sequence_is_longer_than_the_
 
 def test_lower_attention_lowers_the_num_targets_mask_and_training_matches_eager():
     model = Stu(mask="targets")
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager", "passes": LOWERED})
     for lengths, targets in (([3, 8, 1], [1, 2, 0]), ([3, 8, 1], [3, 0, 1])):
         check_parity(model, compiled, *batch(lengths), torch.tensor(targets))
     (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
@@ -247,7 +250,7 @@ def test_lower_attention_lowers_the_num_targets_mask_and_training_matches_eager(
 
 def test_lower_attention_lowers_a_windowed_targets_mask_and_training_matches_eager():
     model = Stu(mask="targets", window=2)
-    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager", "passes": LOWERED})
     check_parity(model, compiled, *batch([3, 8, 1]), torch.tensor([1, 2, 0]))
     (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
     assert "window max_attn_len=2" in lowering
@@ -255,7 +258,7 @@ def test_lower_attention_lowers_a_windowed_targets_mask_and_training_matches_eag
 
 def test_lower_attention_declines_a_key_padding_mask_naming_it_and_matches_eager():
     q, k, v, offsets = (x.requires_grad_(x.is_floating_point()) for x in jagged_inputs())
-    compiled = torch.compile(hstu_key_padding, backend="freescale", options={"inner": "eager"})
+    compiled = torch.compile(hstu_key_padding, backend="freescale", options={"inner": "eager", "passes": LOWERED})
     got = compiled(q, k, v, offsets)
     torch.testing.assert_close(got, hstu_key_padding(q, k, v, offsets))
     got.sum().backward()
@@ -272,9 +275,20 @@ def test_lower_attention_padded_hstu_forms_match_eager_forward_and_backward(form
     q, k, v = (torch.randn(7, H, D, requires_grad=True) for _ in range(3))
     ref = f(q, k, v, offsets)
     grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
-    got = torch.compile(f, backend="freescale", options={"inner": "eager"})(q, k, v, offsets)
+    got = torch.compile(f, backend="freescale", options={"inner": "eager", "passes": LOWERED})(q, k, v, offsets)
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
     for g, r in zip(torch.autograd.grad(got.square().sum(), (q, k, v)), grads):
         torch.testing.assert_close(g, r, rtol=1e-5, atol=1e-5)
     (lowering,) = fsc.last_compile().graph("pre-grad").pass_record("lower-attention").stats["lowerings"]
     assert phrase in lowering
+
+
+def test_lower_attention_keeps_padded_stu_attention_off_cuda_by_default():
+    model = Stu()
+    compiled = torch.compile(model, backend="freescale", options={"inner": "eager"})
+    x, offsets = batch([3, 8, 1])
+    check_parity(model, compiled, x, offsets)
+    record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
+    assert record.stats["lowered"] == 0 and record.stats["kept"] == 1
+    (reason,) = record.reasons
+    assert "kept: HSTU SiLU attention padded by fbgemm" in reason and "dense_on_cpu=true" in reason
