@@ -51,8 +51,11 @@ BENCH_STAMP := $(VENV)/.fsc-bench-installed
 BENCH_ARGS ?=
 BENCH_COMMIT ?= $(if $(findstring --quick,$(BENCH_ARGS)),0,1)
 BENCH_OUTPUTS := results/e2e.json results/e2e.png results/e2e-bubbles.png results/torchrec-models.json README.md
+# The TorchRec run takes TORCHREC_BENCH_ARGS (python -m bench torchrec-models --help); a --quick
+# smoke run writes its JSON outside results/ and leaves the README alone.
 QUICK := $(findstring --quick,$(BENCH_ARGS))
 TORCHREC_BENCH_ARGS ?= $(if $(QUICK),--ranks 2 --warmup 1 --steps 3 --batch 16,--readme README.md)
+TORCHREC_JSON := $(if $(QUICK),$(or $(TMPDIR),/tmp)/torchrec-models-quick.json,results/torchrec-models.json)
 TORCHREC_PKGS := fbgemm-gpu-cpu==1.8.0 torchrec==1.8.0 tensordict==0.15.3 cloudpickle==3.1.2 pyvers==0.2.3 \
 	torchmetrics==1.0.3 lightning-utilities==0.15.3 tqdm==4.70.1 pyre-extensions==0.0.32 typing-inspect==0.9.0 \
 	mypy-extensions==1.2.0
@@ -66,10 +69,10 @@ bench-setup: $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
 	$(PY) -m bench e2e --json results/e2e.json --readme README.md $(BENCH_ARGS)
-	$(PY) -m bench torchrec-models --json results/torchrec-models.json $(TORCHREC_BENCH_ARGS)
+	$(PY) -m bench torchrec-models --json $(TORCHREC_JSON) $(TORCHREC_BENCH_ARGS)
 	@if [ "$(BENCH_COMMIT)" = "1" ] && git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
 		outputs=$$(ls $(BENCH_OUTPUTS) 2>/dev/null); \
-		git add -- $$outputs && git commit -m "make bench: end-to-end results ($$(date -u +%Y-%m-%d))" -- $$outputs \
+		git add -- $$outputs && git commit -m "make bench: end-to-end and TorchRec results ($$(date -u +%Y-%m-%d))" -- $$outputs \
 			|| echo "make bench: nothing committed (outputs unchanged, or git refused)"; \
 	fi
 

@@ -19,7 +19,7 @@ default) per attention family, written as users write it:
 - ``hstu-padded``: generative-recommenders' PyTorch HSTU attention: jagged q, k, v padded by
   ``fbgemm.jagged_to_padded_dense``, ``silu(einsum(q, k) * alpha) / N`` times a causal
   mask, ``einsum`` with v, ``fbgemm.dense_to_jagged`` (the same lengths; needs fbgemm-gpu),
-  lowered on every device like ``hstu``.
+  kept off CUDA by default like the dense forms.
 
 Each is trained (forward, backward) compiled three ways, all with Inductor generating the
 code: ``inductor`` (plain ``torch.compile``); ``freescale`` (the default pipeline, in
@@ -73,9 +73,9 @@ class Block(nn.Module):
         b, n, d = x.shape
         if self.family == "hstu":
             return x + self.out(self._hstu(x.reshape(b * n, d), b, n)).view(b, n, d)
-        valid = torch.arange(n, device=x.device)[None, :] < _lengths(b, n, x.device)[:, None]
         if self.family == "hstu-padded":
             return self._hstu_padded(x)
+        valid = torch.arange(n, device=x.device)[None, :] < _lengths(b, n, x.device)[:, None]
         if self.encoder is not None:  # boolean masks both (mixed mask types warn: a graph break)
             mask = torch.triu(torch.ones(n, n, dtype=torch.bool, device=x.device), 1)
             return self.encoder(x, src_mask=mask, src_key_padding_mask=~valid)

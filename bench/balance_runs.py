@@ -42,6 +42,8 @@ def _train(world: int, balance: str, args: argparse.Namespace, extra: tuple[str,
                "--max-len", str(args.max_len), "--balance", balance, "--quiet", "--out", out]
         if args.lengths_from:
             cmd += ["--data", args.lengths_from]
+        else:
+            cmd += ["--lengths", args.lengths]
         cmd += list(extra)
         env = dict(os.environ, OMP_NUM_THREADS="1")
         subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
@@ -56,6 +58,8 @@ def run(argv: list[str], json_path: str) -> int:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-len", type=int, default=200)
+    parser.add_argument("--lengths", choices=("lognormal", "zipf"), default="lognormal",
+                        help="synthetic lengths when --lengths-from is empty")
     parser.add_argument("--split", action="store_true", help="whole-sample balancing vs split samples (see above)")
     args = parser.parse_args(argv)
     if args.split:

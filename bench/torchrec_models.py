@@ -21,7 +21,8 @@ forward (with synchronous collectives, as the recipe sets); ``inductor`` is
 ``torch.compile(dmp, backend="inductor", fullgraph=True)`` after the same recipe and
 compatibility fixes (without them Inductor cannot compile these models either; see
 :mod:`fsc.integrations.torchrec`). Per step every variant runs one forward and backward and
-its dense optimizer step, after a barrier, and the step's time is the slowest rank's. Each
+its dense optimizer step, after a barrier, in an order that rotates every step, and the
+step's time is the slowest rank's. Each
 row gives the median step time and the median of per-step ratios to Inductor (so machine
 noise that hits one step hits both), and, for fsc, the exposed communication its cost
 model estimates before and after its passes (an estimate, not a measurement).
@@ -183,9 +184,12 @@ def _worker(rank: int, world: int, model_name: str, args: dict) -> dict:
                   for name, m in models.items()}
     times: dict[str, list[float]] = {name: [] for name in variants}
     losses: dict[str, float] = {}
+    names = list(variants)
     for step in range(1, args["warmup"] + args["steps"] + 1):
         inputs = batch(step)
-        for name, fn in variants.items():
+        # the order rotates every step (the same on every rank): no variant always runs first or last
+        for name in names[step % len(names):] + names[:step % len(names)]:
+            fn = variants[name]
             dist.barrier()
             start = time.perf_counter()
             loss = fn(*inputs)

@@ -146,6 +146,9 @@ class JaggedBatch:
     a piece may be a chunk of a split sample, whose ``positions`` are absolute."""
     global_tokens: int | None = None
     """Set by routing: the global batch's token count (a loss normalizer with no all-reduce)."""
+    split: bool = False
+    """Set by routing: the step's plan split some sample (on any rank), so every rank's
+    model must run the ``kernel`` form; decided from the global plan, so all ranks agree."""
 
     @property
     def num_tokens(self) -> int:
@@ -466,8 +469,10 @@ def model_inputs(batch: JaggedBatch, loss_scale: torch.Tensor, cfg: HSTUConfig) 
         if negatives.shape[0] < 2:  # a rank holding one piece: rows never read, see _two_pieces
             negatives = torch.cat([negatives, negatives.new_ones(2 - negatives.shape[0], negatives.shape[1])])
         return [*batch.tensors(), negatives, loss_scale, *attention_layout(batch.offsets, cfg, batch.exchange)]
-    if batch.exchange is not None and batch.exchange.kv_index.shape[0] != batch.num_tokens:
-        raise ValueError(f"this batch holds chunks of split samples, which only HSTUConfig.attention='kernel' "
+    # from the global plan: every rank raises in the same step (a rank holding only a first
+    # chunk, or only whole samples, would otherwise go on and wait for its peers)
+    if batch.split:
+        raise ValueError(f"this step's plan splits samples into chunks, which only HSTUConfig.attention='kernel' "
                          f"runs (it fetches their earlier keys and values); got attention={cfg.attention!r}")
     return [*batch.tensors(), batch.negatives, loss_scale, *attention_layout(batch.offsets, cfg)]
 

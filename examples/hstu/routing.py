@@ -25,11 +25,12 @@ _TOKEN_COLUMNS = ("items", "ratings", "timestamps", "positions", "targets")
 
 def route_batch(router: Router, batch: JaggedBatch, plan: Plan) -> JaggedBatch:
     """The pieces ``plan`` gives this rank, as a jagged batch in global order, each with its
-    key and negatives; ``exchange`` and ``global_tokens`` set."""
+    key and negatives; ``exchange``, ``global_tokens`` and ``split`` set."""
     lengths = (batch.offsets[1:] - batch.offsets[:-1]).numpy()
     routed = router.route(lengths, {c: getattr(batch, c) for c in _TOKEN_COLUMNS},
                           {"keys": batch.keys, "negatives": batch.negatives}, plan)
     pieces = routed.offsets.numel() - 1
     seq_ids = torch.repeat_interleave(torch.arange(pieces), routed.offsets[1:] - routed.offsets[:-1])
     return JaggedBatch(offsets=routed.offsets, seq_ids=seq_ids, **routed.tokens, **routed.samples,
-                       exchange=routed.exchange, global_tokens=routed.global_tokens)
+                       exchange=routed.exchange, global_tokens=routed.global_tokens,
+                       split=bool(plan.assignment.split_samples))

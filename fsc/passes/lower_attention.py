@@ -101,9 +101,9 @@ from fsc.rewriter import GraphRewriter
 
 # The measurement behind this choice: python -m bench attention-cpu, which writes the ratios per family
 # and length to results/attention-cpu.json (lowered and kept, each against Inductor, interleaved).
-KEPT_OFF_CUDA = ("the jagged op has no kernel here, only a PyTorch implementation that does the same work as this "
-                 "dense attention, slower than Inductor's (python -m bench attention-cpu measures it: "
-                 "results/attention-cpu.json); dense_on_cpu=true lowers it anyway")
+KEPT_OFF_CUDA = ("the jagged op has no kernel here, only a PyTorch implementation that does about the work of this "
+                 "attention, slower than Inductor's (python -m bench attention-cpu measures it: "
+                 "results/attention-cpu.json, results/attention-cpu-padding.json); dense_on_cpu=true lowers it anyway")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,16 +118,20 @@ class LowerAttention(Pass):
     max_head_dim: int = MAX_HEAD_DIM
     """Largest head dim lowered (the kernel's limit, 256)."""
     check_preconditions: bool = True
-    """Insert the runtime check of the HSTU lowering's layout precondition."""
+    """Insert the run-time checks of what a lowering assumes and the graph cannot prove: the
+    HSTU example's token layout, a key-padding mask's contiguous valid keys, a finite fill's
+    underflow, the fbgemm-padded form's lengths (<= N) and targets."""
     inexact_time_buckets: bool = False
     """Lower float32-log2 time bucketing to the kernel's exact integer bucketing even where
     the two can differ by one bucket (see Limits), recording a note; false (default):
     decline those graphs, so the lowered model computes what the eager one does."""
     dense_on_cpu: bool = False
-    """Lower dense attention (equal lengths: SDPA, explicit softmax) off CUDA too. There
-    the op runs its PyTorch implementation, which does the same work as the user's
-    attention, only slower than Inductor's (see ``KEPT_OFF_CUDA``); false (default): keep
-    the user's attention and record that choice."""
+    """Lower off CUDA too the forms whose jagged op does about the work the user's graph did:
+    dense attention (SDPA, explicit softmax, bmm, ``nn.MultiheadAttention``), the same with
+    key-padding masks, and fbgemm-padded HSTU attention. There the op runs its PyTorch
+    implementation, slower than Inductor's code for them (see ``KEPT_OFF_CUDA``); false
+    (default): keep the user's attention and record that choice. (The HSTU example's form
+    is lowered everywhere.)"""
 
     def __post_init__(self) -> None:
         for key in ("min_head_dim", "max_head_dim"):

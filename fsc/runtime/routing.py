@@ -117,7 +117,7 @@ class Plan:
             stop, rank = lengths[sample], np.asarray(assignment.rank_of, dtype=np.int64)[sample]
         covered = np.bincount(sample, weights=stop - start, minlength=len(lengths))
         missing = np.bincount(sample, minlength=len(lengths)) == 0
-        if len(sample) and (not np.array_equal(covered, lengths) or missing.any()):
+        if not np.array_equal(covered, lengths) or missing.any():
             raise RoutingError("the assignment's pieces do not tile the global batch's samples")
         rank_starts = np.concatenate(([0], np.cumsum(np.bincount(rank, minlength=world)))).astype(np.int64)
         plan = cls(lengths=lengths, local_counts=local_counts, assignment=assignment, sample=sample, start=start,
@@ -166,7 +166,8 @@ class PrefixExchange(NamedTuple):
         tokens = int(offsets[-1]) if offsets.numel() else 0
         sizes = torch.zeros(world, dtype=torch.int64)
         sizes[rank] = _PAD
-        return cls(send_index=torch.zeros(_PAD, dtype=torch.int64), send_sizes=sizes, recv_sizes=sizes.clone(),
+        return cls(send_index=torch.arange(tokens, tokens + _PAD, dtype=torch.int64), send_sizes=sizes,
+                   recv_sizes=sizes.clone(),
                    kv_index=torch.arange(tokens, dtype=torch.int64), kv_offsets=offsets.to(torch.int64),
                    q_start=torch.zeros(max(offsets.numel() - 1, 0), dtype=torch.int64))
 
@@ -203,7 +204,9 @@ class Router:
             raise RoutingError(f"the balancer plans for {balancer.ranks} ranks but the group has {self.world}")
         # A group of its own for the background thread: its collectives never interleave
         # with the training step's on the default group.
-        self._planning_group = dist.new_group(backend="gloo") if self.world > 1 else None
+        # (over this router's ranks: a subgroup's router plans within the subgroup)
+        ranks = dist.get_process_group_ranks(group) if group is not None and self.world > 1 else None
+        self._planning_group = dist.new_group(ranks=ranks, backend="gloo") if self.world > 1 else None
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsc-balance")
 
     def plan(self, local_lengths: np.ndarray, group: dist.ProcessGroup | None = None) -> Plan:
@@ -319,6 +322,7 @@ def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
     world = plan.ranks
     here = plan.pieces_of(rank)
     row = np.concatenate(([0], np.cumsum(plan.stop[here] - plan.start[here])))
+    own_tokens = int(row[-1])
     local_start = {int(i): int(o) for i, o in zip(here, row[:-1])}  # piece -> its first local token row
     # sent: for every later chunk on any rank d (rank d's order), the rows of its earlier
     # chunks that this rank holds, in token order
@@ -332,9 +336,10 @@ def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
                     send_rows.append(local_start[e] + np.arange(plan.stop[e] - plan.start[e]))
                     send_sizes[d] += plan.stop[e] - plan.start[e]
         if d == rank:
-            # _PAD rows to itself, never read (kv_index skips them): the buffer's length is
-            # never 0 or 1, sizes the compiler would specialise and recompile for
-            send_rows.append(np.zeros(_PAD, np.int64))
+            # _PAD zero rows to itself (appended after the local rows by prefix_tokens, so a
+            # rank without tokens has them too), never read (kv_index skips them): the
+            # buffer's length is never 0 or 1, sizes the compiler would specialise for
+            send_rows.append(np.arange(own_tokens, own_tokens + _PAD))
             send_sizes[d] += _PAD
     # received, by source: the same enumeration seen from here
     recv_sizes = np.zeros(world, np.int64)
@@ -348,8 +353,7 @@ def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
             recv_sizes[s] += plan.stop[e] - plan.start[e]
     recv_sizes[rank] += _PAD  # at the end of this rank's own segment: after every real row
     base = np.concatenate(([0], np.cumsum(recv_sizes)))
-    own_tokens = int((plan.stop[here] - plan.start[here]).sum())
-    rows, kv_len, at = [], [], 0
+    rows, kv_len = [], []
     by_piece: dict[int, list[np.ndarray]] = {}
     for q, e, s, off in arrivals:
         first = own_tokens + base[s] + off
@@ -359,7 +363,6 @@ def exchange_of(plan: Plan, rank: int) -> PrefixExchange:
         n = int(plan.stop[q] - plan.start[q])
         rows += prefix + [local_start[q] + np.arange(n)]
         kv_len.append(sum(len(p) for p in prefix) + n)
-        at += kv_len[-1]
     kv_offsets = torch.zeros(len(here) + 1, dtype=torch.int64)
     kv_offsets[1:] = torch.tensor(np.cumsum(kv_len), dtype=torch.int64) if kv_len else kv_offsets[1:]
 
@@ -377,7 +380,8 @@ def prefix_tokens(x: torch.Tensor, exchange: PrefixExchange, group: dist.Process
     the result ``[Tk, ...]`` is laid out by ``exchange.kv_offsets``. Differentiable: the
     gradients of received rows go back to their owners (one all-to-all each way)."""
     _, world = _world(group)
-    send = x.index_select(0, exchange.send_index)
+    # the local rows, then _PAD zero rows for the padding sent to itself (exchange_of)
+    send = torch.cat([x, x.new_zeros(_PAD, *x.shape[1:])]).index_select(0, exchange.send_index)
     if world > 1:
         group = group if group is not None else dist.group.WORLD
         # sizes from tensors, inside the graph: unbacked SymInts, so a new plan is no new graph

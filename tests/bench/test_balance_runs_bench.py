@@ -15,8 +15,8 @@ pytestmark = [pytest.mark.ranks, pytest.mark.slow]
 
 def test_split_run_compares_whole_and_split_balancing_from_the_same_start(tmp_path):
     out = tmp_path / "balance-runs-split.json"
-    argv = ["--split", "--ranks", "2", "--steps", "4", "--batch-size", "4", "--max-len", "100",
-            "--backend", "eager", "--lengths-from", ""]
+    argv = ["--split", "--ranks", "2", "--steps", "4", "--batch-size", "8", "--max-len", "200",
+            "--backend", "eager", "--lengths-from", "", "--lengths", "zipf"]
     assert BENCHMARKS["balance-runs"].main(argv, str(out)) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [r["config"] for r in rows] == ["none", "freescale", "freescale-split"]
@@ -24,6 +24,6 @@ def test_split_run_compares_whole_and_split_balancing_from_the_same_start(tmp_pa
     assert max(losses) - min(losses) <= 1e-4 * max(1.0, abs(losses[0])), losses  # placement changes no value
     for r in rows:
         assert r["compute_max_over_mean_per_step"], r  # the meter measured every rank on some step
-        assert all(x >= 1.0 for x in r["compute_max_over_mean_per_step"]), r
         assert r["recompiles"] == 0, r
-    assert rows[0]["median_max_over_lb"] is None and rows[2]["median_max_over_lb"] >= 1.0
+    assert rows[0]["median_max_over_lb"] is None and rows[0]["split_samples"] == rows[1]["split_samples"] == 0
+    assert rows[2]["split_samples"] >= 1, rows[2]  # zipf lengths: some sample outweighs a rank's share

@@ -184,11 +184,13 @@ def test_only_the_kernel_form_takes_chunks_and_softmax_needs_a_per_sequence_form
     from fsc.runtime.routing import PrefixExchange
 
     batch = read_batch(histories(1, 0), range(2), config(), seed=0, step=0)
-    exchange = PrefixExchange.unsplit(batch.offsets)
-    chunked = dataclasses.replace(batch, exchange=exchange._replace(kv_index=exchange.kv_index[:-1]))
-    assert isinstance(chunked, JaggedBatch)
+    # the step's plan split a sample somewhere: every rank refuses, even one holding only whole
+    # samples (its own exchange is the unsplit one), so no rank goes on to wait for the others
+    whole_here = dataclasses.replace(batch, exchange=PrefixExchange.unsplit(batch.offsets), split=True)
+    assert isinstance(whole_here, JaggedBatch)
     with pytest.raises(ValueError, match="only HSTUConfig.attention='kernel' runs"):
-        model_inputs(chunked, scale_tensor(1), config(attention="padded"))
+        model_inputs(whole_here, scale_tensor(1), config(attention="padded"))
+    assert len(model_inputs(dataclasses.replace(whole_here, split=False), scale_tensor(1), config(attention="padded")))
     with pytest.raises(ValueError, match="mode must be one of"):
         config(mode="relu")
     with pytest.raises(ValueError, match="not dense"):

@@ -212,3 +212,14 @@ def test_prefix_kv_under_freescale_exchanges_in_the_graphs_and_new_plans_do_not_
         assert max(worst) <= 1e-6  # gradients of keys and values reach their owners, as eagerly
         assert collectives == {"forward": ["all_to_all_single"], "backward": ["all_to_all_single_1"]}, collectives
         assert graphs == 1
+
+
+def test_a_rank_without_tokens_still_sends_its_padding_rows():
+    # the exchange pads two rows to itself; they come after the local rows, so an empty rank
+    # (balancing can leave one) has them too
+    x = torch.zeros(0, 3, requires_grad=True)
+    exchange = PrefixExchange.unsplit(torch.zeros(1, dtype=torch.int64))
+    out = prefix_tokens(x, exchange)
+    assert out.shape == (0, 3)
+    out.sum().backward()
+    assert x.grad.shape == (0, 3)

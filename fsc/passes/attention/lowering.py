@@ -199,10 +199,11 @@ def attend(e: Emitter, jagged: Callable[[], tuple[fx.Node, fx.Node, fx.Node]], r
         valid = e(torch.reshape, e(torch.broadcast_to, valid, (rows, *ones, n)), (rows, n))
         extents = e(key_padding_extents, valid, causal)
         offsets, kv_offsets, q_start, seen, contiguous = (e(operator.getitem, extents, i) for i in range(5))
-        e(torch._assert_async, contiguous,
-          "lower-attention: a key-padding mask was lowered to the jagged kernel assuming each sequence's valid "
-          "(unmasked) keys are one contiguous run (padding only before and/or after them: right- or left-aligned); "
-          f"this batch's mask breaks that. {OFF_SWITCH}")
+        if settings.check_preconditions:
+            e(torch._assert_async, contiguous,
+              "lower-attention: a key-padding mask was lowered to the jagged kernel assuming each sequence's valid "
+              "(unmasked) keys are one contiguous run (padding only before and/or after them: right- or left-aligned); "
+              f"this batch's mask breaks that. {OFF_SWITCH}")
         out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None, None, None, None, n, True, scale,
                 causal, 0, 0, "auto", kv_offsets, q_start)
     if fill is not None and settings.check_preconditions:
