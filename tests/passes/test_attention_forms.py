@@ -143,6 +143,27 @@ def hstu_silu(q, k, v, pos, seq):
     return torch.einsum("hts,shd->thd", a, v)
 
 
+def hstu_groups(q, k, v, timestamps, token_index, pad, pos_w, time_w):
+    """The HSTU example's per-sequence form, one group (examples/hstu/model.py, attention="padded")."""
+    valid = pad >= 0
+    index = pad.clamp(min=0)
+    steps = torch.arange(pad.shape[1])
+    dist = steps.unsqueeze(1) - steps.unsqueeze(0)
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & (dist >= 0)).float()
+    stamps = timestamps[index]
+    bucket = torch.log2((stamps.unsqueeze(2) - stamps.unsqueeze(1)).abs().double() + 1.0).floor().long().clamp(0, 7)
+    rab = (F.embedding(dist.clamp(0, 3), pos_w) + F.embedding(bucket, time_w)).permute(0, 3, 1, 2)
+    a = F.silu(torch.einsum("bihd,bjhd->bhij", q[index], k[index]) + rab) / N * mask.unsqueeze(1)
+    return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
+
+
+def hstu_groups_inputs():
+    g = torch.Generator().manual_seed(0)
+    pad = torch.tensor([[0, 1, 2], [3, 4, -1], [5, -1, -1]])
+    return (*(torch.randn(6, 2, D, generator=g) for _ in range(3)), torch.tensor([0, 5, 90, 7, 1000, 3]),
+            torch.tensor([0, 1, 2, 3, 4, 6]), pad, torch.randn(4, 2, generator=g), torch.randn(8, 2, generator=g))
+
+
 class Mha(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -252,6 +273,9 @@ FORMS = {
     "softmax_einsum": (softmax_einsum, qkv(2, 2), CPU_TOO, False, "softmax attention through einsum"),
     "silu_padded": (silu_padded, qkv(2, 2), CPU_TOO, False, "SiLU attention through matmul (padded"),
     "hstu_silu": (hstu_silu, hstu_inputs(), LowerAttention(), True, "HSTU SiLU attention q [T, H, D]=[6, 2, 16]"),
+    "hstu_groups": (hstu_groups, hstu_groups_inputs(), LowerAttention(), True,
+                    "the HSTU example's per-sequence form (gathered [n, N] groups), 1 group: HSTU SiLU attention "
+                    "q [T, H, D]=[6, 2, 16], alpha=1, /N=4, causal within rows, bias: time[8], position[4]"),
     "mha_causal_hint": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
                         "[N, B, E]=[4, 2, 32], 2 heads, causal (is_causal hint) softmax, scale=0.25, packed"),
     "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,

@@ -96,17 +96,9 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     if isinstance(bias, str):
         return bias
     tables, timestamps, time_dtype = bias
-    notes: tuple[str, ...] = ()
-    if time_dtype is not None:
-        nb = next(rows for kind, _, rows in tables if kind == "time")
-        exact_below = _EXACT_LOG2_BELOW.get(time_dtype, 20)
-        if nb > exact_below:
-            note = (f"time buckets: the graph buckets through {time_dtype} log2, the kernel exactly; with "
-                    f"{nb} buckets they can differ by one bucket for |dt| just below a power of two >= "
-                    f"2^{exact_below + 1}")
-            if not settings.inexact_time_buckets:
-                return note + " (set inexact_time_buckets=true to lower anyway)"
-            notes = (note,)
+    notes = time_bucket_notes(tables, time_dtype, settings)
+    if isinstance(notes, str):
+        return notes
     found = (f"HSTU SiLU attention q [T, H, D]={fmt(shape(q))}, alpha={alpha:.4g}, /N={n}, causal same-sequence "
              f"mask, bias: {', '.join(f'{kind}[{rows}]' for kind, _, rows in tables) or 'none'} "
              "(jagged, offsets from positions)")
@@ -117,27 +109,51 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         if key not in e.shared:
             e.shared[key] = _offsets(e, positions, seq_ids, n, check)
         offsets = e.shared[key]
-        pos_table = time_table = None
-        for kind, weight, rows in tables:
-            if kind == "position":
-                # the kernel reads column clip(id(key) - id(query)) + C: column C - d holds E_pos[d]
-                used = e(torch.flip, e(operator.getitem, weight, slice(None, rows)), (0,))
-                zeros = e(torch.zeros, (shape(weight)[1], rows - 1), dtype=val(weight).dtype,
-                          device=val(weight).device)
-                pos_table = e(torch.cat, (e(torch.transpose, used, 0, 1), zeros), dim=1)
-            else:
-                # the kernels index a table row with unit column stride
-                time_table = e(torch.clone, e(torch.transpose, e(operator.getitem, weight, slice(None, rows)), 0, 1),
-                               memory_format=torch.contiguous_format)
-        out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None,
-                timestamps if time_table is not None else None, pos_table, time_table, n, False, alpha, True, 0,
-                0, "auto")
-        return e(operator.getitem, out, 0)
+        return emit_kernel(e, q, k, v, offsets, tables, timestamps, n, alpha)
 
     return Lowering(node, found, emit, notes, device=val(q).device)
 
 
 FAMILY = Family("hstu", anchors, match)
+
+
+def time_bucket_notes(tables: tuple, time_dtype: Any, settings: Settings) -> tuple[str, ...] | str:
+    """The record's notes on the time bucketing (why the graph's float log2 may differ from
+    the kernel's exact buckets), or the reason to decline where it may and the settings say so."""
+    if time_dtype is None:
+        return ()
+    nb = next(rows for kind, _, rows in tables if kind == "time")
+    exact_below = _EXACT_LOG2_BELOW.get(time_dtype, 20)
+    if nb <= exact_below:
+        return ()
+    note = (f"time buckets: the graph buckets through {time_dtype} log2, the kernel exactly; with "
+            f"{nb} buckets they can differ by one bucket for |dt| just below a power of two >= "
+            f"2^{exact_below + 1}")
+    if not settings.inexact_time_buckets:
+        return note + " (set inexact_time_buckets=true to lower anyway)"
+    return (note,)
+
+
+def emit_kernel(e: Emitter, q: fx.Node, k: fx.Node, v: fx.Node, offsets: fx.Node, tables: tuple, timestamps: Any,
+                n: int, alpha: float) -> fx.Node:
+    """The kernel's output ``[T, H, dv]``: causal hstu mode over ``offsets`` with the bias
+    tables built from the model's embedding tables (:func:`_bias`'s ``tables``)."""
+    pos_table = time_table = None
+    for kind, weight, rows in tables:
+        if kind == "position":
+            # the kernel reads column clip(id(key) - id(query)) + C: column C - d holds E_pos[d]
+            used = e(torch.flip, e(operator.getitem, weight, slice(None, rows)), (0,))
+            zeros = e(torch.zeros, (shape(weight)[1], rows - 1), dtype=val(weight).dtype,
+                      device=val(weight).device)
+            pos_table = e(torch.cat, (e(torch.transpose, used, 0, 1), zeros), dim=1)
+        else:
+            # the kernels index a table row with unit column stride
+            time_table = e(torch.clone, e(torch.transpose, e(operator.getitem, weight, slice(None, rows)), 0, 1),
+                           memory_format=torch.contiguous_format)
+    out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None,
+            timestamps if time_table is not None else None, pos_table, time_table, n, False, alpha, True, 0,
+            0, "auto")
+    return e(operator.getitem, out, 0)
 
 
 def _einsum_of(node: Any) -> bool:
@@ -175,24 +191,28 @@ class _Pair:
 
 
 def _unsqueezed(node: Any) -> tuple[fx.Node, int] | None:
+    """(source, dim) for ``source.unsqueeze(dim)``, dim normalised to ``[0, source.ndim]``."""
     c = call(node)
-    if c is None or c.fn is not torch.unsqueeze or c.args is None:
+    if c is None or c.fn is not torch.unsqueeze or c.args is None or not isinstance(c["input"], fx.Node):
         return None
-    if not isinstance(c["input"], fx.Node) or c["dim"] not in (0, 1, -1, -2):
+    dims, dim = shape(c["input"]), c["dim"]
+    if dims is None or not isinstance(dim, int) or not -len(dims) - 1 <= dim <= len(dims):
         return None
-    return c["input"], c["dim"] % 2
+    return c["input"], dim % (len(dims) + 1)
 
 
-def _pair(node: Any, fn: Any) -> _Pair | None:
+def _pair(node: Any, fn: Any, rank: int = 1) -> _Pair | None:
+    """``x_i (op) x_j`` over an ``x`` of ``rank`` dims, unsqueezed at its last dim (x_i)
+    and at the one before (x_j)."""
     if (ops := binary(node, fn)) is None:
         return None
     a, b = _unsqueezed(ops[0]), _unsqueezed(ops[1])
-    if a is None or b is None or a[0] is not b[0] or a[1] == b[1]:
+    if a is None or b is None or a[0] is not b[0] or {a[1], b[1]} != {rank - 1, rank}:
         return None
     dims = shape(a[0])
-    if dims is None or len(dims) != 1:
+    if dims is None or len(dims) != rank:
         return None
-    return _Pair(a[0], query_first=a[1] == 1)
+    return _Pair(a[0], query_first=a[1] == rank)
 
 
 def _clamp(node: Any) -> tuple[fx.Node, Any, Any] | None:
@@ -226,15 +246,17 @@ def _mask(node: Any) -> tuple[fx.Node, fx.Node] | str:
     return causal.source, same_seq.source
 
 
-def _bias(rab: Any, positions: fx.Node) -> tuple[tuple, Any, Any] | str:
+def _bias(rab: Any, positions: fx.Node, order: tuple[int, ...] = (2, 0, 1),
+          rank: int = 1) -> tuple[tuple, Any, Any] | str:
     """((kind, weight, rows used) per table, timestamps, dtype of the time log2) for
-    rab = permute(E_pos(rel_pos) [+ E_time(bucket)], (2, 0, 1))."""
+    rab = permute(E_pos(rel_pos) [+ E_time(bucket)], order) (heads, the tables' last dim,
+    moved to where ``order`` says); the time bucket over timestamps of ``rank`` dims."""
     c = call(rab)
     if c is None or c.fn is not torch.permute or c.args is None:
-        return "bias is not permute(embedding lookups, (2, 0, 1))"
-    dims = tuple(c["dims"])
-    if dims not in ((2, 0, 1), (-1, 0, 1)):
-        return f"bias permuted by {dims}, not (2, 0, 1)"
+        return f"bias is not permute(embedding lookups, {order})"
+    dims = tuple(d % len(order) if isinstance(d, int) else d for d in c["dims"])
+    if dims != order:
+        return f"bias permuted by {tuple(c['dims'])}, not {order}"
     terms = []
     stack = [c["input"]]
     while stack:
@@ -256,7 +278,7 @@ def _bias(rab: Any, positions: fx.Node) -> tuple[tuple, Any, Any] | str:
         if isinstance(rel, int):
             kind, rows = "position", rel + 1
         else:
-            bucket = _time_bucket(index)
+            bucket = _time_bucket(index, rank)
             if isinstance(bucket, str):
                 return f"bias lookup not recognised: {rel}; {bucket}"
             kind, (timestamps, rows, time_dtype) = "time", bucket
@@ -283,7 +305,7 @@ def _rel_pos(node: Any, positions: fx.Node) -> int | str:
     return hi
 
 
-def _time_bucket(node: Any) -> tuple[fx.Node, int, torch.dtype] | str:
+def _time_bucket(node: Any, rank: int = 1) -> tuple[fx.Node, int, torch.dtype] | str:
     """(timestamps, buckets, float dtype) for clamp(floor(log2(|t_i - t_j| as float + 1)), 0, NB-1)."""
     reason = "time bias index is not clamp(floor(log2(float(|t_i - t_j|) + 1)), 0, NB - 1)"
     clamp = _clamp(node)
@@ -304,7 +326,7 @@ def _time_bucket(node: Any) -> tuple[fx.Node, int, torch.dtype] | str:
     dt, float_dtype = uncast(dt)
     if float_dtype not in (torch.float32, torch.float64) or not is_call(dt, torch.abs):
         return reason
-    pair = _pair(call(dt)["input"], torch.sub)
+    pair = _pair(call(dt)["input"], torch.sub, rank)
     if pair is None:
         return reason
     value = val(pair.source)

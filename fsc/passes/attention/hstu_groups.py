@@ -1,0 +1,321 @@
+"""The HSTU example's per-sequence SiLU attention (``examples/hstu/model.py``,
+``attention="padded"`` and ``"jagged"``): sequences gathered into padded groups.
+
+Per group of ``n`` sequences padded to ``N`` steps, with ``pad [n, N]`` its token indices
+(-1 past a sequence's end), ``index = pad.clamp(min=0)``, ``valid = pad >= 0`` and
+``steps = arange(N)``::
+
+    scores = alpha * einsum("bihd,bjhd->bhij", q[index], k[index])
+             [+ permute(E_pos(clamp(steps_i - steps_j, 0, C)) + E_time(bucket(stamps_i - stamps_j)), (0, 3, 1, 2))]
+    attn = silu(scores) / max_len * (valid_i & valid_j & (steps_i - steps_j >= 0)).unsqueeze(1)
+    out = einsum("bhij,bjhd->bihd", attn, v[index]).reshape(-1, H * dv)
+
+with ``stamps = timestamps[index]`` and the time bucket as in :mod:`~fsc.passes.attention.hstu`;
+then ``cat`` of the groups' outputs (one group: none), indexed by ``token_index [T]``, the
+tokens back in their order. Every piece is recognised structurally (any einsum letters,
+any spelling), and every group must use the same q, k, v, scale, divisor and bias tables.
+
+Lowered to one kernel call over the tokens in their order (hstu mode, causal, ``max_seq_len``
+= the divisor N, alpha = the scores' scale), whose output replaces ``cat(...)[token_index]``.
+Offsets come from the groups' rows: each non-empty row's first token, sorted, then T (empty
+rows are empty sequences at the end). The bias tables are built from the model's embedding
+tables as in the dense form. This is exact PROVIDED each row's valid entries come first and
+are consecutive tokens ``pad[r, 0] + i``, at most N of them, every token is in exactly one
+row, and ``token_index`` reads every token back from its own slot (``flat(pads)[token_index]
+== arange(T)``, the groups flattened in ``cat`` order): then the rows are the sequences of
+those offsets, step i of a row is a token's position in its sequence, and the gathered
+timestamps are the tokens' own. The graph cannot prove that (it is data), so with
+``check_preconditions`` the lowering asserts it at run time (``torch._assert_async``).
+
+Softmax mode (``HSTUConfig.mode="softmax"``) is declined, with that reason.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.nn import functional as F
+
+from fsc.passes.attention import hstu
+from fsc.passes.attention.graph import (
+    attention_weights,
+    binary,
+    call,
+    einsum,
+    factors,
+    fmt,
+    is_call,
+    same,
+    scale_of,
+    shape,
+    silu_weights,
+    uncast,
+    upstream,
+    val,
+)
+from fsc.passes.attention.lowering import OFF_SWITCH, Emitter, Family, Lowering, Settings, check_tensors
+from fsc.passes.attention.softmax import SOFTMAX
+
+FORM = "the HSTU example's per-sequence form (gathered [n, N] groups)"
+
+
+def anchors(node: fx.Node) -> bool:
+    """A group's output einsum: weights made by a SiLU or a softmax, values gathered by a 2-D index."""
+    parsed = einsum(node)
+    if parsed is None or len(parsed[3]) != 2 or _gathered(parsed[3][1]) is None:
+        return False
+    return attention_weights(parsed[3][0], F.silu, *SOFTMAX)
+
+
+def match(node: fx.Node, settings: Settings) -> Lowering | str:
+    found = _groups(node)
+    if isinstance(found, str):
+        return f"{FORM}: not lowered because {found}"
+    out, token_index, groups = found
+    first = groups[0]
+    for g in groups[1:]:
+        # nodes by identity (a node's == builds no graph, but say what is meant)
+        for what in ("q", "k", "v", "timestamps"):
+            if getattr(g, what) is not getattr(first, what):
+                return f"{FORM}: not lowered because its groups attend over different {what}"
+        for what in ("alpha", "n", "tables"):
+            if getattr(g, what) != getattr(first, what):
+                return f"{FORM}: not lowered because its groups differ in {what}"
+    q, k, v, n, alpha = first.q, first.k, first.v, first.n, first.alpha
+    if problem := check_tensors(q, k, v, settings):
+        return f"{FORM}: not lowered because {problem}"
+    dims = [shape(x) for x in (q, k, v)]
+    if any(d is None or len(d) != 3 for d in dims) or not (same(dims[0][0], dims[1][0]) and same(dims[0][0], dims[2][0])):
+        return f"{FORM}: not lowered because q, k, v are {dims}, not [T, H, D] over one T"
+    width = shape(out)[1]
+    if not same(shape(token_index)[0], dims[0][0]) or width != dims[2][1] * dims[2][2]:
+        return (f"{FORM}: not lowered because its output {fmt(shape(out))} is not [T, H * dv] over q's "
+                f"{fmt(dims[0])} tokens")
+    notes = hstu.time_bucket_notes(first.tables, first.time_dtype, settings)
+    if isinstance(notes, str):
+        return f"{FORM}: not lowered because {notes}"
+    pads = tuple(g.pad for g in groups)
+    check = settings.check_preconditions
+    described = (f"{FORM}, {len(groups)} group{'s' if len(groups) > 1 else ''}: HSTU SiLU attention q [T, H, D]="
+                 f"{fmt(dims[0])}, alpha={alpha:.4g}, /N={n}, causal within rows, bias: "
+                 f"{', '.join(f'{kind}[{rows}]' for kind, _, rows in first.tables) or 'none'} "
+                 f"(jagged, offsets from the rows{', layout checked at run time' if check else ''})")
+
+    def emit(e: Emitter) -> fx.Node:
+        key = ("groups", pads, token_index, n)
+        if key not in e.shared:
+            e.shared[key] = _offsets(e, pads, token_index, q, n, check)
+        result = hstu.emit_kernel(e, q, k, v, e.shared[key], first.tables, first.timestamps, n, alpha)
+        return e(torch.reshape, result, (-1, width))
+
+    return Lowering(out, described, emit, notes, device=val(q).device)
+
+
+FAMILY = Family("hstu_groups", anchors, match)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Group:
+    pad: fx.Node
+    q: fx.Node
+    k: fx.Node
+    v: fx.Node
+    alpha: float
+    n: int
+    tables: tuple
+    timestamps: Any
+    time_dtype: Any
+
+
+def _gathered(node: Any) -> tuple[fx.Node, fx.Node] | None:
+    """(x, index) for ``x[index]`` with a 2-D integer index."""
+    if not isinstance(node, fx.Node) or node.op != "call_function" or node.target is not operator.getitem:
+        return None
+    x, index = node.args
+    value = val(index)
+    if not isinstance(x, fx.Node) or not isinstance(value, torch.Tensor) or value.ndim != 2 or value.dtype not in (
+            torch.int64, torch.int32):
+        return None
+    return x, index
+
+
+def _groups(final: fx.Node) -> tuple[fx.Node, fx.Node, list[_Group]] | str:
+    """(the ``cat(...)[token_index]`` node, token_index, the groups in ``cat`` order)."""
+    users = list(final.users)
+    if len(users) != 1 or not is_call(users[0], torch.reshape, torch.Tensor.view):
+        return "a group's output is not reshaped (alone) to [n * N, H * dv]"
+    member = users[0]
+    users = list(member.users)
+    members = [member]
+    if len(users) == 1 and is_call(users[0], torch.cat):
+        c = call(users[0])
+        if c.args is None or c.get("dim", 0) not in (0, -2) or not isinstance(c["tensors"], (list, tuple)):
+            return "the groups' outputs are not concatenated along dim 0"
+        members = list(c["tensors"])
+        users = list(users[0].users)
+    if (len(users) != 1 or not isinstance(users[0], fx.Node) or users[0].op != "call_function"
+            or users[0].target is not operator.getitem):
+        return "the groups' outputs are not read back by one token index (padded[token_index])"
+    out = users[0]
+    token_index = out.args[1]
+    index_value = val(token_index)
+    if not isinstance(token_index, fx.Node) or not isinstance(index_value, torch.Tensor) or index_value.ndim != 1:
+        return "the groups' outputs are not read back by a 1-D token index"
+    groups = []
+    for m in members:
+        if not isinstance(m, fx.Node) or not is_call(m, torch.reshape, torch.Tensor.view) or len(shape(m) or ()) != 2:
+            return "a group's output is not reshaped to [n * N, H * dv]"
+        g = _group(m.args[0])
+        if isinstance(g, str):
+            return g
+        groups.append(g)
+    return out, token_index, groups
+
+
+def _group(final: Any) -> _Group | str:
+    parsed = einsum(final)
+    if parsed is None or len(parsed[3]) != 2:
+        return "a group's output is not einsum(weights, v[index])"
+    _, (a_s, vs), out, (attn, gathered_v) = parsed
+    if len(set(a_s)) != 4 or len(a_s) != 4 or len(vs) != 4 or len(out) != 4:
+        return f"output einsum {a_s},{vs}->{out} is not 'bhij,bjhd->bihd' (any letters)"
+    b, h, i, j = a_s
+    d = vs[3]
+    if vs[:3] != b + j + h or d in a_s or out != b + i + h + d:
+        return f"output einsum {a_s},{vs}->{out} is not 'bhij,bjhd->bihd' (any letters)"
+    v, index = _gathered(gathered_v)
+    pad = _pad(index)
+    if pad is None:
+        return "the gather index is not pad_index.clamp(min=0)"
+    weighted = silu_weights(attn)
+    if isinstance(weighted, str):
+        if any(is_call(x, *SOFTMAX) for x in upstream(attn)):
+            return ("softmax mode (HSTUConfig.mode='softmax'): its padding rows attend to their diagonal and its "
+                    "masks are -inf fills, which this lowering does not prove; only SiLU (hstu mode) is lowered")
+        return weighted
+    inv_n, silu, others = weighted
+    if len(others) != 1:
+        return f"{len(others)} tensor factors besides silu(scores); one mask is lowered"
+    steps = _mask(others[0], pad)
+    if isinstance(steps, str):
+        return steps
+    n_float = 1.0 / inv_n if inv_n else 0.0
+    n = round(n_float)
+    if n < 1 or abs(n - n_float) > 1e-9 * n:
+        return f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for an integer N"
+    s, rab = call(silu)["input"], None
+    if (ops := binary(s, torch.add)) is not None:
+        s, rab = (ops[0], ops[1]) if einsum(ops[0]) is not None else (ops[1], ops[0])
+    scaled = scale_of(factors(s))
+    if scaled is None or len(scaled[1]) != 1 or einsum(scaled[1][0]) is None:
+        return "silu input is not alpha * einsum(q[index], k[index]) [+ bias]"
+    alpha, (scores,) = scaled
+    _, subs, sout, operands = einsum(scores)
+    if len(subs) != 2 or any(len(x) != 4 for x in subs) or len(set(subs[0])) != 4:
+        return f"scores einsum {','.join(subs)}->{sout} is not 'bihd,bjhd->bhij' (any letters)"
+    (bb, ii, hh, dd), ks = subs
+    jj = ks[1]
+    if ks != bb + jj + hh + dd or jj in subs[0] or sout != bb + hh + ii + jj:
+        return f"scores einsum {','.join(subs)}->{sout} is not 'bihd,bjhd->bhij' (any letters)"
+    q_gather, k_gather = (_gathered(x) for x in operands)
+    if q_gather is None or k_gather is None or q_gather[1] is not index or k_gather[1] is not index:
+        return "scores are not over q[index] and k[index] with the values' gather index"
+    bias = hstu._bias(rab, steps, order=(0, 3, 1, 2), rank=2) if rab is not None else ((), None, None)
+    if isinstance(bias, str):
+        return bias
+    tables, stamps, time_dtype = bias
+    timestamps = None
+    if stamps is not None:
+        gathered = _gathered(stamps)
+        if gathered is None or gathered[1] is not index or len(shape(gathered[0]) or ()) != 1:
+            return "the time bias's timestamps are not timestamps[index] with the values' gather index"
+        timestamps = gathered[0]
+    return _Group(pad, q_gather[0], k_gather[0], v, alpha, n, tables, timestamps, time_dtype)
+
+
+def _pad(index: fx.Node) -> fx.Node | None:
+    """pad when index = pad.clamp(min=0)."""
+    clamp = hstu._clamp(index)
+    if clamp is None or clamp[1] != 0 or clamp[2] is not None:
+        return None
+    return clamp[0]
+
+
+def _mask(node: Any, pad: fx.Node) -> fx.Node | str:
+    """steps when node = (valid_i & valid_j & (steps_i - steps_j >= 0)).unsqueeze(1), cast,
+    with valid = pad >= 0 and steps = arange(pad.shape[1])."""
+    reason = ("mask not recognised: this form's mask is (valid_i & valid_j & (steps_i - steps_j >= 0)), "
+              "valid = pad_index >= 0, steps = arange(N), unsqueezed at dim 1")
+    c = call(node)
+    if c is None or c.fn is not torch.unsqueeze or c.args is None or c["dim"] != 1:
+        return reason
+    terms, stack = [], [uncast(c["input"])[0]]
+    while stack:
+        x = stack.pop()
+        if (ops := binary(x, torch.bitwise_and, torch.logical_and)) is not None:
+            stack.extend(ops)
+        else:
+            terms.append(x)
+    if len(terms) != 3:
+        return reason
+    valid_dims, steps = set(), None
+    for term in terms:
+        if (unsqueezed := hstu._unsqueezed(term)) is not None:
+            source, dim = unsqueezed
+            if (cmp := binary(source, torch.ge)) is None or cmp[0] is not pad or cmp[1] != 0:
+                return reason
+            valid_dims.add(dim)
+        elif (cmp := binary(term, torch.ge)) is not None and cmp[1] == 0:
+            pair = hstu._pair(cmp[0], torch.sub)
+            if pair is None or not pair.query_first:
+                return reason
+            steps = pair.source
+    if valid_dims != {1, 2} or steps is None:
+        return reason
+    a = call(steps)
+    if (a is None or a.fn is not torch.arange or len(a.raw) != 1 or set(a.kwargs) - {"device", "dtype"}
+            or not same(val(a.raw[0]), shape(pad)[1])):
+        return reason + f" (steps are not arange({shape(pad)[1]}))"
+    return steps
+
+
+def _offsets(e: Emitter, pads: tuple[fx.Node, ...], token_index: fx.Node, q: fx.Node, n: int,
+             check: bool) -> fx.Node:
+    """offsets [rows + 1] from the groups' rows, and (optionally) the run-time check of the
+    layout that assumes (module docstring)."""
+    t = e.dim(q, 0)
+    device = val(q).device
+    starts, flats, oks = [], [], []
+    for pad in pads:
+        valid = e(torch.ge, pad, 0)
+        lengths = e(torch.sum, valid, 1)
+        first = e(torch.select, pad, 1, 0)
+        starts.append(e(torch.where, e(torch.gt, lengths, 0), first, t))
+        if check:
+            steps = e(torch.arange, e.dim(pad, 1), dtype=torch.int64, device=device)
+            prefix = e(torch.eq, valid, e(torch.lt, e(torch.unsqueeze, steps, 0), e(torch.unsqueeze, lengths, 1)))
+            run = e(torch.logical_or, e(torch.logical_not, valid),
+                    e(torch.eq, e(torch.sub, pad, steps), e(torch.unsqueeze, first, 1)))
+            oks += [e(torch.all, prefix), e(torch.all, run), e(torch.all, e(torch.le, lengths, n))]
+            flats.append(e(torch.reshape, pad, (-1,)))
+    start = e(torch.cat, tuple(starts)) if len(starts) > 1 else starts[0]
+    start = e(operator.getitem, e(torch.sort, start), 0)
+    offsets = e(torch.cat, (start, e(torch.full, (1,), t, dtype=torch.int64, device=device)))
+    if check:
+        flat = e(torch.cat, tuple(flats)) if len(flats) > 1 else flats[0]
+        tokens = e(torch.arange, t, dtype=torch.int64, device=device)
+        oks.append(e(torch.all, e(torch.eq, e(operator.getitem, flat, token_index), tokens)))
+        oks.append(e(torch.eq, e(torch.sum, e(torch.ge, flat, 0)), t))
+        ok = oks[0]
+        for other in oks[1:]:
+            ok = e(torch.logical_and, ok, other)
+        e(torch._assert_async, ok,
+          "lower-attention: the HSTU example's per-sequence attention (gathered [n, N] groups) was lowered to the "
+          "jagged kernel assuming each group row holds one sequence's tokens, consecutive and in order, valid "
+          f"entries first, at most N={n} of them, every token in exactly one row, and token_index reading every "
+          f"token back from its own row and step; this batch breaks that. {OFF_SWITCH}")
+    return offsets
