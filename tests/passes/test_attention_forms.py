@@ -273,7 +273,9 @@ FORMS = {
     "softmax_einsum": (softmax_einsum, qkv(2, 2), CPU_TOO, False, "softmax attention through einsum"),
     "silu_padded": (silu_padded, qkv(2, 2), CPU_TOO, False, "SiLU attention through matmul (padded"),
     "hstu_silu": (hstu_silu, hstu_inputs(), LowerAttention(), True, "HSTU SiLU attention q [T, H, D]=[6, 2, 16]"),
-    "hstu_groups": (hstu_groups, hstu_groups_inputs(), LowerAttention(), True,
+    "hstu_groups_kept_on_cpu": (hstu_groups, hstu_groups_inputs(), LowerAttention(), False,
+                                "kept: the HSTU example's per-sequence form (gathered [n, N] groups), 1 group"),
+    "hstu_groups": (hstu_groups, hstu_groups_inputs(), CPU_TOO, True,
                     "the HSTU example's per-sequence form (gathered [n, N] groups), 1 group: HSTU SiLU attention "
                     "q [T, H, D]=[6, 2, 16], alpha=1, /N=4, causal within rows, bias: time[8], position[4]"),
     "mha_causal_hint": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,

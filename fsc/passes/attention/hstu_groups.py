@@ -27,7 +27,16 @@ those offsets, step i of a row is a token's position in its sequence, and the ga
 timestamps are the tokens' own. The graph cannot prove that (it is data), so with
 ``check_preconditions`` the lowering asserts it at run time (``torch._assert_async``).
 
-Softmax mode (``HSTUConfig.mode="softmax"``) is declined, with that reason.
+Kept off CUDA like dense attention (a ``uniform`` lowering; ``dense_on_cpu=true`` lowers it
+anyway): each group's product is already per sequence, so the jagged op saves only the
+padding, and on CPU its PyTorch implementation was slower than Inductor's code for the
+graph: a training step (1 layer, dim 64, 2 heads, q/k/v dims 32, 24 sequences of 5..119
+tokens, inner="inductor", 2 cores shared with a test run, so rough) took 1.3x (padded) and
+2.1x (jagged, 3 groups) the kept form's. On CUDA the op runs the Triton kernels.
+
+Softmax mode (``HSTUConfig.mode="softmax"``) is declined, with that reason: its padding
+rows attend to their diagonal before being zeroed and its masks are -inf fills, which this
+module does not prove.
 """
 
 from __future__ import annotations
@@ -64,11 +73,14 @@ FORM = "the HSTU example's per-sequence form (gathered [n, N] groups)"
 
 
 def anchors(node: fx.Node) -> bool:
-    """A group's output einsum: weights made by a SiLU or a softmax, values gathered by a 2-D index."""
+    """A group's output einsum: values gathered by a 2-D index, weights made by a SiLU (or by
+    a softmax where the output is read back as this form's: softmax mode, declined by name)."""
     parsed = einsum(node)
     if parsed is None or len(parsed[3]) != 2 or _gathered(parsed[3][1]) is None:
         return False
-    return attention_weights(parsed[3][0], F.silu, *SOFTMAX)
+    weights = parsed[3][0]
+    return attention_weights(weights, F.silu) or (attention_weights(weights, *SOFTMAX)
+                                                  and not isinstance(_read_back(node), str))
 
 
 def match(node: fx.Node, settings: Settings) -> Lowering | str:
@@ -112,7 +124,7 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         result = hstu.emit_kernel(e, q, k, v, e.shared[key], first.tables, first.timestamps, n, alpha)
         return e(torch.reshape, result, (-1, width))
 
-    return Lowering(out, described, emit, notes, device=val(q).device)
+    return Lowering(out, described, emit, notes, uniform=True, device=val(q).device)
 
 
 FAMILY = Family("hstu_groups", anchors, match)
@@ -145,35 +157,48 @@ def _gathered(node: Any) -> tuple[fx.Node, fx.Node] | None:
 
 def _groups(final: fx.Node) -> tuple[fx.Node, fx.Node, list[_Group]] | str:
     """(the ``cat(...)[token_index]`` node, token_index, the groups in ``cat`` order)."""
-    users = list(final.users)
-    if len(users) != 1 or not is_call(users[0], torch.reshape, torch.Tensor.view):
-        return "a group's output is not reshaped (alone) to [n * N, H * dv]"
-    member = users[0]
-    users = list(member.users)
-    members = [member]
-    if len(users) == 1 and is_call(users[0], torch.cat):
-        c = call(users[0])
-        if c.args is None or c.get("dim", 0) not in (0, -2) or not isinstance(c["tensors"], (list, tuple)):
-            return "the groups' outputs are not concatenated along dim 0"
-        members = list(c["tensors"])
-        users = list(users[0].users)
-    if (len(users) != 1 or not isinstance(users[0], fx.Node) or users[0].op != "call_function"
-            or users[0].target is not operator.getitem):
-        return "the groups' outputs are not read back by one token index (padded[token_index])"
-    out = users[0]
-    token_index = out.args[1]
-    index_value = val(token_index)
-    if not isinstance(token_index, fx.Node) or not isinstance(index_value, torch.Tensor) or index_value.ndim != 1:
-        return "the groups' outputs are not read back by a 1-D token index"
+    read = _read_back(final)
+    if isinstance(read, str):
+        return read
+    out, token_index, members = read
     groups = []
     for m in members:
-        if not isinstance(m, fx.Node) or not is_call(m, torch.reshape, torch.Tensor.view) or len(shape(m) or ()) != 2:
-            return "a group's output is not reshaped to [n * N, H * dv]"
         g = _group(m.args[0])
         if isinstance(g, str):
             return g
         groups.append(g)
     return out, token_index, groups
+
+
+def _read_back(final: fx.Node) -> tuple[fx.Node, fx.Node, list[fx.Node]] | str:
+    """(the ``cat(...)[token_index]`` node, token_index, the groups' reshaped outputs) for a
+    group's output einsum."""
+    users = list(final.users)
+    if len(users) != 1 or not is_call(users[0], torch.reshape, torch.Tensor.view):
+        return "a group's output is not reshaped (alone) to [n * N, H * dv]"
+    padded = users[0]  # one group: its reshaped output
+    members = [padded]
+    users = list(padded.users)
+    if len(users) == 1 and is_call(users[0], torch.cat):
+        padded = users[0]
+        c = call(padded)
+        if c.args is None or c.get("dim", 0) not in (0, -2) or not isinstance(c["tensors"], (list, tuple)):
+            return "the groups' outputs are not concatenated along dim 0"
+        members = list(c["tensors"])
+        users = list(padded.users)
+    if (len(users) != 1 or users[0].op != "call_function" or users[0].target is not operator.getitem
+            or users[0].args[0] is not padded):
+        return "the groups' outputs are not read back by one token index (padded[token_index])"
+    out = users[0]
+    token_index = out.args[1]
+    index_value = val(token_index)
+    if (not isinstance(token_index, fx.Node) or not isinstance(index_value, torch.Tensor) or index_value.ndim != 1
+            or index_value.dtype not in (torch.int64, torch.int32)):
+        return "the groups' outputs are not read back by a 1-D integer token index"
+    for m in members:
+        if not isinstance(m, fx.Node) or not is_call(m, torch.reshape, torch.Tensor.view) or len(shape(m) or ()) != 2:
+            return "a group's output is not reshaped to [n * N, H * dv]"
+    return out, token_index, members
 
 
 def _group(final: Any) -> _Group | str:
@@ -187,7 +212,9 @@ def _group(final: Any) -> _Group | str:
     d = vs[3]
     if vs[:3] != b + j + h or d in a_s or out != b + i + h + d:
         return f"output einsum {a_s},{vs}->{out} is not 'bhij,bjhd->bihd' (any letters)"
-    v, index = _gathered(gathered_v)
+    if (gathered := _gathered(gathered_v)) is None:
+        return "a group's values are not v[index] with a 2-D index"
+    v, index = gathered
     pad = _pad(index)
     if pad is None:
         return "the gather index is not pad_index.clamp(min=0)"
