@@ -157,6 +157,15 @@ def hstu_groups(q, k, v, timestamps, token_index, pad, pos_w, time_w):
     return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
 
 
+def hstu_groups_full_rows(q, k, v, timestamps, token_index, pad, pos_w, time_w):
+    """The per-sequence form without its causal part: every valid key of the row."""
+    valid = pad >= 0
+    index = pad.clamp(min=0)
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1)).float()
+    a = F.silu(torch.einsum("bihd,bjhd->bhij", q[index], k[index])) / N * mask.unsqueeze(1)
+    return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
+
+
 def hstu_groups_inputs():
     g = torch.Generator().manual_seed(0)
     pad = torch.tensor([[0, 1, 2], [3, 4, -1], [5, -1, -1]])
@@ -278,6 +287,9 @@ FORMS = {
     "hstu_groups": (hstu_groups, hstu_groups_inputs(), CPU_TOO, True,
                     "the HSTU example's per-sequence form (gathered [n, N] groups), 1 group: HSTU SiLU attention "
                     "q [T, H, D]=[6, 2, 16], alpha=1, /N=4, causal within rows, bias: time[8], position[4]"),
+    "hstu_groups_full_rows": (hstu_groups_full_rows, hstu_groups_inputs(), CPU_TOO, False,
+                              "the HSTU example's per-sequence form (gathered [n, N] groups): not lowered because "
+                              "mask not recognised"),
     "mha_causal_hint": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
                         "[N, B, E]=[4, 2, 32], 2 heads, causal (is_causal hint) softmax, scale=0.25, packed"),
     "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,

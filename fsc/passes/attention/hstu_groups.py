@@ -84,32 +84,35 @@ def anchors(node: fx.Node) -> bool:
 
 
 def match(node: fx.Node, settings: Settings) -> Lowering | str:
+    lowering = _match(node, settings)
+    return f"{FORM}: not lowered because {lowering}" if isinstance(lowering, str) else lowering
+
+
+def _match(node: fx.Node, settings: Settings) -> Lowering | str:
     found = _groups(node)
     if isinstance(found, str):
-        return f"{FORM}: not lowered because {found}"
+        return found
     out, token_index, groups = found
     first = groups[0]
     for g in groups[1:]:
-        # nodes by identity (a node's == builds no graph, but say what is meant)
-        for what in ("q", "k", "v", "timestamps"):
+        for what in ("q", "k", "v", "timestamps"):  # nodes: the same one
             if getattr(g, what) is not getattr(first, what):
-                return f"{FORM}: not lowered because its groups attend over different {what}"
+                return f"its groups attend over different {what}"
         for what in ("alpha", "n", "tables"):
             if getattr(g, what) != getattr(first, what):
-                return f"{FORM}: not lowered because its groups differ in {what}"
+                return f"its groups differ in {what}"
     q, k, v, n, alpha = first.q, first.k, first.v, first.n, first.alpha
     if problem := check_tensors(q, k, v, settings):
-        return f"{FORM}: not lowered because {problem}"
+        return problem
     dims = [shape(x) for x in (q, k, v)]
-    if any(d is None or len(d) != 3 for d in dims) or not (same(dims[0][0], dims[1][0]) and same(dims[0][0], dims[2][0])):
-        return f"{FORM}: not lowered because q, k, v are {dims}, not [T, H, D] over one T"
+    if any(len(d) != 3 for d in dims) or not (same(dims[0][0], dims[1][0]) and same(dims[0][0], dims[2][0])):
+        return f"q, k, v are {dims}, not [T, H, D] over one T"
     width = shape(out)[1]
     if not same(shape(token_index)[0], dims[0][0]) or width != dims[2][1] * dims[2][2]:
-        return (f"{FORM}: not lowered because its output {fmt(shape(out))} is not [T, H * dv] over q's "
-                f"{fmt(dims[0])} tokens")
+        return f"its output {fmt(shape(out))} is not [T, H * dv] over q's {fmt(dims[0])} tokens"
     notes = hstu.time_bucket_notes(first.tables, first.time_dtype, settings)
     if isinstance(notes, str):
-        return f"{FORM}: not lowered because {notes}"
+        return notes
     pads = tuple(g.pad for g in groups)
     check = settings.check_preconditions
     described = (f"{FORM}, {len(groups)} group{'s' if len(groups) > 1 else ''}: HSTU SiLU attention q [T, H, D]="
