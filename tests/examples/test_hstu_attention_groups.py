@@ -17,6 +17,7 @@ from fsc.passes import LowerAttention
 
 # off CUDA the pass keeps these forms unless asked (hstu_groups' docstring has the measurement)
 LOWERED = {"inner": "eager", "passes": "lower-attention{dense_on_cpu=true}"}
+INNERS = ["eager", pytest.param("inductor", marks=pytest.mark.inductor)]
 # token counts per sequence: a length-16 one (= max_len), length 1, empty sequences, two tokens
 BATCHES = [[5, 1, 16, 2, 9, 1, 13], [3, 0, 7, 7, 7, 2, 1, 16, 11, 4], [2, 3], [1, 1, 4, 0]]
 
@@ -31,8 +32,9 @@ def inputs_of(lengths: list[int], seed: int, cfg) -> list[torch.Tensor]:
 
 # traces the whole example per form (several seconds on 2 cores): slow, like the dense form's tests
 @pytest.mark.slow
+@pytest.mark.parametrize("inner", INNERS)
 @pytest.mark.parametrize("form", ["padded", "jagged"])
-def test_per_sequence_hstu_attention_is_lowered_and_trains_as_eager_with_one_compile(form):
+def test_per_sequence_hstu_attention_is_lowered_and_trains_as_eager_with_one_compile(form, inner):
     from torch._dynamo.utils import counters
 
     cfg = lowered_config(form)
@@ -40,7 +42,7 @@ def test_per_sequence_hstu_attention_is_lowered_and_trains_as_eager_with_one_com
     model = HSTU(cfg)
     model.load_state_dict(eager.state_dict())
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="freescale", options=LOWERED, fullgraph=True)
+    compiled = torch.compile(model, backend="freescale", options=LOWERED | {"inner": inner}, fullgraph=True)
     counters.clear()
     for step, lengths in enumerate(BATCHES):
         inputs = inputs_of(lengths, step, cfg)
