@@ -25,10 +25,10 @@ graph says what was lowered and what was declined, and why.
 - :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal and/or key-padding
   masks], -1) [dropout that is the identity] @ v`` on the same layouts.
 - :mod:`~fsc.passes.attention.hstu`: the HSTU example's SiLU attention over a rank's tokens.
-- :mod:`~fsc.passes.attention.hstu_groups`: the HSTU example's per-sequence SiLU attention
+- :mod:`~fsc.passes.attention.hstu_groups`: the HSTU example's per-sequence attention
   (``attention="padded"`` and ``"jagged"``): q, k, v gathered into ``[n, N]`` groups of
   sequences, one product per group, the groups' outputs concatenated and read back by
-  ``token_index`` (softmax mode is declined, with that reason).
+  ``token_index``, in hstu or softmax mode.
 - :mod:`~fsc.passes.attention.hstu_padded`: HSTU SiLU attention on jagged q, k, v padded by
   ``fbgemm.jagged_to_padded_dense`` and made jagged again by ``dense_to_jagged``
   (generative-recommenders' PyTorch form), causal (constant or its targets mask, proved from

@@ -1,8 +1,8 @@
 """lower-attention on the HSTU example's per-sequence forms (``attention="padded"`` and
 ``"jagged"``: gathered ``[n, N]`` groups): replaced by the jagged kernel op (on CPU, where
 they are kept by default, with ``dense_on_cpu=true``), training equals eager over batches of
-varying lengths with one compile, the run-time layout check fires on a layout the lowering
-does not compute, and softmax mode is declined with its reason."""
+varying lengths with one compile, in hstu and softmax mode, and the run-time layout check
+fires on a layout the lowering does not compute."""
 
 from __future__ import annotations
 
@@ -13,7 +13,6 @@ from test_hstu_attention_lowering import randomised, train_step
 
 import fsc
 from examples.hstu.model import HSTU, mark_dynamic, model_inputs, scale_tensor
-from fsc.passes import LowerAttention
 
 # off CUDA the pass keeps these forms unless asked (hstu_groups' docstring has the measurement)
 LOWERED = {"inner": "eager", "passes": "lower-attention{dense_on_cpu=true}"}
@@ -33,11 +32,12 @@ def inputs_of(lengths: list[int], seed: int, cfg) -> list[torch.Tensor]:
 # traces the whole example per form (several seconds on 2 cores): slow, like the dense form's tests
 @pytest.mark.slow
 @pytest.mark.parametrize("inner", INNERS)
+@pytest.mark.parametrize("mode", ["hstu", "softmax"])
 @pytest.mark.parametrize("form", ["padded", "jagged"])
-def test_per_sequence_hstu_attention_is_lowered_and_trains_as_eager_with_one_compile(form, inner):
+def test_per_sequence_hstu_attention_is_lowered_and_trains_as_eager_with_one_compile(form, mode, inner):
     from torch._dynamo.utils import counters
 
-    cfg = lowered_config(form)
+    cfg = lowered_config(form, mode=mode)
     eager = randomised(HSTU(cfg))
     model = HSTU(cfg)
     model.load_state_dict(eager.state_dict())
@@ -54,8 +54,9 @@ def test_per_sequence_hstu_attention_is_lowered_and_trains_as_eager_with_one_com
     record = fsc.last_compile().graph("pre-grad").pass_record("lower-attention")
     assert record.stats["lowered"] == 2, record.reasons  # both layers
     groups = 1 if form == "padded" else cfg.attention_groups
-    assert all(f"per-sequence form (gathered [n, N] groups), {groups} group" in s and "position[16]" in s
-               and "time[32]" in s for s in record.stats["lowerings"])
+    weights = "softmax attention, scale=0.25, lengths <= 16" if mode == "softmax" else "SiLU attention, alpha=1, /N=16"
+    assert all(f"per-sequence form (gathered [n, N] groups), {groups} group" in s and weights in s
+               and "position[16]" in s and "time[32]" in s for s in record.stats["lowerings"])
 
 
 def _reversed_row(inputs: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -84,14 +85,3 @@ def test_per_sequence_lowering_checks_the_layout_at_run_time(broken):
     with pytest.raises(RuntimeError, match="lower-attention: the HSTU example's per-sequence attention .* "
                                            "Remove 'lower-attention'"):
         compiled(*broken(inputs))
-
-
-@pytest.mark.slow
-def test_per_sequence_softmax_mode_is_declined_with_its_reason():
-    cfg = lowered_config("jagged", mode="softmax")
-    record = fsc.explain(HSTU(cfg), *inputs_of([3, 5, 2], 0, cfg), inner="eager",
-                         passes=[LowerAttention(dense_on_cpu=True)])
-    stats = record.graph("pre-grad").pass_record("lower-attention")
-    assert stats.stats["lowered"] == 0 and stats.reasons
-    assert all("the HSTU example's per-sequence form (gathered [n, N] groups): not lowered because softmax mode"
-               in r for r in stats.reasons), stats.reasons

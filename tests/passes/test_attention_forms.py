@@ -166,6 +166,28 @@ def hstu_groups_full_rows(q, k, v, timestamps, token_index, pad, pos_w, time_w):
     return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
 
 
+def hstu_groups_softmax(q, k, v, timestamps, token_index, pad, pos_w, time_w, bias=True):
+    """The per-sequence form in the example's softmax mode (HSTUConfig.mode="softmax")."""
+    valid = pad >= 0
+    index = pad.clamp(min=0)
+    steps = torch.arange(pad.shape[1])
+    dist = steps.unsqueeze(1) - steps.unsqueeze(0)
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & (dist >= 0)).float()
+    s = torch.einsum("bihd,bjhd->bhij", q[index], k[index]) / 4.0
+    if bias:
+        stamps = timestamps[index]
+        bucket = torch.log2((stamps.unsqueeze(2) - stamps.unsqueeze(1)).abs().double() + 1.0).floor().long()
+        rab = F.embedding(dist.clamp(0, 3), pos_w) + F.embedding(bucket.clamp(0, 7), time_w)
+        s = s + rab.permute(0, 3, 1, 2)
+    hidden = ~(mask.bool() | torch.eye(pad.shape[1], dtype=torch.bool)).unsqueeze(1)
+    a = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1) * mask.unsqueeze(1)
+    return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
+
+
+def hstu_groups_softmax_unbounded(q, k, v, timestamps, token_index, pad, pos_w, time_w):
+    return hstu_groups_softmax(q, k, v, timestamps, token_index, pad, pos_w, time_w, bias=False)
+
+
 def hstu_groups_inputs():
     g = torch.Generator().manual_seed(0)
     pad = torch.tensor([[0, 1, 2], [3, 4, -1], [5, -1, -1]])
@@ -285,11 +307,16 @@ FORMS = {
     "hstu_groups_kept_on_cpu": (hstu_groups, hstu_groups_inputs(), LowerAttention(), False,
                                 "kept: the HSTU example's per-sequence form (gathered [n, N] groups), 1 group"),
     "hstu_groups": (hstu_groups, hstu_groups_inputs(), CPU_TOO, True,
-                    "the HSTU example's per-sequence form (gathered [n, N] groups), 1 group: HSTU SiLU attention "
-                    "q [T, H, D]=[6, 2, 16], alpha=1, /N=4, causal within rows, bias: time[8], position[4]"),
+                    "the HSTU example's per-sequence form (gathered [n, N] groups), 1 group: HSTU SiLU attention, "
+                    "alpha=1, /N=4, q [T, H, D]=[6, 2, 16], causal within rows, bias: time[8], position[4]"),
     "hstu_groups_full_rows": (hstu_groups_full_rows, hstu_groups_inputs(), CPU_TOO, False,
                               "the HSTU example's per-sequence form (gathered [n, N] groups): not lowered because "
                               "mask not recognised"),
+    "hstu_groups_softmax": (hstu_groups_softmax, hstu_groups_inputs(), CPU_TOO, True,
+                            "1 group: HSTU softmax attention, scale=0.25, lengths <= 4, q [T, H, D]=[6, 2, 16], "
+                            "causal within rows, bias: time[8], position[4]"),
+    "hstu_groups_softmax_unbounded": (hstu_groups_softmax_unbounded, hstu_groups_inputs(), CPU_TOO, False,
+                                      "softmax mode without a position bias: no static bound on the sequence lengths"),
     "mha_causal_hint": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
                         "[N, B, E]=[4, 2, 32], 2 heads, causal (is_causal hint) softmax, scale=0.25, packed"),
     "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,

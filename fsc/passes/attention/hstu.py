@@ -135,9 +135,10 @@ def time_bucket_notes(tables: tuple, time_dtype: Any, settings: Settings) -> tup
 
 
 def emit_kernel(e: Emitter, q: fx.Node, k: fx.Node, v: fx.Node, offsets: fx.Node, tables: tuple, timestamps: Any,
-                n: int, alpha: float) -> fx.Node:
-    """The kernel's output ``[T, H, dv]``: causal hstu mode over ``offsets`` with the bias
-    tables built from the model's embedding tables (:func:`_bias`'s ``tables``)."""
+                n: int, alpha: float, softmax: bool = False) -> fx.Node:
+    """The kernel's output ``[T, H, dv]``: causal hstu mode (``alpha`` scales q.k; softmax
+    mode: ``alpha`` is the scale) over ``offsets`` with the bias tables built from the
+    model's embedding tables (:func:`_bias`'s ``tables``)."""
     pos_table = time_table = None
     for kind, weight, rows in tables:
         if kind == "position":
@@ -151,7 +152,7 @@ def emit_kernel(e: Emitter, q: fx.Node, k: fx.Node, v: fx.Node, offsets: fx.Node
             time_table = e(torch.clone, e(torch.transpose, e(operator.getitem, weight, slice(None, rows)), 0, 1),
                            memory_format=torch.contiguous_format)
     out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None,
-            timestamps if time_table is not None else None, pos_table, time_table, n, False, alpha, True, 0,
+            timestamps if time_table is not None else None, pos_table, time_table, n, softmax, alpha, True, 0,
             0, "auto")
     return e(operator.getitem, out, 0)
 

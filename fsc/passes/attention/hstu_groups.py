@@ -1,4 +1,4 @@
-"""The HSTU example's per-sequence SiLU attention (``examples/hstu/model.py``,
+"""The HSTU example's per-sequence attention (``examples/hstu/model.py``,
 ``attention="padded"`` and ``"jagged"``): sequences gathered into padded groups.
 
 Per group of ``n`` sequences padded to ``N`` steps, with ``pad [n, N]`` its token indices
@@ -10,13 +10,22 @@ Per group of ``n`` sequences padded to ``N`` steps, with ``pad [n, N]`` its toke
     attn = silu(scores) / max_len * (valid_i & valid_j & (steps_i - steps_j >= 0)).unsqueeze(1)
     out = einsum("bhij,bjhd->bihd", attn, v[index]).reshape(-1, H * dv)
 
+or, in the example's softmax mode (``HSTUConfig.mode="softmax"``), with the same mask::
+
+    attn = softmax(scores.masked_fill(~(mask.bool() | eye(N)).unsqueeze(1), -inf), -1) * mask.unsqueeze(1)
+
+(padding rows see only their diagonal, so no row is all -inf, and are then zeroed; a valid
+row's visible keys are exactly the mask's, its causal run of its sequence)
+
 with ``stamps = timestamps[index]`` and the time bucket as in :mod:`~fsc.passes.attention.hstu`;
 then ``cat`` of the groups' outputs (one group: none), indexed by ``token_index [T]``, the
 tokens back in their order. Every piece is recognised structurally (any einsum letters,
 any spelling), and every group must use the same q, k, v, scale, divisor and bias tables.
 
-Lowered to one kernel call over the tokens in their order (hstu mode, causal, ``max_seq_len``
-= the divisor N, alpha = the scores' scale), whose output replaces ``cat(...)[token_index]``.
+Lowered to one kernel call over the tokens in their order (causal; hstu mode: ``max_seq_len``
+= the divisor N, alpha = the scores' scale; softmax mode: scale = the scores' scale,
+``max_seq_len`` = the position bias's rows C + 1, a bound on the lengths the run-time check
+asserts, and without a position bias declined), whose output replaces ``cat(...)[token_index]``.
 Offsets come from the groups' rows: each non-empty row's first token, sorted, then T (empty
 rows are empty sequences at the end). The bias tables are built from the model's embedding
 tables as in the dense form. This is exact PROVIDED each row's valid entries come first and
@@ -30,13 +39,9 @@ timestamps are the tokens' own. The graph cannot prove that (it is data), so wit
 Kept off CUDA like dense attention (a ``uniform`` lowering; ``dense_on_cpu=true`` lowers it
 anyway): each group's product is already per sequence, so the jagged op saves only the
 padding, and on CPU its PyTorch implementation was slower than Inductor's code for the
-graph: a training step (1 layer, dim 64, 2 heads, q/k/v dims 32, 24 sequences of 5..119
+graph: a training step (hstu mode, 1 layer, dim 64, 2 heads, q/k/v dims 32, 24 sequences of 5..119
 tokens, inner="inductor", 2 cores shared with a test run, so rough) took 1.3x (padded) and
 2.1x (jagged, 3 groups) the kept form's. On CUDA the op runs the Triton kernels.
-
-Softmax mode (``HSTUConfig.mode="softmax"``) is declined, with that reason: its padding
-rows attend to their diagonal before being zeroed and its masks are -inf fills, which this
-module does not prove.
 """
 
 from __future__ import annotations
@@ -73,14 +78,17 @@ FORM = "the HSTU example's per-sequence form (gathered [n, N] groups)"
 
 
 def anchors(node: fx.Node) -> bool:
-    """A group's output einsum: values gathered by a 2-D index, weights made by a SiLU (or by
-    a softmax where the output is read back as this form's: softmax mode, declined by name)."""
+    """The first group's output einsum (the form is one attention, however many groups):
+    values gathered by a 2-D index, weights made by a SiLU, or by a softmax where the output
+    is read back as this form's."""
     parsed = einsum(node)
     if parsed is None or len(parsed[3]) != 2 or _gathered(parsed[3][1]) is None:
         return False
+    read = _read_back(node)
+    if not isinstance(read, str) and read[2][0].args[0] is not node:
+        return False
     weights = parsed[3][0]
-    return attention_weights(weights, F.silu) or (attention_weights(weights, *SOFTMAX)
-                                                  and not isinstance(_read_back(node), str))
+    return attention_weights(weights, F.silu) or (attention_weights(weights, *SOFTMAX) and not isinstance(read, str))
 
 
 def match(node: fx.Node, settings: Settings) -> Lowering | str:
@@ -113,10 +121,17 @@ def _match(node: fx.Node, settings: Settings) -> Lowering | str:
     notes = hstu.time_bucket_notes(first.tables, first.time_dtype, settings)
     if isinstance(notes, str):
         return notes
+    softmax = n is None
+    if softmax:  # the kernel needs a static bound on the lengths: the position bias's rows
+        n = next((rows for kind, _, rows in first.tables if kind == "position"), None)
+        if n is None:
+            return "softmax mode without a position bias: no static bound on the sequence lengths for the kernel"
     pads = tuple(g.pad for g in groups)
     check = settings.check_preconditions
-    described = (f"{FORM}, {len(groups)} group{'s' if len(groups) > 1 else ''}: HSTU SiLU attention q [T, H, D]="
-                 f"{fmt(dims[0])}, alpha={alpha:.4g}, /N={n}, causal within rows, bias: "
+    weighting = f"softmax attention, scale={alpha:.4g}, lengths <= {n}" if softmax else \
+        f"SiLU attention, alpha={alpha:.4g}, /N={n}"
+    described = (f"{FORM}, {len(groups)} group{'s' if len(groups) > 1 else ''}: HSTU {weighting}, q [T, H, D]="
+                 f"{fmt(dims[0])}, causal within rows, bias: "
                  f"{', '.join(f'{kind}[{rows}]' for kind, _, rows in first.tables) or 'none'} "
                  f"(jagged, offsets from the rows{', layout checked at run time' if check else ''})")
 
@@ -124,7 +139,7 @@ def _match(node: fx.Node, settings: Settings) -> Lowering | str:
         key = ("groups", pads, token_index, n)
         if key not in e.shared:
             e.shared[key] = _offsets(e, pads, token_index, q, n, check)
-        result = hstu.emit_kernel(e, q, k, v, e.shared[key], first.tables, first.timestamps, n, alpha)
+        result = hstu.emit_kernel(e, q, k, v, e.shared[key], first.tables, first.timestamps, n, alpha, softmax)
         return e(torch.reshape, result, (-1, width))
 
     return Lowering(out, described, emit, notes, uniform=True, device=val(q).device)
@@ -221,28 +236,20 @@ def _group(final: Any) -> _Group | str:
     pad = _pad(index)
     if pad is None:
         return "the gather index is not pad_index.clamp(min=0)"
-    weighted = silu_weights(attn)
-    if isinstance(weighted, str):
-        if any(is_call(x, *SOFTMAX) for x in upstream(attn)):
-            return ("softmax mode (HSTUConfig.mode='softmax'): its padding rows attend to their diagonal and its "
-                    "masks are -inf fills, which this lowering does not prove; only SiLU (hstu mode) is lowered")
-        return weighted
-    inv_n, silu, others = weighted
-    if len(others) != 1:
-        return f"{len(others)} tensor factors besides silu(scores); one mask is lowered"
-    steps = _mask(others[0], pad)
+    weights = _weights(attn, pad)
+    if isinstance(weights, str):
+        return weights
+    s, mask, n = weights
+    steps = _mask(mask, pad)
     if isinstance(steps, str):
         return steps
-    n_float = 1.0 / inv_n if inv_n else 0.0
-    n = round(n_float)
-    if n < 1 or abs(n - n_float) > 1e-9 * n:
-        return f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for an integer N"
-    s, rab = call(silu)["input"], None
+    rab = None
     if (ops := binary(s, torch.add)) is not None:
-        s, rab = (ops[0], ops[1]) if einsum(ops[0]) is not None else (ops[1], ops[0])
+        # the scores' side: the one whose factors hold the einsum (the scale may sit on it)
+        s, rab = (ops[0], ops[1]) if any(einsum(f) is not None for f, _ in factors(ops[0])) else (ops[1], ops[0])
     scaled = scale_of(factors(s))
     if scaled is None or len(scaled[1]) != 1 or einsum(scaled[1][0]) is None:
-        return "silu input is not alpha * einsum(q[index], k[index]) [+ bias]"
+        return "the scores are not alpha * einsum(q[index], k[index]) [+ bias]"
     alpha, (scores,) = scaled
     _, subs, sout, operands = einsum(scores)
     if len(subs) != 2 or any(len(x) != 4 for x in subs) or len(set(subs[0])) != 4:
@@ -265,6 +272,60 @@ def _group(final: Any) -> _Group | str:
             return "the time bias's timestamps are not timestamps[index] with the values' gather index"
         timestamps = gathered[0]
     return _Group(pad, q_gather[0], k_gather[0], v, alpha, n, tables, timestamps, time_dtype)
+
+
+def _weights(attn: Any, pad: fx.Node) -> tuple[Any, Any, int | None] | str:
+    """(the scores with their bias, the mask factor, N of hstu mode's 1/N or None for softmax)
+    for ``silu(x) / N * mask`` or ``softmax(x.masked_fill(~(mask.bool() | eye(N)).unsqueeze(1),
+    -inf), -1) * mask`` (the example's softmax mode: padding rows see their diagonal, then
+    are zeroed; a valid row's visible keys are exactly the mask's)."""
+    weighted = silu_weights(attn)
+    if not isinstance(weighted, str):
+        inv_n, silu, others = weighted
+        if len(others) != 1:
+            return f"{len(others)} tensor factors besides silu(scores); one mask is lowered"
+        n_float = 1.0 / inv_n if inv_n else 0.0
+        n = round(n_float)
+        if n < 1 or abs(n - n_float) > 1e-9 * n:
+            return f"silu(scores) is scaled by {inv_n:.6g}, not 1/N for an integer N"
+        return call(silu)["input"], others[0], n
+    scaled = scale_of(factors(attn))
+    probs = [t for t in (scaled[1] if scaled else ()) if is_call(t, *SOFTMAX)]
+    if not probs:
+        return weighted
+    reason = ("softmax weights not recognised: this form's are softmax(x.masked_fill(~(mask.bool() | eye(N))"
+              ".unsqueeze(1), -inf), -1) * mask.unsqueeze(1)")
+    if scaled[0] != 1.0 or len(scaled[1]) != 2 or len(probs) != 1:
+        return reason
+    (sm,), mask = probs, next(t for t in scaled[1] if t is not probs[0])
+    c = call(sm)
+    if c.args is None or c.get("dim") not in (-1, 3) or c.get("dtype") is not None:
+        return reason
+    filled = call(c["input"])
+    if filled is None or filled.fn is not torch.masked_fill or filled.args is None or filled["value"] != float("-inf"):
+        return reason
+    hidden = call(filled["mask"])
+    if hidden is None or hidden.fn is not torch.bitwise_not or hidden.args is None:
+        return reason
+    unsqueezed = hstu._unsqueezed(hidden["input"])
+    if unsqueezed is None or unsqueezed[1] != 1 or (ops := binary(unsqueezed[0], torch.bitwise_or)) is None:
+        return reason
+    mask_source = call(mask)
+    if mask_source is None or mask_source.fn is not torch.unsqueeze or mask_source.args is None:
+        return reason
+    eye = [x for x in ops if is_call(x, torch.eye)]
+    seen = [uncast(x)[0] for x in ops if x not in eye]
+    if len(eye) != 1 or len(seen) != 1 or seen[0] is not uncast(mask_source["input"])[0] or not _is_eye(eye[0], pad):
+        return reason
+    return filled["input"], mask, None
+
+
+def _is_eye(node: fx.Node, pad: fx.Node) -> bool:
+    """eye(N) with N = pad.shape[1], boolean."""
+    c = call(node)
+    value = val(node)
+    return (len(c.raw) == 1 and isinstance(value, torch.Tensor) and value.dtype == torch.bool
+            and same(val(c.raw[0]), shape(pad)[1]))
 
 
 def _pad(index: fx.Node) -> fx.Node | None:
