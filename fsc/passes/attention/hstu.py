@@ -92,7 +92,7 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     q, k = layout
     if problem := check_tensors(q, k, v, settings):
         return problem
-    bias = _bias(rab, positions) if rab is not None else ((), None, None)
+    bias = bias_tables(rab, positions) if rab is not None else ((), None, None)
     if isinstance(bias, str):
         return bias
     tables, timestamps, time_dtype = bias
@@ -138,7 +138,7 @@ def emit_kernel(e: Emitter, q: fx.Node, k: fx.Node, v: fx.Node, offsets: fx.Node
                 n: int, alpha: float, softmax: bool = False) -> fx.Node:
     """The kernel's output ``[T, H, dv]``: causal hstu mode (``alpha`` scales q.k; softmax
     mode: ``alpha`` is the scale) over ``offsets`` with the bias tables built from the
-    model's embedding tables (:func:`_bias`'s ``tables``)."""
+    model's embedding tables (:func:`bias_tables`'s ``tables``)."""
     pos_table = time_table = None
     for kind, weight, rows in tables:
         if kind == "position":
@@ -183,15 +183,15 @@ def _layout(scores: fx.Node, final: fx.Node) -> tuple[fx.Node, fx.Node] | str:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Pair:
-    """``x_i (op) x_j`` over a pair of unsqueezed copies of one 1-D tensor; query_first:
-    x_i is the one unsqueezed at dim 1 (indexes rows)."""
+class Pair:
+    """``x_i (op) x_j`` over a pair of unsqueezed copies of one tensor; query_first: x_i is
+    the one unsqueezed at its last dim (indexes the rows)."""
 
     source: fx.Node
     query_first: bool
 
 
-def _unsqueezed(node: Any) -> tuple[fx.Node, int] | None:
+def unsqueezed(node: Any) -> tuple[fx.Node, int] | None:
     """(source, dim) for ``source.unsqueeze(dim)``, dim normalised to ``[0, source.ndim]``."""
     c = call(node)
     if c is None or c.fn is not torch.unsqueeze or c.args is None or not isinstance(c["input"], fx.Node):
@@ -202,21 +202,21 @@ def _unsqueezed(node: Any) -> tuple[fx.Node, int] | None:
     return c["input"], dim % (len(dims) + 1)
 
 
-def _pair(node: Any, fn: Any, rank: int = 1) -> _Pair | None:
+def pair_of(node: Any, fn: Any, rank: int = 1) -> Pair | None:
     """``x_i (op) x_j`` over an ``x`` of ``rank`` dims, unsqueezed at its last dim (x_i)
     and at the one before (x_j)."""
     if (ops := binary(node, fn)) is None:
         return None
-    a, b = _unsqueezed(ops[0]), _unsqueezed(ops[1])
+    a, b = unsqueezed(ops[0]), unsqueezed(ops[1])
     if a is None or b is None or a[0] is not b[0] or {a[1], b[1]} != {rank - 1, rank}:
         return None
     dims = shape(a[0])
     if dims is None or len(dims) != rank:
         return None
-    return _Pair(a[0], query_first=a[1] == rank)
+    return Pair(a[0], query_first=a[1] == rank)
 
 
-def _clamp(node: Any) -> tuple[fx.Node, Any, Any] | None:
+def clamp_of(node: Any) -> tuple[fx.Node, Any, Any] | None:
     c = call(node)
     if c is None or c.fn not in (torch.clamp, torch.clip) or c.args is None or not isinstance(c["input"], fx.Node):
         return None
@@ -232,13 +232,13 @@ def _mask(node: Any) -> tuple[fx.Node, fx.Node] | str:
         return reason
     same_seq = causal = None
     for op in ops:
-        pair = _pair(op, torch.eq)
+        pair = pair_of(op, torch.eq)
         if pair is not None:
             same_seq = pair
             continue
         for fn in (torch.ge, torch.le):
             if (cmp := binary(op, fn)) is not None and cmp[1] == 0:
-                pair = _pair(cmp[0], torch.sub)
+                pair = pair_of(cmp[0], torch.sub)
                 # query minus key >= 0, or key minus query <= 0
                 if pair is not None and pair.query_first == (fn is torch.ge):
                     causal = pair
@@ -247,7 +247,7 @@ def _mask(node: Any) -> tuple[fx.Node, fx.Node] | str:
     return causal.source, same_seq.source
 
 
-def _bias(rab: Any, positions: fx.Node, order: tuple[int, ...] = (2, 0, 1),
+def bias_tables(rab: Any, positions: fx.Node, order: tuple[int, ...] = (2, 0, 1),
           rank: int = 1) -> tuple[tuple, Any, Any] | str:
     """((kind, weight, rows used) per table, timestamps, dtype of the time log2) for
     rab = permute(E_pos(rel_pos) [+ E_time(bucket)], order) (heads, the tables' last dim,
@@ -294,11 +294,11 @@ def _bias(rab: Any, positions: fx.Node, order: tuple[int, ...] = (2, 0, 1),
 
 def _rel_pos(node: Any, positions: fx.Node) -> int | str:
     """C when node = clamp(pos_i - pos_j, <=0, C) with the mask's positions."""
-    clamp = _clamp(node)
+    clamp = clamp_of(node)
     if clamp is None:
         return "not clamp(pos_i - pos_j, 0, C)"
     x, lo, hi = clamp
-    pair = _pair(x, torch.sub)
+    pair = pair_of(x, torch.sub)
     if pair is None or pair.source is not positions or not pair.query_first:
         return "position bias index is not clamp(pos_i - pos_j, 0, C) over the mask's positions"
     if not (lo is None or (isinstance(lo, int) and lo <= 0)) or not isinstance(hi, int) or hi < 0:
@@ -309,7 +309,7 @@ def _rel_pos(node: Any, positions: fx.Node) -> int | str:
 def _time_bucket(node: Any, rank: int = 1) -> tuple[fx.Node, int, torch.dtype] | str:
     """(timestamps, buckets, float dtype) for clamp(floor(log2(|t_i - t_j| as float + 1)), 0, NB-1)."""
     reason = "time bias index is not clamp(floor(log2(float(|t_i - t_j|) + 1)), 0, NB - 1)"
-    clamp = _clamp(node)
+    clamp = clamp_of(node)
     if clamp is None:
         return reason
     x, lo, hi = clamp
@@ -327,7 +327,7 @@ def _time_bucket(node: Any, rank: int = 1) -> tuple[fx.Node, int, torch.dtype] |
     dt, float_dtype = uncast(dt)
     if float_dtype not in (torch.float32, torch.float64) or not is_call(dt, torch.abs):
         return reason
-    pair = _pair(call(dt)["input"], torch.sub, rank)
+    pair = pair_of(call(dt)["input"], torch.sub, rank)
     if pair is None:
         return reason
     value = val(pair.source)

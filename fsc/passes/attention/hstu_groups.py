@@ -261,7 +261,7 @@ def _group(final: Any) -> _Group | str:
     q_gather, k_gather = (_gathered(x) for x in operands)
     if q_gather is None or k_gather is None or q_gather[1] is not index or k_gather[1] is not index:
         return "scores are not over q[index] and k[index] with the values' gather index"
-    bias = hstu._bias(rab, steps, order=(0, 3, 1, 2), rank=2) if rab is not None else ((), None, None)
+    bias = hstu.bias_tables(rab, steps, order=(0, 3, 1, 2), rank=2) if rab is not None else ((), None, None)
     if isinstance(bias, str):
         return bias
     tables, stamps, time_dtype = bias
@@ -307,7 +307,7 @@ def _weights(attn: Any, pad: fx.Node) -> tuple[Any, Any, int | None] | str:
     hidden = call(filled["mask"])
     if hidden is None or hidden.fn is not torch.bitwise_not or hidden.args is None:
         return reason
-    unsqueezed = hstu._unsqueezed(hidden["input"])
+    unsqueezed = hstu.unsqueezed(hidden["input"])
     if unsqueezed is None or unsqueezed[1] != 1 or (ops := binary(unsqueezed[0], torch.bitwise_or)) is None:
         return reason
     mask_source = call(mask)
@@ -330,7 +330,7 @@ def _is_eye(node: fx.Node, pad: fx.Node) -> bool:
 
 def _pad(index: fx.Node) -> fx.Node | None:
     """pad when index = pad.clamp(min=0)."""
-    clamp = hstu._clamp(index)
+    clamp = hstu.clamp_of(index)
     if clamp is None or clamp[1] != 0 or clamp[2] is not None:
         return None
     return clamp[0]
@@ -355,13 +355,13 @@ def _mask(node: Any, pad: fx.Node) -> fx.Node | str:
         return reason
     valid_dims, steps = set(), None
     for term in terms:
-        if (unsqueezed := hstu._unsqueezed(term)) is not None:
+        if (unsqueezed := hstu.unsqueezed(term)) is not None:
             source, dim = unsqueezed
             if (cmp := binary(source, torch.ge)) is None or cmp[0] is not pad or cmp[1] != 0:
                 return reason
             valid_dims.add(dim)
         elif (cmp := binary(term, torch.ge)) is not None and cmp[1] == 0:
-            pair = hstu._pair(cmp[0], torch.sub)
+            pair = hstu.pair_of(cmp[0], torch.sub)
             if pair is None or not pair.query_first:
                 return reason
             steps = pair.source
