@@ -25,6 +25,10 @@ graph says what was lowered and what was declined, and why.
 - :mod:`~fsc.passes.attention.softmax`: ``softmax(c * (q @ kᵀ) [causal and/or key-padding
   masks], -1) [dropout that is the identity] @ v`` on the same layouts.
 - :mod:`~fsc.passes.attention.hstu`: the HSTU example's SiLU attention over a rank's tokens.
+- :mod:`~fsc.passes.attention.hstu_groups`: the HSTU example's per-sequence attention
+  (``attention="padded"`` and ``"jagged"``): q, k, v gathered into ``[n, N]`` groups of
+  sequences, one product per group, the groups' outputs concatenated and read back by
+  ``token_index``, in hstu or softmax mode.
 - :mod:`~fsc.passes.attention.hstu_padded`: HSTU SiLU attention on jagged q, k, v padded by
   ``fbgemm.jagged_to_padded_dense`` and made jagged again by ``dense_to_jagged``
   (generative-recommenders' PyTorch form), causal (constant or its targets mask, proved from
@@ -40,7 +44,9 @@ graph says what was lowered and what was declined, and why.
 q, k, v) become jagged with uniform offsets (softmax mode), or with a key-padding mask,
 every query row over its sequence's valid keys (separate key extents from the mask at run
 time; :mod:`~fsc.passes.attention.lowering`); HSTU attention gets offsets from the positions and its
-bias tables built from the model's embedding tables (hstu mode); fbgemm-padded HSTU
+bias tables built from the model's embedding tables (hstu mode); the per-sequence HSTU
+form likewise, with offsets from its groups' rows, the op's output (the tokens in their
+order) replacing ``cat(groups)[token_index]``; fbgemm-padded HSTU
 attention takes the padding's jagged inputs and offsets directly (hstu mode, no padding
 round trip). The subgraphs that only fed the old attention are erased.
 
@@ -53,7 +59,9 @@ anyway). The HSTU form is lowered everywhere: its dense product spans every toke
 batch, the jagged op only each sequence's (on CPU faster than Inductor's dense form, same
 benchmark with ``--family hstu``: results/attention-cpu-hstu.json). The fbgemm-padded HSTU
 form is kept off CUDA like dense attention: its padded product is already per sequence, and
-lowered on CPU it was slower (results/attention-cpu-padding.json).
+lowered on CPU it was slower (results/attention-cpu-padding.json); so are the HSTU example's
+per-sequence forms, for the same reason (:mod:`~fsc.passes.attention.hstu_groups` has the
+measurement).
 
 **Safe because** the kernel computes the same function (module docstring of
 ``fsc.kernels.jagged_attention``), up to float summation order, PROVIDED, for HSTU
@@ -61,7 +69,10 @@ attention, that every sequence's tokens are contiguous, with positions 0, 1, 2, 
 order, sequence ids rising from one sequence to the next, and positions below N (what the
 example's ``collate`` and routing produce). The pass cannot prove that from the graph, so
 it inserts a runtime check (``torch._assert_async``) whose message names the pass and how
-to turn it off; likewise, for a key-padding mask, that each sequence's valid keys are one
+to turn it off; for the per-sequence HSTU form, that each group row holds one sequence's
+tokens, consecutive and in order, valid entries first, at most N of them, every token in
+one row, and that ``token_index`` reads every token back from its own row and step (checked
+likewise); for a key-padding mask, that each sequence's valid keys are one
 contiguous run (right- or left-aligned padding), which the extents assume. Rows that see no
 key get eager's value (0, NaN or the mean of v, by form). For fbgemm-padded HSTU attention
 the check is that every sequence length is at most the padded N (the padding truncates

@@ -32,6 +32,20 @@ def randomised(model: HSTU) -> HSTU:
     return model
 
 
+def train_step(eager: HSTU, model: HSTU, compiled, inputs) -> tuple[float, float]:
+    """One forward and backward of ``eager`` and of ``compiled`` (``model`` compiled): the
+    loss's relative difference and the largest gradient difference relative to its tensor's."""
+    for m in (eager, model):
+        m.zero_grad()
+    ref = eager(*inputs)
+    ref.backward()
+    got = compiled(*inputs)
+    got.backward()
+    grad = max(((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-6)).item()
+               for p, q in zip(model.parameters(), eager.parameters()))
+    return abs(got.item() - ref.item()) / abs(ref.item()), grad
+
+
 def _compare(rank: int, world: int, steps: int, sharded: bool, inner: str):
     cfg = dataclasses.replace(lowering_config(), sharded=sharded)
     eager = randomised(HSTU(cfg))
@@ -43,15 +57,8 @@ def _compare(rank: int, world: int, steps: int, sharded: bool, inner: str):
         inputs, _, _ = step_inputs(step, rank, world, cfg)
         if step == 0:
             mark_dynamic(inputs)
-        for m in (eager, model):
-            m.zero_grad()
-        ref = eager(*inputs)
-        ref.backward()
-        got = compiled(*inputs)
-        got.backward()
-        worst_loss = max(worst_loss, abs(got.item() - ref.item()) / abs(ref.item()))
-        for p, q in zip(model.parameters(), eager.parameters()):
-            worst_grad = max(worst_grad, ((p.grad - q.grad).abs().max() / q.grad.abs().max().clamp_min(1e-6)).item())
+        loss, grad = train_step(eager, model, compiled, inputs)
+        worst_loss, worst_grad = max(worst_loss, loss), max(worst_grad, grad)
     if world > 1:
         import torch.distributed as dist
 

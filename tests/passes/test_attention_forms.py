@@ -143,6 +143,58 @@ def hstu_silu(q, k, v, pos, seq):
     return torch.einsum("hts,shd->thd", a, v)
 
 
+def hstu_groups(q, k, v, timestamps, token_index, pad, pos_w, time_w):
+    """The HSTU example's per-sequence form, one group (examples/hstu/model.py, attention="padded")."""
+    valid = pad >= 0
+    index = pad.clamp(min=0)
+    steps = torch.arange(pad.shape[1])
+    dist = steps.unsqueeze(1) - steps.unsqueeze(0)
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & (dist >= 0)).float()
+    stamps = timestamps[index]
+    bucket = torch.log2((stamps.unsqueeze(2) - stamps.unsqueeze(1)).abs().double() + 1.0).floor().long().clamp(0, 7)
+    rab = (F.embedding(dist.clamp(0, 3), pos_w) + F.embedding(bucket, time_w)).permute(0, 3, 1, 2)
+    a = F.silu(torch.einsum("bihd,bjhd->bhij", q[index], k[index]) + rab) / N * mask.unsqueeze(1)
+    return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
+
+
+def hstu_groups_full_rows(q, k, v, timestamps, token_index, pad, pos_w, time_w):
+    """The per-sequence form without its causal part: every valid key of the row."""
+    valid = pad >= 0
+    index = pad.clamp(min=0)
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1)).float()
+    a = F.silu(torch.einsum("bihd,bjhd->bhij", q[index], k[index])) / N * mask.unsqueeze(1)
+    return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
+
+
+def hstu_groups_softmax(q, k, v, timestamps, token_index, pad, pos_w, time_w, bias=True):
+    """The per-sequence form in the example's softmax mode (HSTUConfig.mode="softmax")."""
+    valid = pad >= 0
+    index = pad.clamp(min=0)
+    steps = torch.arange(pad.shape[1])
+    dist = steps.unsqueeze(1) - steps.unsqueeze(0)
+    mask = (valid.unsqueeze(2) & valid.unsqueeze(1) & (dist >= 0)).float()
+    s = torch.einsum("bihd,bjhd->bhij", q[index], k[index]) / 4.0
+    if bias:
+        stamps = timestamps[index]
+        bucket = torch.log2((stamps.unsqueeze(2) - stamps.unsqueeze(1)).abs().double() + 1.0).floor().long()
+        rab = F.embedding(dist.clamp(0, 3), pos_w) + F.embedding(bucket.clamp(0, 7), time_w)
+        s = s + rab.permute(0, 3, 1, 2)
+    hidden = ~(mask.bool() | torch.eye(pad.shape[1], dtype=torch.bool)).unsqueeze(1)
+    a = torch.softmax(s.masked_fill(hidden, float("-inf")), dim=-1) * mask.unsqueeze(1)
+    return torch.einsum("bhij,bjhd->bihd", a, v[index]).reshape(-1, 2 * D)[token_index]
+
+
+def hstu_groups_softmax_unbounded(q, k, v, timestamps, token_index, pad, pos_w, time_w):
+    return hstu_groups_softmax(q, k, v, timestamps, token_index, pad, pos_w, time_w, bias=False)
+
+
+def hstu_groups_inputs():
+    g = torch.Generator().manual_seed(0)
+    pad = torch.tensor([[0, 1, 2], [3, 4, -1], [5, -1, -1]])
+    return (*(torch.randn(6, 2, D, generator=g) for _ in range(3)), torch.tensor([0, 5, 90, 7, 1000, 3]),
+            torch.tensor([0, 1, 2, 3, 4, 6]), pad, torch.randn(4, 2, generator=g), torch.randn(8, 2, generator=g))
+
+
 class Mha(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -252,6 +304,19 @@ FORMS = {
     "softmax_einsum": (softmax_einsum, qkv(2, 2), CPU_TOO, False, "softmax attention through einsum"),
     "silu_padded": (silu_padded, qkv(2, 2), CPU_TOO, False, "SiLU attention through matmul (padded"),
     "hstu_silu": (hstu_silu, hstu_inputs(), LowerAttention(), True, "HSTU SiLU attention q [T, H, D]=[6, 2, 16]"),
+    "hstu_groups_kept_on_cpu": (hstu_groups, hstu_groups_inputs(), LowerAttention(), False,
+                                "kept: the HSTU example's per-sequence form (gathered [n, N] groups), 1 group"),
+    "hstu_groups": (hstu_groups, hstu_groups_inputs(), CPU_TOO, True,
+                    "the HSTU example's per-sequence form (gathered [n, N] groups), 1 group: HSTU SiLU attention, "
+                    "alpha=1, /N=4, q [T, H, D]=[6, 2, 16], causal within rows, bias: time[8], position[4]"),
+    "hstu_groups_full_rows": (hstu_groups_full_rows, hstu_groups_inputs(), CPU_TOO, False,
+                              "the HSTU example's per-sequence form (gathered [n, N] groups): not lowered because "
+                              "mask not recognised"),
+    "hstu_groups_softmax": (hstu_groups_softmax, hstu_groups_inputs(), CPU_TOO, True,
+                            "1 group: HSTU softmax attention, scale=0.25, lengths <= 4, q [T, H, D]=[6, 2, 16], "
+                            "causal within rows, bias: time[8], position[4]"),
+    "hstu_groups_softmax_unbounded": (hstu_groups_softmax_unbounded, hstu_groups_inputs(), CPU_TOO, False,
+                                      "softmax mode without a position bias: no static bound on the sequence lengths"),
     "mha_causal_hint": (Mha(), (torch.randn(2, N, 2 * D),), CPU_TOO, True,
                         "[N, B, E]=[4, 2, 32], 2 heads, causal (is_causal hint) softmax, scale=0.25, packed"),
     "mha_separate_projections": (mha_separate, (torch.randn(N, 2, 2 * D), *mha_weights()), CPU_TOO, True,

@@ -20,11 +20,14 @@ graph from the product backwards, so one check serves every spelling and each fa
 its reason.
 """
 
-from fsc.passes.attention import hstu, hstu_padded, mha, sdpa, softmax
+from fsc.passes.attention import hstu, hstu_groups, hstu_padded, mha, sdpa, softmax
 from fsc.passes.attention.lowering import Family, Lowering, Settings
 
 # hstu_padded before hstu: both anchor on a product of SiLU weights; the padded form is the
 # one whose values come from fbgemm's jagged_to_padded_dense
-FAMILIES: tuple[Family, ...] = (sdpa.FAMILY, mha.FAMILY, softmax.FAMILY, hstu_padded.FAMILY, hstu.FAMILY)
+# hstu_groups before softmax and hstu: its groups' products are SiLU (or softmax) weights times
+# values gathered by a 2-D index, which it lowers (or declines) as one per-sequence form
+FAMILIES: tuple[Family, ...] = (sdpa.FAMILY, mha.FAMILY, hstu_groups.FAMILY, softmax.FAMILY, hstu_padded.FAMILY,
+                                hstu.FAMILY)
 
 __all__ = ["FAMILIES", "Family", "Lowering", "Settings"]

@@ -92,21 +92,13 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
     q, k = layout
     if problem := check_tensors(q, k, v, settings):
         return problem
-    bias = _bias(rab, positions) if rab is not None else ((), None, None)
+    bias = bias_tables(rab, positions) if rab is not None else ((), None, None)
     if isinstance(bias, str):
         return bias
     tables, timestamps, time_dtype = bias
-    notes: tuple[str, ...] = ()
-    if time_dtype is not None:
-        nb = next(rows for kind, _, rows in tables if kind == "time")
-        exact_below = _EXACT_LOG2_BELOW.get(time_dtype, 20)
-        if nb > exact_below:
-            note = (f"time buckets: the graph buckets through {time_dtype} log2, the kernel exactly; with "
-                    f"{nb} buckets they can differ by one bucket for |dt| just below a power of two >= "
-                    f"2^{exact_below + 1}")
-            if not settings.inexact_time_buckets:
-                return note + " (set inexact_time_buckets=true to lower anyway)"
-            notes = (note,)
+    notes = time_bucket_notes(tables, time_dtype, settings)
+    if isinstance(notes, str):
+        return notes
     found = (f"HSTU SiLU attention q [T, H, D]={fmt(shape(q))}, alpha={alpha:.4g}, /N={n}, causal same-sequence "
              f"mask, bias: {', '.join(f'{kind}[{rows}]' for kind, _, rows in tables) or 'none'} "
              "(jagged, offsets from positions)")
@@ -117,27 +109,52 @@ def match(node: fx.Node, settings: Settings) -> Lowering | str:
         if key not in e.shared:
             e.shared[key] = _offsets(e, positions, seq_ids, n, check)
         offsets = e.shared[key]
-        pos_table = time_table = None
-        for kind, weight, rows in tables:
-            if kind == "position":
-                # the kernel reads column clip(id(key) - id(query)) + C: column C - d holds E_pos[d]
-                used = e(torch.flip, e(operator.getitem, weight, slice(None, rows)), (0,))
-                zeros = e(torch.zeros, (shape(weight)[1], rows - 1), dtype=val(weight).dtype,
-                          device=val(weight).device)
-                pos_table = e(torch.cat, (e(torch.transpose, used, 0, 1), zeros), dim=1)
-            else:
-                # the kernels index a table row with unit column stride
-                time_table = e(torch.clone, e(torch.transpose, e(operator.getitem, weight, slice(None, rows)), 0, 1),
-                               memory_format=torch.contiguous_format)
-        out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None,
-                timestamps if time_table is not None else None, pos_table, time_table, n, False, alpha, True, 0,
-                0, "auto")
-        return e(operator.getitem, out, 0)
+        return emit_kernel(e, q, k, v, offsets, tables, timestamps, n, alpha)
 
     return Lowering(node, found, emit, notes, device=val(q).device)
 
 
 FAMILY = Family("hstu", anchors, match)
+
+
+def time_bucket_notes(tables: tuple, time_dtype: Any, settings: Settings) -> tuple[str, ...] | str:
+    """The record's notes on the time bucketing (why the graph's float log2 may differ from
+    the kernel's exact buckets), or the reason to decline where it may and the settings say so."""
+    if time_dtype is None:
+        return ()
+    nb = next(rows for kind, _, rows in tables if kind == "time")
+    exact_below = _EXACT_LOG2_BELOW.get(time_dtype, 20)
+    if nb <= exact_below:
+        return ()
+    note = (f"time buckets: the graph buckets through {time_dtype} log2, the kernel exactly; with "
+            f"{nb} buckets they can differ by one bucket for |dt| just below a power of two >= "
+            f"2^{exact_below + 1}")
+    if not settings.inexact_time_buckets:
+        return note + " (set inexact_time_buckets=true to lower anyway)"
+    return (note,)
+
+
+def emit_kernel(e: Emitter, q: fx.Node, k: fx.Node, v: fx.Node, offsets: fx.Node, tables: tuple, timestamps: Any,
+                n: int, alpha: float, softmax: bool = False) -> fx.Node:
+    """The kernel's output ``[T, H, dv]``: causal hstu mode (``alpha`` scales q.k; softmax
+    mode: ``alpha`` is the scale) over ``offsets`` with the bias tables built from the
+    model's embedding tables (:func:`bias_tables`'s ``tables``)."""
+    pos_table = time_table = None
+    for kind, weight, rows in tables:
+        if kind == "position":
+            # the kernel reads column clip(id(key) - id(query)) + C: column C - d holds E_pos[d]
+            used = e(torch.flip, e(operator.getitem, weight, slice(None, rows)), (0,))
+            zeros = e(torch.zeros, (shape(weight)[1], rows - 1), dtype=val(weight).dtype,
+                      device=val(weight).device)
+            pos_table = e(torch.cat, (e(torch.transpose, used, 0, 1), zeros), dim=1)
+        else:
+            # the kernels index a table row with unit column stride
+            time_table = e(torch.clone, e(torch.transpose, e(operator.getitem, weight, slice(None, rows)), 0, 1),
+                           memory_format=torch.contiguous_format)
+    out = e(torch.ops.fsc.jagged_attention_fwd.default, q, k, v, offsets, None,
+            timestamps if time_table is not None else None, pos_table, time_table, n, softmax, alpha, True, 0,
+            0, "auto")
+    return e(operator.getitem, out, 0)
 
 
 def _einsum_of(node: Any) -> bool:
@@ -166,36 +183,40 @@ def _layout(scores: fx.Node, final: fx.Node) -> tuple[fx.Node, fx.Node] | str:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class _Pair:
-    """``x_i (op) x_j`` over a pair of unsqueezed copies of one 1-D tensor; query_first:
-    x_i is the one unsqueezed at dim 1 (indexes rows)."""
+class Pair:
+    """``x_i (op) x_j`` over a pair of unsqueezed copies of one tensor; query_first: x_i is
+    the one unsqueezed at its last dim (indexes the rows)."""
 
     source: fx.Node
     query_first: bool
 
 
-def _unsqueezed(node: Any) -> tuple[fx.Node, int] | None:
+def unsqueezed(node: Any) -> tuple[fx.Node, int] | None:
+    """(source, dim) for ``source.unsqueeze(dim)``, dim normalised to ``[0, source.ndim]``."""
     c = call(node)
-    if c is None or c.fn is not torch.unsqueeze or c.args is None:
+    if c is None or c.fn is not torch.unsqueeze or c.args is None or not isinstance(c["input"], fx.Node):
         return None
-    if not isinstance(c["input"], fx.Node) or c["dim"] not in (0, 1, -1, -2):
+    dims, dim = shape(c["input"]), c["dim"]
+    if dims is None or not isinstance(dim, int) or not -len(dims) - 1 <= dim <= len(dims):
         return None
-    return c["input"], c["dim"] % 2
+    return c["input"], dim % (len(dims) + 1)
 
 
-def _pair(node: Any, fn: Any) -> _Pair | None:
+def pair_of(node: Any, fn: Any, rank: int = 1) -> Pair | None:
+    """``x_i (op) x_j`` over an ``x`` of ``rank`` dims, unsqueezed at its last dim (x_i)
+    and at the one before (x_j)."""
     if (ops := binary(node, fn)) is None:
         return None
-    a, b = _unsqueezed(ops[0]), _unsqueezed(ops[1])
-    if a is None or b is None or a[0] is not b[0] or a[1] == b[1]:
+    a, b = unsqueezed(ops[0]), unsqueezed(ops[1])
+    if a is None or b is None or a[0] is not b[0] or {a[1], b[1]} != {rank - 1, rank}:
         return None
     dims = shape(a[0])
-    if dims is None or len(dims) != 1:
+    if dims is None or len(dims) != rank:
         return None
-    return _Pair(a[0], query_first=a[1] == 1)
+    return Pair(a[0], query_first=a[1] == rank)
 
 
-def _clamp(node: Any) -> tuple[fx.Node, Any, Any] | None:
+def clamp_of(node: Any) -> tuple[fx.Node, Any, Any] | None:
     c = call(node)
     if c is None or c.fn not in (torch.clamp, torch.clip) or c.args is None or not isinstance(c["input"], fx.Node):
         return None
@@ -211,13 +232,13 @@ def _mask(node: Any) -> tuple[fx.Node, fx.Node] | str:
         return reason
     same_seq = causal = None
     for op in ops:
-        pair = _pair(op, torch.eq)
+        pair = pair_of(op, torch.eq)
         if pair is not None:
             same_seq = pair
             continue
         for fn in (torch.ge, torch.le):
             if (cmp := binary(op, fn)) is not None and cmp[1] == 0:
-                pair = _pair(cmp[0], torch.sub)
+                pair = pair_of(cmp[0], torch.sub)
                 # query minus key >= 0, or key minus query <= 0
                 if pair is not None and pair.query_first == (fn is torch.ge):
                     causal = pair
@@ -226,15 +247,17 @@ def _mask(node: Any) -> tuple[fx.Node, fx.Node] | str:
     return causal.source, same_seq.source
 
 
-def _bias(rab: Any, positions: fx.Node) -> tuple[tuple, Any, Any] | str:
+def bias_tables(rab: Any, positions: fx.Node, order: tuple[int, ...] = (2, 0, 1),
+          rank: int = 1) -> tuple[tuple, Any, Any] | str:
     """((kind, weight, rows used) per table, timestamps, dtype of the time log2) for
-    rab = permute(E_pos(rel_pos) [+ E_time(bucket)], (2, 0, 1))."""
+    rab = permute(E_pos(rel_pos) [+ E_time(bucket)], order) (heads, the tables' last dim,
+    moved to where ``order`` says); the time bucket over timestamps of ``rank`` dims."""
     c = call(rab)
     if c is None or c.fn is not torch.permute or c.args is None:
-        return "bias is not permute(embedding lookups, (2, 0, 1))"
-    dims = tuple(c["dims"])
-    if dims not in ((2, 0, 1), (-1, 0, 1)):
-        return f"bias permuted by {dims}, not (2, 0, 1)"
+        return f"bias is not permute(embedding lookups, {order})"
+    dims = tuple(d % len(order) if isinstance(d, int) else d for d in c["dims"])
+    if dims != order:
+        return f"bias permuted by {tuple(c['dims'])}, not {order}"
     terms = []
     stack = [c["input"]]
     while stack:
@@ -256,7 +279,7 @@ def _bias(rab: Any, positions: fx.Node) -> tuple[tuple, Any, Any] | str:
         if isinstance(rel, int):
             kind, rows = "position", rel + 1
         else:
-            bucket = _time_bucket(index)
+            bucket = _time_bucket(index, rank)
             if isinstance(bucket, str):
                 return f"bias lookup not recognised: {rel}; {bucket}"
             kind, (timestamps, rows, time_dtype) = "time", bucket
@@ -271,11 +294,11 @@ def _bias(rab: Any, positions: fx.Node) -> tuple[tuple, Any, Any] | str:
 
 def _rel_pos(node: Any, positions: fx.Node) -> int | str:
     """C when node = clamp(pos_i - pos_j, <=0, C) with the mask's positions."""
-    clamp = _clamp(node)
+    clamp = clamp_of(node)
     if clamp is None:
         return "not clamp(pos_i - pos_j, 0, C)"
     x, lo, hi = clamp
-    pair = _pair(x, torch.sub)
+    pair = pair_of(x, torch.sub)
     if pair is None or pair.source is not positions or not pair.query_first:
         return "position bias index is not clamp(pos_i - pos_j, 0, C) over the mask's positions"
     if not (lo is None or (isinstance(lo, int) and lo <= 0)) or not isinstance(hi, int) or hi < 0:
@@ -283,10 +306,10 @@ def _rel_pos(node: Any, positions: fx.Node) -> int | str:
     return hi
 
 
-def _time_bucket(node: Any) -> tuple[fx.Node, int, torch.dtype] | str:
+def _time_bucket(node: Any, rank: int = 1) -> tuple[fx.Node, int, torch.dtype] | str:
     """(timestamps, buckets, float dtype) for clamp(floor(log2(|t_i - t_j| as float + 1)), 0, NB-1)."""
     reason = "time bias index is not clamp(floor(log2(float(|t_i - t_j|) + 1)), 0, NB - 1)"
-    clamp = _clamp(node)
+    clamp = clamp_of(node)
     if clamp is None:
         return reason
     x, lo, hi = clamp
@@ -304,7 +327,7 @@ def _time_bucket(node: Any) -> tuple[fx.Node, int, torch.dtype] | str:
     dt, float_dtype = uncast(dt)
     if float_dtype not in (torch.float32, torch.float64) or not is_call(dt, torch.abs):
         return reason
-    pair = _pair(call(dt)["input"], torch.sub)
+    pair = pair_of(call(dt)["input"], torch.sub, rank)
     if pair is None:
         return reason
     value = val(pair.source)
