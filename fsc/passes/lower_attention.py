@@ -139,10 +139,10 @@ class LowerAttention(Pass):
     dense_on_cpu: bool = False
     """Lower off CUDA too the forms whose jagged op does about the work the user's graph did:
     dense attention (SDPA, explicit softmax, bmm, ``nn.MultiheadAttention``), the same with
-    key-padding masks, and fbgemm-padded HSTU attention. There the op runs its PyTorch
-    implementation, slower than Inductor's code for them (see ``KEPT_OFF_CUDA``); false
-    (default): keep the user's attention and record that choice. (The HSTU example's form
-    is lowered everywhere.)"""
+    key-padding masks, fbgemm-padded HSTU attention and the HSTU example's per-sequence
+    forms. There the op runs its PyTorch implementation, slower than Inductor's code for
+    them (see ``KEPT_OFF_CUDA``); false (default): keep the user's attention and record that
+    choice. (The HSTU example's dense form is lowered everywhere.)"""
 
     def __post_init__(self) -> None:
         for key in ("min_head_dim", "max_head_dim"):
