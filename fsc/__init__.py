@@ -3,6 +3,9 @@ sequential recommender models.
 
     model = torch.compile(model, backend="freescale", options={"inner": "inductor"})
     fsc.last_compile().summary()
+
+    pipeline = fsc.TrainPipeline(model, optimizers, lookups=..., loss=...)   # the whole step
+    loss = pipeline.progress(batches)
 """
 
 from fsc.analysis.calibration import calibrate
@@ -13,6 +16,8 @@ from fsc.errors import AgreementError, FscError, InvariantError, OptionError, Pa
 from fsc.explain import explain
 from fsc.inspect import CompileRecord, compile_records, last_compile
 from fsc.pass_manager import PassManager, parse_pipeline
+from fsc.pipeline import TrainPipeline
+from fsc.runtime.embedding import RowShardedEmbedding, RowWiseAdagrad, TrainPipelineError
 from fsc.passes.base import Pass, PassContext, PassResult
 
 __version__ = "0.1.0"
@@ -32,6 +37,10 @@ __all__ = [
     "PassManager",
     "PassResult",
     "PipelineError",
+    "RowShardedEmbedding",
+    "RowWiseAdagrad",
+    "TrainPipeline",
+    "TrainPipelineError",
     "UnverifiedError",
     "VerificationError",
     "calibrate",

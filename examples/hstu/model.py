@@ -59,8 +59,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn import functional as F
 
-from examples.hstu.sharded import RowShardedEmbedding
 from fsc.runtime.balancer import QuadraticCost
+from fsc.runtime.embedding import RowShardedEmbedding
 from fsc.kernels.jagged_attention import jagged_attention
 from fsc.runtime.routing import PrefixExchange, prefix_kv, prefix_tokens
 

@@ -52,6 +52,8 @@ from examples.hstu.model import (
 )
 from examples.hstu.routing import route_batch
 from examples.hstu.sharded import GradientBuckets
+from fsc.pipeline import TrainPipeline
+from fsc.runtime.embedding import RowWiseAdagrad
 
 
 def token_lengths(histories: Histories, users: np.ndarray, max_len: int) -> np.ndarray:
@@ -90,7 +92,7 @@ class Trainer:
     step_fn: Callable[..., torch.Tensor]
     """The model, compiled or not."""
     buckets: GradientBuckets
-    opt: torch.optim.Optimizer
+    opts: list[torch.optim.Optimizer]
     context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
     """Entered around every call of the step function (compiles happen at calls)."""
     marked: bool = False
@@ -99,13 +101,13 @@ class Trainer:
     def create(cls, cfg: HSTUConfig, *, lr: float, device: torch.device | None = None,
                compile: Callable[[HSTU], tuple[Callable[..., torch.Tensor],
                                               Callable[[], contextlib.AbstractContextManager]]] | None = None,
-               ) -> Trainer:
-        """A fresh model (seeded: every trainer starts from the same weights) with Adam;
-        ``compile(model) -> (step_fn, context)`` (default: eager)."""
+               table_optimizer: str = "adam") -> Trainer:
+        """A fresh model (seeded: every trainer starts from the same weights) with
+        :func:`make_optimizers`; ``compile(model) -> (step_fn, context)`` (default: eager)."""
         model = HSTU(cfg).to(device or torch.device("cpu"))
         step_fn, context = compile(model) if compile is not None else (model, contextlib.nullcontext)
         return cls(model=model, step_fn=step_fn, buckets=GradientBuckets(model.dense_parameters()),
-                   opt=torch.optim.Adam(model.parameters(), lr=lr), context=context)
+                   opts=make_optimizers(model, lr, table_optimizer), context=context)
 
     def step(self, inputs: Sequence[torch.Tensor], *,
              sync: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext) -> torch.Tensor:
@@ -120,12 +122,49 @@ class Trainer:
             loss.backward()
             with sync():
                 self.buckets.wait()
-            self.opt.step()
-            self.opt.zero_grad(set_to_none=True)
+            for opt in self.opts:
+                opt.step()
+                opt.zero_grad(set_to_none=True)
         return loss.detach()
 
     def close(self) -> None:
         self.buckets.remove()
+
+
+TABLE_OPTIMIZERS = ("adam", "sgd", "adagrad", "rowwise-adagrad")
+
+
+def make_optimizers(model: HSTU, lr: float, table_optimizer: str = "adam") -> list[torch.optim.Optimizer]:
+    """Adam for the dense parameters; the item table's optimizer by name: ``adam`` (one Adam
+    over everything), or a row-sparse one, which :class:`fsc.TrainPipeline` needs (a row no
+    batch looked up stays put): ``sgd``, ``adagrad`` or ``rowwise-adagrad``
+    (:class:`fsc.RowWiseAdagrad`, TorchRec's usual table optimizer), at ``lr * 10`` (table
+    rows see few gradients)."""
+    if table_optimizer == "adam":
+        return [torch.optim.Adam(model.parameters(), lr=lr)]
+    tables = {"sgd": torch.optim.SGD, "adagrad": torch.optim.Adagrad, "rowwise-adagrad": RowWiseAdagrad}
+    if table_optimizer not in tables:
+        raise ValueError(f"table optimizer must be one of {', '.join(TABLE_OPTIMIZERS)}, got {table_optimizer!r}")
+    return [torch.optim.Adam(model.dense_parameters(), lr=lr), tables[table_optimizer]([model.item.weight], lr=lr * 10)]
+
+
+def pipeline(model: HSTU, optimizers: list[torch.optim.Optimizer], *, backend: str | None = "freescale",
+             options: dict | None = None) -> TrainPipeline:
+    """The example's step as :class:`fsc.TrainPipeline` runs it: batch i+1's item exchange
+    and the dense gradients' all-reduce inside the compiled step of batch i. Batches are
+    :func:`examples.hstu.model.model_inputs`; one table, ``item``, read for the history, the
+    targets and the negatives at once (what :meth:`HSTU.forward` looks up)."""
+    cfg = model.cfg
+
+    def lookups(inputs):
+        items, targets, negatives = inputs[0], inputs[5], inputs[6]
+        return {"item": torch.cat([items, targets, negatives.reshape(-1)])}
+
+    def loss(model, inputs, rows):
+        return model.loss(rows["item"], *inputs)
+
+    return TrainPipeline(model, optimizers, lookups=lookups, loss=loss, backend=backend, options=options,
+                         dynamic=lambda inputs: mark_dynamic(inputs, cfg))
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
