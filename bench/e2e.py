@@ -95,7 +95,11 @@ from bench.spawn import run_gloo_ranks
 from examples.hstu.model import ATTENTION_FORMS
 
 BACKENDS = ("eager", "inductor", "inductor-overlap", "torchrec", "fs-none", "fs-lb", "fs-overlap", "fs-smfree",
-            "fs-attn", "fs-all")
+            "fs-attn", "fs-all", "fs-pipe", "fs-all-pipe")
+#: rows every world size runs (the others run at --ablate-ranks only)
+HEADLINE = ("fs-all", "fs-pipe", "fs-all-pipe")
+#: the scheduling passes and SM-free, without lower-attention (so attention cannot flatter us)
+NO_ATTENTION = "prioritize-collectives,split-collectives,overlap-schedule,sm-free-collectives"
 PEERS = ("eager", "inductor", "inductor-overlap", "torchrec")
 #: Each peer's fastest per-sequence attention form, measured on the benchmark's data and model
 #: (MovieLens latest-small, max_len 200, dim 64, 2 layers, global batch 32, 8 negatives per
@@ -130,11 +134,14 @@ class Variant:
     passes: str | None = None
     """freescale's pipeline (None: the default one); "+sm-free" appends sm-free-collectives"""
     balance: bool = False
+    pipeline: bool = False
+    """trained by ``fsc.TrainPipeline`` (next batch's exchange and the gradient all-reduce in the step)"""
 
     def describe(self) -> str:
         if self.compiler == "freescale":
             pipe = "default pipeline" if self.passes is None else (self.passes or "empty pipeline")
-            return f"freescale ({pipe}){' + balancer' if self.balance else ''}"
+            return (f"freescale ({pipe}){' + balancer' if self.balance else ''}"
+                    f"{' + TrainPipeline' if self.pipeline else ''}")
         return self.compiler
 
 
@@ -149,6 +156,8 @@ VARIANTS = {v.name: v for v in (
     Variant(name="fs-smfree", compiler="freescale", passes="sm-free-collectives{swap_all=true}"),
     Variant(name="fs-attn", compiler="freescale", passes="lower-attention"),
     Variant(name="fs-all", compiler="freescale", passes="+sm-free", balance=True),
+    Variant(name="fs-pipe", compiler="freescale", passes=NO_ATTENTION, balance=True, pipeline=True),
+    Variant(name="fs-all-pipe", compiler="freescale", passes="+sm-free", balance=True, pipeline=True),
 )}
 
 
@@ -277,6 +286,33 @@ class _HstuRun:
 
 
 @dataclasses.dataclass(kw_only=True)
+class _PipeRun:
+    """A configuration trained by ``fsc.TrainPipeline`` (``examples.hstu.train.pipeline``): each
+    step trains its batch and routes and prefetches the next one (the iterator below is pulled
+    one batch ahead, inside the timed step, as a user's loader would be)."""
+
+    row: Row
+    pipeline: Any
+    batches: Any
+
+    def step(self, data: _Data, step: int, plan: Any, router: Any, sync: Callable[[], Any]) -> torch.Tensor:
+        # the gradient all-reduce is waited on inside the compiled backward: the meter counts
+        # a rank waiting there for a slower one as exposed communication, not as idle
+        return self.pipeline.progress(self.batches)
+
+
+def _pipe_batches(row: Row, cfg: Any, data: _Data, plans: Callable[[int], Any], router: Any, total: int) -> Any:
+    """The run's ``total`` batches (routed by the step's plan when the row balances)."""
+    from examples.hstu.model import model_inputs
+    from examples.hstu.routing import route_batch
+
+    for step in range(total):
+        inputs = data.get(step)
+        batch = route_batch(router, inputs["batch"], plans(step)) if row.variant.balance else inputs["batch"]
+        yield model_inputs(batch, inputs["scale"], cfg)
+
+
+@dataclasses.dataclass(kw_only=True)
 class _TorchRecRun:
     run: Any
 
@@ -286,9 +322,10 @@ class _TorchRecRun:
         return self.run.step().detach()
 
 
-def _make_run(row: Row, data: _Data, args: argparse.Namespace, rank: int, world: int) -> Any:
-    from examples.hstu.model import model_inputs
-    from examples.hstu.train import Trainer
+def _make_run(row: Row, data: _Data, args: argparse.Namespace, rank: int, world: int,
+              plans: Callable[[int], Any] = lambda step: None, router: Any = None, total: int = 0) -> Any:
+    from examples.hstu.model import HSTU, model_inputs
+    from examples.hstu.train import Trainer, make_optimizers, pipeline
 
     cfg = dataclasses.replace(data.cfg, attention=row.attention)
     if row.variant.compiler == "torchrec":
@@ -299,8 +336,14 @@ def _make_run(row: Row, data: _Data, args: argparse.Namespace, rank: int, world:
             return e2e_torchrec.make_batch(model_inputs(inputs["batch"], inputs["scale"], cfg))
 
         return _TorchRecRun(run=e2e_torchrec.build(cfg, batch, lr=args.lr, rank=rank, world=world))
+    if row.variant.pipeline:
+        model = HSTU(cfg)  # seeded: the same initial weights as every other configuration
+        pipe = pipeline(model, make_optimizers(model, args.lr, args.table_optimizer), backend="freescale",
+                        options=_freescale_options(row.variant, args.fs_inner))
+        return _PipeRun(row=row, pipeline=pipe, batches=_pipe_batches(row, cfg, data, plans, router, total))
     # seeded: every configuration starts from the same weights
-    trainer = Trainer.create(cfg, lr=args.lr, compile=lambda model: _compile(model, row.variant, args.fs_inner))
+    trainer = Trainer.create(cfg, lr=args.lr, compile=lambda model: _compile(model, row.variant, args.fs_inner),
+                             table_optimizer=args.table_optimizer)
     return _HstuRun(row=row, cfg=cfg, trainer=trainer)
 
 
@@ -362,15 +405,21 @@ def _train(rank: int, world: int, rows: list[Row], args: argparse.Namespace, met
 
     data = _Data(args, rank, world)
     names = [r.name for r in rows]
-    runs = {r.name: _make_run(r, data, args, rank, world) for r in rows}
     router = _router(rows, data, world)
+    # plans two steps ahead: a pipelined row routes batch i+1 while step i runs
+    futures: dict[int, Any] = {}
+
+    def plan_of(step: int) -> Any:
+        return futures[step].result() if router is not None else None
+
+    schedule = [False] * args.warmup + _schedule(args.steps, args.metered if metered_on else 0)
+    total = len(schedule)
+    runs = {r.name: _make_run(r, data, args, rank, world, plan_of, router, total) for r in rows}
     meter = None
     if metered_on and args.metered:
         from fsc.runtime.bubbles import WAIT_OPS, BubbleMeter
 
         meter = BubbleMeter(rank=rank, world=world, warmup_steps=_METERED_BASE, wait_ops=WAIT_OPS + EXTRA_WAITS)
-    schedule = [False] * args.warmup + _schedule(args.steps, args.metered if metered_on else 0)
-    total = len(schedule)
     step_ms: dict[str, list[float]] = {n: [] for n in names}
     warm_ms: dict[str, list[float]] = {n: [] for n in names}
     graphs: dict[str, int] = {n: 0 for n in names}
@@ -378,17 +427,20 @@ def _train(rank: int, world: int, rows: list[Row], args: argparse.Namespace, met
     losses: dict[str, list[float]] = {n: [] for n in names}
     passes: dict[str, Any] = {}
     meter_index: dict[int, str] = {}
-    pending = router.plan_async(data.lengths(0)) if router else None
+    if router is not None:
+        for ahead in range(min(2, total)):
+            futures[ahead] = router.plan_async(data.lengths(ahead))
     peak_reset = False
     for step in range(total):
         if step == args.warmup:
             peak_reset = _reset_peak_rss()
         plan = None
         if router is not None:
-            plan = pending.result()
-            if step + 1 < total:
-                pending = router.plan_async(data.lengths(step + 1))
-        for ahead in range(3):  # batch making stays out of the timed steps (torchrec reads two ahead)
+            plan = plan_of(step)
+            if step + 2 < total:
+                futures[step + 2] = router.plan_async(data.lengths(step + 2))
+            futures.pop(step - 2, None)
+        for ahead in range(3):  # batch making stays out of the timed steps (torchrec reads two ahead, fsc one)
             data.get(step + ahead)
         metered = schedule[step]
         for position in step_order(len(rows), args.seed, repeat, step):
@@ -417,7 +469,7 @@ def _train(rank: int, world: int, rows: list[Row], args: argparse.Namespace, met
             if step < args.warmup:
                 warm_ms[name].append(ms)
                 graphs[name] += compiled
-                if compiled and isinstance(run, _HstuRun) and run.row.variant.compiler == "freescale" \
+                if compiled and isinstance(run, (_HstuRun, _PipeRun)) and run.row.variant.compiler == "freescale" \
                         and name not in passes:
                     passes[name] = _pass_stats(fsc.last_compile())
             else:
@@ -486,7 +538,7 @@ def rows_at(args: argparse.Namespace, rows: list[Row], world: int) -> list[Row]:
     if world in args.ablate_ranks:
         return rows
     return [r for r in rows if r.variant.compiler != "freescale" or r.twin_of
-            or r.name.partition("@")[0] == "fs-all"]
+            or r.name.partition("@")[0] in HEADLINE]
 
 
 def _run_ranks(world: int, rows: list[Row], args: argparse.Namespace, metered: bool, cache: str,
@@ -540,6 +592,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--negatives", type=int, default=None,
                    help="negatives per sample (default 8: 128 looked up per rank at 2 ranks, 64 at 4; quick 4)")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--table-optimizer", choices=("adam", "sgd", "adagrad", "rowwise-adagrad"), default="adagrad",
+                   help="the item table's optimizer in every row but torchrec's (the dense part: Adam); default "
+                        "adagrad, what the torchrec row's fused kernel runs (EXACT_ADAGRAD); the TrainPipeline rows "
+                        "need a row-sparse one (not adam)")
     p.add_argument("--fs-inner", choices=("inductor", "eager"), default="inductor",
                    help="freescale's inner compiler (eager: the passes' graphs run uncompiled; for smoke tests)")
     p.add_argument("--synthetic-users", type=int, default=None, help="default 2000; quick 200")
@@ -601,6 +657,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
                 "synthetic_users", "synthetic_items", "isolate_steps", "repeats", "attention_groups"):
         if getattr(args, key) < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.table_optimizer == "adam" and any(r.variant.pipeline for r in args.rows):
+        parser.error("--table-optimizer adam: the TrainPipeline rows (fs-pipe, fs-all-pipe) prefetch table rows one "
+                     "step ahead and need a row-sparse table optimizer (sgd, adagrad, rowwise-adagrad)")
     if args.metered < 0:
         parser.error(f"--metered must be >= 0, got {args.metered}")
     if args.timeout <= 0:
@@ -634,6 +693,7 @@ def _notes(args: argparse.Namespace, tables: dict[int, list[dict[str, Any]]]) ->
         f"{args.negatives} per sample; balanced rows start from the same loss as the others.",
         "inductor-overlap: Inductor's aten overlap scheduler with compute_estimator=analytical and the roofline's "
         "GPU numbers answered with the cpu device profile's (without both it raises on a machine without a GPU).",
+        f"optimizers: Adam for the dense parameters, {args.table_optimizer} for the item table (every row). "
         "torchrec: row-wise sharding allows only FBGEMM's fused kernel, whose CPU path has no Adam: the table "
         "trains with fused EXACT_ADAGRAD (the dense part with Adam); CUDA streams absent on CPU, so "
         "TrainPipelineSparseDist only issues the next batch's id all-to-all early; the dense part runs eagerly; "

@@ -25,6 +25,8 @@ TECHNIQUES = {
     "fs-smfree": "SM-free transport only",
     "fs-attn": "attention lowering only",
     "fs-all": "all (balancer, every pass, SM-free transport)",
+    "fs-pipe": "TrainPipeline + balancer + scheduling passes + SM-free, no attention lowering",
+    "fs-all-pipe": "TrainPipeline + all",
 }
 NO_DIFFERENCE = "no measurable difference"
 
@@ -211,11 +213,11 @@ def headline(world: int, rows: list[dict[str, Any]]) -> str:
     if best is None:
         return f"{world} ranks: no fair peer ran."
     peer = f"{best['backend']} ({best['attention']} attention, {best['median_step_ms']:.1f} ms)"
-    fs = by_name.get("fs-all")
-    if fs is None:
-        return f"{world} ranks: best fair peer {peer}; fs-all did not run."
-    return (f"{world} ranks: fs-all takes {_ratio(fs)}x the step time of the best fair peer, {peer}: "
-            f"{fs['verdict']}.")
+    said = [f"{name} takes {_ratio(by_name[name])}x the step time of the best fair peer, {peer}: "
+            f"{by_name[name]['verdict']}" for name in ("fs-all", "fs-pipe") if name in by_name]
+    if not said:
+        return f"{world} ranks: best fair peer {peer}; neither fs-all nor fs-pipe ran."
+    return f"{world} ranks: " + "; ".join(said) + "."
 
 
 def readme_section(result: dict[str, Any]) -> str:

@@ -129,13 +129,11 @@ class TrainPipeline:
         self._loss = _Loss(model, loss)
         self._dynamic = dynamic
         self._marked = False
-        if backend is None:
-            self._step = self._run
-        else:
-            # split sizes are read from tensors inside the graph; refetched rows are picked by mask
-            torch._dynamo.config.capture_scalar_outputs = True
-            torch._dynamo.config.capture_dynamic_output_shape_ops = True
-            self._step = torch.compile(self._run, backend=backend, options=options, fullgraph=True)
+        self._step = self._run if backend is None else \
+            torch.compile(self._run, backend=backend, options=options, fullgraph=True)
+        # split sizes are read from tensors inside the graph; refetched rows are picked by mask
+        self._config = contextlib.nullcontext if backend is None else lambda: torch._dynamo.config.patch(
+            capture_scalar_outputs=True, capture_dynamic_output_shape_ops=True)
         self._inputs: Inputs | None = None      # the batch the next progress() trains
         self._state: dict[str, Prefetched] | None = None
         self._done = False
@@ -171,7 +169,7 @@ class TrainPipeline:
         self._start_agreement(upcoming is None)
         next_ids = self._ids(upcoming) if upcoming is not None else self._empty_ids()
         self._mark(self._inputs, self._state, next_ids)
-        with self._tables_in_pipeline():
+        with self._tables_in_pipeline(), self._config():
             loss, ahead = self._step(self._state, next_ids, tuple(self._inputs))
         loss.backward()
         for opt in self.optimizers:
