@@ -605,7 +605,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds before one phase's ranks are killed, at a world size no larger than the cpu "
                         "count; scaled by world / cpus above it (ranks share cores, compiles take longer)")
     p.add_argument("--verbose", action="store_true", help="rank 0 prints every configuration's every step")
-    p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:e2e --> section")
+    p.add_argument("--readme", default=None, help="rewrite this README's <!-- bench:SECTION --> section")
+    p.add_argument("--section", default="e2e",
+                   help="the README section --readme rewrites (default e2e; another name for a run of other rows, "
+                        "with --json and --plot elsewhere, so the headline table stays)")
     p.add_argument("--plot", default=None, help="PNG path (default: next to --json, e2e.png)")
     return p
 
@@ -842,7 +845,7 @@ def _write(args: argparse.Namespace, argv: list[str], json_path: str, tables: di
         print(f"wrote {plot_path}")
     except ImportError as e:
         result["notes"].append(f"no plot: {e} (pip install 'fsc[bench]')")
-    bubbles_path = pathlib.Path(plot_path).with_name("e2e-bubbles.png")
+    bubbles_path = pathlib.Path(plot_path).with_name(pathlib.Path(plot_path).stem + "-bubbles.png")
     runs = {name: steps for name, steps in bubble_steps.items() if steps}
     if runs:
         from fsc.runtime.bubble_trace import plot_stacked_bars
@@ -855,5 +858,5 @@ def _write(args: argparse.Namespace, argv: list[str], json_path: str, tables: di
             result["notes"].append(f"no bubbles plot: {e}")
     write_json(json_path, {k: v for k, v in result.items() if k != "tables"})
     if args.readme:
-        replace_section(args.readme, "e2e", e2e_report.readme_section(result))
+        replace_section(args.readme, args.section, e2e_report.readme_section(result))
         print(f"updated {args.readme}")

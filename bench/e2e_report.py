@@ -151,6 +151,7 @@ def _compare(rows: list[dict[str, Any]]) -> None:
         row["verdict"] = verdict(ratios) if row is not best else "the reference"
         paired = [a / b for mine, theirs in zip(row["step_ms"], best["step_ms"]) for a, b in zip(mine, theirs)]
         row["median_paired_step_ratio_vs_best_competitor"] = statistics.median(paired)
+    _bubble_ratios(rows, fair, best, by_name.get("eager"))
     for row in rows:
         original = by_name.get(row["twin_of"]) if row["twin_of"] else None
         if original is not None:
@@ -207,6 +208,44 @@ def technique_table(rows: list[dict[str, Any]]) -> str:
                                      "lower-attention", "exposed comm ms"], body, numeric=1))
 
 
+def _bubble_ratios(rows: list[dict[str, Any]], fair: list[dict[str, Any]], best: dict[str, Any] | None,
+                   eager: dict[str, Any] | None) -> None:
+    """The bubble meter's figures against the peers': exposed communication and bubble
+    fraction over the best fair peer's (the fastest) and over the lowest any fair peer has,
+    and the bubble fraction's reduction against eager's (the paper's measure)."""
+    def ratio(mine: float | None, theirs: float | None) -> float | None:
+        return mine / theirs if mine is not None and theirs else None
+
+    for key in ("exposed_comm_ms", "bubble_fraction"):
+        lowest = min((r[key] for r in fair if r.get(key) is not None), default=None)
+        for row in rows:
+            row[f"{key}_vs_best_peer"] = ratio(row.get(key), best.get(key) if best else None)
+            row[f"{key}_vs_lowest_peer"] = ratio(row.get(key), lowest)
+    for row in rows:
+        theirs = eager.get("bubble_fraction") if eager else None
+        row["bubble_reduction_vs_eager"] = 1 - row["bubble_fraction"] / theirs \
+            if row.get("bubble_fraction") is not None and theirs else None
+
+
+def pipeline_table(rows: list[dict[str, Any]]) -> str:
+    """The TrainPipeline rows against the peers (the issue's targets: exposed communication
+    <= 0.25x and bubble fraction <= 0.5x the best peer's, step <= 0.85x; with every pass on,
+    bubble fraction >= 90% below eager's)."""
+    body = []
+    for r in rows:
+        if r["peer"] or r["twin_of"]:
+            continue
+        body.append([r["backend"], _ratio(r), fmt(r.get("exposed_comm_ms_vs_best_peer"), 2),
+                     fmt(r.get("exposed_comm_ms_vs_lowest_peer"), 2), fmt(r.get("bubble_fraction_vs_best_peer"), 2),
+                     fmt(r.get("bubble_fraction_vs_lowest_peer"), 2),
+                     "-" if r.get("bubble_reduction_vs_eager") is None else f"{100 * r['bubble_reduction_vs_eager']:.0f}%"])
+    if not body:
+        return ""
+    return "\n".join(markdown_table(["row", "step vs best peer (spread)", "exposed comm vs best peer",
+                                     "vs lowest peer", "bubble vs best peer", "vs lowest peer",
+                                     "bubble reduction vs eager"], body, numeric=1))
+
+
 def headline(world: int, rows: list[dict[str, Any]]) -> str:
     by_name = {r["backend"]: r for r in rows}
     best = next((r for r in rows if r.get("verdict") == "the reference"), None)
@@ -231,6 +270,10 @@ def readme_section(result: dict[str, Any]) -> str:
                 f"\"{NO_DIFFERENCE}\"):", "", technique_table(rows)]
     for world, rows in result["tables"].items():
         out += ["", f"All rows, {world} ranks:", "", table(rows)]
+    for world, rows in result["tables"].items():
+        if any(r["backend"].endswith("-pipe") for r in rows):
+            out += ["", f"The bubble meter against the peers, {world} ranks (best peer: the fastest fair peer; lowest "
+                    "peer: the lowest figure any fair peer has):", "", pipeline_table(rows)]
     out += ["", "What these numbers do not show: there is no GPU here, so the Triton attention kernels, NCCL, "
             "copy-engine transfers and SM contention (what SM-free transport is for) are absent; the ranks are "
             "processes on one 2-core host talking gloo over loopback, one compute thread each (at 4 ranks two "

@@ -238,9 +238,13 @@ def test_every_freescale_variant_builds_its_pipeline(name):
     options = e2e._freescale_options(e2e.VARIANTS[name], "eager")
     passes = fsc.Config.from_options(options).passes
     names = [p.name for p in passes]
-    assert any(isinstance(p, SmFreeCollectives) for p in passes) == ("smfree" in name or name == "fs-all"), names
-    assert ("lower-attention" in names) == (name in ("fs-attn", "fs-all")), names
-    assert ("overlap-schedule" in names) == (name in ("fs-overlap", "fs-all")), names
+    everything = ("fs-all", "fs-all-pipe")
+    assert any(isinstance(p, SmFreeCollectives) for p in passes) == (
+        "smfree" in name or name in everything or name == "fs-pipe"), names
+    # fs-pipe: every scheduling pass and SM-free, attention lowering off (it cannot flatter the pipeline)
+    assert ("lower-attention" in names) == (name in ("fs-attn", *everything)), names
+    assert ("overlap-schedule" in names) == (name in ("fs-overlap", "fs-pipe", *everything)), names
+    assert e2e.VARIANTS[name].pipeline == name.endswith("-pipe")
 
 
 def test_larger_world_sizes_run_the_headline_only_unless_asked():
@@ -248,7 +252,7 @@ def test_larger_world_sizes_run_the_headline_only_unless_asked():
     full = [r.name for r in e2e.rows_at(args, args.rows, 2)]
     assert full == [r.name for r in args.rows] and "fs-lb" in full
     assert [r.name for r in e2e.rows_at(args, args.rows, 4)] == [
-        "eager", "inductor", "inductor-overlap", "torchrec", "fs-all", "inductor-twin"]
+        "eager", "inductor", "inductor-overlap", "torchrec", "fs-all", "fs-pipe", "fs-all-pipe", "inductor-twin"]
     both = e2e.parse(["--ranks", "2", "4", "--ablate-ranks", "2", "4"])
     assert e2e.rows_at(both, both.rows, 4) == both.rows
 
