@@ -42,7 +42,17 @@ fsc, one technique at a time (``backend="freescale"``, Inductor underneath):
 * ``fs-attn``: only ``lower-attention`` (attention it recognises replaced by
   ``fsc::jagged_attention``, on CPU its length-grouped PyTorch implementation); the row's
   ``attention_lowering`` says whether it recognised the form this run used;
-* ``fs-all``: balancing + the default pipeline + ``sm-free-collectives``.
+* ``fs-all``: balancing + the default pipeline + ``sm-free-collectives``;
+* ``fs-pipe``: the whole step in the compiler, :class:`fsc.TrainPipeline`
+  (``examples.hstu.train.pipeline``: the next batch's item exchange prefetched inside this
+  step, the dense gradients' all-reduce in the compiled backward) with the balancer, the
+  scheduling passes and ``sm-free-collectives``, and *without* ``lower-attention`` (so
+  attention cannot flatter it);
+* ``fs-all-pipe``: ``fs-all`` trained by :class:`fsc.TrainPipeline`.
+
+Every row trains the item table with ``--table-optimizer`` (default ``adagrad``: what the
+TorchRec peer's fused kernel runs; the pipeline needs a row-sparse one) and the dense part
+with Adam, so every row trains the same maths.
 
 **Measurement, without bias.** Per world size, ``--ranks`` processes on this machine,
 gloo over 127.0.0.1, one compute thread each. Every configuration has its own copy of the
