@@ -2,18 +2,25 @@
 
     --backend {eager,inductor,freescale}  --steps S  --batch-size B (global, sequences)
     --seed K  [--attention {padded,jagged,dense}]  [--data RATINGS_FILE]  [--out DIR]  [--eval]
-    [--bubbles DIR]  [--balance METHOD]
+    [--bubbles DIR]  [--balance METHOD]  [--table-optimizer NAME]  [--pipeline]
 
 CPU ranks use gloo, GPU ranks NCCL. Without torchrun it runs as a single process. Rank 0
 writes ``DIR/summary.json`` (final_loss, losses, median_step_ms, recompiles, world_size,
-backend, and hr@10/ndcg@10 with --eval) and, for freescale, the compile record under
-``DIR/compile_record/``. ``--bubbles DIR`` turns the bubble meter on (``fsc.runtime.bubbles``):
-rank 0 writes ``DIR/bubbles.json``, ``DIR/trace.json`` (Perfetto) and ``DIR/bubbles.png``,
-and the summary gains ``bubble_fraction``, ``exposed_comm_ms`` and ``idle_ms``.
+backend, pipeline, table_optimizer, and hr@10/ndcg@10 with --eval) and, for freescale, the
+compile record under ``DIR/compile_record/``. ``--bubbles DIR`` turns the bubble meter on
+(``fsc.runtime.bubbles``): rank 0 writes ``DIR/bubbles.json``, ``DIR/trace.json`` (Perfetto)
+and ``DIR/bubbles.png``, and the summary gains ``bubble_fraction``, ``exposed_comm_ms`` and
+``idle_ms``.
 
 The step itself (forward, backward, gradient all-reduce, optimizer) is :class:`Trainer`'s,
 which the benchmarks drive too. Every sample brings its own negatives, drawn for (seed,
 step, user), so ``--balance`` (which moves samples between ranks) trains the same maths.
+``--pipeline`` drives the step by :func:`pipeline` (:class:`fsc.TrainPipeline`) instead:
+batch i+1's item rows are fetched, and its samples routed with ``--balance``, while batch i
+trains, and the dense gradients are all-reduced inside the compiled backward; the same
+losses as without it (with the same ``--table-optimizer``, which must be row-sparse: not
+``adam``). ``--bubbles`` meters each step as before; the step that trains batch i includes
+reading and routing batch i+1, and there is no separate gradient all-reduce wait.
 """
 
 from __future__ import annotations
@@ -191,6 +198,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "tokens (not a form users write; the one lower-attention recognises)")
     p.add_argument("--attention-groups", type=int, default=4, help="groups of the jagged form")
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--table-optimizer", choices=TABLE_OPTIMIZERS, default="adam",
+                   help="the item table's optimizer (make_optimizers; the dense parameters always use Adam): adam "
+                        "(one Adam over everything), or a row-sparse one, which --pipeline needs")
+    p.add_argument("--pipeline", action="store_true",
+                   help="drive the step by fsc.TrainPipeline (examples.hstu.train.pipeline): the next batch's item "
+                        "rows prefetched and its samples routed while this batch trains, the dense gradients "
+                        "all-reduced inside the compiled backward; needs --table-optimizer sgd, adagrad or "
+                        "rowwise-adagrad")
     p.add_argument("--dropout", type=float, default=0.0,
                    help="HSTU uses 0.2 on MovieLens; compiled code draws different random numbers than eager")
     p.add_argument("--eval", action="store_true", help="HR@10 / NDCG@10, leave-one-out, after training")
@@ -217,6 +232,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if not args.pg_timeout > 0:
         p.error(f"--pg-timeout must be > 0, got {args.pg_timeout}")
+    if args.pipeline and args.table_optimizer == "adam":
+        p.error("--pipeline needs a row-sparse --table-optimizer (sgd, adagrad or rowwise-adagrad), got "
+                "--table-optimizer adam: the pipeline fetches table rows one step ahead, and Adam moves rows "
+                "the batch did not look up, so a prefetched row would be stale")
     if args.split and (args.balance == "none" or args.balance_cost != "quadratic" or args.attention != "kernel"):
         p.error("--split needs --balance METHOD (not none), --balance-cost quadratic (chunk costs come from its "
                 "coefficients) and --attention kernel (the form that runs chunks); got "
@@ -299,9 +318,18 @@ def train(args: argparse.Namespace) -> dict:
                      heads=args.heads, layers=args.layers, max_len=args.max_len, num_negatives=args.negatives,
                      dropout=args.dropout, seed=args.seed, attention=args.attention,
                      attention_groups=args.attention_groups)
-    trainer = Trainer.create(cfg, lr=args.lr, device=device,
-                             compile=lambda model: (compile_model(model, args), contextlib.nullcontext))
-    model = trainer.model
+    if args.pipeline:
+        trainer = None
+        model = HSTU(cfg).to(device)
+        backend, options = {"eager": (None, None), "inductor": ("inductor", None),
+                            "freescale": ("freescale", {"inner": args.inner})}[args.backend]
+        pipe = pipeline(model, make_optimizers(model, args.lr, args.table_optimizer), backend=backend,
+                        options=options)
+    else:
+        pipe = None
+        trainer = Trainer.create(cfg, lr=args.lr, device=device, table_optimizer=args.table_optimizer,
+                                 compile=lambda model: (compile_model(model, args), contextlib.nullcontext))
+        model = trainer.model
     per_rank = args.batch_size // world
     router = make_router(args.balance, token_cost if args.balance_cost == "tokens" else sample_cost(cfg), world,
                          split=args.split)
@@ -325,24 +353,35 @@ def train(args: argparse.Namespace) -> dict:
             yield
         wait_ms.append((time.perf_counter() - waited) * 1e3)
 
+    def step_inputs(step: int) -> list[torch.Tensor]:
+        """This rank's model inputs of one step: its batch as read, routed with --balance,
+        and the global trained-token count as the loss scale (collectives: every rank calls
+        it for the same steps in order)."""
+        nonlocal pending
+        batch = read_batch(train_h, my_users(step), cfg, seed=args.seed, step=step)
+        if router is not None:
+            with meter.sync_wait("balance plan"):
+                plan = pending.result()
+            if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
+                pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
+            with meter.sync_wait("sample routing"):
+                batch = route_batch(router, batch, plan)
+            balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers,
+                                  plan.assignment.split_samples))
+        trained = torch.tensor([float((batch.targets > 0).sum())])
+        with meter.sync_wait("token count all-reduce"):
+            dist.all_reduce(trained)
+        return [t.to(device) for t in model_inputs(batch, scale_tensor(trained.item()), cfg)]
+
+    # the pipeline pulls batch i+1 (read, routed) inside the step that trains batch i
+    batches = (step_inputs(step) for step in range(args.steps)) if pipe is not None else None
     for step in range(args.steps):
         with meter.step(step):
             start = time.perf_counter()
-            batch = read_batch(train_h, my_users(step), cfg, seed=args.seed, step=step)
-            if router is not None:
-                with meter.sync_wait("balance plan"):
-                    plan = pending.result()
-                if step + 1 < args.steps:  # the next batch's assignment is made while this step runs
-                    pending = router.plan_async(token_lengths(train_h, my_users(step + 1), cfg.max_len))
-                with meter.sync_wait("sample routing"):
-                    batch = route_batch(router, batch, plan)
-                balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers,
-                                      plan.assignment.split_samples))
-            trained = torch.tensor([float((batch.targets > 0).sum())])
-            with meter.sync_wait("token count all-reduce"):
-                dist.all_reduce(trained)
-            inputs = [t.to(device) for t in model_inputs(batch, scale_tensor(trained.item()), cfg)]
-            loss = trainer.step(inputs, sync=gradient_sync)
+            if pipe is not None:
+                loss = pipe.progress(batches)
+            else:
+                loss = trainer.step(step_inputs(step), sync=gradient_sync)
             total = loss.clone()
             with meter.sync_wait("loss all-reduce"):
                 dist.all_reduce(total)
@@ -361,6 +400,8 @@ def train(args: argparse.Namespace) -> dict:
     dist.all_gather(waits, my_wait)
     summary = {
         "backend": args.backend,
+        "pipeline": args.pipeline,
+        "table_optimizer": args.table_optimizer,
         "attention": cfg.attention,
         "world_size": world,
         "steps": args.steps,
@@ -369,7 +410,8 @@ def train(args: argparse.Namespace) -> dict:
         "losses": losses,
         "median_step_ms": statistics.median(step_ms[1:] or step_ms) if step_ms else None,
         # per rank: time in the gradient all-reduce's wait, mostly waiting for the slowest rank
-        "median_allreduce_wait_ms": [float(w) for w in waits],
+        # (None with --pipeline: the all-reduce runs inside the compiled backward, no separate wait)
+        "median_allreduce_wait_ms": None if args.pipeline else [float(w) for w in waits],
         "balance": args.balance,
         "median_max_over_lb": statistics.median(b[0] for b in balance_stats) if balance_stats else None,
         "stragglers": sum(b[1] for b in balance_stats),
@@ -397,7 +439,8 @@ def train(args: argparse.Namespace) -> dict:
             import fsc
 
             fsc.last_compile().dump(out / "compile_record")
-    trainer.close()
+    if trainer is not None:
+        trainer.close()
     if router is not None:
         router.close()
     dist.barrier()
