@@ -47,7 +47,9 @@ the losses of an uninterrupted one.
 
 Limits: every table is a :class:`~fsc.runtime.embedding.RowShardedEmbedding` (other
 parameters are data parallel); the batch is a tuple of tensors; one optimizer step per
-batch (no gradient accumulation).
+batch (no gradient accumulation); every dense parameter reaches the loss on every rank (a
+bucket none of whose parameters is used is not reduced on that rank, and its peers would
+wait for it: DDP's ``find_unused_parameters`` case, not handled).
 """
 
 from __future__ import annotations
@@ -238,10 +240,12 @@ class TrainPipeline:
             for table in self.tables.values():
                 table.in_pipeline = None
 
-    # the ranks agree when to stop: MAX over "my iterator ended"
+    # the ranks agree when to stop: MAX over "my iterator ended" (on the tables' device, so an
+    # NCCL group takes it too)
     def _start_agreement(self, ended: bool) -> None:
-        flag = torch.tensor([int(ended)])
-        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._cpu_group(), async_op=True) \
+        device = next(iter(self.tables.values())).weight.device
+        flag = torch.tensor([int(ended)], device=device)
+        work = dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group, async_op=True) \
             if self.group is not None else None
         self._agree = (flag, work)
 
@@ -254,9 +258,6 @@ class TrainPipeline:
     def _settle(self, ended: bool) -> bool:
         self._start_agreement(ended)
         return self._finish_agreement()
-
-    def _cpu_group(self) -> dist.ProcessGroup:
-        return self.group
 
     # ------------------------------------------------------------------ checkpoints
 
