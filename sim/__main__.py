@@ -35,15 +35,26 @@ def _common(p: argparse.ArgumentParser, ranks: int = 256) -> None:
     p.add_argument("--layers", type=int, default=8)
     p.add_argument("--lengths", default="lognormal:300:1.0", help="lognormal[:MEDIAN[:SIGMA]], zipf[:MIN[:A]], file:PATH")
     p.add_argument("--lengths-from", default=None, metavar="RATINGS_FILE", help="users' history lengths of a ratings file")
+    p.add_argument("--refetch-fraction", type=float, default=None, metavar="F",
+                   help="pipelined configurations: share of a batch's rows fetched again because the previous batch "
+                        "updated them (default: estimated from the batch, item ids uniform over the table: "
+                        "sim.hstu.refetch_fraction)")
+    p.add_argument("--prefetch-wait", choices=("forward", "step"), default="forward",
+                   help="pipelined configurations: where the next batch's exchange is waited on (default forward: "
+                        "the end of the forward graph, as the compiled step does; step: after the optimizer)")
 
 
 def _setting(args: argparse.Namespace):
     from sim.ablation import DEFAULT_CONTENTION, Setting
-    from sim.topology import Topology
+    from sim.topology import Topology, TopologyError
 
     Topology.of(args.ranks, args.device)  # bad ranks or profile fail here, naming them
+    refetch = getattr(args, "refetch_fraction", None)
+    if refetch is not None and not 0.0 <= refetch <= 1.0:
+        raise TopologyError(f"--refetch-fraction must be in [0, 1], got {refetch}")
     return Setting(ranks=args.ranks, device=args.device, steps=args.steps, seed=args.seed,
-                   contention=DEFAULT_CONTENTION if args.contention is None else args.contention)
+                   contention=DEFAULT_CONTENTION if args.contention is None else args.contention,
+                   refetch=refetch, prefetch_wait=getattr(args, "prefetch_wait", "forward"))
 
 
 def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
@@ -56,7 +67,7 @@ def _table(rows: list[dict[str, Any]], keys: list[str]) -> str:
 def cmd_ablation(args: argparse.Namespace) -> int:
     from fsc.runtime.bubble_trace import plot_stacked_bars, write_chrome_trace
     from sim.ablation import ablation
-    from sim.hstu import HSTUStep
+    from sim.hstu import CONFIGS, HSTUStep
 
     setting, lengths = _setting(args), _lengths(args)
     started = time.perf_counter()
@@ -64,18 +75,26 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     capture_s = time.perf_counter() - started
     rows, bubbles, results = ablation(step, setting, lengths)
     keys = ["config", "ranks", "bubble_fraction", "reduction_vs_baseline", "step_ms", "compute_ms",
-            "exposed_comm_ms", "idle_ms", "contention_ms", "split_samples", "kv_gb", "kv_exchange_ms"]
+            "exposed_comm_ms", "idle_ms", "contention_ms", "split_samples", "kv_gb", "kv_exchange_ms", "pipelined",
+            "refetch_fraction"]
     print(_table(rows, keys))
     if args.readme:
         command = f"python -m sim ablation --ranks {setting.ranks}"
+        if args.refetch_fraction is not None:
+            command += f" --refetch-fraction {args.refetch_fraction:g}"
+        if args.prefetch_wait != "forward":
+            command += f" --prefetch-wait {args.prefetch_wait}"
         if args.lengths_from:
             command += f" --lengths-from {args.lengths_from} --json {args.json} --png {args.png}"
         replace_section(args.readme, args.readme_section, (
             f"Simulated ({args.device} profile, {setting.ranks} ranks in nodes of 8, {step.scale.describe()}, lengths "
             f"{lengths.source}, SM contention {setting.contention}, {setting.steps} steps, seed {setting.seed}; "
             f"`{command}`; `{args.json}`, `{args.png}`; split rows: samples split per step and the keys/values they move per "
-            "step, all layers, forward and backward):\n\n" + _table(rows, keys[:8] + keys[9:11])))
+            "step, all layers, forward and backward; pipelined rows: fsc.TrainPipeline's step, refetching the "
+            "given share of its rows; -sync rows: the same configuration unpipelined):\n\n"
+            + _table(rows, keys[:8] + keys[9:11] + keys[12:])))
     doc = {"rows": rows, "model": step.scale.describe(), "setting": dataclasses.asdict(setting),
+           "configs": {name: flags for name, flags in CONFIGS.items()},
            "lengths": lengths.source, "capture_seconds": capture_s, "passes": step.passes,
            "loadavg": os.getloadavg()}
     write_json(args.json, doc)
@@ -134,7 +153,7 @@ def cmd_scaling(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m sim", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("ablation", help="baseline / lb / overlap / sm-free / all at --ranks")
+    p = sub.add_parser("ablation", help="baseline / lb / overlap / sm-free / all (and split, -sync rows) at --ranks")
     _common(p)
     p.add_argument("--json", default="results/sim-ablation.json")
     p.add_argument("--png", default="results/sim-ablation.png")

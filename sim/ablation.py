@@ -1,7 +1,8 @@
 """The paper's ablation, simulated: bubble fraction of the HSTU step at R ranks for
-``baseline``, ``lb``, ``overlap``, ``sm-free`` and ``all`` (see :mod:`sim.hstu`), and
-its sensitivity to the assumptions (SM contention factor, NVLink and IB bandwidth, length
-distribution).
+``baseline``, ``lb``, ``overlap``, ``sm-free`` and ``all`` (and the split and unpipelined
+``-sync`` rows; see :mod:`sim.hstu`: ``overlap``, ``all`` and ``all-split`` run the
+pipelined step, ``fsc.TrainPipeline``'s), and its sensitivity to the assumptions (SM
+contention factor, NVLink and IB bandwidth, length distribution).
 
 Each configuration runs ``steps`` steps; step s draws a global batch of
 ``R * batch_per_rank`` lengths with ``numpy.random.default_rng([seed, s])`` (the same
@@ -23,7 +24,7 @@ import numpy as np
 from fsc.runtime.balancer import Balancer, QuadraticCost
 from fsc.runtime.bubble_trace import StepBubbles, summarize
 from sim.engine import StepResult, simulate
-from sim.hstu import CONFIGS, HSTUStep
+from sim.hstu import CONFIGS, HSTUStep, refetch_fraction
 from sim.lengths import LengthDistribution
 from sim.split import Shares, exchange_seconds
 from sim.topology import Topology
@@ -44,6 +45,11 @@ class Setting:
     attention: str = "jagged"
     overrides: tuple[tuple[str, float], ...] = ()
     """DeviceProfile fields replaced (bandwidths)."""
+    refetch: float | None = None
+    """Pipelined steps: the share of rows fetched again (None: estimated from the batch,
+    :func:`sim.hstu.refetch_fraction`)."""
+    prefetch_wait: str = "forward"
+    """Pipelined steps: where the next batch's exchange is waited on (:data:`sim.hstu.PREFETCH_WAITS`)."""
 
     def topology(self) -> Topology:
         return Topology.of(self.ranks, self.device, **dict(self.overrides))
@@ -78,7 +84,8 @@ def run_config(step: HSTUStep, setting: Setting, lengths: LengthDistribution, co
                *, record: bool = False, stats: list[dict[str, Any]] | None = None
                ) -> tuple[list[StepBubbles], list[StepResult]]:
     """``stats``, if given, receives per step the split samples, the key/value tokens sent per
-    layer and direction, one layer's exchange time and whether it leaves a node."""
+    layer and direction, one layer's exchange time and whether it leaves a node, and the
+    share of rows a pipelined step fetches again (0 unpipelined)."""
     if config not in CONFIGS:
         raise ValueError(f"unknown configuration {config!r}; choose from {', '.join(CONFIGS)}")
     flags = CONFIGS[config]
@@ -95,12 +102,17 @@ def run_config(step: HSTUStep, setting: Setting, lengths: LengthDistribution, co
             shares = Shares.whole(assign(batch, setting.ranks, balance=flags["balance"], cost=cost,
                                          seed=setting.seed + s))
         exchange = exchange_seconds(shares, topo, step.kv_bytes)
-        ops = step.ops(step.ranks(shares.lengths, shares.offsets), topo, overlap=flags["overlap"],
-                       sm_free=flags["sm_free"], attention=setting.attention, exchange=exchange)
+        ranks = step.ranks(shares.lengths, shares.offsets)
+        refetch = (setting.refetch if setting.refetch is not None
+                   else refetch_fraction(float(ranks.send.sum()), step.scale.num_items))
+        ops = step.ops(ranks, topo, overlap=flags["overlap"], sm_free=flags["sm_free"], attention=setting.attention,
+                       exchange=exchange, pipelined=flags["pipelined"], refetch=refetch,
+                       prefetch_wait=setting.prefetch_wait)
         result = simulate(ops, setting.ranks, contention=setting.contention, record=record)
         if stats is not None:
             stats.append({"split_samples": shares.split_samples, "kv_tokens": shares.kv_tokens,
-                          "kv_exchange_ms": exchange[0] * 1e3, "kv_leaves_node": exchange[1]})
+                          "kv_exchange_ms": exchange[0] * 1e3, "kv_leaves_node": exchange[1],
+                          "refetch_fraction": refetch if flags["pipelined"] else 0.0})
         bubbles += result.bubbles(step=s)
         results.append(result)
     return bubbles, results
@@ -118,7 +130,8 @@ def ablation(step: HSTUStep, setting: Setting, lengths: LengthDistribution,
         summary = summarize(bubbles)
         all_bubbles[config], all_results[config] = bubbles, results
         contention = float(np.mean([r.contention_s.mean() for r in results])) * 1e3
-        rows.append({"config": config, "ranks": setting.ranks, "bubble_fraction": summary["bubble_fraction"],
+        rows.append({"config": config, "pipelined": CONFIGS[config]["pipelined"], "ranks": setting.ranks,
+                     "bubble_fraction": summary["bubble_fraction"],
                      "step_ms": summary["step_ms"], "compute_ms": summary["compute_ms"],
                      "exposed_comm_ms": summary["exposed_comm_ms"], "idle_ms": summary["idle_ms"],
                      "contention_ms": contention,
@@ -128,6 +141,7 @@ def ablation(step: HSTUStep, setting: Setting, lengths: LengthDistribution,
                      "kv_gb": float(np.mean([x["kv_tokens"] for x in stats])) * step.kv_bytes
                      * step.scale.layers * 2 / 1e9,
                      "kv_exchange_ms": float(np.mean([x["kv_exchange_ms"] for x in stats])),
+                     "refetch_fraction": float(np.mean([x["refetch_fraction"] for x in stats])),
                      "sim_seconds": time.perf_counter() - started,
                      "loadavg": os.getloadavg()[0]})
     base = next((r["bubble_fraction"] for r in rows if r["config"] == "baseline"), None)

@@ -1,26 +1,80 @@
 """The HSTU example's training step as the simulator runs it.
 
-One step, on every rank, in the order ``examples/hstu/train.py`` runs it: a tiny all-reduce
-of the global token count (the first synchronisation), the compiled forward and backward
-graphs (the embedding exchanges inside them), the dense gradients' bucketed all-reduce
-(``GradientBuckets``: under ``torch.compile`` the whole backward is one node, so every
-bucket is issued when the backward ends and waited on before the optimizer), Adam over the
-dense parameters and the rank's item-table shard (memory-bound: 28 bytes per fp32
-parameter), and a tiny all-reduce of the loss.
+Two programs of one step, on every rank:
 
-Configurations (the paper's ablation):
+**Unpipelined** (the example's ``Trainer``, ``examples/hstu/train.py``): a tiny all-reduce of
+the global token count (the first synchronisation), the compiled forward and backward graphs
+with the embedding exchange inside them (at the start of the forward: the id counts, the ids
+to their owners, the rows back; at the end of the backward: the rows' gradients back to the
+owners), the dense gradients' bucketed all-reduce (``GradientBuckets``: under
+``torch.compile`` the whole backward is one node, so every bucket is issued when the backward
+ends and waited on before the optimizer), Adam over the dense parameters and the rank's
+item-table shard (memory-bound: 28 bytes per fp32 parameter), and a tiny all-reduce of the
+loss.
 
-``baseline``  random assignment of the global batch (``Balancer(method="random")``), the
-              captured graphs in program order, every collective waited on right after issue;
-``lb``        + the balancer (``Balancer(method="freescale")``) on the per-sample cost this
-              same step model gives a sample of length L;
-``overlap``   + the freescale pipeline's schedule (prioritize, split, overlap) and its waits;
-``sm-free``   + all-to-alls as copy-engine transfers (no SM contention);
-``all``       the three together;
-``lb-split``  ``lb`` with ``Balancer(split=True)``: samples heavier than a rank's share are
-              cut into chunks on several ranks, with their key/value exchange per layer
-              (:mod:`sim.split`);
-``all-split`` ``all`` with the same splits.
+**Pipelined** (``fsc.TrainPipeline``, :mod:`fsc.pipeline`): step i's compiled forward
+
+1. refetches the rows of batch i that batch i-1 updated, first in line: the owners gather
+   them, one all-to-all brings them back (``refetch``), waited where the scheduled forward
+   waited its rows (the compute that does not need the rows runs meanwhile), and they are
+   put in place. Its size is a fraction ``f`` of the rows the rank looks up (rows of ``4 *
+   dim`` bytes; see :func:`refetch_fraction`);
+2. runs batch i's forward on rows prefetched in step i-1 (the forward graph's own exchange
+   is gone from its place);
+3. issues batch i+1's exchange (the same three all-to-alls: counts, ids, rows) at the
+   forward's start, behind the refetch on the same queue, with nothing of batch i waiting
+   for it: it overlaps all of the forward's compute. ``prefetch_wait="forward"`` (the
+   default) waits on it at the end of the forward graph, where the compiled step does (the
+   prefetched rows are the forward graph's outputs, and a functional collective's result is
+   waited on inside the graph that returns it); ``"step"`` at the end of the step (after
+   the optimizer: the bound when nothing waits for it until the next step);
+
+and its backward holds the rows' gradient all-to-all back to the owners and the dense
+gradients' all-reduce, one per bucket (:func:`fsc.runtime.gradients.reduce_in_backward`:
+parameters in reverse order of definition, a new bucket past ``bucket_mb``), each issued
+once its last gradient exists and waited on at the end of the backward, before the
+optimizer. Where exactly is the freescale passes' decision, so the simulator takes it from
+them: :func:`capture_pipelined_graphs` captures the example's step in the shape
+``TrainPipeline`` compiles it (rows first, then the dense parameters through
+``reduce_in_backward``), and the pipelined step runs that graph pair as the passes schedule
+it (at the ablation's scale they issue the buckets over the last third of the backward,
+interleaved with the weight gradients, and the rows' gradient all-to-all after the last
+bucket: one process group keeps its collectives in issue order). Every collective of the
+pipelined step (refetch, exchanges, buckets) is on that one process group: one FIFO queue
+(NCCL runs a communicator's collectives in issue order). The tiny token-count and loss
+all-reduces stay as in the unpipelined step, and so does the optimizer (Adam over the dense
+parameters and the table shard; ``TrainPipeline`` needs a row-sparse table optimizer, which
+moves fewer bytes: not modelled, so that the pipelined rows differ from the ``-sync`` ones by
+the schedule alone).
+
+Limits of the pipelined model: batch i+1's exchange is costed with batch i's sizes (the same
+distribution); its three all-to-alls run back to back on the queue, without the host reading
+the counts (the ids' split sizes) or the owners gathering rows between them; the stale flag
+the prefetched rows carry (one more column) is left out; the step's end-of-data agreement
+(one tiny asynchronous all-reduce) is left out.
+
+Configurations (the paper's ablation; ``CONFIGS[name]["pipelined"]`` says which program):
+
+``baseline``        unpipelined: random assignment of the global batch
+                    (``Balancer(method="random")``), the captured graphs in program order, every
+                    collective waited on right after issue;
+``lb``              unpipelined: + the balancer (``Balancer(method="freescale")``) on the
+                    per-sample cost this same step model gives a sample of length L;
+``overlap``         **pipelined**: + the freescale pipeline's schedule (prioritize, split,
+                    overlap) and its waits;
+``sm-free``         unpipelined: + all-to-alls as copy-engine transfers (no SM contention);
+``all``             **pipelined**: the three together;
+``lb-split``        unpipelined: ``lb`` with ``Balancer(split=True)``: samples heavier than a
+                    rank's share are cut into chunks on several ranks, with their key/value
+                    exchange per layer (:mod:`sim.split`);
+``all-split``       **pipelined**: ``all`` with the same splits;
+``overlap-sync``    ``overlap`` unpipelined (what ``overlap`` was before the pipelined step);
+``all-sync``        ``all`` unpipelined;
+``all-split-sync``  ``all-split`` unpipelined.
+
+``baseline``, ``lb``, ``sm-free`` and ``lb-split`` keep the captured program order (no
+freescale schedule, as the peers run it), so they stay unpipelined; the ``-sync`` rows
+tell what the pipelined step alone changes.
 """
 
 from __future__ import annotations
@@ -32,6 +86,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import sympy
+import torch.fx as fx
 
 from fsc.analysis.cost_model import DeviceProfile
 from sim.engine import Compute, Issue, Op, Wait
@@ -42,14 +97,31 @@ from sim.workload import GraphProgram, Ranks, T, programs_from_graphs
 log = logging.getLogger(__name__)
 
 CONFIGS: dict[str, dict[str, bool]] = {
-    "baseline": {"balance": False, "overlap": False, "sm_free": False, "split": False},
-    "lb": {"balance": True, "overlap": False, "sm_free": False, "split": False},
-    "overlap": {"balance": False, "overlap": True, "sm_free": False, "split": False},
-    "sm-free": {"balance": False, "overlap": False, "sm_free": True, "split": False},
-    "all": {"balance": True, "overlap": True, "sm_free": True, "split": False},
-    "lb-split": {"balance": True, "overlap": False, "sm_free": False, "split": True},
-    "all-split": {"balance": True, "overlap": True, "sm_free": True, "split": True},
+    "baseline": {"balance": False, "overlap": False, "sm_free": False, "split": False, "pipelined": False},
+    "lb": {"balance": True, "overlap": False, "sm_free": False, "split": False, "pipelined": False},
+    "overlap": {"balance": False, "overlap": True, "sm_free": False, "split": False, "pipelined": True},
+    "sm-free": {"balance": False, "overlap": False, "sm_free": True, "split": False, "pipelined": False},
+    "all": {"balance": True, "overlap": True, "sm_free": True, "split": False, "pipelined": True},
+    "lb-split": {"balance": True, "overlap": False, "sm_free": False, "split": True, "pipelined": False},
+    "all-split": {"balance": True, "overlap": True, "sm_free": True, "split": True, "pipelined": True},
+    "overlap-sync": {"balance": False, "overlap": True, "sm_free": False, "split": False, "pipelined": False},
+    "all-sync": {"balance": True, "overlap": True, "sm_free": True, "split": False, "pipelined": False},
+    "all-split-sync": {"balance": True, "overlap": True, "sm_free": True, "split": True, "pipelined": False},
 }
+PREFETCH_WAITS = ("forward", "step")
+"""Where the pipelined step waits on the next batch's exchange (module docstring)."""
+
+
+def refetch_fraction(lookups: float, num_items: int) -> float:
+    """The share of a batch's row lookups that the previous batch also looked up (the rows
+    the pipelined step fetches again), with item ids drawn uniformly from ``num_items``
+    items, as the simulator's exchange assumes (every owner receives the mean of what ranks
+    send): ``1 - (1 - 1/N)**n`` for ``n = lookups``, the previous batch's lookups over all
+    ranks. A skewed popularity (popular items in every batch) only raises it: this is the
+    least overlap a batch of ``n`` lookups can have."""
+    if num_items < 1:
+        raise ValueError(f"num_items must be >= 1, got {num_items}")
+    return float(-np.expm1(max(float(lookups), 0.0) * np.log1p(-1.0 / num_items))) if num_items > 1 else 1.0
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -91,11 +163,58 @@ class HSTUScale:
         return self.layers * layer + self.num_ratings * d + self.max_len * d + 2 * d
 
 
+def capture_pipelined_graphs(spec, bucket_mb: float) -> dict[str, fx.GraphModule]:
+    """The example's forward and backward graphs in the shape ``fsc.TrainPipeline`` compiles
+    them, for what the simulator takes from them: the item rows are looked up first (in the
+    pipelined step the rows' autograd node, ``_RowsFromOwners``, is made before the
+    buckets'), then the dense parameters go through :func:`fsc.runtime.gradients.reduce_in_backward`
+    (buckets of ``bucket_mb``, as ``TrainPipeline`` makes them) and the model's loss runs on
+    the rows (``examples/hstu/train.py``'s ``pipeline()``: ``model.loss(rows, *inputs)``).
+    The backward then holds the rows' gradient all-to-all and one all-reduce per bucket in
+    the order the freescale passes get them from ``TrainPipeline``. The forward's lookup is
+    the synchronous one: the simulator replaces its exchange by the refetch and the next
+    batch's exchange (module docstring). Needs a process group of ``spec.world`` ranks."""
+    import torch
+    import torch.distributed as dist
+
+    from bench.hstu_graphs import hstu_step
+    from bench.inductor_peers import compile_and_record
+    from fsc.runtime.gradients import buckets_of, reduce_in_backward
+
+    model, inputs = hstu_step(spec)
+    dense = {name: p for name, p in model.named_parameters() if not name.startswith("item.")}
+    names = list(dense)
+    buckets = buckets_of(list(dense.values()), bucket_mb)
+
+    class Loss(torch.nn.Module):  # as TrainPipeline's: the model and its loss on the rows, one module
+        def __init__(self) -> None:
+            super().__init__()
+            self.model = model
+
+        def forward(self, rows, batch):
+            return self.model.loss(rows, *batch)
+
+    loss = Loss()
+
+    def step(*batch):
+        rows = model.item(torch.cat([batch[0], batch[5], batch[6].reshape(-1)]))
+        reduced = reduce_in_backward([dense[n] for n in names], buckets, dist.group.WORLD)
+        return torch.func.functional_call(loss, {f"model.{n}": t for n, t in zip(names, reduced)}, (rows, batch),
+                                          strict=False)
+
+    compiled = compile_and_record(step, inputs, {}, stop="post_grad")
+    missing = {"forward", "backward"} - set(compiled.graphs)
+    if missing:
+        raise RuntimeError(f"pipelined HSTU capture did not see the {', '.join(sorted(missing))} graph")
+    return {kind: compiled.graphs[kind] for kind in ("forward", "backward")}
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True, eq=False)
 class HSTUStep:
     scale: HSTUScale
     programs: dict[str, dict[str, GraphProgram]]
-    """``{"program": {...}, "freescale": {...}}``: forward/backward in each order."""
+    """``{"program": {...}, "freescale": {...}, "pipelined": {...}}``: forward/backward as
+    captured, scheduled by the freescale pipeline, and the pipelined step's graphs scheduled."""
     send_rows: sympy.Expr
     world: int
     planned_on: str
@@ -105,7 +224,8 @@ class HSTUStep:
     def capture(cls, scale: HSTUScale = HSTUScale(), *, plan_profile: str | DeviceProfile = "h100",
                 world: int = 8) -> HSTUStep:
         """Compile the example at ``scale`` on a fake group of ``world`` ranks and schedule
-        it with the freescale pipeline planned on ``plan_profile`` (about a minute)."""
+        it with the freescale pipeline planned on ``plan_profile``; the same for the
+        pipelined step's graphs (:func:`capture_pipelined_graphs`) (a minute or two)."""
         from bench.hstu_graphs import HSTUSpec, capture_hstu_graphs, fake_world
         from fsc.analysis.cost_model import CostModel
         from fsc.graph_utils import clone_graph_module
@@ -117,19 +237,26 @@ class HSTUStep:
                         qk_dim=scale.qk_dim, v_dim=scale.v_dim, layers=scale.layers, max_len=scale.max_len,
                         negatives=scale.negatives, sequences=8, mean_length=50.0)
         passes: dict[str, list[str]] = {}
-        with fake_world(world):
-            captured = capture_hstu_graphs(spec)
-            scheduled = {}
-            for kind, gm in captured.items():
+
+        def schedule(graphs: dict, label: str) -> dict:
+            out = {}
+            for kind, gm in graphs.items():
                 copy = clone_graph_module(gm)
                 ctx = PassContext(graph_kind=kind, cost_model=CostModel(dev), memory_budget_bytes=None)
                 records = PassManager(default_pipeline()).run(copy, ctx)
-                passes[kind] = [f"{r.name}: {r.stats} {list(r.reasons)}" for r in records]
-                scheduled[kind] = copy
+                passes[label + kind] = [f"{r.name}: {r.stats} {list(r.reasons)}" for r in records]
+                out[kind] = copy
+            return out
+
+        with fake_world(world):
+            captured = capture_hstu_graphs(spec)
+            scheduled = schedule(captured, "")
+            pipelined = schedule(capture_pipelined_graphs(spec, scale.bucket_mb), "pipelined.")
         program, send = programs_from_graphs(captured, world, dev)
         freescale, _ = programs_from_graphs(scheduled, world, dev)
-        return cls(scale=scale, programs={"program": program, "freescale": freescale}, send_rows=send, world=world,
-                   planned_on=dev.name, passes=passes)
+        pipe, _ = programs_from_graphs(pipelined, world, dev)
+        return cls(scale=scale, programs={"program": program, "freescale": freescale, "pipelined": pipe},
+                   send_rows=send, world=world, planned_on=dev.name, passes=passes)
 
     def _send(self, tokens: np.ndarray) -> np.ndarray:
         fn = sympy.lambdify(T, self.send_rows, "numpy")
@@ -174,33 +301,93 @@ class HSTUStep:
         return cost
 
     def ops(self, ranks: Ranks, topo: Topology, *, overlap: bool, sm_free: bool, attention: str = "jagged",
-            optimizer: bool = True, exchange: tuple[float, bool] = (0.0, False)) -> list[Op]:
+            optimizer: bool = True, exchange: tuple[float, bool] = (0.0, False), pipelined: bool = False,
+            refetch: float | None = None, prefetch_wait: str = "forward") -> list[Op]:
         """The whole step's ops (see the module docstring). ``exchange``: one layer's key/value
         exchange time for split samples and whether it leaves a node
-        (:func:`sim.split.exchange_seconds`); 0 without splits."""
+        (:func:`sim.split.exchange_seconds`); 0 without splits. ``pipelined``: the
+        ``fsc.TrainPipeline`` step (needs ``overlap``: it is the scheduled program);
+        ``refetch``: the share of rows fetched again (None: :func:`refetch_fraction` of these
+        ranks' lookups); ``prefetch_wait``: where the next batch's exchange is waited on."""
+        if pipelined and not overlap:
+            raise ValueError("the pipelined step is the freescale-scheduled program: pipelined needs overlap")
+        if prefetch_wait not in PREFETCH_WAITS:
+            raise ValueError(f"prefetch_wait must be one of {', '.join(PREFETCH_WAITS)}, got {prefetch_wait!r}")
+        if refetch is not None and not 0.0 <= refetch <= 1.0:
+            raise ValueError(f"refetch must be a fraction in [0, 1], got {refetch!r}")
         dev = topo.device
-        progs = self.programs["freescale" if overlap else "program"]
+        if pipelined and "pipelined" not in self.programs:
+            raise ValueError("this step was captured without the pipelined step's graphs (HSTUStep.capture has them)")
+        progs = self.programs["pipelined" if pipelined else "freescale" if overlap else "program"]
         tiny = topo.all_reduce_seconds(8.0)
         ops: list[Op] = [Issue(name="tokens_allreduce", group="world", seconds=tiny),
                          Wait(name="tokens_allreduce.wait", collective="tokens_allreduce")]
         seconds, crosses = exchange
+        graphs: dict[str, list[Op]] = {}
         for kind in ("forward", "backward"):
             graph = progs[kind].ops(ranks, topo, attention=attention, blocking=not overlap, sm_free=sm_free,
                                     prefix=f"{kind}.")
-            ops += with_exchange(graph, layers=self.scale.layers, seconds=seconds, blocking=not overlap,
-                                 sm_based=not (sm_free and not crosses), prefix=f"{kind}.")
+            graphs[kind] = with_exchange(graph, layers=self.scale.layers, seconds=seconds, blocking=not overlap,
+                                         sm_based=not (sm_free and not crosses), prefix=f"{kind}.")
         dense = self.scale.dense_parameters()
-        bucket = self.scale.bucket_mb * 2**20
-        total = 4.0 * dense
-        buckets = max(1, math.ceil(total / bucket))
-        for i in range(buckets):
-            size = min(bucket, total - i * bucket)
-            ops.append(Issue(name=f"grad_allreduce.{i}", group="world", seconds=topo.all_reduce_seconds(size)))
-        ops += [Wait(name=f"grad_allreduce.{i}.wait", collective=f"grad_allreduce.{i}") for i in range(buckets)]
+        after: list[Op] = []
+        if not pipelined:
+            ops += graphs["forward"] + graphs["backward"]
+            bucket = self.scale.bucket_mb * 2**20
+            total = 4.0 * dense
+            buckets = max(1, math.ceil(total / bucket))
+            for i in range(buckets):
+                size = min(bucket, total - i * bucket)
+                ops.append(Issue(name=f"grad_allreduce.{i}", group="world", seconds=topo.all_reduce_seconds(size)))
+            ops += [Wait(name=f"grad_allreduce.{i}.wait", collective=f"grad_allreduce.{i}") for i in range(buckets)]
+        else:
+            fraction = refetch_fraction(float(np.sum(ranks.send)), self.scale.num_items) if refetch is None \
+                else refetch
+            forward, ahead = self._pipelined_forward(graphs["forward"], progs["forward"], ranks, topo,
+                                                      fraction=fraction, sm_free=sm_free)
+            ops += forward
+            waits = [Wait(name=f"{op.name}.wait", collective=op.name) for op in ahead]
+            if prefetch_wait == "forward":
+                ops += waits
+            else:
+                after = waits
+            ops += graphs["backward"]  # its buckets' all-reduces where the freescale passes put them
         if optimizer:
             shard = math.ceil((self.scale.num_items + 1) / topo.ranks) * self.scale.dim
             ops.append(Compute(name="adam", seconds=28.0 * (dense + shard) / dev.memory_bandwidth
                                + 10 * dev.op_overhead))
+        ops += after
         ops += [Issue(name="loss_allreduce", group="world", seconds=tiny),
                 Wait(name="loss_allreduce.wait", collective="loss_allreduce")]
         return ops
+
+    def _pipelined_forward(self, graph: list[Op], program: GraphProgram, ranks: Ranks, topo: Topology, *,
+                           fraction: float, sm_free: bool) -> tuple[list[Op], list[Issue]]:
+        """The forward graph's ops as the pipelined step runs them, and the next batch's
+        exchange (issued at its start, not waited on in it)."""
+        dev = topo.device
+        exchange = {f"forward.{e[1]}" for e in program.entries if e[0] == "issue" and e[2] == "all_to_all_single"}
+        issues = [op for op in graph if isinstance(op, Issue) and op.name in exchange]
+        last = issues[-1].name if issues else None  # the rows' all-to-all: the refetch is waited where it was
+        ahead = [dataclasses.replace(op, name="next." + op.name) for op in issues]
+        row = 4.0 * self.scale.dim
+        sent, received = fraction * ranks.recv * row, fraction * ranks.send * row
+        group = issues[0].group if issues else "world"
+        refetch = Issue(name="refetch", group=group, seconds=topo.all_to_all_seconds(sent, received),
+                        sm_based=not sm_free)
+        out: list[Op] = [Compute(name="refetch.gather", seconds=2.0 * sent / dev.memory_bandwidth + dev.op_overhead),
+                         refetch, *ahead]
+        rest: list[Op] = []
+        for op in graph:
+            if isinstance(op, Issue) and op.name in exchange:
+                continue
+            if isinstance(op, Wait) and op.collective in exchange:
+                if op.collective == last and not any(isinstance(o, Wait) and o.collective == "refetch" for o in rest):
+                    rest += [Wait(name="refetch.wait", collective="refetch"),
+                             Compute(name="refetch.scatter",
+                                     seconds=2.0 * received / dev.memory_bandwidth + dev.op_overhead)]
+                continue
+            rest.append(op)
+        if last is None:
+            rest = [Wait(name="refetch.wait", collective="refetch"), *rest]
+        return out + rest, ahead

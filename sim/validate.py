@@ -17,6 +17,16 @@ dense`` for eager or inductor runs of ``train.py --attention dense``), stretches
 by ranks / cores when the ranks time-share fewer cores than there are ranks (one thread
 each), simulates every metered step and compares the medians.
 
+``--pipelined`` simulates the runs as ``fsc.TrainPipeline`` trains them (:mod:`sim.hstu`'s
+pipelined step: the refetch, the next batch's exchange inside the forward, the gradient
+buckets inside the backward), for bubbles files of pipelined runs; ``--refetch-fraction``
+gives the share of rows the runs fetched again (default: the uniform-ids estimate,
+:func:`sim.hstu.refetch_fraction`, a lower bound for real item popularity). In a pipelined
+run the gradient buckets are waited on inside the compiled backward, and the meter counts
+such a wait as exposed communication even while the rank waits for a slower peer (it splits
+idle from transfer only for ``sync_wait``), so each row also compares exposed + idle
+(``wait_ms``), which does not depend on that split.
+
 What the simulation leaves out: host Python (the meter's ``unattributed_ms``: collate, the
 optimizer's Python, the step's glue); per-op costs of the CPU's real kernels beyond the
 roofline; gloo's threads competing with compute for the cores (contention 1.0 here).
@@ -94,16 +104,18 @@ def run_lengths(world: int, steps: list[int], *, batch_size: int, seed: int, max
 
 def validate(world: int, measured: str, links_file: str, *, batch_size: int, seed: int, dim: int, layers: int,
              heads: int, max_len: int, negatives: int, attention: str = "jagged",
-             host_cores: int | None = None) -> dict[str, Any]:
+             host_cores: int | None = None, pipelined: bool = False, refetch: float | None = None) -> dict[str, Any]:
     """One row of the comparison. ``attention``: what the run computed -- ``jagged`` for
     per-sequence attention (the example's padded and jagged forms; the dense form under
     ``--backend freescale``, whose default pipeline lowers it), ``dense`` for eager or
     inductor runs of the dense form. ``negatives``: per sample, as ``train.py --negatives``.
     ``host_cores``: the cores the run's ranks shared (default: this
-    machine's); with more ranks than cores each rank's compute stretches by ranks / cores."""
+    machine's); with more ranks than cores each rank's compute stretches by ranks / cores.
+    ``pipelined``: the runs trained with ``fsc.TrainPipeline``; ``refetch``: the share of
+    rows they fetched again (None: :func:`sim.hstu.refetch_fraction`'s estimate)."""
     from fsc.runtime.bubble_trace import load_steps, summarize
     from sim.engine import Compute, simulate
-    from sim.hstu import HSTUScale, HSTUStep
+    from sim.hstu import HSTUScale, HSTUStep, refetch_fraction
     from sim.topology import LinkModel, Topology
 
     real = load_steps(measured)
@@ -128,22 +140,30 @@ def validate(world: int, measured: str, links_file: str, *, batch_size: int, see
         raise ValueError(f"host_cores must be a positive number of cores, got {host_cores}")
     cores = host_cores or len(os.sched_getaffinity(0))
     stretch = max(1.0, world / cores)  # one thread per rank: ranks time-share the host's cores
-    sim = []
+    sim, fractions = [], []
     for s in steps:
-        ops = step.ops(step.ranks(per_step[s]), topo, overlap=True, sm_free=False, attention=attention)
+        ranks = step.ranks(per_step[s])
+        fractions.append(refetch if refetch is not None else refetch_fraction(float(ranks.send.sum()), scale.num_items))
+        ops = step.ops(ranks, topo, overlap=True, sm_free=False, attention=attention, pipelined=pipelined,
+                       refetch=fractions[-1])
         if stretch > 1.0:
             ops = [dataclasses.replace(op, seconds=op.seconds * stretch) if isinstance(op, Compute) else op
                    for op in ops]
         sim += simulate(ops, world, contention=1.0, record=False).bubbles(step=s)
     got, want = summarize(sim), summarize(real)
     row: dict[str, Any] = {"ranks": world, "steps": steps, "model": scale.describe(), "attention": attention,
-                           "host_cores": cores, "compute_stretch": stretch}
+                           "host_cores": cores, "compute_stretch": stretch, "pipelined": pipelined,
+                           "refetch_fraction": float(np.mean(fractions)) if pipelined else None}
     for key in ("step_ms", "compute_ms", "exposed_comm_ms", "idle_ms", "unattributed_ms", "bubble_fraction"):
         row[f"measured_{key}"], row[f"simulated_{key}"] = want[key], got[key]
     for key in ("step_ms", "bubble_fraction"):
         m, p = want[key], got[key]
         row[f"{key}_error"] = (p - m) / m if m else None
         row[f"{key}_within_25pct"] = bool(m) and abs(p - m) <= 0.25 * abs(m)
+    # waiting, however the meter splits it between exposed communication and idle
+    m, p = want["exposed_comm_ms"] + want["idle_ms"], got["exposed_comm_ms"] + got["idle_ms"]
+    row["measured_wait_ms"], row["simulated_wait_ms"] = m, p
+    row["wait_ms_error"] = (p - m) / m if m else None
     # the same comparison without host time, which the simulation does not model
     no_host = want["step_ms"] - want["unattributed_ms"]
     row["measured_step_ms_without_host"] = no_host
@@ -167,7 +187,8 @@ def cmd_validate(args: argparse.Namespace) -> int:
     for world, measured in zip(args.ranks, args.measured):
         rows.append(validate(world, measured, args.links, batch_size=args.batch_size, seed=args.seed, dim=args.dim,
                              layers=args.layers, heads=args.heads, max_len=args.max_len, negatives=args.negatives,
-                             attention=args.attention, host_cores=args.host_cores))
+                             attention=args.attention, host_cores=args.host_cores, pipelined=args.pipelined,
+                             refetch=args.refetch_fraction))
         r = rows[-1]
         print(f"{world} ranks: step {r['measured_step_ms']:.1f} ms measured, {r['simulated_step_ms']:.1f} simulated "
               f"({100 * r['step_ms_error']:+.0f}%); bubble fraction {r['measured_bubble_fraction']:.3f} measured, "
@@ -212,5 +233,10 @@ def add_commands(sub: Any) -> None:
                         "jagged form, or the dense form lowered by --backend freescale), dense otherwise")
     p.add_argument("--host-cores", type=int, default=None,
                    help="cores the runs' ranks shared (default: this machine's)")
+    p.add_argument("--pipelined", action="store_true",
+                   help="the runs trained with fsc.TrainPipeline: simulate the pipelined step (sim.hstu)")
+    p.add_argument("--refetch-fraction", type=float, default=None, metavar="F",
+                   help="with --pipelined: share of a batch's rows the runs fetched again (default: the estimate "
+                        "for item ids uniform over the table, a lower bound)")
     p.add_argument("--json", default="results/sim-validation.json")
     p.set_defaults(fn=cmd_validate)

@@ -22,8 +22,9 @@ bytes/bandwidth) + op_overhead``, with the peak chosen by the node's dtype as
 :class:`fsc.analysis.cost_model.CostModel` does.
 
 Limits: the captured world's split sizes are re-spread over R ranks as totals (the graph's
-shape does not depend on R except through them); a collective of constant size (the
-split-count exchange) scales with R/world; every process group spans all ranks.
+shape does not depend on R except through them); an all-to-all of constant size (the
+split-count exchange) scales with R/world (an all-reduce of constant size, a gradient
+bucket, does not); every process group spans all ranks.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ class GraphProgram:
             elif entry[0] == "issue":
                 _, name, kind, group, in_row, out_row, const = entry
                 sent, received = nbytes[in_row], nbytes[out_row]
-                if const:
+                if const and kind == "all_to_all_single":  # an all-reduce's size does not grow with R
                     sent, received = sent * scale, received * scale
                 if kind == "all_to_all_single":
                     secs = topo.all_to_all_seconds(sent, received)
@@ -218,6 +219,8 @@ def build_program(gm: fx.GraphModule, kind: str, subs: dict, world: int, cost_mo
                             row({}, _poly(c.nbytes, subs, node.name)), const))
         elif is_wait(node):
             src = node.args[0]
+            while is_wait(src):  # a wait on a waited tensor (reduce_in_backward's) waits on its collective
+                src = src.args[0]
             entries.append(("wait", node.name, src.name))
         else:
             cost = cost_model.node_cost(node)

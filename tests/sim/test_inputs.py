@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sim.__main__ import main
+from sim.hstu import refetch_fraction
 from sim.lengths import LengthDistribution, LengthsError
 from sim.topology import Topology, TopologyError
 
@@ -77,3 +78,18 @@ def test_cli_names_a_bad_profile_and_file(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["ablation", "--ranks", "100"])
     assert "ranks=100" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["ablation", "--refetch-fraction", "1.5"])
+    assert "--refetch-fraction" in capsys.readouterr().err
+
+
+def test_refetch_fraction_is_the_chance_an_id_was_in_the_previous_batch():
+    assert refetch_fraction(0, 1000) == 0.0
+    assert refetch_fraction(1, 1000) == pytest.approx(1e-3)
+    assert refetch_fraction(1000, 1000) == pytest.approx(1 - (1 - 1e-3) ** 1000)  # about 1 - 1/e
+    assert refetch_fraction(1e9, 1000) == pytest.approx(1.0)
+    assert refetch_fraction(5, 1) == 1.0
+    # uniform ids: the share of a batch's draws that hit an id the previous batch drew
+    rng = np.random.default_rng(0)
+    previous, batch = rng.integers(0, 50_000, 30_000), rng.integers(0, 50_000, 30_000)
+    assert np.isin(batch, previous).mean() == pytest.approx(refetch_fraction(30_000, 50_000), abs=0.01)
