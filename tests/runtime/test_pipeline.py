@@ -108,6 +108,13 @@ def _equal_worker(rank: int, world: int, backend, table: str):
            "graphs": counters["stats"]["unique_graphs"]}
     if backend == "freescale":
         record = fsc.last_compile()
+        forward = record.graph("forward").graph_after
+        issued = re.findall(r"(all_to_all_single\w*): .*_c10d_functional\.all_to_all_single\.default\(", forward)
+        waited = dict(re.findall(r"(wait_tensor\w*): .*_c10d_functional\.wait_tensor\.default\((\w+)\)", forward))
+        first = {v: k for k, v in waited.items()}.get(issued[0]) if issued else None
+        # the first collective issued is a refetch: its rows go straight into this batch's rows
+        out["first_issued_feeds_rows"] = bool(first) and bool(
+            re.search(rf"masked_scatter\.default\([^)]*\b{first}\b", forward))
         text = record.graph("backward").graph_after
         out["backward_collectives"] = re.findall(r"_c10d_functional\.(all_reduce|all_to_all_single)\.default\(", text)
         out["buckets"] = len(pipe.buckets)
@@ -129,6 +136,9 @@ def test_pipelined_step_equals_the_synchronous_loop(world, backend, table):
             # rows' gradients going back to their owners (one all-to-all per table)
             assert out["backward_collectives"].count("all_reduce") == out["buckets"] >= 1
             assert out["backward_collectives"].count("all_to_all_single") == 2
+            # what batch i waits on first goes first: the refetch of its stale rows, before the
+            # next batch's exchange
+            assert out["first_issued_feeds_rows"]
 
 
 def _uneven_worker(rank: int, world: int):
