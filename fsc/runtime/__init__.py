@@ -17,6 +17,12 @@ Implemented:
   ``prefix_kv``, the autograd functional all-to-all that gives a chunk, inside an attention
   layer, the keys and values of its sample's earlier chunks (gradients back to their owners).
 
+- sharded embedding tables (:mod:`fsc.runtime.embedding`): ``RowShardedEmbedding``, looked
+  up in the step or one step ahead (what :class:`fsc.TrainPipeline` runs: the next batch's
+  rows prefetched during this step, the rows this batch updates fetched again), and
+  ``RowWiseAdagrad``; and the dense gradients' all-reduce inside the compiled backward,
+  bucket by bucket (:mod:`fsc.runtime.gradients`).
+
 - the SM-free all-to-all (:mod:`fsc.runtime.ops`): ``fsc::all_to_all_single`` and
   ``fsc::wait_tensor``, argument for argument like their ``_c10d_functional`` namesakes,
   with autograd and fake implementations. Behind them, per process group, a transport from
@@ -65,6 +71,12 @@ _EXPORTS = {
     "RoutingError": "fsc.runtime.routing",
     "prefix_kv": "fsc.runtime.routing",
     "prefix_tokens": "fsc.runtime.routing",
+    "Prefetched": "fsc.runtime.embedding",
+    "RowShardedEmbedding": "fsc.runtime.embedding",
+    "RowWiseAdagrad": "fsc.runtime.embedding",
+    "TrainPipelineError": "fsc.runtime.embedding",
+    "check_row_sparse": "fsc.runtime.embedding",
+    "reduce_in_backward": "fsc.runtime.gradients",
     "all_to_all": "fsc.runtime.ops",
     "SplitSizeError": "fsc.runtime.ops",
     "configure": "fsc.runtime.transport",
