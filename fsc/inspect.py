@@ -196,6 +196,20 @@ class CompileRecord:
         one sample with its length dynamic to get a per-sample training cost."""
         return sample_cost([g.cost for g in self.graphs().values() if g.cost is not None], symbol)
 
+    def split_refusal(self) -> str | None:
+        """Why a sample of this compile's model cannot be cut into chunks on several ranks
+        (``Balancer(split=True)``), or None when it can: a node whose cost grows with the
+        square of a size mixes a sample's tokens, and unless it is ``fsc::jagged_attention``
+        (which takes a chunk's query and key extents apart) a chunk would compute it over its
+        own tokens only, a wrong loss. Names the first such node and its layer."""
+        found = [m for g in self.graphs().values() if g.cost is not None for m in getattr(g.cost, "mixing", ())]
+        if not found:
+            return None
+        more = f" (and {len(found) - 1} more such node{'s' if len(found) > 2 else ''})" if len(found) > 1 else ""
+        return (f"splitting samples across ranks is refused: {found[0]}{more} mixes a sample's tokens "
+                f"(its cost grows with the square of the length), and only fsc::jagged_attention given each "
+                f"piece's q_start and key extents (kv_offsets) runs a chunk with the keys of its earlier chunks")
+
     def __str__(self) -> str:
         lines = [f"subgraph {sub.index}: {note}" for sub in self.subgraphs for note in sub.notes]
         for key, record in self.graphs().items():

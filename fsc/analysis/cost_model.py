@@ -8,6 +8,7 @@ hint. Nothing here reads a clock or a rank-local fact, so every rank agrees.
 from __future__ import annotations
 
 import dataclasses
+import re
 import functools
 import logging
 import operator
@@ -124,20 +125,68 @@ class GraphCost:
     """Sum over compute nodes of the roofline time max(flops/peak, bytes/bandwidth) plus
     the per-op overhead."""
     ops: int
+    mixing: tuple[str, ...] = ()
+    """The nodes whose FLOPs grow with the square of a size (a sample's tokens meeting each
+    other: attention, written any way) other than ``fsc::jagged_attention`` called with
+    ``q_start``, which takes a chunk of a sample with separate query and key extents; each as
+    ``name (op, FLOPs) in layer``. What :meth:`fsc.CompileRecord.split_refusal` reads. (A record pickled before
+    this field existed has none: read it with ``getattr(cost, "mixing", ())``.)"""
 
 
 def graph_cost(graph: fx.Graph, cost_model: CostModel) -> GraphCost:
     """Sum of the compute costs of ``graph`` (collectives, waits and views excluded)."""
     flops, nbytes, seconds, ops = sympy.Integer(0), sympy.Integer(0), sympy.Integer(0), 0
+    mixing = []
     for node in graph.nodes:
         cost = cost_model.node_cost(node)
         if cost.lane != "compute":
             continue
         ops += 1
-        flops += as_expr(cost.flops_expr)
+        node_flops = as_expr(cost.flops_expr)
+        flops += node_flops
         nbytes += as_expr(cost.nbytes_expr)
         seconds += cost.expr if cost.expr is not None else sympy.Float(cost.seconds)
-    return GraphCost(flops=flops, nbytes=nbytes, seconds=seconds, ops=ops)
+        if _quadratic(node_flops) and not _takes_chunks(node):
+            mixing.append(f"{node.name} ({node.target}, FLOPs {node_flops}) in {_layer(node)}")
+    return GraphCost(flops=flops, nbytes=nbytes, seconds=seconds, ops=ops, mixing=tuple(mixing))
+
+
+def _takes_chunks(node: fx.Node) -> bool:
+    """``fsc::jagged_attention`` called with ``q_start`` (the model passes each piece's first
+    position and its keys' extents: a chunk sees its earlier chunks' keys). Without it, as
+    lower-attention emits for attention written over whole samples, a chunk would not."""
+    if "jagged_attention" not in str(node.target):
+        return False
+    schema = getattr(node.target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    if "q_start" in node.kwargs:
+        return node.kwargs["q_start"] is not None
+    index = names.index("q_start") if "q_start" in names else -1
+    return 0 <= index < len(node.args) and node.args[index] is not None
+
+
+def _quadratic(expr: sympy.Expr) -> bool:
+    for symbol in expr.free_symbols:
+        try:
+            if sympy.Poly(expr, symbol).degree() >= 2:
+                return True
+        except sympy.PolynomialError:  # Max, Min, ...: not a polynomial, not counted
+            continue
+    return False
+
+
+def _layer(node: fx.Node) -> str:
+    """The module a node came from (its innermost ``nn_module_stack`` entry), else the last
+    frame of its stack trace."""
+    stack = node.meta.get("nn_module_stack")
+    if stack:
+        path, kind = list(stack.values())[-1]
+        path = re.sub(r"^L\['self'\]\.?", "", str(path))  # Dynamo's name for the compiled module
+        name = getattr(kind, "__name__", None) or str(kind).rsplit(".", 1)[-1].strip("'>")
+        return f"{path} ({name})" if path else name
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
+    return frames[-1] if frames else "an unknown layer"
 
 
 def _at_hints(expr: sympy.Expr, node: fx.Node) -> float:

@@ -214,6 +214,8 @@ class Balancer:
     # With split=True: when light samples balanced whole leave the largest load above
     # (total / R) * (1 + split_tolerance), light samples are cut too (inf: never).
     split_tolerance: float = 0.005
+    # Set by from_compile: why the compiled model cannot run chunks (split was asked, refused)
+    split_refused: str | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.ranks, bool) or not isinstance(self.ranks, int) or self.ranks < 1:
@@ -258,6 +260,22 @@ class Balancer:
                 )
         elif self.max_span is not None:
             raise BalanceError(f"max_span={self.max_span} needs split=True")
+
+    @classmethod
+    def from_compile(cls, record, *, ranks: int, split: bool = False, symbol: str | None = None,
+                     **options) -> Balancer:
+        """A balancer for a model compiled on one sample with its length dynamic: the cost is
+        the compile's per-sample FLOPs (``record.sample_cost(symbol)``, a quadratic), and
+        ``split=True`` is granted only when the compiled graphs can run chunks
+        (``record.split_refusal()``); otherwise it balances whole samples and logs why (the
+        reason is kept in ``split_refused``). ``options``: the other fields."""
+        cost = QuadraticCost.from_coefficients(record.sample_cost(symbol).flops_polynomial().all_coeffs())
+        refused = record.split_refusal() if split else None
+        if refused is not None:
+            logger.warning("Balancer: %s; balancing whole samples", refused)
+        if split:
+            options.setdefault("counts", "free")
+        return cls(ranks=ranks, cost=cost, split=split and refused is None, split_refused=refused, **options)
 
     # ------------------------------------------------------------------ entry points
 

@@ -45,3 +45,32 @@ def test_sample_cost_rejects_graphs_with_several_size_symbols():
 def test_sample_cost_needs_compiled_graphs():
     with pytest.raises(ValueError, match="no graph costs"):
         sample_cost([])
+
+
+def linear_only(x, w):
+    return (torch.relu(x @ w) @ w.t()).sum()  # per token: no token meets another
+
+
+@pytest.mark.parametrize("fn,refused", [(attention_like, True), (linear_only, False)])
+def test_split_refusal_names_the_node_that_mixes_a_samples_tokens(fn, refused, caplog):
+    from fsc.runtime.balancer import Balancer
+
+    compiled = torch.compile(fn, backend="freescale", options={"inner": "eager"})
+    x = torch.randn(10, 16, requires_grad=True)
+    w = torch.randn(16, 16, requires_grad=True)
+    torch._dynamo.mark_dynamic(x, 0)
+    compiled(x, w).backward()
+    record = fsc.last_compile()
+    reason = record.split_refusal()
+    if refused:
+        assert reason is not None and "splitting samples across ranks is refused" in reason
+        assert "aten.mm.default" in reason and "**2" in reason, reason
+    else:
+        assert reason is None
+    # the balancer built from the compile cuts samples only where the graphs can run chunks
+    with caplog.at_level("WARNING", logger="fsc.runtime.balancer"):
+        balancer = Balancer.from_compile(record, ranks=4, split=True)
+    assert balancer.split is (not refused) and balancer.split_refused == reason
+    assert ("balancing whole samples" in caplog.text) is refused
+    assert Balancer.from_compile(record, ranks=4).split is False  # not asked: never split
+    torch._dynamo.reset()

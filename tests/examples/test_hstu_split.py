@@ -235,3 +235,33 @@ def test_train_script_refuses_split_without_its_prerequisites(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--split", "--balance", "freescale"])
     assert "--split needs --balance METHOD (not none), --balance-cost quadratic" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", ["kernel", "padded", "dense"])
+def test_the_compiled_model_says_whether_it_can_run_chunks(form):
+    """``fsc.last_compile().split_refusal()``, from the example compiled on one sample with
+    its length dynamic: the kernel form (the op given each piece's q_start and key extents)
+    can run chunks; the padded form's attention (bmm over the padded group) and the dense
+    form lowered to the op without q_start cannot, and the reason names the node (and, for
+    the padded form, the layer)."""
+    import fsc
+
+    cfg = config(attention=form, sharded=False)
+    model = HSTU(cfg)
+    rng = np.random.default_rng(0)
+    h = types.SimpleNamespace(items=[rng.integers(1, NUM_ITEMS + 1, 12)], ratings=[rng.integers(0, 10, 12)],
+                              timestamps=[np.cumsum(rng.integers(1, 100, 12))])
+    inputs = model_inputs(read_batch(h, [0], cfg, seed=0, step=0), scale_tensor(11.0), cfg)
+    mark_dynamic(inputs, cfg)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(capture_scalar_outputs=True):
+        torch.compile(model, backend="freescale", options={"inner": "eager"})(*inputs).backward()
+    reason = fsc.last_compile().split_refusal()
+    if form == "kernel":
+        assert reason is None
+    else:
+        assert reason is not None and "refused" in reason
+        assert ("bmm" in reason and "layers.0 (HSTULayer)" in reason) if form == "padded" else \
+            "jagged_attention_fwd" in reason, reason
+    torch._dynamo.reset()
