@@ -183,3 +183,23 @@ def test_pipeline_flag_refuses_adam_on_the_table(capsys):
         parse_args(["--pipeline"])
     assert "--table-optimizer" in capsys.readouterr().err
     assert parse_args(["--pipeline", "--table-optimizer", "sgd"]).pipeline
+
+
+@pytest.mark.ranks
+def test_train_script_with_pipeline_and_split_samples_trains_like_without(tmp_path):
+    """``--pipeline --split``: chunks of long samples (kernel form, each chunk's earlier keys
+    from their ranks) through the pipeline, the same losses as the unpipelined step."""
+    import json
+
+    common = ["--backend", "freescale", "--inner", "eager", "--table-optimizer", "adagrad", "--balance", "freescale",
+              "--split", "--attention", "kernel", "--lengths", "zipf", "--max-len", "64", "--batch-size", "8",
+              "--dim", "32", "--layers", "1"]
+    runs = {}
+    for name, extra in (("piped", ["--pipeline"]), ("plain", [])):
+        out = tmp_path / name
+        done = _train(tmp_path, *common, *extra, "--out", str(out))
+        assert done.returncode == 0, done.stderr[-3000:]
+        runs[name] = json.loads((out / "summary.json").read_text())
+    assert runs["piped"]["split_samples"] == runs["plain"]["split_samples"] > 0  # some sample was cut
+    assert runs["piped"]["graphs"] == 1 and runs["piped"]["recompiles"] == 0
+    assert runs["piped"]["losses"] == pytest.approx(runs["plain"]["losses"], rel=1e-5)
