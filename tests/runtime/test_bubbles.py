@@ -97,7 +97,11 @@ def test_meter_sees_the_fast_rank_idle_and_exposed_exchange_waits(two_ranks):
     compute = {r: statistics.median(s.compute_ms for s in steps) for r, steps in by_rank.items()}
     assert compute[1] > compute[0]  # rank 1 does the extra matmuls
     assert idle[0] > idle[1]  # so rank 0 waits for it at the all-reduce
-    assert idle[0] > 0.5 * (compute[1] - compute[0])
+    # Ranks meet every step, so the fast rank's waiting covers the compute gap. Most of it is
+    # idle at the all-reduce; when it reaches the next step's exchange first instead (gloo's
+    # threads share the 2 cores), part of it is counted there as exposed communication.
+    waiting = {r: statistics.median(s.idle_ms + s.exposed_comm_ms for s in steps) for r, steps in by_rank.items()}
+    assert waiting[0] - waiting[1] > 0.5 * (compute[1] - compute[0])
     for r, steps in by_rank.items():
         assert statistics.median(s.exposed_comm_ms for s in steps) > 0, r
     summary = report.summary()
