@@ -219,8 +219,6 @@ def build_program(gm: fx.GraphModule, kind: str, subs: dict, world: int, cost_mo
                             row({}, _poly(c.nbytes, subs, node.name)), const))
         elif is_wait(node):
             src = node.args[0]
-            while is_wait(src):  # a wait on a waited tensor (reduce_in_backward's) waits on its collective
-                src = src.args[0]
             entries.append(("wait", node.name, src.name))
         else:
             cost = cost_model.node_cost(node)

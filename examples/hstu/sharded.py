@@ -21,6 +21,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from fsc.runtime.embedding import RowShardedEmbedding
+from fsc.runtime.gradients import buckets_of
 
 __all__ = ["GradientBuckets", "RowShardedEmbedding"]
 
@@ -38,19 +39,11 @@ class GradientBuckets:
                  group: dist.ProcessGroup | None = None) -> None:
         self.rank, self.world = _world(group)
         self.group = group if group is not None else dist.group.WORLD
-        # Gradients arrive roughly in reverse order of definition: bucket in that order.
-        params = [p for p in reversed(params) if p.requires_grad]
-        self.buckets: list[list[nn.Parameter]] = []
-        current: list[nn.Parameter] = []
-        size = 0
-        for p in params:
-            current.append(p)
-            size += p.numel() * p.element_size()
-            if size >= bucket_mb * 2**20:
-                self.buckets.append(current)
-                current, size = [], 0
-        if current:
-            self.buckets.append(current)
+        # Gradients arrive roughly in reverse order of definition: bucket in that order
+        # (the rule fsc.TrainPipeline's in-graph reduction uses too)
+        params = [p for p in params if p.requires_grad]
+        self.buckets: list[list[nn.Parameter]] = [[params[i] for i in bucket]
+                                                  for bucket in buckets_of(params, bucket_mb)]
         self._bucket_of = {p: i for i, bucket in enumerate(self.buckets) for p in bucket}
         self._ready: list[set[nn.Parameter]] = [set() for _ in self.buckets]
         self._pending: dict[int, torch.Tensor] = {}

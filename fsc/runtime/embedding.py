@@ -37,6 +37,7 @@ import torch.distributed._functional_collectives as funcol
 from torch import nn
 
 from fsc.errors import FscError
+from fsc.runtime.gradients import c10d, waited
 
 __all__ = ["Prefetched", "RowShardedEmbedding", "RowWiseAdagrad", "TrainPipelineError", "check_row_sparse"]
 
@@ -198,7 +199,8 @@ class _RowsFromOwners(torch.autograd.Function):
     def backward(ctx, grad):
         (wanted,) = ctx.saved_tensors
         if ctx.group is not None:
-            grad = funcol.wait_tensor(funcol.all_to_all_single(grad.contiguous(), ctx.recv, ctx.send, ctx.group))
+            grad = waited(c10d.all_to_all_single(grad.contiguous(), ctx.recv, ctx.send,
+                                                 funcol._resolve_group_name(ctx.group)))
         return grad.new_zeros(ctx.shape).index_add(0, wanted, grad), None, None, None, None, None
 
 

@@ -23,7 +23,16 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch import nn
 
-__all__ = ["buckets_of", "reduce_in_backward"]
+c10d = torch.ops._c10d_functional
+
+
+def waited(t: torch.Tensor) -> torch.Tensor:
+    """One wait on a functional collective's result. (The ``funcol`` wrappers' results are
+    waited on where they are used, so a ``funcol.wait_tensor`` on one adds a second wait
+    node to a traced graph: backward functions call the ops and this instead.)"""
+    return c10d.wait_tensor(t)
+
+__all__ = ["buckets_of", "reduce_in_backward", "waited"]
 
 
 def buckets_of(params: Sequence[nn.Parameter], bucket_mb: float) -> list[list[int]]:
@@ -68,7 +77,7 @@ class _SumGradients(torch.autograd.Function):
         # a parameter the loss did not reach still joins (its gradient as zeros): every
         # rank must reduce buckets of the same size
         flat = torch.cat([g.reshape(-1) for g in grads])
-        flat = funcol.wait_tensor(funcol.all_reduce(flat, "sum", ctx.group))
+        flat = waited(c10d.all_reduce(flat, "sum", funcol._resolve_group_name(ctx.group)))
         out, offset = [], 0
         for g in grads:
             out.append(flat[offset : offset + g.numel()].view_as(g))
