@@ -26,7 +26,7 @@ from fsc.runtime.bubble_trace import StepBubbles, summarize
 from sim.engine import StepResult, simulate
 from sim.hstu import CONFIGS, HSTUStep, refetch_fraction
 from sim.lengths import LengthDistribution
-from sim.split import Shares, exchange_seconds
+from sim.split import Shares, exchanges
 from sim.topology import Topology
 
 log = logging.getLogger(__name__)
@@ -49,6 +49,8 @@ class Setting:
     """Pipelined steps: the share of rows fetched again (None: estimated from the batch,
     :func:`sim.hstu.refetch_fraction`)."""
     prefetch_wait: str = "forward"
+    kv_group: str = "own"
+    """Split samples: the key/value exchanges' process group (:data:`sim.hstu.KV_GROUPS`)."""
     """Pipelined steps: where the next batch's exchange is waited on (:data:`sim.hstu.PREFETCH_WAITS`)."""
 
     def topology(self) -> Topology:
@@ -101,17 +103,19 @@ def run_config(step: HSTUStep, setting: Setting, lengths: LengthDistribution, co
         else:
             shares = Shares.whole(assign(batch, setting.ranks, balance=flags["balance"], cost=cost,
                                          seed=setting.seed + s))
-        exchange = exchange_seconds(shares, topo, step.kv_bytes)
+        exchange = exchanges(shares, topo, step.kv_bytes)
         ranks = step.ranks(shares.lengths, shares.offsets)
         refetch = (setting.refetch if setting.refetch is not None
                    else refetch_fraction(float(ranks.send.sum()), step.scale.num_items))
         ops = step.ops(ranks, topo, overlap=flags["overlap"], sm_free=flags["sm_free"], attention=setting.attention,
                        exchange=exchange, pipelined=flags["pipelined"], refetch=refetch,
-                       prefetch_wait=setting.prefetch_wait)
+                       prefetch_wait=setting.prefetch_wait, kv_group=setting.kv_group)
         result = simulate(ops, setting.ranks, contention=setting.contention, record=record)
         if stats is not None:
             stats.append({"split_samples": shares.split_samples, "kv_tokens": shares.kv_tokens,
-                          "kv_exchange_ms": exchange[0] * 1e3, "kv_leaves_node": exchange[1],
+                          "kv_exchange_ms": max((e.seconds for e in exchange), default=0.0) * 1e3,
+                          "kv_leaves_node": any(e.crosses for e in exchange),
+                          "kv_members": sum(len(e.members) for e in exchange),
                           "refetch_fraction": refetch if flags["pipelined"] else 0.0})
         bubbles += result.bubbles(step=s)
         results.append(result)

@@ -5,11 +5,15 @@ SPMD step is): :class:`Compute` (per-rank seconds on the rank's compute stream),
 :class:`Issue` (a collective is put on its process group's FIFO queue; issuing costs
 nothing) and :class:`Wait` (the compute stream blocks until the collective ends).
 
-Model. A collective starts when every member has issued it and its group's queue is free
-(per-group FIFO); it lasts ``seconds`` on every member; every group spans all R ranks (the
-HSTU step's all-to-alls and all-reduces do). While an SM-based collective (``sm_based``) is
-in flight, compute on every rank progresses ``contention`` times slower; copy-engine
-transfers (``sm_based=False``) slow nothing. Because every rank runs the same program,
+Model. A collective starts when every member has issued it and every member's queue for
+its group is free (per-rank FIFO per group, as a communicator's collectives run in issue
+order on each rank's stream); it lasts ``seconds`` on every member. Members are all R ranks
+unless the issue names them (``members``): an all-to-all whose split sizes give a rank
+nothing to send or receive (NCCL skips such peers: ``ncclSend``/``ncclRecv`` only for
+non-zero counts) does not involve that rank: it waits for nobody, only for what it issued
+before on the group (its stream's earlier collectives), and holds nobody.
+While an SM-based collective (``sm_based``) is in flight, compute on its members progresses
+``contention`` times slower; copy-engine transfers (``sm_based=False``) slow nothing. Because every rank runs the same program,
 processing ops in program order for all ranks at once is exact: a rank's issue time depends
 only on its own earlier ops and on earlier collectives, and a collective issued later in
 program order starts after this rank's current op has ended, so it cannot overlap it.
@@ -51,6 +55,8 @@ class Issue:
     """Transfer time once started (the same on every member)."""
     sm_based: bool = True
     """False for copy-engine transfers: no compute slowdown while in flight."""
+    members: tuple[int, ...] | None = None
+    """The ranks that take part (None: every rank). The others skip the issue and its waits."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
@@ -71,6 +77,11 @@ class CollectiveSpan:
     end: float
     last_issue: float
     sm_based: bool
+    members: np.ndarray | None = None
+    """Boolean mask of the ranks that take part (None: every rank)."""
+    rank_end: np.ndarray | None = None
+    """Per rank, when a wait on it returns (partial collectives only): ``end`` on members,
+    and on the others the end of what they issued before on the group (their stream)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True, slots=True, eq=False)
@@ -137,6 +148,36 @@ def _contended_end(now: np.ndarray, work: np.ndarray, busy: list[tuple[float, fl
     return _progress(target, p, t)
 
 
+def _contended(now: np.ndarray, work: np.ndarray, sm_spans: list[tuple[float, float, np.ndarray | None]],
+               factor: float) -> np.ndarray:
+    """Per rank, when ``work`` started at ``now`` ends under the SM-based collectives in
+    flight on that rank (``sm_spans``: start, end, members or None for every rank)."""
+    end = now + work
+    live = [span for span in sm_spans if span[1] > now.min()]
+    if not live:
+        return end
+    masks = [m for _, _, m in live if m is not None]
+    if not masks:
+        return np.maximum(_contended_end(now, work, _union([(s, e) for s, e, _ in live]), factor), end)
+    # ranks in classes by the partial collectives they take part in
+    rows, inverse = np.unique(np.stack(masks, axis=1), axis=0, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    for c, row in enumerate(rows):
+        who = inverse == c
+        picked, k = [], 0
+        for s, e, m in live:
+            if m is None:
+                picked.append((s, e))
+            else:
+                if row[k]:
+                    picked.append((s, e))
+                k += 1
+        busy = _union(picked)
+        if busy:
+            end[who] = np.maximum(_contended_end(now[who], work[who], busy, factor), end[who])
+    return end
+
+
 def _union(spans: list[tuple[float, float]]) -> list[tuple[float, float]]:
     merged: list[tuple[float, float]] = []
     for s, e in sorted(spans):
@@ -166,12 +207,10 @@ def simulate(ops: Sequence[Op], ranks: int, *, contention: float = 1.0, record: 
     exposed = np.zeros(ranks)
     idle = np.zeros(ranks)
     seg_start = np.zeros(ranks)
-    queue_free: dict[str, float] = {}
+    queue_free: dict[str, np.ndarray] = {}
     spans: dict[str, CollectiveSpan] = {}
     waited: set[str] = set()
-    sm_spans: list[tuple[float, float]] = []
-    busy_union: list[tuple[float, float]] = []
-    dirty = False
+    sm_spans: list[tuple[float, float, np.ndarray | None]] = []
     blocks: list[tuple[str, str, np.ndarray, np.ndarray, np.ndarray]] = []
 
     def close_compute(mask: np.ndarray, label: str) -> None:
@@ -185,11 +224,9 @@ def simulate(ops: Sequence[Op], ranks: int, *, contention: float = 1.0, record: 
                 work = np.full(ranks, float(work))
             if work.shape != (ranks,) or not np.isfinite(work).all() or (work < 0).any():
                 raise SimulationError(f"compute op {op.name!r}: seconds must be finite, >= 0, one per rank")
-            if dirty:
-                busy_union, dirty = _union(sm_spans), False
             end = now + work
-            if contention > 1.0 and busy_union and busy_union[-1][1] > now.min():
-                end = np.maximum(_contended_end(now, work, busy_union, contention), end)
+            if contention > 1.0:
+                end = np.maximum(_contended(now, work, sm_spans, contention), end)
             compute += work
             busy_time += end - now
             now = end
@@ -198,33 +235,52 @@ def simulate(ops: Sequence[Op], ranks: int, *, contention: float = 1.0, record: 
                 raise SimulationError(f"collective {op.name!r} is issued twice")
             if not (np.isfinite(op.seconds) and op.seconds >= 0):
                 raise SimulationError(f"collective {op.name!r}: seconds must be finite and >= 0, got {op.seconds!r}")
-            last_issue = float(now.max())
-            start = max(last_issue, queue_free.get(op.group, 0.0))
+            mask = None
+            if op.members is not None:
+                mask = np.zeros(ranks, dtype=bool)
+                try:
+                    mask[np.asarray(op.members, dtype=np.int64)] = True
+                except IndexError:
+                    raise SimulationError(f"collective {op.name!r}: members {op.members} outside 0..{ranks - 1}")
+            queue = queue_free.setdefault(op.group, np.zeros(ranks))
+            if mask is not None and not mask.any():  # nobody takes part: waits drain the ranks' queues
+                spans[op.name] = CollectiveSpan(name=op.name, group=op.group, start=0.0, end=0.0, last_issue=0.0,
+                                                sm_based=op.sm_based, members=mask, rank_end=queue.copy())
+                continue
+            last_issue = float(now.max() if mask is None else now[mask].max())
+            start = max(last_issue, float(queue.max() if mask is None else queue[mask].max()))
             end = start + op.seconds
-            queue_free[op.group] = end
+            rank_end = None if mask is None else np.where(mask, end, queue)
+            if mask is None:
+                queue[:] = end
+            else:
+                queue[mask] = end
             spans[op.name] = CollectiveSpan(name=op.name, group=op.group, start=start, end=end,
-                                            last_issue=last_issue, sm_based=op.sm_based)
+                                            last_issue=last_issue, sm_based=op.sm_based, members=mask,
+                                            rank_end=rank_end)
             if op.sm_based and op.seconds > 0:
-                sm_spans.append((start, end))
-                dirty = True
+                sm_spans.append((start, end, mask))
         elif isinstance(op, Wait):
             span = spans.get(op.collective)
             if span is None:
                 raise SimulationError(f"wait {op.name!r} is on {op.collective!r}, which was not issued before it")
             waited.add(op.collective)
-            blocked = np.maximum(span.end - now, 0.0)
+            until = span.end if span.rank_end is None else span.rank_end
+            blocked = np.maximum(until - now, 0.0)
             if not blocked.any():
                 continue
             mask = blocked > 0
             close_compute(mask, "compute")
             straggle = np.minimum(np.maximum(span.last_issue - now, 0.0), blocked)
+            if span.members is not None:  # the others wait for their own queue, not for peers
+                straggle = np.where(span.members, straggle, 0.0)
             if record:
                 who = everyone[mask]
                 blocks.append(("idle", f"wait for peers: {span.name}", who, now[mask], (now + straggle)[mask]))
-                blocks.append(("communication", span.name, who, (now + straggle)[mask], np.full(len(who), span.end)))
+                blocks.append(("communication", span.name, who, (now + straggle)[mask], (now + blocked)[mask]))
             idle += straggle
             exposed += blocked - straggle
-            now = np.maximum(now, span.end)
+            now = now + blocked
             seg_start = np.where(mask, now, seg_start)
         else:
             raise SimulationError(f"unknown op {op!r}: expected Compute, Issue or Wait")

@@ -37,11 +37,15 @@ optimizer. Where exactly is the freescale passes' decision, so the simulator tak
 them: :func:`capture_pipelined_graphs` captures the example's step in the shape
 ``TrainPipeline`` compiles it (rows first, then the dense parameters through
 ``reduce_in_backward``), and the pipelined step runs that graph pair as the passes schedule
-it (at the ablation's scale they issue the buckets over the last third of the backward,
-interleaved with the weight gradients, and the rows' gradient all-to-all after the last
+it (at the ablation's scale they issue each layer's bucket once its weight gradients exist,
+bucket 0 (the last layer) first, and the rows' gradient all-to-all after the last
 bucket: one process group keeps its collectives in issue order). Every collective of the
 pipelined step (refetch, exchanges, buckets) is on that one process group: one FIFO queue
-(NCCL runs a communicator's collectives in issue order). The tiny token-count and loss
+(NCCL runs a communicator's collectives in issue order). With ``sm_free`` (``all``,
+``all-split``) the buckets' all-reduces are what ``sm-free-collectives`` makes of them:
+two copy-engine all-to-alls and a sum (:func:`sim.workload.sm_free_all_reduces`). The
+split samples' key/value exchanges are on a group of their own (``Router.exchange_group``;
+``kv_group="step"`` puts them on the step's group, behind its other collectives). The tiny token-count and loss
 all-reduces stay as in the unpipelined step, and so does the optimizer (Adam over the dense
 parameters and the table shard; ``TrainPipeline`` needs a row-sparse table optimizer, which
 moves fewer bytes: not modelled, so that the pipelined rows differ from the ``-sync`` ones by
@@ -90,7 +94,7 @@ import torch.fx as fx
 
 from fsc.analysis.cost_model import DeviceProfile
 from sim.engine import Compute, Issue, Op, Wait
-from sim.split import with_exchange
+from sim.split import Exchange, with_exchange
 from sim.topology import Topology, profile
 from sim.workload import GraphProgram, Ranks, T, programs_from_graphs
 
@@ -108,6 +112,8 @@ CONFIGS: dict[str, dict[str, bool]] = {
     "all-sync": {"balance": True, "overlap": True, "sm_free": True, "split": False, "pipelined": False},
     "all-split-sync": {"balance": True, "overlap": True, "sm_free": True, "split": True, "pipelined": False},
 }
+KV_GROUPS = ("own", "step")
+"""The key/value exchanges' process group (:meth:`HSTUStep.ops`)."""
 PREFETCH_WAITS = ("forward", "step")
 """Where the pipelined step waits on the next batch's exchange (module docstring)."""
 
@@ -301,11 +307,10 @@ class HSTUStep:
         return cost
 
     def ops(self, ranks: Ranks, topo: Topology, *, overlap: bool, sm_free: bool, attention: str = "jagged",
-            optimizer: bool = True, exchange: tuple[float, bool] = (0.0, False), pipelined: bool = False,
-            refetch: float | None = None, prefetch_wait: str = "forward") -> list[Op]:
+            optimizer: bool = True, exchange: Sequence[Exchange] = (), pipelined: bool = False,
+            refetch: float | None = None, prefetch_wait: str = "forward", kv_group: str = "own") -> list[Op]:
         """The whole step's ops (see the module docstring). ``exchange``: one layer's key/value
-        exchange time for split samples and whether it leaves a node
-        (:func:`sim.split.exchange_seconds`); 0 without splits. ``pipelined``: the
+        exchanges for split samples (:func:`sim.split.exchanges`); none without splits. ``pipelined``: the
         ``fsc.TrainPipeline`` step (needs ``overlap``: it is the scheduled program);
         ``refetch``: the share of rows fetched again (None: :func:`refetch_fraction` of these
         ranks' lookups); ``prefetch_wait``: where the next batch's exchange is waited on."""
@@ -322,13 +327,16 @@ class HSTUStep:
         tiny = topo.all_reduce_seconds(8.0)
         ops: list[Op] = [Issue(name="tokens_allreduce", group="world", seconds=tiny),
                          Wait(name="tokens_allreduce.wait", collective="tokens_allreduce")]
-        seconds, crosses = exchange
+        if kv_group not in KV_GROUPS:
+            raise ValueError(f"kv_group must be one of {', '.join(KV_GROUPS)}, got {kv_group!r}")
         graphs: dict[str, list[Op]] = {}
         for kind in ("forward", "backward"):
             graph = progs[kind].ops(ranks, topo, attention=attention, blocking=not overlap, sm_free=sm_free,
                                     prefix=f"{kind}.")
-            graphs[kind] = with_exchange(graph, layers=self.scale.layers, seconds=seconds, blocking=not overlap,
-                                         sm_based=not (sm_free and not crosses), prefix=f"{kind}.")
+            step_group = next((op.group for op in graph if isinstance(op, Issue)), "world")
+            graphs[kind] = with_exchange(graph, layers=self.scale.layers, exchange=exchange, blocking=not overlap,
+                                         sm_free=sm_free, prefix=f"{kind}.",
+                                         group="kv" if kv_group == "own" else step_group)
         dense = self.scale.dense_parameters()
         after: list[Op] = []
         if not pipelined:

@@ -11,20 +11,30 @@ Model.
 * Bytes: per layer, ``tokens * kv_bytes`` from each earlier chunk's rank to the chunk's
   rank, ``kv_bytes = 4 * heads * (qk_dim + v_dim)`` (K and V in fp32, as the example
   trains).
-* Time of one layer's exchange: every rank sends and receives at once over its node's link
-  for peers in its node and its NIC for the others: ``latency + max over ranks of
-  max(intra bytes / intra bandwidth, inter bytes / inter bandwidth)``, counting for each
-  rank the larger of what it sends and what it receives (the all-to-all's rule in
-  :mod:`sim.topology`). The engine's collectives span all ranks, so the exchange is one
-  collective per layer and direction, on its own queue (``kv``), lasting as long as its
-  slowest member; ranks that exchange nothing also wait for it (pessimistic).
+* Who takes part: the exchange is one ``all_to_all_single`` per layer and direction on the
+  world group (``fsc.runtime.routing.prefix_kv``), with split sizes that are zero for every
+  pair of ranks that share no sample (and 2 padding rows each rank sends itself). NCCL
+  posts sends and receives for non-zero counts only, so the ranks that share a split
+  sample (a connected component of the src-dst pairs) exchange among themselves, and a
+  rank holding no chunk of a split sample is not held by it. The simulator runs one
+  collective per component and layer (:class:`Exchange`), with the component's ranks as
+  its members, on the world group's per-rank queues (behind whatever each member issued
+  before on that group: the embedding exchanges and gradient buckets).
+* Time of one component's exchange: every member sends and receives at once over its
+  node's link for peers in its node and its NIC for the others: ``latency + max over its
+  ranks of max(intra bytes / intra bandwidth, inter bytes / inter bandwidth)``, counting
+  for each rank the larger of what it sends and what it receives (the all-to-all's rule in
+  :mod:`sim.topology`).
 * Placement: the engine's programs have no layer structure, so each graph's compute ops
   are cut into ``layers`` stretches of equal op count; a layer's exchange is issued 40% into
   its stretch (K and V come from the layer's projections) and waited on 80% into it (the
   attention over the rank's own keys and whole samples overlaps the transfer). Without
   ``overlap``, it is waited on right after issue, as every collective of the baseline.
-* SM use: NCCL (SM-based) unless ``sm_free`` and every byte stays inside a node (then
-  copy-engine transfers, as the SM-free all-to-all).
+* SM use: as every all-to-all of the step: NCCL (SM-based, slowing the component's
+  members only) unless ``sm_free``, then copy-engine transfers (``sm-free-collectives``
+  swaps any all-to-all with compute in flight, and this one has the layer's attention over
+  the rank's own keys; across nodes the copy-engine path is modelled, as for the embedding
+  exchange: fsc's runtime runs the group's own collective across hosts).
 
 Limits: a chunk receives each earlier chunk's keys and values whole in every layer (no
 ring or pipelining across chunks); the cut of the programs into layers is by op count, not
@@ -34,6 +44,7 @@ by the graph's real layer boundaries.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -86,49 +97,95 @@ class Shares:
         return int(self.tokens.sum())
 
 
-def exchange_seconds(shares: Shares, topo: Topology, kv_bytes: float) -> tuple[float, bool]:
-    """One layer's exchange time and whether any of it leaves a node (module docstring)."""
+@dataclasses.dataclass(frozen=True, kw_only=True, slots=True)
+class Exchange:
+    """One layer's key/value exchange among the ranks sharing split samples."""
+
+    members: tuple[int, ...]
+    seconds: float
+    crosses: bool
+    """Some of its bytes leave a node."""
+
+
+def exchanges(shares: Shares, topo: Topology, kv_bytes: float) -> list[Exchange]:
+    """One layer's exchanges, one per connected component of the transfers (module docstring)."""
     if not len(shares.tokens):
-        return 0.0, False
-    dev, per_node = topo.device, topo.per_node
-    nbytes = shares.tokens.astype(np.float64) * kv_bytes
-    inside = (shares.src // per_node) == (shares.dst // per_node)
+        return []
     r = topo.ranks
+    parent = np.arange(r)
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = int(parent[i])
+        return i
+
+    for a, b in zip(shares.src.tolist(), shares.dst.tolist()):
+        ra, rb = root(a), root(b)
+        if ra != rb:
+            parent[max(ra, rb)] = min(ra, rb)
+    component = np.array([root(int(x)) for x in shares.src])
+    out = []
+    for c in np.unique(component).tolist():
+        pick = component == c
+        src, dst, tokens = shares.src[pick], shares.dst[pick], shares.tokens[pick]
+        seconds, crosses = _seconds(src, dst, tokens.astype(np.float64) * kv_bytes, topo)
+        out.append(Exchange(members=tuple(np.unique(np.concatenate([src, dst])).tolist()), seconds=seconds,
+                            crosses=crosses))
+    return out
+
+
+def _seconds(src: np.ndarray, dst: np.ndarray, nbytes: np.ndarray, topo: Topology) -> tuple[float, bool]:
+    dev, per_node, r = topo.device, topo.per_node, topo.ranks
+    inside = (src // per_node) == (dst // per_node)
     worst = 0.0
     for same, bandwidth in ((True, dev.intra_node_bandwidth), (False, dev.inter_node_bandwidth)):
         mask = inside == same
         if mask.any():
-            out = np.bincount(shares.src[mask], weights=nbytes[mask], minlength=r)
-            into = np.bincount(shares.dst[mask], weights=nbytes[mask], minlength=r)
+            out = np.bincount(src[mask], weights=nbytes[mask], minlength=r)
+            into = np.bincount(dst[mask], weights=nbytes[mask], minlength=r)
             worst = max(worst, float(np.maximum(out, into).max()) / bandwidth)
     crosses = bool((~inside).any())
     latency = dev.inter_node_latency if crosses else dev.intra_node_latency
     return latency + worst, crosses
 
 
-def with_exchange(ops: list[Op], *, layers: int, seconds: float, sm_based: bool, blocking: bool,
-                  prefix: str) -> list[Op]:
-    """``ops`` (one graph's) with a key/value exchange per layer (module docstring)."""
-    if seconds <= 0.0 or layers < 1:
+def exchange_seconds(shares: Shares, topo: Topology, kv_bytes: float) -> tuple[float, bool]:
+    """The longest of one layer's exchanges, and whether any of them leaves a node."""
+    found = exchanges(shares, topo, kv_bytes)
+    if not found:
+        return 0.0, False
+    return max(e.seconds for e in found), any(e.crosses for e in found)
+
+
+def with_exchange(ops: list[Op], *, layers: int, exchange: Sequence[Exchange], sm_free: bool, blocking: bool,
+                  prefix: str, group: str = "world") -> list[Op]:
+    """``ops`` (one graph's) with the key/value exchanges of every layer (module docstring),
+    issued on ``group``."""
+    exchange = [e for e in exchange if e.seconds > 0.0]
+    if not exchange or layers < 1:
         return ops
     where = [i for i, op in enumerate(ops) if isinstance(op, Compute)]
     if not where:
         return ops
-    issue_before, wait_before = {}, {}
+    issue_before: dict[int, list[Issue]] = {}
+    wait_before: dict[int, list[str]] = {}
     for layer in range(layers):
         lo = len(where) * layer // layers
         span = len(where) * (layer + 1) // layers - lo
-        name = f"{prefix}kv_exchange.{layer}"
         at = where[min(lo + int(ISSUE_AT * span), len(where) - 1)]
-        issue_before.setdefault(at, []).append(name)
         until = at if blocking else where[min(lo + int(WAIT_AT * span), len(where) - 1)]
-        wait_before.setdefault(until, []).append(name)
+        for c, e in enumerate(exchange):
+            name = f"{prefix}kv_exchange.{layer}" + (f".{c}" if len(exchange) > 1 else "")
+            issue_before.setdefault(at, []).append(Issue(name=name, group=group, seconds=e.seconds, members=e.members,
+                                                         sm_based=not sm_free))
+            wait_before.setdefault(until, []).append(name)
     out: list[Op] = []
     for i, op in enumerate(ops):
-        for name in issue_before.get(i, ()):
-            out.append(Issue(name=name, group="kv", seconds=seconds, sm_based=sm_based))
+        for issue in issue_before.get(i, ()):
+            out.append(issue)
             if blocking:
-                out.append(Wait(name=name + ".wait", collective=name))
+                out.append(Wait(name=issue.name + ".wait", collective=issue.name))
         if not blocking:
             out += [Wait(name=name + ".wait", collective=name) for name in wait_before.get(i, ())]
         out.append(op)

@@ -109,8 +109,9 @@ class GraphProgram:
     def ops(self, ranks: Ranks, topo: Topology, *, attention: str = "jagged", blocking: bool = False,
             sm_free: bool = False, prefix: str = "") -> list[Op]:
         """The graph's ops on these ranks. ``blocking``: every collective waited on right
-        after issue (its own waits dropped). ``sm_free``: all-to-alls are copy-engine
-        transfers."""
+        after issue (its own waits dropped). ``sm_free``: what ``sm-free-collectives`` makes
+        of the graph: all-to-alls are copy-engine transfers, and each all-reduce two of them
+        (:func:`sm_free_all_reduces`)."""
         dev = topo.device
         feats = self.features(ranks, attention)
         flops, nbytes = self.flops @ feats, self.nbytes @ feats
@@ -118,6 +119,7 @@ class GraphProgram:
         seconds = np.maximum(flops / peak, nbytes / dev.memory_bandwidth) + dev.op_overhead
         scale = topo.ranks / self.world
         out: list[Op] = []
+        reduced: dict[str, float] = {}  # all-reduces: name -> bytes
         for entry in self.entries:
             if entry[0] == "compute":
                 out.append(Compute(name=prefix + entry[1], seconds=seconds[entry[2]]))
@@ -130,6 +132,7 @@ class GraphProgram:
                     secs = topo.all_to_all_seconds(sent, received)
                 elif kind == "all_reduce":
                     secs = topo.all_reduce_seconds(float(np.max(sent)))
+                    reduced[prefix + name] = float(np.max(sent))
                 else:
                     raise WorkloadError(f"{name}: the simulator has no time model for {kind}")
                 out.append(Issue(name=prefix + name, group=group, seconds=secs,
@@ -138,7 +141,39 @@ class GraphProgram:
                     out.append(Wait(name=prefix + name + ".wait", collective=prefix + name))
             elif not blocking:
                 out.append(Wait(name=prefix + entry[1], collective=prefix + entry[2]))
+        if sm_free and reduced and not blocking:
+            out = sm_free_all_reduces(out, {name: nbytes / dev.memory_bandwidth + dev.op_overhead
+                                            for name, nbytes in reduced.items()})
         return out
+
+
+def sm_free_all_reduces(ops: list[Op], sum_seconds: dict[str, float]) -> list[Op]:
+    """``ops`` with each all-reduce named in ``sum_seconds`` as ``sm-free-collectives`` swaps
+    it: a copy-engine all-to-all of the shards (half the all-reduce's time: a reduce-scatter's
+    bytes) where it was issued; its wait, the sum of the received shards (``sum_seconds``:
+    one read of the tensor) and the copy-engine all-to-all of the summed shard (the other
+    half, keeping the all-reduce's name, so its waits stay) before the next collective
+    issued on the same group, or, without one before its first wait, halfway (in compute
+    ops) to that wait."""
+    out = list(ops)
+    for name, seconds in sum_seconds.items():
+        at = next(i for i, op in enumerate(out) if isinstance(op, Issue) and op.name == name)
+        issue = out[at]
+        first_wait = next((i for i in range(at + 1, len(out)) if isinstance(out[i], Wait)
+                           and out[i].collective == name), len(out))
+        ahead = [i for i in range(at + 1, first_wait) if isinstance(out[i], Issue) and out[i].group == issue.group]
+        if ahead:
+            middle = ahead[0]
+        else:
+            compute = [i for i in range(at + 1, first_wait) if isinstance(out[i], Compute)]
+            middle = compute[len(compute) // 2] if compute else first_wait
+        half = issue.seconds / 2
+        scatter = dataclasses.replace(issue, name=f"{name}.scatter", seconds=half, sm_based=False)
+        out[middle:middle] = [Wait(name=f"{name}.scatter.wait", collective=scatter.name),
+                              Compute(name=f"{name}.sum", seconds=seconds),
+                              dataclasses.replace(issue, seconds=half, sm_based=False)]
+        out[at] = scatter
+    return out
 
 
 def _half(node: fx.Node) -> bool:

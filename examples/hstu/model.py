@@ -310,6 +310,7 @@ class HSTULayer(nn.Module):
         self.out_norm = nn.LayerNorm(h * cfg.v_dim)
         self.out = nn.Linear(h * cfg.v_dim, cfg.dim)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.kv_group: dist.ProcessGroup | None = None  # HSTU.exchange_over
 
     def forward(self, x: torch.Tensor, attention: tuple) -> torch.Tensor:
         cfg = self.cfg
@@ -360,7 +361,7 @@ class HSTULayer(nn.Module):
         """fsc's jagged attention over the rank's pieces, each attending to its keys ``[0, stop)``
         (earlier chunks' keys and values from their ranks: :func:`prefix_kv`)."""
         cfg = self.cfg
-        keys, values = prefix_kv(k, v, exchange)
+        keys, values = prefix_kv(k, v, exchange, self.kv_group)
         # The op's position table is [H, 2P-1], indexed by the signed distance j - i + P - 1;
         # ours by i - j >= 0 (causal): column P-1-d holds our row d, later columns are never seen.
         table = self.position_bias.weight
@@ -385,6 +386,15 @@ class HSTU(nn.Module):
         nn.init.normal_(self.position.weight, std=0.02)
         self.layers = nn.ModuleList(HSTULayer(cfg) for _ in range(cfg.layers))
         self.final_norm = nn.LayerNorm(cfg.dim)
+        self.kv_group: dist.ProcessGroup | None = None
+
+    def exchange_over(self, group: dist.ProcessGroup | None) -> None:
+        """Run the kernel form's key/value exchanges (split samples) on ``group``
+        (``Router.exchange_group``: a group of their own, so that they do not queue behind
+        the step's other collectives); None: the default group."""
+        self.kv_group = group
+        for layer in self.layers:
+            layer.kv_group = group
 
     def dense_parameters(self) -> list[nn.Parameter]:
         return [p for name, p in self.named_parameters() if not name.startswith("item.")]
@@ -427,7 +437,7 @@ class HSTU(nn.Module):
             offsets, *rest = layout
             exchange = PrefixExchange(*rest)
             # the keys' timestamps (the time bias reads them): once per step, not per layer
-            attention = (offsets, exchange, prefix_tokens(timestamps, exchange))
+            attention = (offsets, exchange, prefix_tokens(timestamps, exchange, self.kv_group))
         else:
             token_index, *pads = layout
             attention = (token_index, [self._group_inputs(p, timestamps) for p in pads])

@@ -333,6 +333,8 @@ def train(args: argparse.Namespace) -> dict:
     per_rank = args.batch_size // world
     router = make_router(args.balance, token_cost if args.balance_cost == "tokens" else sample_cost(cfg), world,
                          split=args.split)
+    if router is not None:
+        model.exchange_over(router.exchange_group)  # split samples' key/value exchange: a group of its own
 
     def my_users(step: int) -> np.ndarray:
         return global_batch_users(len(train_h), args.batch_size, args.seed, step)[rank * per_rank : (rank + 1) * per_rank]

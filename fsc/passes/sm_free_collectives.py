@@ -1,6 +1,6 @@
-"""``sm-free-collectives``: swap eligible all-to-alls for the copy-engine ops of
-:mod:`fsc.runtime.ops`, so communication that overlaps compute takes no SMs (GPU) or no
-gloo threads (CPU ranks on one host).
+"""``sm-free-collectives``: swap eligible all-to-alls and all-reduces for the copy-engine
+ops of :mod:`fsc.runtime.ops`, so communication that overlaps compute takes no SMs (GPU) or
+no gloo threads (CPU ranks on one host).
 
 **Matches** ``_c10d_functional.all_to_all_single`` nodes whose every user is a
 ``_c10d_functional.wait_tensor`` or a size query (``sym_size``: it reads no data), on a device a copy-engine transport serves (asked of
@@ -24,6 +24,21 @@ did not would pair different collectives and hang). Whether the copy-engine path
 is settled at run time, once per group, by all ranks together: a group that spans hosts
 runs the group's own collective inside the fsc op.
 
+**All-reduces** (``_c10d_functional.all_reduce``, ``sum`` or ``avg``, of a tensor of static
+size, on a group whose size is known at compile time) become two copy-engine all-to-alls
+with a small reduction between them (``all_reduce=true``, the default): the input,
+flattened and zero-padded to ``R`` equal shards, goes out one shard per rank (so rank ``r``
+receives every rank's shard ``r``: a reduce-scatter's traffic), rank ``r`` sums its ``R``
+rows in rank order, and the summed shard goes back to every rank (an all-gather's traffic).
+The bytes on the wire are a ring all-reduce's, ``2 (R-1)/R`` of the tensor per rank; the
+only SM work is the sum, one read of the tensor. Every rank ends with the same bits (each
+shard is summed once, by its owner). The first all-to-all is issued where the all-reduce
+was; its wait, the sum and the second all-to-all go just before the next collective the
+graph issues on the same group (the group keeps its order), or, without one, halfway (in
+compute nodes) to the all-reduce's first wait; each wait on the all-reduce becomes a wait
+on the second all-to-all. The sum's order over ranks differs from NCCL's or gloo's (the
+results agree to rounding).
+
 **Limits.** All-gather and reduce-scatter are not swapped: the transports implement
 all-to-all only (each is declined with that reason). Run it last: the analyses of the
 other passes know ``_c10d_functional`` collectives only. Opt-in: not part of the default
@@ -42,11 +57,13 @@ import torch.fx as fx
 import fsc.runtime.ops  # noqa: F401  (registers the fsc ops that the rewritten graphs call)
 from fsc.analysis.collectives import COLLECTIVE_ID, Collective, call_arg, find_collectives, is_collective, is_wait
 from fsc.analysis.cost_model import is_view
+from fsc.analysis.graph import positions
 from fsc.passes.base import Pass, PassContext, PassResult
 from fsc.rewriter import GraphRewriter
 from fsc.runtime.transport import available
 
 FSC_ALL_TO_ALL = torch.ops.fsc.all_to_all_single.default
+ALL_REDUCE_OPS = ("sum", "avg")
 FSC_WAIT = torch.ops.fsc.wait_tensor.default
 SYM_SIZE = torch.ops.aten.sym_size.int
 
@@ -80,6 +97,31 @@ def _size_from_arguments(rewriter: GraphRewriter, query: fx.Node, args: tuple) -
     return total
 
 
+def _group_size(group_name: str) -> int | None:
+    """Ranks in the process group ``group_name`` in this process, or None if there is none."""
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    try:
+        return int(_resolve_process_group(group_name).size())
+    except Exception:  # no such group here (a graph traced without a process group)
+        return None
+
+
+def _all_reduce_unsupported(coll: Collective) -> str | None:
+    node = coll.node
+    reduce_op = call_arg(node, "reduce_op")
+    if reduce_op not in ALL_REDUCE_OPS:
+        return f"reduce_op {reduce_op!r}: only {' and '.join(ALL_REDUCE_OPS)} are swapped"
+    val = call_arg(node, "input").meta.get("val")
+    if not isinstance(val, torch.Tensor):
+        return "its input has no tensor metadata (was the graph traced with fake tensors?)"
+    if not isinstance(val.numel(), int):
+        return "its size is not static (the shards are fixed at compile time)"
+    if _group_size(call_arg(node, "group_name")) is None:
+        return f"the size of group {call_arg(node, 'group_name')!r} is unknown here (no such process group)"
+    return None
+
+
 def _is_compute(node: fx.Node) -> bool:
     if node.op != "call_function" or is_collective(node) or is_wait(node) or is_view(node):
         return False
@@ -97,7 +139,9 @@ class SmFreeCollectives(Pass):
     in_default_pipeline: ClassVar[bool] = False
 
     swap_all: bool = False
-    """Swap eligible all-to-alls even when no compute overlaps them."""
+    """Swap eligible collectives even when no compute overlaps them."""
+    all_reduce: bool = True
+    """Also swap all-reduces (two all-to-alls and a sum; module docstring)."""
 
     def run(self, gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         collectives = find_collectives(gm.graph)
@@ -108,12 +152,16 @@ class SmFreeCollectives(Pass):
         rewriter = GraphRewriter(gm.graph)
         reasons: list[str] = []
         swapped = 0
-        for coll in collectives:
+        for index, coll in enumerate(collectives):
             reason = self._decline(coll, order, nodes)
             if reason is not None:
                 reasons.append(f"{coll.kind} {coll.node.name!r} not swapped: {reason}")
                 continue
-            self._swap(rewriter, coll.node, coll.waits)
+            if coll.kind == "all_reduce":
+                later = [c.node for c in collectives[index + 1:] if c.group_name == coll.group_name]
+                self._swap_all_reduce(rewriter, coll, later)
+            else:
+                self._swap(rewriter, coll.node, coll.waits)
             swapped += 1
         return PassResult(
             modified=rewriter.modified,
@@ -122,11 +170,19 @@ class SmFreeCollectives(Pass):
         )
 
     def _decline(self, coll: Collective, order: dict[fx.Node, int], nodes: list[fx.Node]) -> str | None:
-        if coll.kind != "all_to_all_single":
-            return "the copy-engine transports implement all_to_all_single only"
+        if coll.kind == "all_reduce":
+            if not self.all_reduce:
+                return "all_reduce=false"
+            reason = _all_reduce_unsupported(coll)
+            if reason is not None:
+                return reason
+        elif coll.kind != "all_to_all_single":
+            return "the copy-engine transports implement all_to_all_single only (and all_reduce through it)"
         if not coll.waits:
             return "nothing waits on its result"
         others = [u for u in coll.node.users if u not in coll.waits]
+        if coll.kind == "all_reduce" and others:
+            return f"its result is read by {others[0].name} ({others[0].target}), not by wait_tensor"
         unsized = [u for u in others if u.target is not SYM_SIZE]
         if unsized:
             return (f"its result is read by {unsized[0].name} ({unsized[0].target}), not by wait_tensor "
@@ -144,6 +200,57 @@ class SmFreeCollectives(Pass):
                 return ("nothing computes while it is in flight (its wait follows at once); schedule it with "
                         "overlap-schedule first, or set swap_all=true")
         return None
+
+    @staticmethod
+    def _swap_all_reduce(rewriter: GraphRewriter, coll: Collective, later: list[fx.Node]) -> None:
+        node = coll.node
+        source = call_arg(node, "input")
+        reduce_op, group = call_arg(node, "reduce_op"), call_arg(node, "group_name")
+        val = source.meta["val"]
+        world, n = _group_size(group), int(val.numel())
+        chunk = -(-n // world)
+        ones = [1] * world
+        aten = torch.ops.aten
+
+        def add(anchor: fx.Node, target: Any, *args: Any, **extra: Any) -> fx.Node:
+            vals = [a.meta["val"] if isinstance(a, fx.Node) else a for a in args]
+            with val.fake_mode:
+                out = target(*vals)
+            return rewriter.insert_before(anchor, target, args, meta={**extra, "val": out})
+
+        flat = source
+        if not val.is_contiguous():
+            flat = add(node, aten.clone.default, flat)  # a contiguous copy (clone keeps dense strides)
+        flat = add(node, aten.view.default, flat, [n])
+        if chunk * world != n:
+            flat = add(node, aten.constant_pad_nd.default, flat, [0, chunk * world - n], 0.0)
+        shards = add(node, aten.view.default, flat, [world, chunk])
+        ident = node.meta.get(COLLECTIVE_ID, node.name)
+        scatter = add(node, FSC_ALL_TO_ALL, shards, ones, ones, group, **{COLLECTIVE_ID: f"{ident}.scatter"})
+        # the middle: before the group's next collective, or halfway to the first wait
+        order = positions(rewriter.graph)
+        first_wait = min(coll.waits, key=order.__getitem__)
+        ahead = [c for c in later if order[c] < order[first_wait]]
+        if ahead:
+            middle = min(ahead, key=order.__getitem__)
+        else:
+            between = [m for m in rewriter.graph.nodes if order[node] < order.get(m, -1) < order[first_wait]
+                       and _is_compute(m)]
+            middle = between[len(between) // 2] if between else first_wait
+        mine = add(middle, FSC_WAIT, scatter, shards, ones, ones, group)
+        total = add(middle, aten.sum.dim_IntList, mine, [0], True)
+        if reduce_op == "avg":
+            total = add(middle, aten.div.Scalar, total, world)
+        copies = add(middle, aten.clone.default, add(middle, aten.expand.default, total, [world, chunk]))
+        gather = add(middle, FSC_ALL_TO_ALL, copies, ones, ones, group, **{COLLECTIVE_ID: f"{ident}.gather"})
+        for wait in coll.waits:
+            whole = add(wait, FSC_WAIT, gather, copies, ones, ones, group)
+            whole = add(wait, aten.view.default, whole, [world * chunk])
+            if chunk * world != n:
+                whole = add(wait, aten.slice.Tensor, whole, 0, 0, n)
+            whole = add(wait, aten.view.default, whole, list(val.shape))
+            rewriter.replace(wait, whole)
+        rewriter.erase(node)
 
     @staticmethod
     def _swap(rewriter: GraphRewriter, node: fx.Node, waits: tuple[fx.Node, ...]) -> None:

@@ -11,7 +11,10 @@ backward. A model run with these tensors in place of its parameters
 HSTU example's ``GradientBuckets`` (hooks outside the graphs) leave there.
 
 Buckets follow DDP's rule: parameters in reverse order of definition (gradients arrive
-roughly in that order), a new bucket once one holds ``bucket_mb`` MiB.
+roughly in that order), a new bucket once one holds ``bucket_mb`` MiB. The traced backward
+issues them in that order: bucket 0 first (see :func:`reduce_in_backward`), so that the
+scheduling passes, which keep a group's collectives in order, can issue each bucket as soon
+as its gradients exist.
 """
 
 from __future__ import annotations
@@ -58,7 +61,11 @@ def reduce_in_backward(params: Sequence[torch.Tensor], buckets: list[list[int]],
     if group is None:
         return list(params)
     out: list[torch.Tensor] = list(params)
-    for bucket in buckets:
+    # Made last-bucket-first: autograd runs ready nodes newest first, and a traced backward
+    # keeps that order, so the first bucket's all-reduce comes first on the group (whose
+    # collectives keep their order); made in bucket order, the last bucket, whose
+    # gradients come last, would be first in line, holding every other bucket back.
+    for bucket in reversed(buckets):
         for index, tensor in zip(bucket, _SumGradients.apply(group, *(params[i] for i in bucket))):
             out[index] = tensor
     return out

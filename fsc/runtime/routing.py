@@ -207,6 +207,14 @@ class Router:
         # (over this router's ranks: a subgroup's router plans within the subgroup)
         ranks = dist.get_process_group_ranks(group) if group is not None and self.world > 1 else None
         self._planning_group = dist.new_group(ranks=ranks, backend="gloo") if self.world > 1 else None
+        # With splits, another for the pieces' key/value exchange (prefix_kv): in the step's
+        # group it would queue behind the step's other collectives (the embedding exchanges,
+        # the gradient buckets) on every rank, and a layer's attention waits for it.
+        split = bool(getattr(balancer, "split", False))
+        self.exchange_group: dist.ProcessGroup | None = (dist.new_group(ranks=ranks) if split and self.world > 1
+                                                         else None)
+        """The process group for :func:`prefix_kv` and :func:`prefix_tokens` (with splits
+        and more than one rank; else None: the default group)."""
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsc-balance")
 
     def plan(self, local_lengths: np.ndarray, group: dist.ProcessGroup | None = None) -> Plan:
@@ -276,8 +284,9 @@ class Router:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-        if self._planning_group is not None:
-            dist.destroy_process_group(self._planning_group)
+        for group in (self._planning_group, self.exchange_group):
+            if group is not None:
+                dist.destroy_process_group(group)
 
 
 _PAD = 2  # rows every rank sends itself (exchange_of)

@@ -84,6 +84,7 @@ def _split_vs_whole(rank: int, world: int, modes: tuple[str, ...], backend: str,
         run = model if backend == "eager" else torch.compile(model, backend="freescale", options={"inner": "eager"},
                                                              fullgraph=True)
         router = Router(Balancer(ranks=world, split=True, counts="free", cost=sample_cost(cfg)))
+        model.exchange_over(router.exchange_group)
         from torch._dynamo.utils import counters
 
         counters.clear()
@@ -126,6 +127,7 @@ def _split_vs_whole(rank: int, world: int, modes: tuple[str, ...], backend: str,
             graphs = fsc.last_compile().graphs()
             out[-1]["a2a"] = {k: [c.split(":")[0] for c in sum(g.collectives.values(), [])]
                               for k, g in graphs.items()}
+            out[-1]["groups"] = {k: len(g.collectives) for k, g in graphs.items()}
             out[-1]["unique_graphs"] = counters["stats"]["unique_graphs"]
     return out
 
@@ -159,6 +161,8 @@ def test_split_sample_under_freescale_equals_the_whole_batch_and_exchanges_in_th
         # values' gradients
         assert {k: len(v) for k, v in last["a2a"].items()} == {"forward": 6, "backward": 3}, last["a2a"]
         assert all(c.startswith("all_to_all_single") for v in last["a2a"].values() for c in v)
+        # the key/value exchanges on the router's group of their own, beside the item exchange's
+        assert last["groups"] == {"forward": 2, "backward": 2}, last
         assert last["unique_graphs"] == 1  # new plans every step, no recompile
     assert len({tuple(r["sizes"]) for rows in per_rank for r in rows}) > len(per_rank)  # the sizes changed
 

@@ -84,7 +84,55 @@ def test_sm_free_collectives_declines_all_gather_and_reduce_scatter():
     record = run(gm, swap_all=True)
     assert record.modified is False
     assert [r.split(" not swapped: ")[1] for r in record.reasons] == [
-        "the copy-engine transports implement all_to_all_single only"] * 2
+        "the copy-engine transports implement all_to_all_single only (and all_reduce through it)"] * 2
+
+
+def test_sm_free_collectives_swaps_an_all_reduce_for_two_all_to_alls_and_a_sum(monkeypatch):
+    import fsc.passes.sm_free_collectives as module
+
+    def reduced(x, w):
+        first = c10d.all_reduce(torch.relu(x), "sum", "g0")
+        second = c10d.all_reduce(x * 2, "avg", "g0")
+        h = (x @ w) @ w
+        return c10d.wait_tensor(first).sum() + c10d.wait_tensor(second).sum() + h.sum()
+
+    gm = trace(reduced, (7, 5), (5, 5))
+    record = run(gm)  # no process group 'g0' here: its size is unknown
+    assert record.modified is False
+    assert record.reasons[0].endswith("the size of group 'g0' is unknown here (no such process group)")
+    monkeypatch.setattr(module, "_group_size", lambda name: 4)
+    record = run(gm)
+    assert record.stats["swapped"] == 2
+    gm.graph.lint()
+    assert c10d.all_reduce.default not in targets(gm) and c10d.wait_tensor.default not in targets(gm)
+    calls = [n for n in gm.graph.nodes if n.target in (FSC_ALL_TO_ALL, FSC_WAIT, torch.ops.aten.sum.dim_IntList,
+                                                         torch.ops.aten.div.Scalar, torch.ops.aten.mm.default)]
+    names = [("a2a" if n.target is FSC_ALL_TO_ALL else "wait" if n.target is FSC_WAIT else n.target.__name__)
+             for n in calls]
+    # 35 values in 4 shards of 9 (one padding zero); the first's middle sits before the
+    # second's issue (the group's next collective), the second's halfway to its wait
+    assert names == ["a2a", "wait", "sum.dim_IntList", "a2a", "a2a", "mm.default", "wait", "sum.dim_IntList",
+                     "div.Scalar", "a2a", "mm.default", "wait", "wait"], names
+    for n in calls:
+        if n.target is FSC_ALL_TO_ALL:
+            assert n.args[0].meta["val"].shape == (4, 9) and n.args[1:] == ([1] * 4, [1] * 4, "g0")
+    assert [n.meta["fsc_collective_id"] for n in calls if n.target is FSC_ALL_TO_ALL] == [
+        "all_reduce.scatter", "all_reduce.gather", "all_reduce_1.scatter", "all_reduce_1.gather"]
+    assert [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is torch.ops.aten.view.default][-1] == (7, 5)
+
+
+def test_sm_free_collectives_declines_an_all_reduce_it_cannot_shard(monkeypatch):
+    import fsc.passes.sm_free_collectives as module
+
+    monkeypatch.setattr(module, "_group_size", lambda name: 2)
+
+    def maximum(x, w):
+        out = c10d.all_reduce(x, "max", "g0")
+        return c10d.wait_tensor(out).sum() + (x @ w).sum()
+
+    record = run(trace(maximum, (8, 8), (8, 8)))
+    assert record.reasons == ("all_reduce 'all_reduce' not swapped: reduce_op 'max': only sum and avg are swapped",)
+    assert run(trace(maximum, (8, 8), (8, 8)), all_reduce=False).reasons[0].endswith("all_reduce=false")
 
 
 def test_sm_free_collectives_declines_a_result_read_without_a_wait():

@@ -85,7 +85,7 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def _equal_worker(rank: int, world: int, backend, table: str):
+def _equal_worker(rank: int, world: int, backend, table: str, sm_free: bool = False):
     from torch._dynamo.utils import counters
 
     steps = 7
@@ -93,8 +93,11 @@ def _equal_worker(rank: int, world: int, backend, table: str):
     torch._dynamo.reset()
     counters.clear()
     model = Pooled()
+    options = {"inner": "eager"} if backend == "freescale" else None
+    if sm_free:  # the default passes, then the all-reduces and all-to-alls on the copy-engine transport
+        options["passes"] = fsc.Config.from_options().pipeline + ",sm-free-collectives"
     pipe = fsc.TrainPipeline(model, optimizers(model, table), lookups=lookups, loss=loss, backend=backend,
-                             options={"inner": "eager"} if backend == "freescale" else None)
+                             options=options)
     batches = (batch(rank, step) for step in range(steps))
     losses, stale = [], 0
     while True:
@@ -117,6 +120,7 @@ def _equal_worker(rank: int, world: int, backend, table: str):
             re.search(rf"masked_scatter\.default\([^)]*\b{first}\b", forward))
         text = record.graph("backward").graph_after
         out["backward_collectives"] = re.findall(r"_c10d_functional\.(all_reduce|all_to_all_single)\.default\(", text)
+        out["backward_fsc"] = len(re.findall(r"fsc\.all_to_all_single\.default\(", text))
         out["buckets"] = len(pipe.buckets)
     return out
 
@@ -139,6 +143,18 @@ def test_pipelined_step_equals_the_synchronous_loop(world, backend, table):
             # what batch i waits on first goes first: the refetch of its stale rows, before the
             # next batch's exchange
             assert out["first_issued_feeds_rows"]
+
+
+@pytest.mark.ranks
+def test_pipelined_step_with_sm_free_all_reduces_equals_the_synchronous_loop():
+    """sm-free-collectives turns each bucket's all-reduce into two copy-engine all-to-alls
+    and a sum: the same training, within rounding."""
+    for rank, out in enumerate(run_ranks(_equal_worker, 2, "freescale", "adagrad", True)):
+        assert out["got"] == pytest.approx(out["ref"], rel=1e-5, abs=1e-6), rank
+        assert out["params"] < 1e-5, rank
+        assert out["graphs"] == 1
+        assert "all_reduce" not in out["backward_collectives"], out["backward_collectives"]
+        assert out["backward_fsc"] >= 2 * out["buckets"] >= 2
 
 
 def _uneven_worker(rank: int, world: int):

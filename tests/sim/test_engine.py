@@ -77,3 +77,22 @@ def test_bad_steps_fail_naming_the_op():
         simulate([], 2, contention=0.5)
     with pytest.raises(SimulationError, match="ranks"):
         simulate([], 0)
+
+
+def test_a_rank_outside_a_collective_waits_only_for_its_own_queue():
+    # "big" (every rank, 2 s) then "pair" (ranks 0 and 1, 1 s) on one group: rank 2's wait on
+    # "pair" returns when its queue is free (t=2), the members' when the pair ends (t=3)
+    ops = [Issue(name="big", group="g", seconds=2.0), Issue(name="pair", group="g", seconds=1.0, members=(0, 1)),
+           Wait(name="w", collective="pair"), Wait(name="wb", collective="big")]
+    res = simulate(ops, 3)
+    np.testing.assert_allclose(res.exposed_s, [3.0, 3.0, 2.0])
+    np.testing.assert_allclose(res.idle_s, [0.0, 0.0, 1.0])
+    with pytest.raises(SimulationError, match="members"):
+        simulate([Issue(name="c", group="g", seconds=1.0, members=(3,))], 3)
+
+
+def test_contention_slows_only_the_members_of_a_partial_collective():
+    ops = [Issue(name="c", group="g", seconds=2.0, members=(0,)), Compute(name="x", seconds=3.0),
+           Wait(name="w", collective="c")]
+    res = simulate(ops, 2, contention=2.0)
+    np.testing.assert_allclose(res.contention_s, [1.0, 0.0])

@@ -11,7 +11,7 @@ import pytest
 from fsc.runtime import Balancer, QuadraticCost
 from sim.ablation import quadratic_fit, split_shares
 from sim.engine import Compute, Issue, Wait, simulate
-from sim.split import Shares, exchange_seconds, with_exchange
+from sim.split import Exchange, Shares, exchange_seconds, exchanges, with_exchange
 from sim.topology import Topology
 from sim.workload import Ranks
 
@@ -67,24 +67,27 @@ def test_no_split_means_no_exchange():
     shares = Shares.whole([np.array([3, 4]), np.array([5])])
     assert exchange_seconds(shares, Topology.of(2, "h100"), 4096.0) == (0.0, False)
     ops = [Compute(name="a", seconds=1.0)]
-    assert with_exchange(ops, layers=4, seconds=0.0, sm_based=True, blocking=False, prefix="") is ops
+    assert exchanges(shares, Topology.of(2, "h100"), 4096.0) == []
+    assert with_exchange(ops, layers=4, exchange=[], sm_free=False, blocking=False, prefix="") is ops
 
 
 @pytest.mark.parametrize("blocking", [False, True])
 def test_exchange_is_one_issue_and_wait_per_layer_inside_the_graph(blocking):
     ops = [Compute(name=f"c{i}", seconds=np.full(2, 1e-3)) for i in range(20)]
-    out = with_exchange(ops, layers=4, seconds=5e-4, sm_based=True, blocking=blocking, prefix="forward.")
+    both = [Exchange(members=(0, 1), seconds=5e-4, crosses=False)]
+    out = with_exchange(ops, layers=4, exchange=both, sm_free=False, blocking=blocking, prefix="forward.", group="kv")
     issues = [i for i, op in enumerate(out) if isinstance(op, Issue)]
     waits = [i for i, op in enumerate(out) if isinstance(op, Wait)]
     assert len(issues) == len(waits) == 4
     assert all(out[i].group == "kv" and out[i].name.startswith("forward.kv_exchange.") for i in issues)
+    assert all(out[i].members == (0, 1) and out[i].sm_based for i in issues)
     if blocking:
         assert all(out[i + 1].collective == out[i].name for i in issues)
     else:
         assert all(w > i + 1 for i, w in zip(issues, waits))  # compute runs while it is in flight
     assert [op for op in out if isinstance(op, Compute)] == ops
-    overlapped = simulate(with_exchange(ops, layers=4, seconds=5e-4, sm_based=False, blocking=False, prefix=""), 2)
-    blocked = simulate(with_exchange(ops, layers=4, seconds=5e-4, sm_based=False, blocking=True, prefix=""), 2)
+    overlapped = simulate(with_exchange(ops, layers=4, exchange=both, sm_free=True, blocking=False, prefix=""), 2)
+    blocked = simulate(with_exchange(ops, layers=4, exchange=both, sm_free=True, blocking=True, prefix=""), 2)
     assert overlapped.step_s == pytest.approx(20e-3)  # hidden behind 3 ops of 1 ms
     assert blocked.step_s == pytest.approx(20e-3 + 4 * 5e-4)
 
@@ -104,3 +107,40 @@ def test_split_shares_cover_the_batch_on_every_rank():
     shares = split_shares(lengths, 4, cost=COST)
     assert len(shares.lengths) == 4 and sum(x.sum() for x in shares.lengths) == lengths.sum()
     assert shares.split_samples == 1 and shares.kv_tokens > 0
+
+
+def test_exchanges_are_one_per_group_of_ranks_sharing_split_samples():
+    # ranks 0 -> 1 -> 2 share one sample (a chain), 5 -> 9 another (across nodes of 8)
+    shares = Shares(lengths=(), offsets=None, src=np.array([0, 1, 0, 5]), dst=np.array([1, 2, 2, 9]),
+                    tokens=np.array([100, 50, 100, 400]))
+    topo = Topology.of(16, "h100")
+    found = exchanges(shares, topo, 8.0)
+    assert [(e.members, e.crosses) for e in found] == [((0, 1, 2), False), ((5, 9), True)]
+    dev = topo.device
+    assert found[0].seconds == pytest.approx(dev.intra_node_latency + 200 * 8.0 / dev.intra_node_bandwidth)
+    assert exchange_seconds(shares, topo, 8.0) == (max(e.seconds for e in found), True)
+
+
+def test_a_rank_outside_every_exchange_is_not_held_by_it():
+    # rank 2 holds no chunk: the exchange of ranks 0 and 1 (issued late by rank 1) holds them only
+    ops = [Compute(name="a", seconds=np.array([1.0, 3.0, 1.0])),
+           Issue(name="kv", group="kv", seconds=0.5, members=(0, 1)), Wait(name="w", collective="kv"),
+           Compute(name="b", seconds=1.0)]
+    res = simulate(ops, 3)
+    np.testing.assert_allclose(res.idle_s, [2.0, 0.0, 2.5])  # rank 2 idles only at the step's end
+    np.testing.assert_allclose(res.exposed_s, [0.5, 0.5, 0.0])
+    assert res.step_s == pytest.approx(4.5)
+
+
+def test_sm_free_all_reduce_is_two_copy_engine_halves_around_a_sum():
+    from sim.workload import sm_free_all_reduces
+
+    ops = [Issue(name="ar0", group="g", seconds=2.0), Compute(name="c1", seconds=1.0),
+           Issue(name="ar1", group="g", seconds=2.0), Compute(name="c2", seconds=1.0), Compute(name="c3", seconds=1.0),
+           Wait(name="w0", collective="ar0"), Wait(name="w1", collective="ar1")]
+    out = sm_free_all_reduces(ops, {"ar0": 0.1, "ar1": 0.1})
+    assert [op.name for op in out] == ["ar0.scatter", "c1", "ar0.scatter.wait", "ar0.sum", "ar0", "ar1.scatter",
+                                       "c2", "ar1.scatter.wait", "ar1.sum", "ar1", "c3", "w0", "w1"]
+    assert all(not op.sm_based and op.seconds == 1.0 for op in out if isinstance(op, Issue))
+    res = simulate(out, 2, contention=2.0)
+    assert res.contention_s.max() == 0.0
