@@ -85,7 +85,7 @@ def _max_diff(a: nn.Module, b: nn.Module) -> float:
     return max((p - q).abs().max().item() for p, q in zip(a.parameters(), b.parameters()))
 
 
-def _equal_worker(rank: int, world: int, backend, table: str, sm_free: bool = False):
+def _equal_worker(rank: int, world: int, backend, table: str, sm_free: bool = False, bucket_mb: float = 4.0):
     from torch._dynamo.utils import counters
 
     steps = 7
@@ -97,7 +97,7 @@ def _equal_worker(rank: int, world: int, backend, table: str, sm_free: bool = Fa
     if sm_free:  # the default passes, then the all-reduces and all-to-alls on the copy-engine transport
         options["passes"] = fsc.Config.from_options().pipeline + ",sm-free-collectives"
     pipe = fsc.TrainPipeline(model, optimizers(model, table), lookups=lookups, loss=loss, backend=backend,
-                             options=options)
+                             options=options, bucket_mb=bucket_mb)
     batches = (batch(rank, step) for step in range(steps))
     losses, stale = [], 0
     while True:
@@ -122,14 +122,18 @@ def _equal_worker(rank: int, world: int, backend, table: str, sm_free: bool = Fa
         out["backward_collectives"] = re.findall(r"_c10d_functional\.(all_reduce|all_to_all_single)\.default\(", text)
         out["backward_fsc"] = len(re.findall(r"fsc\.all_to_all_single\.default\(", text))
         out["buckets"] = len(pipe.buckets)
+        out["reduced_sizes"] = [int(n) for n in re.findall(
+            r"f32\[(\d+)\][^\n]*_c10d_functional\.all_reduce\.default\(", text)]
+        dense = list(pipe.dense.values())
+        out["bucket_sizes"] = [sum(dense[i].numel() for i in bucket) for bucket in pipe.buckets]
     return out
 
 
 @pytest.mark.ranks
-@pytest.mark.parametrize("world,backend,table", [(2, None, "sgd"), (2, "freescale", "adagrad"),
-                                                 (4, "freescale", "rowwise")])
-def test_pipelined_step_equals_the_synchronous_loop(world, backend, table):
-    for rank, out in enumerate(run_ranks(_equal_worker, world, backend, table)):
+@pytest.mark.parametrize("world,backend,table,bucket_mb", [(2, None, "sgd", 4.0), (2, "freescale", "adagrad", 4.0),
+                                                           (4, "freescale", "rowwise", 1e-6)])
+def test_pipelined_step_equals_the_synchronous_loop(world, backend, table, bucket_mb):
+    for rank, out in enumerate(run_ranks(_equal_worker, world, backend, table, False, bucket_mb)):
         assert len(out["got"]) == len(out["ref"]) == 7
         assert out["got"] == pytest.approx(out["ref"], rel=1e-5, abs=1e-6), rank
         assert out["params"] < 1e-5, rank
@@ -140,6 +144,8 @@ def test_pipelined_step_equals_the_synchronous_loop(world, backend, table):
             # rows' gradients going back to their owners (one all-to-all per table)
             assert out["backward_collectives"].count("all_reduce") == out["buckets"] >= 1
             assert out["backward_collectives"].count("all_to_all_single") == 2
+            # bucket 0 (the last parameters, whose gradients come first) is reduced first
+            assert out["reduced_sizes"] == out["bucket_sizes"], out
             # what batch i waits on first goes first: the refetch of its stale rows, before the
             # next batch's exchange
             assert out["first_issued_feeds_rows"]
