@@ -104,7 +104,7 @@ def run_config(step: HSTUStep, setting: Setting, lengths: LengthDistribution, co
             shares = Shares.whole(assign(batch, setting.ranks, balance=flags["balance"], cost=cost,
                                          seed=setting.seed + s))
         exchange = exchanges(shares, topo, step.kv_bytes)
-        ranks = step.ranks(shares.lengths, shares.offsets)
+        ranks = step.ranks(shares.lengths, shares.offsets, distinct=flags["pipelined"])
         refetch = (setting.refetch if setting.refetch is not None
                    else refetch_fraction(float(ranks.send.sum()), step.scale.num_items))
         ops = step.ops(ranks, topo, overlap=flags["overlap"], sm_free=flags["sm_free"], attention=setting.attention,

@@ -9,8 +9,8 @@ to their owners, the rows back; at the end of the backward: the rows' gradients 
 owners), the dense gradients' bucketed all-reduce (``GradientBuckets``: under
 ``torch.compile`` the whole backward is one node, so every bucket is issued when the backward
 ends and waited on before the optimizer), Adam over the dense parameters and the rank's
-item-table shard (memory-bound: 28 bytes per fp32 parameter), and a tiny all-reduce of the
-loss.
+item-table shard (memory-bound: 28 bytes per fp32 parameter). The loss's all-reduce (for the
+log) is left running into the next step (``train.py`` reads it there): not modelled.
 
 **Pipelined** (``fsc.TrainPipeline``, :mod:`fsc.pipeline`): step i's compiled forward
 
@@ -45,11 +45,22 @@ pipelined step (refetch, exchanges, buckets) is on that one process group: one F
 ``all-split``) the buckets' all-reduces are what ``sm-free-collectives`` makes of them:
 two copy-engine all-to-alls and a sum (:func:`sim.workload.sm_free_all_reduces`). The
 split samples' key/value exchanges are on a group of their own (``Router.exchange_group``;
-``kv_group="step"`` puts them on the step's group, behind its other collectives). The tiny token-count and loss
-all-reduces stay as in the unpipelined step, and so does the optimizer (Adam over the dense
+``kv_group="step"`` puts them on the step's group, behind its other collectives). The token count's all-reduce is
+issued a step ahead (``train.py`` reads and routes one batch further ahead when pipelined)
+and the loss's runs into the next step: neither is waited on in the step, neither is
+modelled. The optimizer stays as in the unpipelined step (Adam over the dense
 parameters and the table shard; ``TrainPipeline`` needs a row-sparse table optimizer, which
 moves fewer bytes: not modelled, so that the pipelined rows differ from the ``-sync`` ones by
 the schedule alone).
+
+The pipelined lookup sends each distinct id once (:meth:`fsc.runtime.embedding.RowShardedEmbedding.prefetch`):
+the rows it exchanges, refetches and sends gradients for are the rank's distinct ids
+(``HSTUStep.ranks(..., distinct=True)``, what :func:`sim.ablation.run_config` passes for the
+pipelined rows). Of the ``2T + K`` ids a rank looks up (its T items, their next items as
+targets, K negatives), the targets repeat the items but for one per sample or chunk (a
+user's history holds an item once, as MovieLens's does); items of different users are taken
+as distinct (1M items drawn uniformly collide rarely; popular items would repeat more,
+and the exchange would shrink further).
 
 Limits of the pipelined model: batch i+1's exchange is costed with batch i's sizes (the same
 distribution); its three all-to-alls run back to back on the queue, without the host reading
@@ -268,11 +279,16 @@ class HSTUStep:
         fn = sympy.lambdify(T, self.send_rows, "numpy")
         return np.broadcast_to(np.asarray(fn(tokens), dtype=np.float64), tokens.shape).copy()
 
-    def ranks(self, lengths: Sequence[np.ndarray], offsets: Sequence[np.ndarray] | None = None) -> Ranks:
+    def ranks(self, lengths: Sequence[np.ndarray], offsets: Sequence[np.ndarray] | None = None, *,
+              distinct: bool = False) -> Ranks:
         """Per-rank quantities; ``offsets``: each chunk's first position in its sample (split
-        samples, see :class:`sim.workload.Ranks`)."""
+        samples, see :class:`sim.workload.Ranks`); ``distinct``: the lookup sends each distinct
+        id once (the pipelined one: the module docstring)."""
         tokens = np.array([float(np.sum(x)) for x in lengths])
         send = self._send(tokens)
+        if distinct:  # the targets repeat the items, but for each sample's (or chunk's) last
+            pieces = np.array([float(np.count_nonzero(x)) for x in lengths])
+            send = send - tokens + pieces
         return Ranks(lengths=tuple(np.asarray(x) for x in lengths), send=send, recv=np.full_like(send, send.mean()),
                      offsets=None if offsets is None else tuple(np.asarray(p) for p in offsets))
 
@@ -325,8 +341,8 @@ class HSTUStep:
             raise ValueError("this step was captured without the pipelined step's graphs (HSTUStep.capture has them)")
         progs = self.programs["pipelined" if pipelined else "freescale" if overlap else "program"]
         tiny = topo.all_reduce_seconds(8.0)
-        ops: list[Op] = [Issue(name="tokens_allreduce", group="world", seconds=tiny),
-                         Wait(name="tokens_allreduce.wait", collective="tokens_allreduce")]
+        ops: list[Op] = [] if pipelined else [Issue(name="tokens_allreduce", group="world", seconds=tiny),
+                                              Wait(name="tokens_allreduce.wait", collective="tokens_allreduce")]
         if kv_group not in KV_GROUPS:
             raise ValueError(f"kv_group must be one of {', '.join(KV_GROUPS)}, got {kv_group!r}")
         graphs: dict[str, list[Op]] = {}
@@ -365,8 +381,6 @@ class HSTUStep:
             ops.append(Compute(name="adam", seconds=28.0 * (dense + shard) / dev.memory_bandwidth
                                + 10 * dev.op_overhead))
         ops += after
-        ops += [Issue(name="loss_allreduce", group="world", seconds=tiny),
-                Wait(name="loss_allreduce.wait", collective="loss_allreduce")]
         return ops
 
     def _pipelined_forward(self, graph: list[Op], program: GraphProgram, ranks: Ranks, topo: Topology, *,

@@ -142,7 +142,7 @@ def validate(world: int, measured: str, links_file: str, *, batch_size: int, see
     stretch = max(1.0, world / cores)  # one thread per rank: ranks time-share the host's cores
     sim, fractions = [], []
     for s in steps:
-        ranks = step.ranks(per_step[s])
+        ranks = step.ranks(per_step[s], distinct=pipelined)
         fractions.append(refetch if refetch is not None else refetch_fraction(float(ranks.send.sum()), scale.num_items))
         ops = step.ops(ranks, topo, overlap=True, sm_free=False, attention=attention, pipelined=pipelined,
                        refetch=fractions[-1])

@@ -152,25 +152,33 @@ def sm_free_all_reduces(ops: list[Op], sum_seconds: dict[str, float]) -> list[Op
     it: a copy-engine all-to-all of the shards (half the all-reduce's time: a reduce-scatter's
     bytes) where it was issued; its wait, the sum of the received shards (``sum_seconds``:
     one read of the tensor) and the copy-engine all-to-all of the summed shard (the other
-    half, keeping the all-reduce's name, so its waits stay) before the next collective
-    issued on the same group, or, without one before its first wait, halfway (in compute
-    ops) to that wait."""
+    half, keeping the all-reduce's name, so its waits stay) halfway (in compute ops) to its
+    first wait, or before that, before the issue of a later collective on the same group
+    whose first wait comes after more compute (the pass's rule)."""
     out = list(ops)
+
+    def first_wait(ops: list[Op], at: int) -> int:
+        name = ops[at].name
+        return next((i for i in range(at + 1, len(ops)) if isinstance(ops[i], Wait) and ops[i].collective == name),
+                    len(ops))
+
+    sums: set[int] = set()  # the inserted sums (not the program's compute)
     for name, seconds in sum_seconds.items():
         at = next(i for i, op in enumerate(out) if isinstance(op, Issue) and op.name == name)
         issue = out[at]
-        first_wait = next((i for i in range(at + 1, len(out)) if isinstance(out[i], Wait)
-                           and out[i].collective == name), len(out))
-        ahead = [i for i in range(at + 1, first_wait) if isinstance(out[i], Issue) and out[i].group == issue.group]
-        if ahead:
-            middle = ahead[0]
-        else:
-            compute = [i for i in range(at + 1, first_wait) if isinstance(out[i], Compute)]
-            middle = compute[len(compute) // 2] if compute else first_wait
+        work = [isinstance(op, Compute) and id(op) not in sums for op in out]
+        before = np.cumsum([0] + work)  # compute ops ahead of each index
+        waited = first_wait(out, at)
+        compute = [i for i in range(at + 1, waited) if work[i]]
+        middle = compute[len(compute) // 2] if compute else waited
+        blocking = [i for i in range(at + 1, middle) if isinstance(out[i], Issue) and out[i].group == issue.group
+                    and before[first_wait(out, i)] > before[waited]]
+        middle = blocking[0] if blocking else middle
         half = issue.seconds / 2
         scatter = dataclasses.replace(issue, name=f"{name}.scatter", seconds=half, sm_based=False)
-        out[middle:middle] = [Wait(name=f"{name}.scatter.wait", collective=scatter.name),
-                              Compute(name=f"{name}.sum", seconds=seconds),
+        total = Compute(name=f"{name}.sum", seconds=seconds)
+        sums.add(id(total))
+        out[middle:middle] = [Wait(name=f"{name}.scatter.wait", collective=scatter.name), total,
                               dataclasses.replace(issue, seconds=half, sm_based=False)]
         out[at] = scatter
     return out

@@ -20,7 +20,10 @@ batch i+1's item rows are fetched, and its samples routed with ``--balance``, wh
 trains, and the dense gradients are all-reduced inside the compiled backward; the same
 losses as without it (with the same ``--table-optimizer``, which must be row-sparse: not
 ``adam``). ``--bubbles`` meters each step as before; the step that trains batch i includes
-reading and routing batch i+1, and there is no separate gradient all-reduce wait.
+reading and routing batch i+2 (one batch further ahead, so the global token count's
+all-reduce has a step to finish), and there is no separate gradient all-reduce wait. The
+logged loss (summed over the ranks) is read one step later, its all-reduce overlapping the
+next step.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -355,10 +359,11 @@ def train(args: argparse.Namespace) -> dict:
             yield
         wait_ms.append((time.perf_counter() - waited) * 1e3)
 
-    def step_inputs(step: int) -> list[torch.Tensor]:
+    def step_inputs(step: int, *, ahead: bool = False):
         """This rank's model inputs of one step: its batch as read, routed with --balance,
         and the global trained-token count as the loss scale (collectives: every rank calls
-        it for the same steps in order)."""
+        it for the same steps in order). ``ahead``: the count's all-reduce is left running and
+        a function is returned that waits for it and gives the inputs."""
         nonlocal pending
         batch = read_batch(train_h, my_users(step), cfg, seed=args.seed, step=step)
         if router is not None:
@@ -371,12 +376,36 @@ def train(args: argparse.Namespace) -> dict:
             balance_stats.append((plan.assignment.max_over_lb, plan.assignment.stragglers,
                                   plan.assignment.split_samples))
         trained = torch.tensor([float((batch.targets > 0).sum())])
-        with meter.sync_wait("token count all-reduce"):
-            dist.all_reduce(trained)
-        return [t.to(device) for t in model_inputs(batch, scale_tensor(trained.item()), cfg)]
+        work = dist.all_reduce(trained, async_op=True)
 
-    # the pipeline pulls batch i+1 (read, routed) inside the step that trains batch i
-    batches = (step_inputs(step) for step in range(args.steps)) if pipe is not None else None
+        def inputs() -> list[torch.Tensor]:
+            with meter.sync_wait("token count all-reduce"):
+                work.wait()
+            return [t.to(device) for t in model_inputs(batch, scale_tensor(trained.item()), cfg)]
+
+        return inputs if ahead else inputs()
+
+    def read_ahead():
+        """The pipelined loop's batches. The pipeline pulls batch i+1 inside the step that
+        trains batch i; batch i+2 is read and routed then too, and its token count's
+        all-reduce runs until the next pull, so no step waits for it."""
+        ready = step_inputs(0, ahead=True)
+        for step in range(args.steps):
+            following = step_inputs(step + 1, ahead=True) if step + 1 < args.steps else None
+            yield ready()
+            ready = following
+
+    batches = read_ahead() if pipe is not None else None
+    reported: tuple[torch.Tensor, Any] | None = None  # a step's loss while its sum over the ranks runs
+
+    def report() -> None:
+        """The previous step's loss, summed over the ranks during this step (for the log)."""
+        nonlocal reported
+        if reported is not None:
+            total, work = reported
+            work.wait()
+            losses.append(total.item())
+            reported = None
     for step in range(args.steps):
         with meter.step(step):
             start = time.perf_counter()
@@ -384,15 +413,16 @@ def train(args: argparse.Namespace) -> dict:
                 loss = pipe.progress(batches)
             else:
                 loss = trainer.step(step_inputs(step), sync=gradient_sync)
+            report()
             total = loss.clone()
-            with meter.sync_wait("loss all-reduce"):
-                dist.all_reduce(total)
-            losses.append(total.item())
+            reported = (total, dist.all_reduce(total, async_op=True))
             step_ms.append((time.perf_counter() - start) * 1e3)
         if step == 0:
             graphs_after_first = counters["stats"]["unique_graphs"]
         if rank == 0 and not args.quiet:
-            progress.update(step + 1, f"loss {losses[-1]:.4f} step {step_ms[-1]:.0f} ms")
+            shown = f"loss {losses[-1]:.4f} " if losses else ""  # the previous step's
+            progress.update(step + 1, f"{shown}step {step_ms[-1]:.0f} ms")
+    report()
     bubbles = meter.finish()  # collective (a no-op when --bubbles is off)
     # every rank compiles for itself: report the worst
     recompiles = torch.tensor([counters["stats"]["unique_graphs"] - graphs_after_first])

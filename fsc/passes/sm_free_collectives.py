@@ -33,10 +33,11 @@ rows in rank order, and the summed shard goes back to every rank (an all-gather'
 The bytes on the wire are a ring all-reduce's, ``2 (R-1)/R`` of the tensor per rank; the
 only SM work is the sum, one read of the tensor. Every rank ends with the same bits (each
 shard is summed once, by its owner). The first all-to-all is issued where the all-reduce
-was; its wait, the sum and the second all-to-all go just before the next collective the
-graph issues on the same group (the group keeps its order), or, without one, halfway (in
-compute nodes) to the all-reduce's first wait; each wait on the all-reduce becomes a wait
-on the second all-to-all. The sum's order over ranks differs from NCCL's or gloo's (the
+was; its wait, the sum and the second all-to-all go halfway (in compute nodes) to the
+all-reduce's first wait, or before that, just before a later collective on the same group
+whose result is needed later than the all-reduce's (the group keeps its order, so the
+second all-to-all would queue behind it); each wait on the all-reduce becomes a wait on the
+second all-to-all. The sum's order over ranks differs from NCCL's or gloo's (the
 results agree to rounding).
 
 **Limits.** All-gather and reduce-scatter are not swapped: the transports implement
@@ -122,6 +123,39 @@ def _all_reduce_unsupported(coll: Collective) -> str | None:
     return None
 
 
+MIDDLE = "fsc_sm_free_middle"
+"""Node meta of what a swapped all-reduce's middle inserts: the all-reduce's name."""
+
+
+def _middle(graph: fx.Graph, coll: Collective, later: list[Collective]) -> fx.Node:
+    """Where a swapped all-reduce's middle (wait, sum, second all-to-all) goes: before this
+    node. Halfway (in compute nodes) to the all-reduce's first wait, but before the issue of
+    a later collective on the group whose result is needed later (after more compute than
+    this one's): the group runs its collectives in issue order, so the second all-to-all
+    would wait for that transfer. One needed as soon (the buckets' all-reduces waited
+    together at the end of a backward) may go first: then a rank that reaches the middle
+    before its peers have issued the all-reduce keeps computing instead of waiting."""
+    order = positions(graph)
+
+    def work(m: fx.Node) -> bool:  # the graph's own compute (not another all-reduce's middle)
+        return _is_compute(m) and MIDDLE not in m.meta
+
+    done = 0
+    before: dict[fx.Node, int] = {}  # compute nodes ahead of each node
+    for m in graph.nodes:
+        before[m] = done
+        done += work(m)
+
+    def needed(c: Collective) -> float:
+        return before[min(c.waits, key=order.__getitem__)] if c.waits else float("inf")
+
+    first_wait = min(coll.waits, key=order.__getitem__)
+    between = [m for m in graph.nodes if order[coll.node] < order[m] < order[first_wait] and work(m)]
+    middle = between[len(between) // 2] if between else first_wait
+    blocking = [c.node for c in later if order[c.node] < order[middle] and needed(c) > needed(coll)]
+    return min(blocking, key=order.__getitem__) if blocking else middle
+
+
 def _is_compute(node: fx.Node) -> bool:
     if node.op != "call_function" or is_collective(node) or is_wait(node) or is_view(node):
         return False
@@ -158,7 +192,7 @@ class SmFreeCollectives(Pass):
                 reasons.append(f"{coll.kind} {coll.node.name!r} not swapped: {reason}")
                 continue
             if coll.kind == "all_reduce":
-                later = [c.node for c in collectives[index + 1:] if c.group_name == coll.group_name]
+                later = [c for c in collectives[index + 1:] if c.group_name == coll.group_name]
                 self._swap_all_reduce(rewriter, coll, later)
             else:
                 self._swap(rewriter, coll.node, coll.waits)
@@ -202,7 +236,7 @@ class SmFreeCollectives(Pass):
         return None
 
     @staticmethod
-    def _swap_all_reduce(rewriter: GraphRewriter, coll: Collective, later: list[fx.Node]) -> None:
+    def _swap_all_reduce(rewriter: GraphRewriter, coll: Collective, later: list[Collective]) -> None:
         node = coll.node
         source = call_arg(node, "input")
         reduce_op, group = call_arg(node, "reduce_op"), call_arg(node, "group_name")
@@ -227,22 +261,15 @@ class SmFreeCollectives(Pass):
         shards = add(node, aten.view.default, flat, [world, chunk])
         ident = node.meta.get(COLLECTIVE_ID, node.name)
         scatter = add(node, FSC_ALL_TO_ALL, shards, ones, ones, group, **{COLLECTIVE_ID: f"{ident}.scatter"})
-        # the middle: before the group's next collective, or halfway to the first wait
-        order = positions(rewriter.graph)
-        first_wait = min(coll.waits, key=order.__getitem__)
-        ahead = [c for c in later if order[c] < order[first_wait]]
-        if ahead:
-            middle = min(ahead, key=order.__getitem__)
-        else:
-            between = [m for m in rewriter.graph.nodes if order[node] < order.get(m, -1) < order[first_wait]
-                       and _is_compute(m)]
-            middle = between[len(between) // 2] if between else first_wait
-        mine = add(middle, FSC_WAIT, scatter, shards, ones, ones, group)
-        total = add(middle, aten.sum.dim_IntList, mine, [0], True)
+        middle = _middle(rewriter.graph, coll, later)
+        mark = {MIDDLE: ident}
+        mine = add(middle, FSC_WAIT, scatter, shards, ones, ones, group, **mark)
+        total = add(middle, aten.sum.dim_IntList, mine, [0], True, **mark)
         if reduce_op == "avg":
-            total = add(middle, aten.div.Scalar, total, world)
-        copies = add(middle, aten.clone.default, add(middle, aten.expand.default, total, [world, chunk]))
-        gather = add(middle, FSC_ALL_TO_ALL, copies, ones, ones, group, **{COLLECTIVE_ID: f"{ident}.gather"})
+            total = add(middle, aten.div.Scalar, total, world, **mark)
+        spread = add(middle, aten.expand.default, total, [world, chunk], **mark)
+        copies = add(middle, aten.clone.default, spread, **mark)
+        gather = add(middle, FSC_ALL_TO_ALL, copies, ones, ones, group, **{COLLECTIVE_ID: f"{ident}.gather"}, **mark)
         for wait in coll.waits:
             whole = add(wait, FSC_WAIT, gather, copies, ones, ones, group)
             whole = add(wait, aten.view.default, whole, [world * chunk])

@@ -13,11 +13,13 @@ the owner gathers the rows, and a second all-to-all brings them back
 **Pipelined lookup** (what :class:`fsc.TrainPipeline` runs). The step that trains batch i
 also prepares batch i+1 (:meth:`RowShardedEmbedding.prefetch`): it sends batch i+1's ids to
 their owners and brings back their rows, while batch i's forward and backward run, so
-neither exchange waits at the start of step i+1. A row that batch i looks up is updated by
-batch i's optimizer step *after* it was fetched; the owner marks those rows (the ids of
-batch i+1 that are among the ids batch i sent it) and, at the start of step i+1,
-:meth:`RowShardedEmbedding.pipelined` fetches just them again from the updated table, first
-in line (TorchRec's TrainPipelinePEC splits the same way). Every other prefetched row is
+neither exchange waits at the start of step i+1. Each distinct id is sent once (a batch of
+next-item prediction looks up every item twice, as an input and as the previous token's
+target), and its gradient is summed on the requester before it goes back. A row that batch
+i looks up is updated by batch i's optimizer step *after* it was fetched; the owner marks
+those rows (the ids of batch i+1 that are among the ids batch i sent it) and, at the start
+of step i+1, :meth:`RowShardedEmbedding.pipelined` fetches just them again from the updated
+table, first in line (TorchRec's TrainPipelinePEC splits the same way). Every other prefetched row is
 exact because the table's optimizer moves only the rows a batch looked up (what
 :func:`check_row_sparse` demands of it). The rows enter batch i+1's forward through
 :class:`_RowsFromOwners`, whose backward sends the rows' gradients to their owners (one
@@ -54,22 +56,25 @@ def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 class Prefetched(NamedTuple):
     """One batch's lookup of one table, prepared by the previous step (all tensors; ``W`` ranks,
-    ``N`` ids this rank looks up, ``M`` ids other ranks look up in this rank's rows)."""
+    ``N`` ids this rank looks up, ``U`` of them distinct, ``M`` distinct ids other ranks look
+    up in this rank's rows)."""
 
     send_counts: torch.Tensor
     """[W] ids this rank sends to each owner."""
     recv_counts: torch.Tensor
     """[W] ids this rank receives from each rank (it owns their rows)."""
     inverse: torch.Tensor
-    """[N] each id's place in the owner-sorted order (undoes the sort)."""
+    """[N] each id's row in ``rows`` (with several ranks, the rows are those of the distinct
+    ids, owner-sorted: an id looked up twice is fetched once)."""
     # (with several ranks, ``rows``, ``stale`` and the counts include 2 padding ids per rank,
     # sent to itself: see ``prefetch``)
     wanted: torch.Tensor
     """[M] the received ids, as local rows of this rank's shard."""
     rows: torch.Tensor
-    """[N, dim] the rows, owner-sorted; those marked stale are fetched again at step start."""
+    """[U, dim] the rows of the U distinct ids, owner-sorted; those marked stale are fetched
+    again at step start."""
     stale: torch.Tensor
-    """[N] bool: rows the previous batch updated (requester side)."""
+    """[U] bool: rows the previous batch updated (requester side)."""
     stale_owned: torch.Tensor
     """[M] bool: the same rows, owner side."""
     stale_send: torch.Tensor
@@ -154,9 +159,12 @@ class RowShardedEmbedding(nn.Module):
             stale_counts = stale.sum().reshape(1)
             return Prefetched(counts, counts, torch.arange(ids.shape[0], device=device), owned,
                               nn.functional.embedding(ids, weight), stale, stale, stale_counts, stale_counts)
+        # each distinct id once (a batch's next-item targets repeat its items); its gradient
+        # is summed here, by the index_select that spreads the rows back, before it goes back
+        distinct, first = torch.unique(ids, sorted=True, return_inverse=True)
         # two lookups of this rank's own first row ride along (sent to itself, never read):
         # no rank then receives 0 or 1 ids, sizes a compiler specialises (a recompile)
-        padded = torch.cat([ids, ids.new_full((_PAD,), self.rank * self.rows_per_rank)])
+        padded = torch.cat([distinct, ids.new_full((_PAD,), self.rank * self.rows_per_rank)])
         send, recv, send_counts, recv_counts, order, wanted = self._send_ids(padded)
         stale_owned = (_among(wanted, updating.wanted) if updating is not None
                        else torch.zeros_like(wanted, dtype=torch.bool))
@@ -164,8 +172,8 @@ class RowShardedEmbedding(nn.Module):
         packed = torch.cat([nn.functional.embedding(wanted, weight), stale_owned.to(weight.dtype).unsqueeze(1)], 1)
         back = funcol.all_to_all_single(packed, send, recv, self.group)
         rows, stale = back[:, :-1], back[:, -1] > 0.5
-        return Prefetched(send_counts, recv_counts, _inverse(order)[: ids.shape[0]], wanted, rows, stale, stale_owned,
-                          _segment_sums(stale_owned, recv_counts), _segment_sums(stale, send_counts))
+        return Prefetched(send_counts, recv_counts, _inverse(order).index_select(0, first), wanted, rows, stale,
+                          stale_owned, _segment_sums(stale_owned, recv_counts), _segment_sums(stale, send_counts))
 
     def pipelined(self, state: Prefetched) -> torch.Tensor:
         """The rows of a prefetched lookup, in the batch's id order: the stale ones fetched

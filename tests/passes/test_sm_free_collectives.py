@@ -110,7 +110,8 @@ def test_sm_free_collectives_swaps_an_all_reduce_for_two_all_to_alls_and_a_sum(m
     names = [("a2a" if n.target is FSC_ALL_TO_ALL else "wait" if n.target is FSC_WAIT else n.target.__name__)
              for n in calls]
     # 35 values in 4 shards of 9 (one padding zero); the first's middle sits before the
-    # second's issue (the group's next collective), the second's halfway to its wait
+    # second's issue (the second is needed later: its wait comes after the first's sum), the
+    # second's halfway to its wait
     assert names == ["a2a", "wait", "sum.dim_IntList", "a2a", "a2a", "mm.default", "wait", "sum.dim_IntList",
                      "div.Scalar", "a2a", "mm.default", "wait", "wait"], names
     for n in calls:
@@ -119,6 +120,30 @@ def test_sm_free_collectives_swaps_an_all_reduce_for_two_all_to_alls_and_a_sum(m
     assert [n.meta["fsc_collective_id"] for n in calls if n.target is FSC_ALL_TO_ALL] == [
         "all_reduce.scatter", "all_reduce.gather", "all_reduce_1.scatter", "all_reduce_1.gather"]
     assert [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is torch.ops.aten.view.default][-1] == (7, 5)
+
+
+def test_sm_free_collectives_lets_an_all_reduce_needed_as_soon_be_issued_before_the_middle(monkeypatch):
+    """Buckets waited together at the end (a backward's): the first's middle goes halfway to
+    its wait, after the second's issue, so no rank stops to wait for it while it could compute."""
+    import fsc.passes.sm_free_collectives as module
+
+    def buckets(x, w):
+        first = c10d.all_reduce(torch.relu(x), "sum", "g0")
+        h = x @ w
+        second = c10d.all_reduce(h, "sum", "g0")
+        g = ((h @ w) @ w) @ w
+        return c10d.wait_tensor(first), c10d.wait_tensor(second), g
+
+    monkeypatch.setattr(module, "_group_size", lambda name: 4)
+    gm = trace(buckets, (8, 5), (5, 5))
+    assert run(gm).stats["swapped"] == 2
+    gm.graph.lint()
+    calls = [n for n in gm.graph.nodes if n.target in (FSC_ALL_TO_ALL, FSC_WAIT, torch.ops.aten.mm.default)]
+    names = [n.meta.get("fsc_collective_id", n.target.__name__) if n.target is FSC_ALL_TO_ALL
+             else "wait" if n.target is FSC_WAIT else "mm" for n in calls]
+    # 4 matmuls after the first's issue, 3 after the second's: both middles before the third
+    assert names == ["all_reduce.scatter", "mm", "all_reduce_1.scatter", "mm", "wait", "all_reduce.gather",
+                     "wait", "all_reduce_1.gather", "mm", "mm", "wait", "wait"], names
 
 
 def test_sm_free_collectives_declines_an_all_reduce_it_cannot_shard(monkeypatch):

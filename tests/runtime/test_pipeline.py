@@ -163,6 +163,32 @@ def test_pipelined_step_with_sm_free_all_reduces_equals_the_synchronous_loop():
         assert out["backward_fsc"] >= 2 * out["buckets"] >= 2
 
 
+def _distinct_worker(rank: int, world: int):
+    import torch.distributed as dist
+
+    table = RowShardedEmbedding(ROWS, DIM, seed=3, std=0.3)
+    full = table.full_weight()
+    ids = torch.tensor([5, 1, 5, 5, 40, 1, 0, 5, 59, 40]) + rank  # repeats, on both ranks' shards
+    state = table.prefetch(ids, None)
+    rows = table.pipelined(state)
+    weights = torch.randn(ids.shape[0], DIM, generator=torch.Generator().manual_seed(rank))
+    (rows * weights).sum().backward()
+    # what a plain lookup of the whole table gets, summed over the ranks, on this rank's shard
+    expected = torch.zeros(table.rows_per_rank * world, DIM).index_add(0, ids, weights)
+    dist.all_reduce(expected)
+    mine = expected[rank * table.rows_per_rank : (rank + 1) * table.rows_per_rank]
+    return {"sent": int(state.send_counts.sum()), "distinct": int(ids.unique().numel()),
+            "rows": float((rows - full[ids]).abs().max()), "grad": float((table.weight.grad - mine).abs().max())}
+
+
+@pytest.mark.ranks
+def test_prefetch_sends_each_distinct_id_once_and_sums_its_gradient_before_it_goes_back():
+    for rank, out in enumerate(run_ranks(_distinct_worker, 2)):
+        assert out["sent"] == out["distinct"] + 2, (rank, out)  # + the 2 padding lookups
+        assert out["rows"] == 0.0, rank
+        assert out["grad"] < 1e-6, rank
+
+
 def _uneven_worker(rank: int, world: int):
     """Rank 0 has 3 batches, rank 1 has 5, and rank 1's second batch is empty."""
     model = Pooled()

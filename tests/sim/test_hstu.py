@@ -32,13 +32,23 @@ def test_attention_terms_become_per_sample_when_jagged(step):
     assert (step.compute_seconds(two, topo, "jagged") < step.compute_seconds(two, topo, "dense")).all()
 
 
+def test_the_pipelined_lookup_sends_each_distinct_id_once(step):
+    lengths = [np.array([10, 20]), np.array([30, 0, 5])]
+    every, distinct = step.ranks(lengths), step.ranks(lengths, distinct=True)
+    tokens = np.array([30.0, 35.0])
+    np.testing.assert_allclose(every.send, 2 * tokens + TINY.negatives)  # items, targets, negatives
+    # the targets repeat the items but each non-empty sample's last
+    np.testing.assert_allclose(distinct.send, tokens + np.array([2, 2]) + TINY.negatives)
+    np.testing.assert_allclose(distinct.recv, np.full(2, distinct.send.mean()))
+
+
 def test_blocking_order_waits_right_after_every_issue(step):
     ranks = step.ranks([np.array([10, 20])] * 2)
     ops = step.ops(ranks, Topology.of(2, "h100"), overlap=False, sm_free=False)
     for i, op in enumerate(ops):
         if isinstance(op, Issue) and not op.name.startswith("grad_allreduce"):
             assert ops[i + 1].collective == op.name
-    assert sum(isinstance(op, Issue) for op in ops) >= 6  # 4 exchanges, gradients, 2 tiny all-reduces
+    assert sum(isinstance(op, Issue) for op in ops) >= 6  # 4 exchanges, gradients, the token count
 
 
 def test_ablation_is_deterministic_and_all_beats_baseline(step):
@@ -86,10 +96,13 @@ def test_pipelined_step_refetches_first_and_hides_the_next_batch_exchange(step):
     ranks, topo = _small(step)
     ops = step.ops(ranks, topo, overlap=True, sm_free=False, pipelined=True)
     issues = [op.name for op in ops if isinstance(op, Issue)]
-    # the refetch is the first collective after the token count, then the next batch's
-    # exchange (counts, ids, rows), all at the forward's start, before any forward compute
-    assert issues[:5] == ["tokens_allreduce", "refetch", "next.forward.all_to_all_single",
+    # the refetch is the first collective (the token count's all-reduce was issued a step
+    # ahead), then the next batch's exchange (counts, ids, rows), all at the forward's start,
+    # before any forward compute
+    assert issues[:4] == ["refetch", "next.forward.all_to_all_single",
                           "next.forward.all_to_all_single_1", "next.forward.all_to_all_single_2"]
+    assert "tokens_allreduce" in [op.name for op in step.ops(ranks, topo, overlap=True, sm_free=False)
+                                  if isinstance(op, Issue)]
     first_forward = next(i for i, op in enumerate(ops) if isinstance(op, Compute) and op.name.startswith("forward."))
     assert max(i for i, op in enumerate(ops) if isinstance(op, Issue) and op.name.startswith(("refetch", "next."))) \
         < first_forward

@@ -139,8 +139,16 @@ def test_sm_free_all_reduce_is_two_copy_engine_halves_around_a_sum():
            Issue(name="ar1", group="g", seconds=2.0), Compute(name="c2", seconds=1.0), Compute(name="c3", seconds=1.0),
            Wait(name="w0", collective="ar0"), Wait(name="w1", collective="ar1")]
     out = sm_free_all_reduces(ops, {"ar0": 0.1, "ar1": 0.1})
-    assert [op.name for op in out] == ["ar0.scatter", "c1", "ar0.scatter.wait", "ar0.sum", "ar0", "ar1.scatter",
+    # both are needed at the end: each middle goes halfway (in the program's compute ops) to
+    # its wait, ar1 issued before ar0's middle
+    assert [op.name for op in out] == ["ar0.scatter", "c1", "ar1.scatter", "ar0.scatter.wait", "ar0.sum", "ar0",
                                        "c2", "ar1.scatter.wait", "ar1.sum", "ar1", "c3", "w0", "w1"]
+    # ar1 needed later (after c4): ar0's middle goes before ar1's issue, or its second half
+    # would queue behind ar1
+    later = [*ops[:6], Compute(name="c4", seconds=1.0), ops[6]]
+    assert [op.name for op in sm_free_all_reduces(later, {"ar0": 0.1, "ar1": 0.1})] == [
+        "ar0.scatter", "c1", "ar0.scatter.wait", "ar0.sum", "ar0", "ar1.scatter", "c2", "ar1.scatter.wait", "ar1.sum",
+        "ar1", "c3", "w0", "c4", "w1"]
     assert all(not op.sm_based and op.seconds == 1.0 for op in out if isinstance(op, Issue))
     res = simulate(out, 2, contention=2.0)
-    assert res.contention_s.max() == 0.0
+    assert res.contention_s.max() == pytest.approx(0.0, abs=1e-12)
