@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -171,8 +172,11 @@ def sm_free_all_reduces(ops: list[Op], sum_seconds: dict[str, float]) -> list[Op
         waited = first_wait(out, at)
         compute = [i for i in range(at + 1, waited) if work[i]]
         middle = compute[len(compute) // 2] if compute else waited
+        def needed(i: int) -> float:  # compute ops ahead of the first wait (never waited: never needed)
+            return float(before[i]) if i < len(out) else math.inf
+
         blocking = [i for i in range(at + 1, middle) if isinstance(out[i], Issue) and out[i].group == issue.group
-                    and before[first_wait(out, i)] > before[waited]]
+                    and needed(first_wait(out, i)) > needed(waited)]
         middle = blocking[0] if blocking else middle
         half = issue.seconds / 2
         scatter = dataclasses.replace(issue, name=f"{name}.scatter", seconds=half, sm_based=False)

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
@@ -131,8 +132,9 @@ def _middle(graph: fx.Graph, coll: Collective, later: list[Collective]) -> fx.No
     """Where a swapped all-reduce's middle (wait, sum, second all-to-all) goes: before this
     node. Halfway (in compute nodes) to the all-reduce's first wait, but before the issue of
     a later collective on the group whose result is needed later (after more compute than
-    this one's): the group runs its collectives in issue order, so the second all-to-all
-    would wait for that transfer. One needed as soon (the buckets' all-reduces waited
+    this one's; an earlier swapped all-reduce's second all-to-all counts too): the group
+    runs its collectives in issue order, so the second all-to-all would wait for that
+    transfer. One needed as soon (the buckets' all-reduces waited
     together at the end of a backward) may go first: then a rank that reaches the middle
     before its peers have issued the all-reduce keeps computing instead of waiting."""
     order = positions(graph)
@@ -146,13 +148,20 @@ def _middle(graph: fx.Graph, coll: Collective, later: list[Collective]) -> fx.No
         before[m] = done
         done += work(m)
 
-    def needed(c: Collective) -> float:
-        return before[min(c.waits, key=order.__getitem__)] if c.waits else float("inf")
+    def needed(waits: Sequence[fx.Node]) -> float:
+        return before[min(waits, key=order.__getitem__)] if waits else float("inf")
 
+    # the group's issues after this one: later collectives, and the second all-to-alls of
+    # all-reduces swapped before it whose middles came after its issue
+    group = call_arg(coll.node, "group_name")
+    issues = [(c.node, needed(c.waits)) for c in later]
+    issues += [(m, needed([u for u in m.users if u.target is FSC_WAIT])) for m in graph.nodes
+               if m.target is FSC_ALL_TO_ALL and MIDDLE in m.meta and m.args[3] == group
+               and order[m] > order[coll.node]]
     first_wait = min(coll.waits, key=order.__getitem__)
     between = [m for m in graph.nodes if order[coll.node] < order[m] < order[first_wait] and work(m)]
     middle = between[len(between) // 2] if between else first_wait
-    blocking = [c.node for c in later if order[c.node] < order[middle] and needed(c) > needed(coll)]
+    blocking = [node for node, when in issues if order[node] < order[middle] and when > needed(coll.waits)]
     return min(blocking, key=order.__getitem__) if blocking else middle
 
 

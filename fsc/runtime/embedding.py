@@ -56,8 +56,9 @@ def _world(group: dist.ProcessGroup | None) -> tuple[int, int]:
 
 class Prefetched(NamedTuple):
     """One batch's lookup of one table, prepared by the previous step (all tensors; ``W`` ranks,
-    ``N`` ids this rank looks up, ``U`` of them distinct, ``M`` distinct ids other ranks look
-    up in this rank's rows)."""
+    ``N`` ids this rank looks up; with several ranks, ``U`` rows fetched: its distinct ids and
+    2 padding ids, and ``M`` ids other ranks look up in this rank's rows, each rank's
+    distinct; with one rank, ``U = M = N``)."""
 
     send_counts: torch.Tensor
     """[W] ids this rank sends to each owner."""
@@ -71,8 +72,7 @@ class Prefetched(NamedTuple):
     wanted: torch.Tensor
     """[M] the received ids, as local rows of this rank's shard."""
     rows: torch.Tensor
-    """[U, dim] the rows of the U distinct ids, owner-sorted; those marked stale are fetched
-    again at step start."""
+    """[U, dim] the rows, owner-sorted; those marked stale are fetched again at step start."""
     stale: torch.Tensor
     """[U] bool: rows the previous batch updated (requester side)."""
     stale_owned: torch.Tensor

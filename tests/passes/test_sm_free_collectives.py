@@ -146,6 +146,35 @@ def test_sm_free_collectives_lets_an_all_reduce_needed_as_soon_be_issued_before_
                      "wait", "all_reduce_1.gather", "mm", "mm", "wait", "wait"], names
 
 
+def test_sm_free_collectives_keeps_a_middle_ahead_of_an_earlier_swap_needed_later(monkeypatch):
+    """The second all-reduce is needed first; the first's middle went after its issue, so its
+    second all-to-all counts as a later issue on the group: the second's middle goes before it."""
+    import fsc.passes.sm_free_collectives as module
+
+    def nested(x, w):
+        first = c10d.all_reduce(x, "sum", "g0")
+        h = x
+        for _ in range(5):
+            h = h @ w
+        second = c10d.all_reduce(h, "sum", "g0")
+        for _ in range(10):
+            h = h @ w
+        y = c10d.wait_tensor(second) @ w
+        return c10d.wait_tensor(first), y, h
+
+    monkeypatch.setattr(module, "_group_size", lambda name: 4)
+    gm = trace(nested, (5, 5), (5, 5))
+    assert run(gm).stats["swapped"] == 2
+    gm.graph.lint()
+    calls = [n for n in gm.graph.nodes if n.target in (FSC_ALL_TO_ALL, FSC_WAIT, torch.ops.aten.mm.default)]
+    names = [n.meta.get("fsc_collective_id", n.target.__name__) if n.target is FSC_ALL_TO_ALL
+             else "wait" if n.target is FSC_WAIT else "mm" for n in calls]
+    # first's middle halfway (before the 9th of its 16 matmuls), after the second's issue;
+    # the second's own halfway point (its 6th of 10) is after that, so it goes first
+    assert names == ["all_reduce.scatter", *["mm"] * 5, "all_reduce_1.scatter", *["mm"] * 3, "wait", "wait",
+                     "all_reduce_1.gather", "all_reduce.gather", *["mm"] * 7, "wait", "mm", "wait"], names
+
+
 def test_sm_free_collectives_declines_an_all_reduce_it_cannot_shard(monkeypatch):
     import fsc.passes.sm_free_collectives as module
 

@@ -149,6 +149,14 @@ def test_sm_free_all_reduce_is_two_copy_engine_halves_around_a_sum():
     assert [op.name for op in sm_free_all_reduces(later, {"ar0": 0.1, "ar1": 0.1})] == [
         "ar0.scatter", "c1", "ar0.scatter.wait", "ar0.sum", "ar0", "ar1.scatter", "c2", "ar1.scatter.wait", "ar1.sum",
         "ar1", "c3", "w0", "c4", "w1"]
+    # ar1 needed first, issued before ar0's middle: ar0's second half counts as a later issue,
+    # and ar1's middle goes before it
+    nested = [Issue(name="ar0", group="g", seconds=2.0), *(Compute(name=f"a{i}", seconds=1.0) for i in range(5)),
+              Issue(name="ar1", group="g", seconds=2.0), *(Compute(name=f"b{i}", seconds=1.0) for i in range(10)),
+              Wait(name="w1", collective="ar1"), Compute(name="c", seconds=1.0), Wait(name="w0", collective="ar0")]
+    names = [op.name for op in sm_free_all_reduces(nested, {"ar0": 0.1, "ar1": 0.1})]
+    assert names[names.index("b2") + 1:names.index("b3")] == ["ar0.scatter.wait", "ar0.sum", "ar1.scatter.wait",
+                                                               "ar1.sum", "ar1", "ar0"], names
     assert all(not op.sm_based and op.seconds == 1.0 for op in out if isinstance(op, Issue))
     res = simulate(out, 2, contention=2.0)
     assert res.contention_s.max() == pytest.approx(0.0, abs=1e-12)
