@@ -157,26 +157,27 @@ def sm_free_all_reduces(ops: list[Op], sum_seconds: dict[str, float]) -> list[Op
     first wait, or before that, before the issue of a later collective on the same group
     whose first wait comes after more compute (the pass's rule)."""
     out = list(ops)
-
-    def first_wait(ops: list[Op], at: int) -> int:
-        name = ops[at].name
-        return next((i for i in range(at + 1, len(ops)) if isinstance(ops[i], Wait) and ops[i].collective == name),
-                    len(ops))
-
     sums: set[int] = set()  # the inserted sums (not the program's compute)
     for name, seconds in sum_seconds.items():
         at = next(i for i, op in enumerate(out) if isinstance(op, Issue) and op.name == name)
         issue = out[at]
         work = [isinstance(op, Compute) and id(op) not in sums for op in out]
         before = np.cumsum([0] + work)  # compute ops ahead of each index
-        waited = first_wait(out, at)
+
+        def first_wait(issued: int) -> int:  # len(out) if never waited
+            wanted = out[issued].name
+            return next((i for i in range(issued + 1, len(out)) if isinstance(out[i], Wait)
+                         and out[i].collective == wanted), len(out))
+
+        def needed(issued: int) -> float:  # compute ops ahead of its first wait (never waited: never needed)
+            first = first_wait(issued)
+            return float(before[first]) if first < len(out) else math.inf
+
+        waited, mine = first_wait(at), needed(at)
         compute = [i for i in range(at + 1, waited) if work[i]]
         middle = compute[len(compute) // 2] if compute else waited
-        def needed(i: int) -> float:  # compute ops ahead of the first wait (never waited: never needed)
-            return float(before[i]) if i < len(out) else math.inf
-
         blocking = [i for i in range(at + 1, middle) if isinstance(out[i], Issue) and out[i].group == issue.group
-                    and needed(first_wait(out, i)) > needed(waited)]
+                    and needed(i) > mine]
         middle = blocking[0] if blocking else middle
         half = issue.seconds / 2
         scatter = dataclasses.replace(issue, name=f"{name}.scatter", seconds=half, sm_based=False)

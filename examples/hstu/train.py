@@ -359,11 +359,11 @@ def train(args: argparse.Namespace) -> dict:
             yield
         wait_ms.append((time.perf_counter() - waited) * 1e3)
 
-    def step_inputs(step: int, *, ahead: bool = False):
+    def step_inputs(step: int) -> Callable[[], list[torch.Tensor]]:
         """This rank's model inputs of one step: its batch as read, routed with --balance,
         and the global trained-token count as the loss scale (collectives: every rank calls
-        it for the same steps in order). ``ahead``: the count's all-reduce is left running and
-        a function is returned that waits for it and gives the inputs."""
+        it for the same steps in order). The count's all-reduce is left running: the
+        returned function waits for it and gives the inputs."""
         nonlocal pending
         batch = read_batch(train_h, my_users(step), cfg, seed=args.seed, step=step)
         if router is not None:
@@ -383,15 +383,15 @@ def train(args: argparse.Namespace) -> dict:
                 work.wait()
             return [t.to(device) for t in model_inputs(batch, scale_tensor(trained.item()), cfg)]
 
-        return inputs if ahead else inputs()
+        return inputs
 
     def read_ahead():
         """The pipelined loop's batches. The pipeline pulls batch i+1 inside the step that
         trains batch i; batch i+2 is read and routed then too, and its token count's
         all-reduce runs until the next pull, so no step waits for it."""
-        ready = step_inputs(0, ahead=True)
+        ready = step_inputs(0)
         for step in range(args.steps):
-            following = step_inputs(step + 1, ahead=True) if step + 1 < args.steps else None
+            following = step_inputs(step + 1) if step + 1 < args.steps else None
             yield ready()
             ready = following
 
@@ -412,7 +412,7 @@ def train(args: argparse.Namespace) -> dict:
             if pipe is not None:
                 loss = pipe.progress(batches)
             else:
-                loss = trainer.step(step_inputs(step), sync=gradient_sync)
+                loss = trainer.step(step_inputs(step)(), sync=gradient_sync)
             report()
             total = loss.clone()
             reported = (total, dist.all_reduce(total, async_op=True))

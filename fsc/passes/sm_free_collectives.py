@@ -134,9 +134,9 @@ def _middle(graph: fx.Graph, coll: Collective, later: list[Collective]) -> fx.No
     a later collective on the group whose result is needed later (after more compute than
     this one's; an earlier swapped all-reduce's second all-to-all counts too): the group
     runs its collectives in issue order, so the second all-to-all would wait for that
-    transfer. One needed as soon (the buckets' all-reduces waited
-    together at the end of a backward) may go first: then a rank that reaches the middle
-    before its peers have issued the all-reduce keeps computing instead of waiting."""
+    transfer. One needed as soon (the buckets' all-reduces waited together at the end of a
+    backward) may go first: then a rank that reaches the middle before its peers have
+    issued the all-reduce keeps computing instead of waiting."""
     order = positions(graph)
 
     def work(m: fx.Node) -> bool:  # the graph's own compute (not another all-reduce's middle)
@@ -158,10 +158,10 @@ def _middle(graph: fx.Graph, coll: Collective, later: list[Collective]) -> fx.No
     issues += [(m, needed([u for u in m.users if u.target is FSC_WAIT])) for m in graph.nodes
                if m.target is FSC_ALL_TO_ALL and MIDDLE in m.meta and m.args[3] == group
                and order[m] > order[coll.node]]
-    first_wait = min(coll.waits, key=order.__getitem__)
+    first_wait, mine = min(coll.waits, key=order.__getitem__), needed(coll.waits)
     between = [m for m in graph.nodes if order[coll.node] < order[m] < order[first_wait] and work(m)]
     middle = between[len(between) // 2] if between else first_wait
-    blocking = [node for node, when in issues if order[node] < order[middle] and when > needed(coll.waits)]
+    blocking = [node for node, when in issues if order[node] < order[middle] and when > mine]
     return min(blocking, key=order.__getitem__) if blocking else middle
 
 

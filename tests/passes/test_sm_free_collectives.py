@@ -122,6 +122,12 @@ def test_sm_free_collectives_swaps_an_all_reduce_for_two_all_to_alls_and_a_sum(m
     assert [tuple(n.meta["val"].shape) for n in gm.graph.nodes if n.target is torch.ops.aten.view.default][-1] == (7, 5)
 
 
+def _issues_waits_and_matmuls(gm) -> list[str]:
+    """The rewritten graph's all-to-alls (by collective id), fsc waits and matmuls, in order."""
+    return [n.meta["fsc_collective_id"] if n.target is FSC_ALL_TO_ALL else "wait" if n.target is FSC_WAIT else "mm"
+            for n in gm.graph.nodes if n.target in (FSC_ALL_TO_ALL, FSC_WAIT, torch.ops.aten.mm.default)]
+
+
 def test_sm_free_collectives_lets_an_all_reduce_needed_as_soon_be_issued_before_the_middle(monkeypatch):
     """Buckets waited together at the end (a backward's): the first's middle goes halfway to
     its wait, after the second's issue, so no rank stops to wait for it while it could compute."""
@@ -138,9 +144,7 @@ def test_sm_free_collectives_lets_an_all_reduce_needed_as_soon_be_issued_before_
     gm = trace(buckets, (8, 5), (5, 5))
     assert run(gm).stats["swapped"] == 2
     gm.graph.lint()
-    calls = [n for n in gm.graph.nodes if n.target in (FSC_ALL_TO_ALL, FSC_WAIT, torch.ops.aten.mm.default)]
-    names = [n.meta.get("fsc_collective_id", n.target.__name__) if n.target is FSC_ALL_TO_ALL
-             else "wait" if n.target is FSC_WAIT else "mm" for n in calls]
+    names = _issues_waits_and_matmuls(gm)
     # 4 matmuls after the first's issue, 3 after the second's: both middles before the third
     assert names == ["all_reduce.scatter", "mm", "all_reduce_1.scatter", "mm", "wait", "all_reduce.gather",
                      "wait", "all_reduce_1.gather", "mm", "mm", "wait", "wait"], names
@@ -166,9 +170,7 @@ def test_sm_free_collectives_keeps_a_middle_ahead_of_an_earlier_swap_needed_late
     gm = trace(nested, (5, 5), (5, 5))
     assert run(gm).stats["swapped"] == 2
     gm.graph.lint()
-    calls = [n for n in gm.graph.nodes if n.target in (FSC_ALL_TO_ALL, FSC_WAIT, torch.ops.aten.mm.default)]
-    names = [n.meta.get("fsc_collective_id", n.target.__name__) if n.target is FSC_ALL_TO_ALL
-             else "wait" if n.target is FSC_WAIT else "mm" for n in calls]
+    names = _issues_waits_and_matmuls(gm)
     # first's middle halfway (before the 9th of its 16 matmuls), after the second's issue;
     # the second's own halfway point (its 6th of 10) is after that, so it goes first
     assert names == ["all_reduce.scatter", *["mm"] * 5, "all_reduce_1.scatter", *["mm"] * 3, "wait", "wait",
